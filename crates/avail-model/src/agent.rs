@@ -1,0 +1,118 @@
+//! Messages between agents and the server (`/v1/agent/...`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::{Resources, TimeMs, WorkloadSpec};
+
+/// An agent asks to join (with the join token) or re-join (with its node token).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// Node name (DNS label).
+    pub name: String,
+    /// The node's IP address.
+    pub address: String,
+    /// The node's ingress base URL.
+    pub ingress_url: String,
+    /// Tags.
+    pub tags: BTreeMap<String, String>,
+    /// Capacity offered.
+    pub capacity: Resources,
+    /// Agent version.
+    pub agent_version: String,
+}
+
+/// The server's answer to a join.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct JoinResponse {
+    /// The token the agent uses from now on (role `agent`, subject the node name).
+    pub node_token: String,
+    /// How often to heartbeat, ms.
+    pub heartbeat_interval_ms: u64,
+}
+
+/// One workload an agent must run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Assignment {
+    /// The workload's spec.
+    pub spec: WorkloadSpec,
+    /// Which run this is.
+    pub incarnation: u64,
+}
+
+/// Where a workload's active replica answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Route {
+    /// Workload name.
+    pub workload: String,
+    /// Node of the active replica.
+    pub node: String,
+    /// That node's ingress base URL.
+    pub ingress_url: String,
+    /// Incarnation of the active replica.
+    pub incarnation: u64,
+}
+
+/// Desired state of one node plus the cluster's route table, at a revision.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DesiredState {
+    /// Store revision this state was read at; pass it back to wait for a newer one.
+    pub revision: u64,
+    /// Workloads this node must run.
+    pub assignments: Vec<Assignment>,
+    /// Every placed workload's route, for the ingress.
+    pub routes: Vec<Route>,
+}
+
+/// State of one instance on a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceState {
+    /// Being prepared (artifact fetch, compile, process start).
+    Starting,
+    /// Serving.
+    Running,
+    /// Down and waiting for a local restart (backoff).
+    Restarting,
+    /// Cannot run (bad artifact, too many failures).
+    Failed,
+}
+
+/// Status of one instance, reported by its agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct InstanceStatus {
+    /// Workload name.
+    pub workload: String,
+    /// Incarnation the agent runs.
+    pub incarnation: u64,
+    /// State.
+    pub state: InstanceState,
+    /// Local restarts.
+    pub restarts: u32,
+    /// Last error, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// One log line of a workload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LogLine {
+    /// Workload name.
+    pub workload: String,
+    /// When.
+    pub time_ms: TimeMs,
+    /// The line.
+    pub line: String,
+}
+
+/// Heartbeat and status report of a node; the server answers with its node state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Heartbeat {
+    /// Status of every instance on the node.
+    pub instances: Vec<InstanceStatus>,
+    /// Log lines since the last heartbeat (bounded by the agent).
+    pub logs: Vec<LogLine>,
+}

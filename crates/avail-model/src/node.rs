@@ -1,0 +1,59 @@
+//! Nodes: an agent and everything it runs.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::{Resources, TimeMs};
+
+/// Liveness and scheduling state of a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Heartbeating; takes new work.
+    Ready,
+    /// Missed its heartbeat window; takes no new work, not yet declared dead.
+    Suspect,
+    /// Its lease expired: declared dead.
+    Down,
+    /// Being emptied by an operator; takes no new work.
+    Draining,
+}
+
+impl NodeState {
+    /// The API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Ready => "ready",
+            NodeState::Suspect => "suspect",
+            NodeState::Down => "down",
+            NodeState::Draining => "draining",
+        }
+    }
+}
+
+/// A node as the control plane sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Node {
+    /// Unique node name.
+    pub name: String,
+    /// The node's own IP address (agents bind listeners and outgoing connections to it).
+    pub address: String,
+    /// Base URL of the node's ingress, e.g. `http://127.0.0.11:7480`.
+    pub ingress_url: String,
+    /// Tags (`zone`, `rack`, `compliance`, ...).
+    pub tags: BTreeMap<String, String>,
+    /// Capacity offered to workloads.
+    pub capacity: Resources,
+    /// Resources of the workloads placed on it.
+    pub allocated: Resources,
+    /// Liveness state.
+    pub state: NodeState,
+    /// Time of the last heartbeat the server saw (0: never since the server started).
+    pub last_heartbeat_ms: TimeMs,
+    /// When the node first joined.
+    pub joined_ms: TimeMs,
+    /// Version of the agent.
+    pub agent_version: String,
+}

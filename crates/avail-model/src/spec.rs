@@ -1,0 +1,442 @@
+//! The workload spec (TOML or JSON, same fields) and its validation.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::{Constraint, ValidationError};
+
+/// Which driver runs the workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DriverKind {
+    /// A core wasm module (guest ABI v1) run by wasmtime.
+    Wasm,
+    /// A host process listening on `$PORT`.
+    Process,
+    /// A qemu VM (not available in this version).
+    Qemu,
+}
+
+impl DriverKind {
+    /// The spec spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriverKind::Wasm => "wasm",
+            DriverKind::Process => "process",
+            DriverKind::Qemu => "qemu",
+        }
+    }
+}
+
+/// The availability level of a workload.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    /// Fault tolerant: a secondary kept in step by checkpoint replication.
+    Ft,
+    /// Highly available: restarted elsewhere onto reserved capacity.
+    Ha,
+    /// Best effort.
+    #[default]
+    None,
+}
+
+impl Level {
+    /// The spec spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Ft => "ft",
+            Level::Ha => "ha",
+            Level::None => "none",
+        }
+    }
+}
+
+/// Resources a workload asks for, and a node's capacity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// CPU in thousandths of a core.
+    #[serde(default = "default_cpu_millis")]
+    pub cpu_millis: u32,
+    /// Memory in MiB (for wasm: the cap on linear memory).
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u32,
+}
+
+fn default_cpu_millis() -> u32 {
+    100
+}
+fn default_memory_mib() -> u32 {
+    64
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources {
+            cpu_millis: default_cpu_millis(),
+            memory_mib: default_memory_mib(),
+        }
+    }
+}
+
+impl Resources {
+    /// Component-wise sum.
+    pub fn add(self, o: Resources) -> Resources {
+        Resources {
+            cpu_millis: self.cpu_millis.saturating_add(o.cpu_millis),
+            memory_mib: self.memory_mib.saturating_add(o.memory_mib),
+        }
+    }
+    /// Component-wise difference, floored at zero.
+    pub fn sub(self, o: Resources) -> Resources {
+        Resources {
+            cpu_millis: self.cpu_millis.saturating_sub(o.cpu_millis),
+            memory_mib: self.memory_mib.saturating_sub(o.memory_mib),
+        }
+    }
+    /// Whether `need` fits in `self`.
+    pub fn fits(self, need: Resources) -> bool {
+        need.cpu_millis <= self.cpu_millis && need.memory_mib <= self.memory_mib
+    }
+}
+
+/// A soft placement preference: nodes matching `rule` get `weight` added to their score.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Affinity {
+    /// A constraint expression, e.g. `zone == tokyo`.
+    pub rule: String,
+    /// -100..=100; negative is anti-affinity.
+    pub weight: i32,
+}
+
+/// Placement rules.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    /// Hard constraints on node tags, all must hold.
+    #[serde(default)]
+    pub constraints: Vec<String>,
+    /// Spread replicas (FT pair, HA reservation) across this tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread: Option<String>,
+    /// Soft preferences.
+    #[serde(default)]
+    pub affinity: Vec<Affinity>,
+}
+
+/// Options of level `ha`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HaSpec {
+    /// Restart order when capacity is short: higher first.
+    #[serde(default = "default_priority")]
+    pub priority: i32,
+}
+fn default_priority() -> i32 {
+    100
+}
+impl Default for HaSpec {
+    fn default() -> Self {
+        HaSpec {
+            priority: default_priority(),
+        }
+    }
+}
+
+/// What an FT primary does when its secondary is lost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SecondaryLoss {
+    /// Hold outputs until a new secondary is synced or the lease is taken.
+    #[default]
+    Hold,
+    /// Release outputs unprotected (degraded).
+    Release,
+}
+
+/// Options of level `ft`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FtSpec {
+    /// Checkpoint epoch in milliseconds.
+    #[serde(default = "default_epoch_ms")]
+    pub epoch_ms: u32,
+    /// Policy on secondary loss.
+    #[serde(default)]
+    pub on_secondary_loss: SecondaryLoss,
+}
+fn default_epoch_ms() -> u32 {
+    10
+}
+impl Default for FtSpec {
+    fn default() -> Self {
+        FtSpec {
+            epoch_ms: default_epoch_ms(),
+            on_secondary_loss: SecondaryLoss::default(),
+        }
+    }
+}
+
+/// A workload as the user declares it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSpec {
+    /// DNS label, unique in the cluster.
+    pub name: String,
+    /// The driver.
+    pub driver: DriverKind,
+    /// wasm: the module's content digest `sha256:<hex>` (the CLI uploads the file and
+    /// fills this in); process: the program to run.
+    pub artifact: String,
+    /// process: arguments; `$PORT` in an argument is replaced by the port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// process: environment variables (besides `PORT`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Availability level.
+    #[serde(default)]
+    pub level: Level,
+    /// Requested resources.
+    #[serde(default)]
+    pub resources: Resources,
+    /// Placement rules.
+    #[serde(default)]
+    pub placement: Placement,
+    /// Options of level `ha`.
+    #[serde(default)]
+    pub ha: HaSpec,
+    /// Options of level `ft`.
+    #[serde(default)]
+    pub ft: FtSpec,
+    /// Handler deadline in milliseconds (wasm): a longer call is interrupted, 504.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u32,
+}
+fn default_timeout_ms() -> u32 {
+    5000
+}
+
+/// Largest memory a workload may ask for, MiB (wasm32 addresses 4 GiB).
+pub const MAX_MEMORY_MIB: u32 = 4096;
+
+/// Whether `s` is a DNS label: 1-63 of `[a-z0-9-]`, not starting or ending with `-`.
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// Whether `s` is a content digest `sha256:` + 64 lower-case hex digits.
+pub fn is_digest(s: &str) -> bool {
+    s.strip_prefix("sha256:")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+}
+
+impl WorkloadSpec {
+    /// Parse a spec from TOML or JSON text (JSON when it starts with `{`); unknown
+    /// fields are refused.
+    pub fn parse(text: &str) -> Result<WorkloadSpec, ValidationError> {
+        if text.trim_start().starts_with('{') {
+            serde_json::from_str(text).map_err(|e| ValidationError::new(json_field(&e), e.to_string()))
+        } else {
+            toml::from_str(text).map_err(|e| {
+                let msg = e.message().to_string();
+                ValidationError::new(field_in_message(&msg).unwrap_or_else(|| "spec".into()), msg)
+            })
+        }
+    }
+
+    /// Check everything that can be checked without I/O. The artifact's content is
+    /// checked by the driver.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if !is_dns_label(&self.name) {
+            return Err(ValidationError::new(
+                "name",
+                format!(
+                    "{:?} is not a DNS label (1-63 characters of a-z, 0-9 and '-', not starting or ending with '-')",
+                    self.name
+                ),
+            ));
+        }
+        match self.driver {
+            DriverKind::Wasm => {
+                if !is_digest(&self.artifact) {
+                    return Err(ValidationError::new(
+                        "artifact",
+                        format!(
+                            "{:?} is not an uploaded module digest (sha256:<64 hex>); the CLI uploads the file for you",
+                            self.artifact
+                        ),
+                    ));
+                }
+                if !self.args.is_empty() || !self.env.is_empty() {
+                    return Err(ValidationError::new("args", "args and env are for the process driver"));
+                }
+            }
+            DriverKind::Process => {
+                if self.artifact.trim().is_empty() {
+                    return Err(ValidationError::new("artifact", "the program to run is missing"));
+                }
+                if self.level == Level::Ft {
+                    return Err(ValidationError::new(
+                        "level",
+                        "the process driver supports levels ha and none; ft needs the wasm driver",
+                    ));
+                }
+                if let Some(k) = self.env.keys().find(|k| k.is_empty() || k.contains('=') || *k == "PORT") {
+                    return Err(ValidationError::new(format!("env.{k}"), "bad or reserved variable name"));
+                }
+            }
+            DriverKind::Qemu => {
+                return Err(ValidationError::new(
+                    "driver",
+                    "the qemu driver is not available in this version (use wasm or process)",
+                ));
+            }
+        }
+        if self.level != Level::None {
+            return Err(ValidationError::new(
+                "level",
+                format!(
+                    "level {} is not available yet in this version; use level none",
+                    self.level.as_str()
+                ),
+            ));
+        }
+        if self.resources.memory_mib == 0 || self.resources.memory_mib > MAX_MEMORY_MIB {
+            return Err(ValidationError::new(
+                "resources.memory_mib",
+                format!("must be 1..={MAX_MEMORY_MIB}, got {}", self.resources.memory_mib),
+            ));
+        }
+        if self.resources.cpu_millis == 0 {
+            return Err(ValidationError::new("resources.cpu_millis", "must be at least 1"));
+        }
+        for (i, c) in self.placement.constraints.iter().enumerate() {
+            Constraint::parse(c).map_err(|m| ValidationError::new(format!("placement.constraints[{i}]"), m))?;
+        }
+        for (i, a) in self.placement.affinity.iter().enumerate() {
+            Constraint::parse(&a.rule).map_err(|m| ValidationError::new(format!("placement.affinity[{i}].rule"), m))?;
+            if !(-100..=100).contains(&a.weight) {
+                return Err(ValidationError::new(
+                    format!("placement.affinity[{i}].weight"),
+                    "must be -100..=100",
+                ));
+            }
+        }
+        if self.ft.epoch_ms == 0 || self.ft.epoch_ms > 10_000 {
+            return Err(ValidationError::new("ft.epoch_ms", "must be 1..=10000"));
+        }
+        if self.timeout_ms < 10 || self.timeout_ms > 600_000 {
+            return Err(ValidationError::new("timeout_ms", "must be 10..=600000"));
+        }
+        Ok(())
+    }
+
+    /// Parsed hard constraints (call after [`validate`](Self::validate)).
+    pub fn constraints(&self) -> Vec<Constraint> {
+        self.placement
+            .constraints
+            .iter()
+            .filter_map(|c| Constraint::parse(c).ok())
+            .collect()
+    }
+}
+
+/// Best guess at the field a serde_json error is about (`unknown field `x``, `missing field `y``).
+fn json_field(e: &serde_json::Error) -> String {
+    field_in_message(&e.to_string()).unwrap_or_else(|| "spec".into())
+}
+
+fn field_in_message(msg: &str) -> Option<String> {
+    for pat in ["unknown field `", "missing field `"] {
+        if let Some(rest) = msg.split(pat).nth(1) {
+            return rest.split('`').next().map(str::to_string);
+        }
+    }
+    if let Some(rest) = msg.split("unknown variant `").nth(1) {
+        // serde does not say which field; the caller's context (driver/level) is in the
+        // message: report the variant's likely field by its expected values.
+        if msg.contains("`wasm`") {
+            return Some("driver".into());
+        }
+        if msg.contains("`ft`") {
+            return Some("level".into());
+        }
+        return rest.split('`').next().map(|_| "spec".to_string());
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DIGEST: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+
+    fn good() -> WorkloadSpec {
+        WorkloadSpec::parse(&format!("name = \"ledger\"\ndriver = \"wasm\"\nartifact = \"{DIGEST}\"\n")).unwrap()
+    }
+
+    #[test]
+    fn toml_and_json_agree() {
+        let t = good();
+        let j = WorkloadSpec::parse(&serde_json::to_string(&t).unwrap()).unwrap();
+        assert_eq!(t, j);
+        t.validate().unwrap();
+        assert_eq!(t.level, Level::None);
+        assert_eq!(t.resources.memory_mib, 64);
+    }
+
+    #[test]
+    fn bad_specs_name_their_field() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut WorkloadSpec)>)> = vec![
+            ("name", Box::new(|s| s.name = "Bad_Name".into())),
+            ("name", Box::new(|s| s.name = "-x".into())),
+            ("resources.memory_mib", Box::new(|s| s.resources.memory_mib = 0)),
+            ("resources.cpu_millis", Box::new(|s| s.resources.cpu_millis = 0)),
+            ("artifact", Box::new(|s| s.artifact = "guests/counter.wasm".into())),
+            ("placement.constraints[0]", Box::new(|s| s.placement.constraints = vec!["zone ~ x".into()])),
+            ("driver", Box::new(|s| s.driver = DriverKind::Qemu)),
+            ("level", Box::new(|s| s.level = Level::Ft)),
+            ("timeout_ms", Box::new(|s| s.timeout_ms = 0)),
+        ];
+        for (field, f) in cases {
+            let mut s = good();
+            f(&mut s);
+            assert_eq!(s.validate().unwrap_err().field, field);
+        }
+    }
+
+    #[test]
+    fn parse_errors_name_their_field() {
+        let e = WorkloadSpec::parse(&format!("name = \"a\"\ndriver = \"wasm\"\nartifact = \"{DIGEST}\"\ncolour = 1\n")).unwrap_err();
+        assert_eq!(e.field, "colour");
+        let e = WorkloadSpec::parse("name = \"a\"\ndriver = \"docker\"\nartifact = \"x\"\n").unwrap_err();
+        assert_eq!(e.field, "driver", "{e}");
+        let e = WorkloadSpec::parse("name = \"a\"\ndriver = \"wasm\"\nartifact = \"x\"\nlevel = \"gold\"\n").unwrap_err();
+        assert_eq!(e.field, "level", "{e}");
+        let e = WorkloadSpec::parse(r#"{"name": "a", "driver": "wasm"}"#).unwrap_err();
+        assert_eq!(e.field, "artifact", "{e}");
+        let e = WorkloadSpec::parse(r#"{"name": "a", "driver": "wasm", "artifact": "x", "resources": {"memory_mib": 1, "gpus": 1}}"#).unwrap_err();
+        assert_eq!(e.field, "gpus", "{e}");
+    }
+
+    #[test]
+    fn dns_labels() {
+        assert!(is_dns_label("a"));
+        assert!(is_dns_label("web-1"));
+        assert!(!is_dns_label(""));
+        assert!(!is_dns_label("a-"));
+        assert!(!is_dns_label(&"a".repeat(64)));
+        assert!(!is_dns_label("A"));
+    }
+}

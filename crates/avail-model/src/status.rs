@@ -1,0 +1,68 @@
+//! Workload status as the control plane reports it.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::{TimeMs, WorkloadSpec};
+
+/// Lifecycle phase of a workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Not placed yet (no node fits; see the status message).
+    Pending,
+    /// Placed on a node, not yet reported running.
+    Placed,
+    /// Running on its node.
+    Running,
+    /// Not running: the node is down or the workload keeps failing.
+    Failed,
+    /// Stopped by the user.
+    Stopped,
+}
+
+impl Phase {
+    /// The API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "pending",
+            Phase::Placed => "placed",
+            Phase::Running => "running",
+            Phase::Failed => "failed",
+            Phase::Stopped => "stopped",
+        }
+    }
+}
+
+/// Observed status of a workload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WorkloadStatus {
+    /// Phase.
+    pub phase: Phase,
+    /// Level state (`ft:protected`, `ha:reserved`, ...); none for level `none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level_state: Option<String>,
+    /// The node running the active replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Which run of the workload this is; goes up on every placement.
+    pub incarnation: u64,
+    /// Local restarts of the instance on its node (traps, exits, timeouts).
+    pub restarts: u32,
+    /// Why the workload is in this phase (unplaceable explanation, last error).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When this status last changed.
+    pub updated_ms: TimeMs,
+}
+
+/// A workload: its spec and its status.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Workload {
+    /// The spec as accepted.
+    pub spec: WorkloadSpec,
+    /// The observed status.
+    pub status: WorkloadStatus,
+    /// When it was created.
+    pub created_ms: TimeMs,
+}

@@ -1,0 +1,167 @@
+//! The node's ingress: `http://<node>:7480/w/<workload>/<path>` reaches the workload's
+//! active replica wherever it runs.
+//!
+//! - served locally when this node runs the active instance;
+//! - otherwise forwarded once to the ingress of the node in the route table (marked
+//!   with `avail-forwarded`, so a stale route never loops);
+//! - unknown workload: `404` JSON; known but not running: `503` with `Retry-After`.
+//!
+//! Every reply carries `Avail-Node` (the node that ran the request) and
+//! `Avail-Incarnation` (which run of the workload answered).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use avail_driver::process::is_hop_by_hop;
+use avail_driver::{HttpRequest, HttpResponse};
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::supervisor::{SlotState, Supervisor};
+
+/// Largest request body accepted by the ingress, bytes.
+pub const MAX_BODY_BYTES: usize = 16 << 20;
+/// Header marking a request already forwarded by another node's ingress.
+pub const FORWARDED: &str = "avail-forwarded";
+
+struct Ingress {
+    sup: Arc<Supervisor>,
+    peers: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// Serve the ingress on `listener` until the task is aborted.
+pub async fn serve(listener: tokio::net::TcpListener, sup: Arc<Supervisor>) {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_local_address(Some(sup.addr()));
+    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    let state = Arc::new(Ingress {
+        sup,
+        peers: Client::builder(TokioExecutor::new()).build(connector),
+    });
+    let app = Router::new()
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/w/{*rest}", any(handle))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "ingress paths are /w/<workload>/<path>") })
+        .with_state(state);
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!("ingress stopped: {e}");
+    }
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = serde_json::json!({"error": {"code": code, "message": message}});
+    (status, [("content-type", "application/json")], body.to_string()).into_response()
+}
+
+fn unavailable(message: &str) -> Response {
+    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message);
+    r.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
+    r
+}
+
+fn to_response(r: HttpResponse, node: &str, incarnation: u64) -> Response {
+    let mut b = Response::builder().status(r.status);
+    for (n, v) in &r.headers {
+        if !is_hop_by_hop(n) {
+            b = b.header(n.as_str(), v.as_str());
+        }
+    }
+    let mut resp = b.body(Body::from(r.body)).unwrap_or_else(|e| error(StatusCode::BAD_GATEWAY, "bad_gateway", &format!("bad reply from workload: {e}")));
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(node) {
+        h.insert(HeaderName::from_static("avail-node"), v);
+    }
+    h.insert(HeaderName::from_static("avail-incarnation"), HeaderValue::from(incarnation));
+    resp
+}
+
+async fn handle(State(ing): State<Arc<Ingress>>, req: Request) -> Response {
+    let path_and_query = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
+    let after = &path_and_query["/w/".len()..];
+    let (name, rest) = match after.find(['/', '?']) {
+        Some(i) => (&after[..i], &after[i..]),
+        None => (after, ""),
+    };
+    let rest = if rest.starts_with('/') { rest.to_string() } else { format!("/{rest}") };
+    let name = name.to_string();
+    let forwarded = req.headers().contains_key(FORWARDED);
+
+    let local = ing.sup.slot(&name);
+    let route = ing.sup.route(&name);
+    let is_local_active = route.as_ref().is_some_and(|r| r.node == ing.sup.node());
+    if let Some(slot) = local.filter(|_| is_local_active || route.is_none()) {
+        return match slot.state {
+            SlotState::Running(inst) => {
+                let (parts, body) = req.into_parts();
+                let body = match Limited::new(body, MAX_BODY_BYTES).collect().await {
+                    Ok(b) => b.to_bytes(),
+                    Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &format!("request body larger than {MAX_BODY_BYTES} bytes")),
+                };
+                let headers = parts
+                    .headers
+                    .iter()
+                    .filter(|(n, _)| !is_hop_by_hop(n.as_str()) && n.as_str() != FORWARDED)
+                    .filter_map(|(n, v)| Some((n.as_str().to_string(), v.to_str().ok()?.to_string())))
+                    .collect();
+                let hreq = HttpRequest {
+                    method: parts.method.to_string(),
+                    path: rest,
+                    headers,
+                    body,
+                };
+                let resp = inst.handle(hreq).await;
+                to_response(resp, ing.sup.node(), slot.incarnation)
+            }
+            SlotState::Starting => unavailable(&format!("workload {name} is starting")),
+            SlotState::Failed { message, .. } => unavailable(&format!("workload {name} failed to start: {message}")),
+        };
+    }
+    let Some(route) = route else {
+        return error(StatusCode::NOT_FOUND, "not_found", &format!("no workload named {name:?}"));
+    };
+    if route.node == ing.sup.node() || forwarded {
+        // Routed here but not (yet) running here, or a peer's stale route: no loops.
+        return unavailable(&format!("workload {name} is not running on {}", ing.sup.node()));
+    }
+    forward(&ing, req, &route.ingress_url, &name, &rest).await
+}
+
+async fn forward(ing: &Ingress, req: Request, ingress_url: &str, name: &str, rest: &str) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, MAX_BODY_BYTES).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &format!("request body larger than {MAX_BODY_BYTES} bytes")),
+    };
+    let mut b = hyper::Request::builder()
+        .method(parts.method)
+        .uri(format!("{ingress_url}/w/{name}{rest}"))
+        .header(FORWARDED, ing.sup.node());
+    for (n, v) in parts.headers.iter() {
+        if !is_hop_by_hop(n.as_str()) && n != "host" {
+            b = b.header(n, v);
+        }
+    }
+    let Ok(out) = b.body(Full::new(body)) else {
+        return error(StatusCode::BAD_REQUEST, "bad_request", "cannot forward this request");
+    };
+    match ing.peers.request(out).await {
+        Ok(resp) => {
+            let (parts, body) = resp.into_parts();
+            match Limited::new(body, MAX_BODY_BYTES * 4).collect().await {
+                Ok(b) => Response::from_parts(parts, Body::from(b.to_bytes())),
+                Err(e) => error(StatusCode::BAD_GATEWAY, "bad_gateway", &format!("reading the reply of {ingress_url}: {e}")),
+            }
+        }
+        Err(e) => unavailable(&format!("node at {ingress_url} unreachable: {e}")),
+    }
+}

@@ -1,0 +1,159 @@
+//! avail-agent: the node daemon.
+//!
+//! Owns what happens on one node: joining the cluster with a join token, heartbeating
+//! (which carries instance status and log lines), following the node's desired state
+//! (a long poll on the server), running workloads through the drivers
+//! ([`supervisor`]), and the node's ingress ([`ingress`]), which answers
+//! `/w/<workload>/<path>` for any workload in the cluster by serving it locally or
+//! forwarding it to the node that runs it. It does not decide placement.
+//!
+//! An agent binds its listener **and its outgoing connections** to its own address, so
+//! that a partition can be made by address. Killing the agent kills its workloads:
+//! wasm instances live in the agent's process, and process workloads die with it
+//! (`PR_SET_PDEATHSIG`).
+
+pub mod ingress;
+pub mod supervisor;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use avail_client::{Client, ClientError};
+use avail_model::Resources;
+use avail_model::agent::{Heartbeat, JoinRequest, JoinResponse};
+
+use crate::supervisor::Supervisor;
+
+/// Default ingress port.
+pub const DEFAULT_INGRESS_PORT: u16 = 7480;
+
+/// Agent configuration.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Node name.
+    pub name: String,
+    /// The node's own address: listeners and outgoing connections bind to it.
+    pub addr: IpAddr,
+    /// Ingress port.
+    pub ingress_port: u16,
+    /// Server base URL.
+    pub server: String,
+    /// Join token.
+    pub join_token: String,
+    /// Tags.
+    pub tags: BTreeMap<String, String>,
+    /// Capacity offered.
+    pub capacity: Resources,
+    /// Data directory (artifact cache).
+    pub data_dir: PathBuf,
+}
+
+/// Errors that stop the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The join token was refused.
+    #[error("join refused by {server}: {reason}")]
+    JoinRefused {
+        /// Server URL.
+        server: String,
+        /// Why.
+        reason: String,
+    },
+    /// Listening failed.
+    #[error("ingress: cannot listen on {addr}: {reason}")]
+    Listen {
+        /// Address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// A driver could not be set up.
+    #[error("driver: {0}")]
+    Driver(String),
+}
+
+/// Join (or re-join) the cluster, retrying while the server is unreachable. A refusal
+/// (401/403/400) is final.
+async fn join(cfg: &AgentConfig, client: &Client) -> Result<JoinResponse, AgentError> {
+    let req = JoinRequest {
+        name: cfg.name.clone(),
+        address: cfg.addr.to_string(),
+        ingress_url: format!("http://{}", SocketAddr::new(cfg.addr, cfg.ingress_port)),
+        tags: cfg.tags.clone(),
+        capacity: cfg.capacity,
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let joiner = client.with_token(Some(cfg.join_token.clone()));
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match joiner.post::<_, JoinResponse>("/v1/agent/join", &req).await {
+            Ok(r) => {
+                tracing::info!(node = %cfg.name, "joined {}", client.base());
+                return Ok(r);
+            }
+            Err(e @ ClientError::Api { status: 400 | 401 | 403 | 409, .. }) => {
+                tracing::error!("join refused: {e}");
+                return Err(AgentError::JoinRefused {
+                    server: client.base().to_string(),
+                    reason: e.to_string(),
+                });
+            }
+            Err(e) => {
+                tracing::warn!("join: {e}; retrying in {} ms", delay.as_millis());
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Run the agent until `shutdown` resolves; then stop every workload.
+pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
+    let listen = SocketAddr::new(cfg.addr, cfg.ingress_port);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| AgentError::Listen { addr: listen, reason: e.to_string() })?;
+    let client = Client::new(&cfg.server, None, Some(cfg.addr));
+    let joined = join(&cfg, &client).await?;
+    let sup = Arc::new(Supervisor::new(cfg.clone(), client.with_token(Some(joined.node_token.clone()))).map_err(AgentError::Driver)?);
+    let ingress = tokio::spawn(ingress::serve(listener, sup.clone()));
+    let heartbeat = tokio::spawn(heartbeat_loop(cfg.clone(), client.clone(), sup.clone(), joined));
+    let desired = tokio::spawn(supervisor::follow_desired(sup.clone()));
+    tracing::info!(node = %cfg.name, "agent ready; ingress on http://{listen}");
+    shutdown.await;
+    tracing::info!("shutting down: stopping workloads");
+    heartbeat.abort();
+    desired.abort();
+    ingress.abort();
+    sup.stop_all().await;
+    Ok(())
+}
+
+async fn heartbeat_loop(cfg: AgentConfig, client: Client, sup: Arc<Supervisor>, mut joined: JoinResponse) {
+    loop {
+        let interval = Duration::from_millis(joined.heartbeat_interval_ms.clamp(50, 10_000));
+        let hb = Heartbeat {
+            instances: sup.statuses(),
+            logs: sup.drain_logs(),
+        };
+        let authed = client.with_token(Some(joined.node_token.clone())).with_timeout(interval * 4);
+        match authed.post::<_, serde_json::Value>("/v1/agent/heartbeat", &hb).await {
+            Ok(_) => {}
+            Err(ClientError::Api { status: 401 | 404, .. }) => {
+                // The server forgot us (new data dir) or our token: join again.
+                match join(&cfg, &client).await {
+                    Ok(j) => {
+                        sup.set_token(j.node_token.clone());
+                        joined = j;
+                    }
+                    Err(e) => tracing::error!("re-join failed: {e}"),
+                }
+            }
+            Err(e) => tracing::warn!("heartbeat: {e}"),
+        }
+        tokio::time::sleep(interval).await;
+    }
+}

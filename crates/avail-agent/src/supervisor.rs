@@ -1,0 +1,322 @@
+//! Runs this node's workloads: follows the desired state, starts and stops instances
+//! through the drivers, keeps the route table for the ingress, and collects status and
+//! log lines for the heartbeat.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use avail_client::Client;
+use avail_driver::process::ProcessDriver;
+use avail_driver::wasm::WasmDriver;
+use avail_driver::{Driver, Instance, LogSink, StartSpec};
+use avail_model::agent::{DesiredState, InstanceState, InstanceStatus, LogLine, Route};
+use avail_model::{DriverKind, WorkloadSpec};
+use sha2::{Digest, Sha256};
+
+use crate::AgentConfig;
+
+/// Most log lines buffered between heartbeats; older ones are dropped.
+pub const MAX_BUFFERED_LOG_LINES: usize = 5000;
+/// Most log lines sent with one heartbeat.
+pub const MAX_LOG_LINES_PER_HEARTBEAT: usize = 500;
+/// How long a failed start waits before it is tried again.
+pub const RETRY_FAILED_AFTER: Duration = Duration::from_secs(5);
+/// Long-poll wait for desired state, ms.
+pub const DESIRED_WAIT_MS: u64 = 10_000;
+
+/// What a slot holds.
+#[derive(Clone)]
+pub enum SlotState {
+    /// Fetching, compiling or spawning.
+    Starting,
+    /// Serving.
+    Running(Arc<dyn Instance>),
+    /// Could not start.
+    Failed {
+        /// Why.
+        message: String,
+        /// When it failed.
+        at: Instant,
+    },
+}
+
+/// One workload on this node.
+#[derive(Clone)]
+pub struct Slot {
+    /// The spec it runs.
+    pub spec: WorkloadSpec,
+    /// Which run.
+    pub incarnation: u64,
+    /// State.
+    pub state: SlotState,
+}
+
+/// The node's workload supervisor.
+pub struct Supervisor {
+    cfg: AgentConfig,
+    client: RwLock<Client>,
+    wasm: WasmDriver,
+    process: ProcessDriver,
+    slots: Mutex<HashMap<String, Slot>>,
+    routes: RwLock<HashMap<String, Route>>,
+    logs: Arc<Mutex<VecDeque<LogLine>>>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Supervisor {
+    /// A supervisor talking to the server with `client` (node token set).
+    pub fn new(cfg: AgentConfig, client: Client) -> Result<Supervisor, String> {
+        Ok(Supervisor {
+            cfg,
+            client: RwLock::new(client),
+            wasm: WasmDriver::new()?,
+            process: ProcessDriver,
+            slots: Mutex::new(HashMap::new()),
+            routes: RwLock::new(HashMap::new()),
+            logs: Arc::new(Mutex::new(VecDeque::new())),
+        })
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.cfg.name
+    }
+
+    /// The node's own address.
+    pub fn addr(&self) -> std::net::IpAddr {
+        self.cfg.addr
+    }
+
+    /// Replace the node token (after a re-join).
+    pub fn set_token(&self, token: String) {
+        let mut c = self.client.write().unwrap_or_else(|p| p.into_inner());
+        *c = c.with_token(Some(token));
+    }
+
+    fn client(&self) -> Client {
+        self.client.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The route of a workload, if it is placed anywhere.
+    pub fn route(&self, workload: &str) -> Option<Route> {
+        self.routes.read().unwrap_or_else(|p| p.into_inner()).get(workload).cloned()
+    }
+
+    /// The local slot of a workload.
+    pub fn slot(&self, workload: &str) -> Option<Slot> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner()).get(workload).cloned()
+    }
+
+    fn log_sink(&self, workload: &str) -> LogSink {
+        let logs = self.logs.clone();
+        let workload = workload.to_string();
+        Arc::new(move |line: String| {
+            let mut q = logs.lock().unwrap_or_else(|p| p.into_inner());
+            if q.len() == MAX_BUFFERED_LOG_LINES {
+                q.pop_front();
+            }
+            q.push_back(LogLine {
+                workload: workload.clone(),
+                time_ms: now_ms(),
+                line,
+            });
+        })
+    }
+
+    /// Log lines to send with the next heartbeat.
+    pub fn drain_logs(&self) -> Vec<LogLine> {
+        let mut q = self.logs.lock().unwrap_or_else(|p| p.into_inner());
+        let n = q.len().min(MAX_LOG_LINES_PER_HEARTBEAT);
+        q.drain(..n).collect()
+    }
+
+    /// Status of every slot.
+    pub fn statuses(&self) -> Vec<InstanceStatus> {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots
+            .iter()
+            .map(|(name, s)| {
+                let (state, restarts, message) = match &s.state {
+                    SlotState::Starting => (InstanceState::Starting, 0, None),
+                    SlotState::Running(i) => {
+                        let st = i.status();
+                        (st.state, st.restarts, st.message)
+                    }
+                    SlotState::Failed { message, .. } => (InstanceState::Failed, 0, Some(message.clone())),
+                };
+                InstanceStatus {
+                    workload: name.clone(),
+                    incarnation: s.incarnation,
+                    state,
+                    restarts,
+                    message,
+                }
+            })
+            .collect()
+    }
+
+    /// Bring the node to `desired`.
+    pub fn apply(self: &Arc<Self>, desired: &DesiredState) {
+        {
+            let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+            *routes = desired.routes.iter().map(|r| (r.workload.clone(), r.clone())).collect();
+        }
+        let mut to_stop: Vec<Arc<dyn Instance>> = Vec::new();
+        let mut to_start: Vec<(WorkloadSpec, u64)> = Vec::new();
+        {
+            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            let wanted: HashMap<&str, _> = desired.assignments.iter().map(|a| (a.spec.name.as_str(), a)).collect();
+            slots.retain(|name, slot| {
+                let keep = wanted
+                    .get(name.as_str())
+                    .is_some_and(|a| a.incarnation == slot.incarnation && a.spec == slot.spec);
+                if !keep {
+                    if let SlotState::Running(i) = &slot.state {
+                        to_stop.push(i.clone());
+                    }
+                    tracing::info!(workload = %name, "stopping");
+                }
+                keep
+            });
+            for a in &desired.assignments {
+                let retry = match slots.get(&a.spec.name) {
+                    None => true,
+                    Some(Slot { state: SlotState::Failed { at, .. }, .. }) => at.elapsed() >= RETRY_FAILED_AFTER,
+                    Some(_) => false,
+                };
+                if retry {
+                    slots.insert(
+                        a.spec.name.clone(),
+                        Slot {
+                            spec: a.spec.clone(),
+                            incarnation: a.incarnation,
+                            state: SlotState::Starting,
+                        },
+                    );
+                    to_start.push((a.spec.clone(), a.incarnation));
+                }
+            }
+        }
+        for i in to_stop {
+            tokio::spawn(async move { i.stop().await });
+        }
+        for (spec, incarnation) in to_start {
+            let this = self.clone();
+            tokio::spawn(async move { this.start(spec, incarnation).await });
+        }
+    }
+
+    async fn start(self: Arc<Self>, spec: WorkloadSpec, incarnation: u64) {
+        tracing::info!(workload = %spec.name, incarnation, "starting");
+        let result = self.start_instance(&spec).await;
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let current = slots
+            .get_mut(&spec.name)
+            .filter(|s| s.incarnation == incarnation && s.spec == spec && matches!(s.state, SlotState::Starting));
+        match (current, result) {
+            (Some(slot), Ok(inst)) => slot.state = SlotState::Running(inst),
+            (Some(slot), Err(message)) => {
+                tracing::warn!(workload = %spec.name, "start failed: {message}");
+                (self.log_sink(&spec.name))(format!("avail: start failed: {message}"));
+                slot.state = SlotState::Failed {
+                    message,
+                    at: Instant::now(),
+                }
+            }
+            // Removed or replaced while starting: stop what we made.
+            (None, Ok(inst)) => {
+                tokio::spawn(async move { inst.stop().await });
+            }
+            (None, Err(_)) => {}
+        }
+    }
+
+    async fn start_instance(&self, spec: &WorkloadSpec) -> Result<Arc<dyn Instance>, String> {
+        let logs = self.log_sink(&spec.name);
+        match spec.driver {
+            DriverKind::Wasm => {
+                let module = self.fetch_module(&spec.artifact).await?;
+                self.wasm
+                    .start(StartSpec { spec, module: Some(module), logs })
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            DriverKind::Process => self
+                .process
+                .start(StartSpec { spec, module: None, logs })
+                .await
+                .map_err(|e| e.to_string()),
+            DriverKind::Qemu => Err("the qemu driver is not available on this agent".into()),
+        }
+    }
+
+    /// A module by digest: from the node's cache, else from the server; the digest is
+    /// checked either way.
+    async fn fetch_module(&self, digest: &str) -> Result<Arc<[u8]>, String> {
+        let dir = self.cfg.data_dir.join("artifacts");
+        let path = dir.join(digest.replace(':', "-"));
+        let verify = |b: &[u8]| format!("sha256:{:x}", Sha256::digest(b)) == digest;
+        if let Ok(b) = tokio::fs::read(&path).await {
+            if verify(&b) {
+                return Ok(b.into());
+            }
+            tracing::warn!("cached {} is corrupt; fetching again", path.display());
+        }
+        let bytes = self
+            .client()
+            .get_bytes(&format!("/v1/artifacts/{digest}"))
+            .await
+            .map_err(|e| format!("fetching {digest}: {e}"))?;
+        if !verify(&bytes) {
+            return Err(format!("artifact {digest}: content does not match its digest"));
+        }
+        let tmp = dir.join(format!(".{}.tmp", digest.replace(':', "-")));
+        let cached = async {
+            tokio::fs::create_dir_all(&dir).await?;
+            tokio::fs::write(&tmp, &bytes).await?;
+            tokio::fs::rename(&tmp, &path).await
+        };
+        if let Err(e) = cached.await {
+            tracing::warn!("cannot cache {digest}: {e}");
+        }
+        Ok(bytes.to_vec().into())
+    }
+
+    /// Stop everything (agent shutdown).
+    pub async fn stop_all(&self) {
+        let all: Vec<Slot> = self.slots.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, s)| s).collect();
+        for s in all {
+            if let SlotState::Running(i) = s.state {
+                i.stop().await;
+            }
+        }
+    }
+}
+
+/// Follow the node's desired state from the server, forever.
+pub async fn follow_desired(sup: Arc<Supervisor>) {
+    let mut rev = 0u64;
+    loop {
+        let client = sup.client().with_timeout(Duration::from_millis(DESIRED_WAIT_MS + 5000));
+        match client
+            .get::<DesiredState>(&format!("/v1/agent/desired?revision={rev}&wait_ms={DESIRED_WAIT_MS}"))
+            .await
+        {
+            Ok(d) => {
+                rev = d.revision;
+                sup.apply(&d);
+            }
+            Err(e) => {
+                tracing::warn!("desired state: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! avail-client: a small typed HTTP client for the avail API, used by the CLI, the
+//! agent and the tests. Plain HTTP/1.1 over hyper; can bind its outgoing connections to
+//! a given local address (agents use their own node address, so a partition can be made
+//! by address).
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use avail_model::{ApiError, ApiErrorBody};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{Method, StatusCode};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Largest reply body read, bytes.
+pub const MAX_REPLY_BYTES: usize = 128 << 20;
+
+/// Errors of API calls.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server could not be reached or the connection failed.
+    #[error("cannot reach {url}: {reason}")]
+    Connect {
+        /// The URL called.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The server answered with an error.
+    #[error("{} ({status}){}", error.message, error.field.as_ref().map(|f| format!(" [field: {f}]")).unwrap_or_default())]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The error body.
+        error: ApiError,
+    },
+    /// The reply was not what was expected.
+    #[error("unexpected reply from {url}: {reason}")]
+    Decode {
+        /// The URL called.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// No reply in time.
+    #[error("no reply from {0} in time")]
+    Timeout(String),
+}
+
+impl ClientError {
+    /// The HTTP status of an API error.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A client for one server.
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    http: HyperClient<HttpConnector, Full<Bytes>>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("base", &self.base).finish()
+    }
+}
+
+/// A raw reply.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// Status.
+    pub status: StatusCode,
+    /// Headers.
+    pub headers: hyper::HeaderMap,
+    /// Body.
+    pub body: Bytes,
+}
+
+impl Client {
+    /// A client for `base` (e.g. `http://127.0.0.1:7400`), with a bearer token, binding
+    /// outgoing connections to `local` if given.
+    pub fn new(base: &str, token: Option<String>, local: Option<IpAddr>) -> Client {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_local_address(local);
+        connector.set_connect_timeout(Some(Duration::from_secs(3)));
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            http: HyperClient::builder(TokioExecutor::new()).build(connector),
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// The same client with another token.
+    pub fn with_token(&self, token: Option<String>) -> Client {
+        Client { token, ..self.clone() }
+    }
+
+    /// The same client with another per-request timeout.
+    pub fn with_timeout(&self, timeout: Duration) -> Client {
+        Client { timeout, ..self.clone() }
+    }
+
+    /// The base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Send a request; any status is returned as a reply.
+    pub async fn raw(&self, method: Method, path: &str, body: Option<(Bytes, &str)>, headers: &[(&str, &str)]) -> Result<Reply, ClientError> {
+        let url = format!("{}{}", self.base, path);
+        let mut b = hyper::Request::builder().method(method).uri(&url);
+        if let Some(t) = &self.token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        for (n, v) in headers {
+            b = b.header(*n, *v);
+        }
+        let body = match body {
+            Some((bytes, ct)) => {
+                b = b.header("content-type", ct);
+                bytes
+            }
+            None => Bytes::new(),
+        };
+        let req = b.body(Full::new(body)).map_err(|e| ClientError::Decode { url: url.clone(), reason: e.to_string() })?;
+        let fut = async {
+            let resp = self
+                .http
+                .request(req)
+                .await
+                .map_err(|e| ClientError::Connect { url: url.clone(), reason: error_chain(&e) })?;
+            let status = resp.status();
+            let headers = resp.headers().clone();
+            let body = Limited::new(resp.into_body(), MAX_REPLY_BYTES)
+                .collect()
+                .await
+                .map_err(|e| ClientError::Connect { url: url.clone(), reason: e.to_string() })?
+                .to_bytes();
+            Ok(Reply { status, headers, body })
+        };
+        tokio::time::timeout(self.timeout, fut)
+            .await
+            .map_err(|_| ClientError::Timeout(url.clone()))?
+    }
+
+    async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<(Bytes, &str)>) -> Result<T, ClientError> {
+        let r = self.raw(method, path, body, &[]).await?;
+        let url = format!("{}{}", self.base, path);
+        if !r.status.is_success() {
+            return Err(api_error(&r));
+        }
+        serde_json::from_slice(&r.body).map_err(|e| ClientError::Decode { url, reason: e.to_string() })
+    }
+
+    /// GET a JSON value.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call(Method::GET, path, None).await
+    }
+
+    /// POST a JSON body, read a JSON reply.
+    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+        let bytes = Bytes::from(serde_json::to_vec(body).expect("request serialises"));
+        self.call(Method::POST, path, Some((bytes, "application/json"))).await
+    }
+
+    /// POST raw bytes as JSON text (already encoded), read a JSON reply.
+    pub async fn post_raw<T: DeserializeOwned>(&self, path: &str, body: Bytes) -> Result<T, ClientError> {
+        self.call(Method::POST, path, Some((body, "application/json"))).await
+    }
+
+    /// PUT raw bytes, read a JSON reply.
+    pub async fn put_bytes<T: DeserializeOwned>(&self, path: &str, body: Bytes) -> Result<T, ClientError> {
+        self.call(Method::PUT, path, Some((body, "application/octet-stream"))).await
+    }
+
+    /// DELETE, read a JSON reply.
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call(Method::DELETE, path, None).await
+    }
+
+    /// GET raw bytes (2xx only).
+    pub async fn get_bytes(&self, path: &str) -> Result<Bytes, ClientError> {
+        let r = self.raw(Method::GET, path, None, &[]).await?;
+        if !r.status.is_success() {
+            return Err(api_error(&r));
+        }
+        Ok(r.body)
+    }
+}
+
+/// The error of a non-2xx reply: the API's JSON error body, or the text of another body.
+fn api_error(r: &Reply) -> ClientError {
+    let error = serde_json::from_slice::<ApiErrorBody>(&r.body).map(|b| b.error).unwrap_or_else(|_| ApiError {
+        code: "http".into(),
+        message: String::from_utf8_lossy(&r.body).trim().to_string(),
+        field: None,
+    });
+    ClientError::Api { status: r.status.as_u16(), error }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,342 @@
+//! The `wasm` driver: core modules (guest ABI v1) on wasmtime.
+//!
+//! One engine per driver, with epoch interruption: a ticker thread advances the epoch
+//! every [`TICK_MS`], and each call sets its deadline from the workload's `timeout_ms`,
+//! so a runaway handler traps and is answered `504`. A trap answers `500`. After either,
+//! the instance is thrown away and re-created from the compiled module (its state is
+//! not trusted any more), and the restart count goes up. Calls into one instance are
+//! serialised (handlers run one at a time) by an async lock, so waiting requests hold
+//! no thread.
+
+pub mod abi;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use avail_model::DriverKind;
+use avail_model::agent::InstanceState;
+use wasmtime::{Caller, Config, Engine, Linker, Memory, Module, Store, StoreLimits, StoreLimitsBuilder, Trap, TypedFunc};
+
+use crate::{Capabilities, Driver, HttpRequest, HttpResponse, Instance, InstanceStatus, LogSink, StartError, StartSpec};
+
+/// Epoch tick of the interruption clock, ms.
+pub const TICK_MS: u64 = 10;
+/// Longest log line kept from a guest, bytes.
+pub const MAX_LOG_LINE_BYTES: usize = 4096;
+
+/// Host-side state of one instance.
+struct Host {
+    limits: StoreLimits,
+    logs: LogSink,
+    rng: SplitMix64,
+}
+
+/// The guest's `avail.random` stream: SplitMix64, seeded per instance.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// The `wasm` driver.
+pub struct WasmDriver {
+    engine: Engine,
+    linker: Arc<Linker<Host>>,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl WasmDriver {
+    /// A driver with its own engine and interruption ticker.
+    pub fn new() -> Result<WasmDriver, String> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        config.max_wasm_stack(1 << 20);
+        let engine = Engine::new(&config).map_err(|e| format!("wasmtime engine: {e}"))?;
+        let linker = Arc::new(host_linker(&engine).map_err(|e| format!("wasmtime linker: {e}"))?);
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let (e, stop) = (engine.clone(), ticker_stop.clone());
+        std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(TICK_MS));
+                    e.increment_epoch();
+                }
+            })
+            .map_err(|e| format!("ticker thread: {e}"))?;
+        Ok(WasmDriver {
+            engine,
+            linker,
+            ticker_stop,
+        })
+    }
+
+}
+
+/// Check the ABI of a module and compile it.
+fn compile(engine: &Engine, bytes: &[u8]) -> Result<Module, StartError> {
+    abi::check_module(bytes).map_err(StartError::InvalidArtifact)?;
+    Module::new(engine, bytes).map_err(|e| StartError::InvalidArtifact(format!("compile: {e}")))
+}
+
+impl Drop for WasmDriver {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn host_linker(engine: &Engine) -> wasmtime::Result<Linker<Host>> {
+    let mut linker = Linker::new(engine);
+    linker.func_wrap("avail", "log", |mut caller: Caller<'_, Host>, ptr: i32, len: i32| {
+        let Some(mem) = caller.get_export("memory").and_then(|e| e.into_memory()) else {
+            return;
+        };
+        let (start, len) = (ptr as u32 as usize, (len as u32 as usize).min(MAX_LOG_LINE_BYTES));
+        let data = mem.data(&caller);
+        if let Some(bytes) = data.get(start..start.saturating_add(len)) {
+            let line = String::from_utf8_lossy(bytes).into_owned();
+            (caller.data().logs)(line);
+        }
+    })?;
+    linker.func_wrap("avail", "now_ms", || -> i64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+    })?;
+    linker.func_wrap("avail", "random", |mut caller: Caller<'_, Host>, ptr: i32, len: i32| {
+        let Some(mem) = caller.get_export("memory").and_then(|e| e.into_memory()) else {
+            return;
+        };
+        let (start, len) = (ptr as u32 as usize, len as u32 as usize);
+        let (data, host) = mem.data_and_store_mut(&mut caller);
+        if let Some(buf) = data.get_mut(start..start.saturating_add(len)) {
+            for chunk in buf.chunks_mut(8) {
+                let r = host.rng.next().to_le_bytes();
+                chunk.copy_from_slice(&r[..chunk.len()]);
+            }
+        }
+    })?;
+    Ok(linker)
+}
+
+#[async_trait]
+impl Driver for WasmDriver {
+    fn kind(&self) -> DriverKind {
+        DriverKind::Wasm
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            ft: false,
+            ha_checkpoint: false,
+            live_migrate: false,
+        }
+    }
+
+    async fn start(&self, start: StartSpec<'_>) -> Result<Arc<dyn Instance>, StartError> {
+        let bytes = start
+            .module
+            .ok_or_else(|| StartError::InvalidArtifact("no module bytes".into()))?;
+        let engine = self.engine.clone();
+        let linker = self.linker.clone();
+        let module = {
+            let engine = engine.clone();
+            tokio::task::spawn_blocking(move || compile(&engine, &bytes))
+                .await
+                .map_err(|e| StartError::Start(format!("compile task: {e}")))??
+        };
+        let cfg = InstanceConfig {
+            engine,
+            linker,
+            module,
+            memory_bytes: start.spec.resources.memory_mib as usize * (1 << 20),
+            deadline_ticks: u64::from(start.spec.timeout_ms).div_ceil(TICK_MS) + 1,
+            logs: start.logs,
+        };
+        let live = {
+            let cfg = cfg.clone();
+            tokio::task::spawn_blocking(move || cfg.instantiate())
+                .await
+                .map_err(|e| StartError::Start(format!("instantiate task: {e}")))?
+                .map_err(StartError::Start)?
+        };
+        Ok(Arc::new(WasmInstance {
+            cfg,
+            live: Arc::new(tokio::sync::Mutex::new(Some(live))),
+            restarts: AtomicU32::new(0),
+            stopped: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+        }))
+    }
+}
+
+#[derive(Clone)]
+struct InstanceConfig {
+    engine: Engine,
+    linker: Arc<Linker<Host>>,
+    module: Module,
+    memory_bytes: usize,
+    deadline_ticks: u64,
+    logs: LogSink,
+}
+
+/// A live wasmtime instance and its entry points.
+struct Live {
+    store: Store<Host>,
+    memory: Memory,
+    alloc: TypedFunc<i32, i32>,
+    handle: TypedFunc<(i32, i32), i64>,
+}
+
+impl InstanceConfig {
+    fn instantiate(&self) -> Result<Live, String> {
+        let mut seed = [0u8; 8];
+        getrandom::fill(&mut seed).map_err(|e| format!("seed: {e}"))?;
+        let host = Host {
+            limits: StoreLimitsBuilder::new()
+                .memory_size(self.memory_bytes)
+                .instances(1)
+                .build(),
+            logs: self.logs.clone(),
+            rng: SplitMix64(u64::from_le_bytes(seed)),
+        };
+        let mut store = Store::new(&self.engine, host);
+        store.limiter(|h| &mut h.limits);
+        store.set_epoch_deadline(self.deadline_ticks);
+        store.epoch_deadline_trap();
+        let instance = self
+            .linker
+            .instantiate(&mut store, &self.module)
+            .map_err(|e| format!("instantiate: {e}"))?;
+        let memory = instance
+            .get_memory(&mut store, "memory")
+            .ok_or("no memory export")?;
+        let alloc = instance
+            .get_typed_func(&mut store, "avail_alloc")
+            .map_err(|e| format!("avail_alloc: {e}"))?;
+        let handle = instance
+            .get_typed_func(&mut store, "avail_handle")
+            .map_err(|e| format!("avail_handle: {e}"))?;
+        Ok(Live {
+            store,
+            memory,
+            alloc,
+            handle,
+        })
+    }
+}
+
+/// How a call into the guest failed.
+enum CallFault {
+    /// Interrupted at the deadline.
+    Timeout,
+    /// Trapped or returned garbage: instance must be replaced.
+    Trap(String),
+}
+
+impl Live {
+    fn call(&mut self, req: &[u8], deadline_ticks: u64) -> Result<HttpResponse, CallFault> {
+        self.store.set_epoch_deadline(deadline_ticks);
+        let classify = |e: wasmtime::Error| match e.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => CallFault::Timeout,
+            _ => CallFault::Trap(format!("{e:#}")),
+        };
+        let len = i32::try_from(req.len()).map_err(|_| CallFault::Trap("request too large".into()))?;
+        let ptr = self.alloc.call(&mut self.store, len).map_err(classify)?;
+        self.memory
+            .write(&mut self.store, ptr as u32 as usize, req)
+            .map_err(|_| CallFault::Trap("avail_alloc returned a pointer out of bounds".into()))?;
+        let packed = self.handle.call(&mut self.store, (ptr, len)).map_err(classify)?;
+        let (rptr, rlen) = ((packed as u64 >> 32) as usize, (packed as u64 & 0xffff_ffff) as usize);
+        if rlen > abi::MAX_RESPONSE_BYTES {
+            return Err(CallFault::Trap(format!("response of {rlen} bytes is too large")));
+        }
+        let data = self.memory.data(&self.store);
+        let buf = data
+            .get(rptr..rptr.saturating_add(rlen))
+            .ok_or_else(|| CallFault::Trap("response out of bounds".into()))?;
+        abi::decode_response(buf).map_err(|e| CallFault::Trap(format!("malformed response: {e}")))
+    }
+}
+
+/// One workload's wasm instance.
+pub struct WasmInstance {
+    cfg: InstanceConfig,
+    live: Arc<tokio::sync::Mutex<Option<Live>>>,
+    restarts: AtomicU32,
+    stopped: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+#[async_trait]
+impl Instance for WasmInstance {
+    async fn handle(&self, req: HttpRequest) -> HttpResponse {
+        let mut guard = self.live.clone().lock_owned().await;
+        if self.stopped.load(Ordering::Acquire) {
+            return HttpResponse::error(503, "stopped", "the workload instance is stopped");
+        }
+        let encoded = abi::encode_request(&req);
+        let cfg = self.cfg.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let result = match guard.as_mut() {
+                Some(live) => live.call(&encoded, cfg.deadline_ticks),
+                None => Err(CallFault::Trap("instance missing".into())),
+            };
+            if result.is_err() {
+                // The guest's state is not trusted after a fault: start afresh.
+                *guard = cfg.instantiate().ok();
+            }
+            (result, guard.is_some())
+        })
+        .await;
+        let (result, _alive) = match joined {
+            Ok(r) => r,
+            Err(e) => return HttpResponse::error(500, "internal", &format!("handler task: {e}")),
+        };
+        match result {
+            Ok(resp) => resp,
+            Err(fault) => {
+                self.restarts.fetch_add(1, Ordering::Relaxed);
+                let (status, code, msg) = match fault {
+                    CallFault::Timeout => (
+                        504,
+                        "guest_timeout",
+                        format!("handler ran past its deadline of {} ms", self.cfg.deadline_ticks.saturating_sub(1) * TICK_MS),
+                    ),
+                    CallFault::Trap(m) => (500, "guest_trap", m),
+                };
+                (self.cfg.logs)(format!("avail: {code}: {msg}; instance re-created"));
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{code}: {msg}"));
+                HttpResponse::error(status, code, &msg)
+            }
+        }
+    }
+
+    fn status(&self) -> InstanceStatus {
+        let state = if self.stopped.load(Ordering::Acquire) {
+            InstanceState::Failed
+        } else {
+            InstanceState::Running
+        };
+        InstanceStatus {
+            state,
+            restarts: self.restarts.load(Ordering::Relaxed),
+            message: self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        }
+    }
+
+    async fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        let mut guard = self.live.lock().await;
+        *guard = None;
+    }
+}

@@ -51,7 +51,13 @@ pub async fn serve(listener: tokio::net::TcpListener, sup: Arc<Supervisor>) {
     let app = Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/w/{*rest}", any(handle))
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "not_found", "ingress paths are /w/<workload>/<path>") })
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "ingress paths are /w/<workload>/<path>",
+            )
+        })
         .with_state(state);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!("ingress stopped: {e}");
@@ -60,12 +66,18 @@ pub async fn serve(listener: tokio::net::TcpListener, sup: Arc<Supervisor>) {
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
     let body = serde_json::json!({"error": {"code": code, "message": message}});
-    (status, [("content-type", "application/json")], body.to_string()).into_response()
+    (
+        status,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 fn unavailable(message: &str) -> Response {
     let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message);
-    r.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
+    r.headers_mut()
+        .insert("retry-after", HeaderValue::from_static("1"));
     r
 }
 
@@ -76,23 +88,40 @@ fn to_response(r: HttpResponse, node: &str, incarnation: u64) -> Response {
             b = b.header(n.as_str(), v.as_str());
         }
     }
-    let mut resp = b.body(Body::from(r.body)).unwrap_or_else(|e| error(StatusCode::BAD_GATEWAY, "bad_gateway", &format!("bad reply from workload: {e}")));
+    let mut resp = b.body(Body::from(r.body)).unwrap_or_else(|e| {
+        error(
+            StatusCode::BAD_GATEWAY,
+            "bad_gateway",
+            &format!("bad reply from workload: {e}"),
+        )
+    });
     let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(node) {
         h.insert(HeaderName::from_static("avail-node"), v);
     }
-    h.insert(HeaderName::from_static("avail-incarnation"), HeaderValue::from(incarnation));
+    h.insert(
+        HeaderName::from_static("avail-incarnation"),
+        HeaderValue::from(incarnation),
+    );
     resp
 }
 
 async fn handle(State(ing): State<Arc<Ingress>>, req: Request) -> Response {
-    let path_and_query = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
     let after = &path_and_query["/w/".len()..];
     let (name, rest) = match after.find(['/', '?']) {
         Some(i) => (&after[..i], &after[i..]),
         None => (after, ""),
     };
-    let rest = if rest.starts_with('/') { rest.to_string() } else { format!("/{rest}") };
+    let rest = if rest.starts_with('/') {
+        rest.to_string()
+    } else {
+        format!("/{rest}")
+    };
     let name = name.to_string();
     let forwarded = req.headers().contains_key(FORWARDED);
 
@@ -105,13 +134,21 @@ async fn handle(State(ing): State<Arc<Ingress>>, req: Request) -> Response {
                 let (parts, body) = req.into_parts();
                 let body = match Limited::new(body, MAX_BODY_BYTES).collect().await {
                     Ok(b) => b.to_bytes(),
-                    Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &format!("request body larger than {MAX_BODY_BYTES} bytes")),
+                    Err(_) => {
+                        return error(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "too_large",
+                            &format!("request body larger than {MAX_BODY_BYTES} bytes"),
+                        );
+                    }
                 };
                 let headers = parts
                     .headers
                     .iter()
                     .filter(|(n, _)| !is_hop_by_hop(n.as_str()) && n.as_str() != FORWARDED)
-                    .filter_map(|(n, v)| Some((n.as_str().to_string(), v.to_str().ok()?.to_string())))
+                    .filter_map(|(n, v)| {
+                        Some((n.as_str().to_string(), v.to_str().ok()?.to_string()))
+                    })
                     .collect();
                 let hreq = HttpRequest {
                     method: parts.method.to_string(),
@@ -123,24 +160,45 @@ async fn handle(State(ing): State<Arc<Ingress>>, req: Request) -> Response {
                 to_response(resp, ing.sup.node(), slot.incarnation)
             }
             SlotState::Starting => unavailable(&format!("workload {name} is starting")),
-            SlotState::Failed { message, .. } => unavailable(&format!("workload {name} failed to start: {message}")),
+            SlotState::Failed { message, .. } => {
+                unavailable(&format!("workload {name} failed to start: {message}"))
+            }
         };
     }
     let Some(route) = route else {
-        return error(StatusCode::NOT_FOUND, "not_found", &format!("no workload named {name:?}"));
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no workload named {name:?}"),
+        );
     };
     if route.node == ing.sup.node() || forwarded {
         // Routed here but not (yet) running here, or a peer's stale route: no loops.
-        return unavailable(&format!("workload {name} is not running on {}", ing.sup.node()));
+        return unavailable(&format!(
+            "workload {name} is not running on {}",
+            ing.sup.node()
+        ));
     }
     forward(&ing, req, &route.ingress_url, &name, &rest).await
 }
 
-async fn forward(ing: &Ingress, req: Request, ingress_url: &str, name: &str, rest: &str) -> Response {
+async fn forward(
+    ing: &Ingress,
+    req: Request,
+    ingress_url: &str,
+    name: &str,
+    rest: &str,
+) -> Response {
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, MAX_BODY_BYTES).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &format!("request body larger than {MAX_BODY_BYTES} bytes")),
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                &format!("request body larger than {MAX_BODY_BYTES} bytes"),
+            );
+        }
     };
     let mut b = hyper::Request::builder()
         .method(parts.method)
@@ -152,14 +210,22 @@ async fn forward(ing: &Ingress, req: Request, ingress_url: &str, name: &str, res
         }
     }
     let Ok(out) = b.body(Full::new(body)) else {
-        return error(StatusCode::BAD_REQUEST, "bad_request", "cannot forward this request");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "cannot forward this request",
+        );
     };
     match ing.peers.request(out).await {
         Ok(resp) => {
             let (parts, body) = resp.into_parts();
             match Limited::new(body, MAX_BODY_BYTES * 4).collect().await {
                 Ok(b) => Response::from_parts(parts, Body::from(b.to_bytes())),
-                Err(e) => error(StatusCode::BAD_GATEWAY, "bad_gateway", &format!("reading the reply of {ingress_url}: {e}")),
+                Err(e) => error(
+                    StatusCode::BAD_GATEWAY,
+                    "bad_gateway",
+                    &format!("reading the reply of {ingress_url}: {e}"),
+                ),
             }
         }
         Err(e) => unavailable(&format!("node at {ingress_url} unreachable: {e}")),

@@ -94,7 +94,12 @@ async fn join(cfg: &AgentConfig, client: &Client) -> Result<JoinResponse, AgentE
                 tracing::info!(node = %cfg.name, "joined {}", client.base());
                 return Ok(r);
             }
-            Err(e @ ClientError::Api { status: 400 | 401 | 403 | 409, .. }) => {
+            Err(
+                e @ ClientError::Api {
+                    status: 400 | 401 | 403 | 409,
+                    ..
+                },
+            ) => {
                 tracing::error!("join refused: {e}");
                 return Err(AgentError::JoinRefused {
                     server: client.base().to_string(),
@@ -111,16 +116,33 @@ async fn join(cfg: &AgentConfig, client: &Client) -> Result<JoinResponse, AgentE
 }
 
 /// Run the agent until `shutdown` resolves; then stop every workload.
-pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
+pub async fn run(
+    cfg: AgentConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
     let listen = SocketAddr::new(cfg.addr, cfg.ingress_port);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| AgentError::Listen { addr: listen, reason: e.to_string() })?;
+        .map_err(|e| AgentError::Listen {
+            addr: listen,
+            reason: e.to_string(),
+        })?;
     let client = Client::new(&cfg.server, None, Some(cfg.addr));
     let joined = join(&cfg, &client).await?;
-    let sup = Arc::new(Supervisor::new(cfg.clone(), client.with_token(Some(joined.node_token.clone()))).map_err(AgentError::Driver)?);
+    let sup = Arc::new(
+        Supervisor::new(
+            cfg.clone(),
+            client.with_token(Some(joined.node_token.clone())),
+        )
+        .map_err(AgentError::Driver)?,
+    );
     let ingress = tokio::spawn(ingress::serve(listener, sup.clone()));
-    let heartbeat = tokio::spawn(heartbeat_loop(cfg.clone(), client.clone(), sup.clone(), joined));
+    let heartbeat = tokio::spawn(heartbeat_loop(
+        cfg.clone(),
+        client.clone(),
+        sup.clone(),
+        joined,
+    ));
     let desired = tokio::spawn(supervisor::follow_desired(sup.clone()));
     tracing::info!(node = %cfg.name, "agent ready; ingress on http://{listen}");
     shutdown.await;
@@ -132,17 +154,29 @@ pub async fn run(cfg: AgentConfig, shutdown: impl std::future::Future<Output = (
     Ok(())
 }
 
-async fn heartbeat_loop(cfg: AgentConfig, client: Client, sup: Arc<Supervisor>, mut joined: JoinResponse) {
+async fn heartbeat_loop(
+    cfg: AgentConfig,
+    client: Client,
+    sup: Arc<Supervisor>,
+    mut joined: JoinResponse,
+) {
     loop {
         let interval = Duration::from_millis(joined.heartbeat_interval_ms.clamp(50, 10_000));
         let hb = Heartbeat {
             instances: sup.statuses(),
             logs: sup.drain_logs(),
         };
-        let authed = client.with_token(Some(joined.node_token.clone())).with_timeout(interval * 4);
-        match authed.post::<_, serde_json::Value>("/v1/agent/heartbeat", &hb).await {
+        let authed = client
+            .with_token(Some(joined.node_token.clone()))
+            .with_timeout(interval * 4);
+        match authed
+            .post::<_, serde_json::Value>("/v1/agent/heartbeat", &hb)
+            .await
+        {
             Ok(_) => {}
-            Err(ClientError::Api { status: 401 | 404, .. }) => {
+            Err(ClientError::Api {
+                status: 401 | 404, ..
+            }) => {
                 // The server forgot us (new data dir) or our token: join again.
                 match join(&cfg, &client).await {
                     Ok(j) => {

@@ -101,17 +101,28 @@ impl Supervisor {
     }
 
     fn client(&self) -> Client {
-        self.client.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.client
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The route of a workload, if it is placed anywhere.
     pub fn route(&self, workload: &str) -> Option<Route> {
-        self.routes.read().unwrap_or_else(|p| p.into_inner()).get(workload).cloned()
+        self.routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(workload)
+            .cloned()
     }
 
     /// The local slot of a workload.
     pub fn slot(&self, workload: &str) -> Option<Slot> {
-        self.slots.lock().unwrap_or_else(|p| p.into_inner()).get(workload).cloned()
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(workload)
+            .cloned()
     }
 
     fn log_sink(&self, workload: &str) -> LogSink {
@@ -149,7 +160,9 @@ impl Supervisor {
                         let st = i.status();
                         (st.state, st.restarts, st.message)
                     }
-                    SlotState::Failed { message, .. } => (InstanceState::Failed, 0, Some(message.clone())),
+                    SlotState::Failed { message, .. } => {
+                        (InstanceState::Failed, 0, Some(message.clone()))
+                    }
                 };
                 InstanceStatus {
                     workload: name.clone(),
@@ -166,13 +179,21 @@ impl Supervisor {
     pub fn apply(self: &Arc<Self>, desired: &DesiredState) {
         {
             let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
-            *routes = desired.routes.iter().map(|r| (r.workload.clone(), r.clone())).collect();
+            *routes = desired
+                .routes
+                .iter()
+                .map(|r| (r.workload.clone(), r.clone()))
+                .collect();
         }
         let mut to_stop: Vec<Arc<dyn Instance>> = Vec::new();
         let mut to_start: Vec<(WorkloadSpec, u64)> = Vec::new();
         {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-            let wanted: HashMap<&str, _> = desired.assignments.iter().map(|a| (a.spec.name.as_str(), a)).collect();
+            let wanted: HashMap<&str, _> = desired
+                .assignments
+                .iter()
+                .map(|a| (a.spec.name.as_str(), a))
+                .collect();
             slots.retain(|name, slot| {
                 let keep = wanted
                     .get(name.as_str())
@@ -188,7 +209,10 @@ impl Supervisor {
             for a in &desired.assignments {
                 let retry = match slots.get(&a.spec.name) {
                     None => true,
-                    Some(Slot { state: SlotState::Failed { at, .. }, .. }) => at.elapsed() >= RETRY_FAILED_AFTER,
+                    Some(Slot {
+                        state: SlotState::Failed { at, .. },
+                        ..
+                    }) => at.elapsed() >= RETRY_FAILED_AFTER,
                     Some(_) => false,
                 };
                 if retry {
@@ -217,9 +241,9 @@ impl Supervisor {
         tracing::info!(workload = %spec.name, incarnation, "starting");
         let result = self.start_instance(&spec).await;
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let current = slots
-            .get_mut(&spec.name)
-            .filter(|s| s.incarnation == incarnation && s.spec == spec && matches!(s.state, SlotState::Starting));
+        let current = slots.get_mut(&spec.name).filter(|s| {
+            s.incarnation == incarnation && s.spec == spec && matches!(s.state, SlotState::Starting)
+        });
         match (current, result) {
             (Some(slot), Ok(inst)) => slot.state = SlotState::Running(inst),
             (Some(slot), Err(message)) => {
@@ -244,13 +268,21 @@ impl Supervisor {
             DriverKind::Wasm => {
                 let module = self.fetch_module(&spec.artifact).await?;
                 self.wasm
-                    .start(StartSpec { spec, module: Some(module), logs })
+                    .start(StartSpec {
+                        spec,
+                        module: Some(module),
+                        logs,
+                    })
                     .await
                     .map_err(|e| e.to_string())
             }
             DriverKind::Process => self
                 .process
-                .start(StartSpec { spec, module: None, logs })
+                .start(StartSpec {
+                    spec,
+                    module: None,
+                    logs,
+                })
                 .await
                 .map_err(|e| e.to_string()),
             DriverKind::Qemu => Err("the qemu driver is not available on this agent".into()),
@@ -275,7 +307,9 @@ impl Supervisor {
             .await
             .map_err(|e| format!("fetching {digest}: {e}"))?;
         if !verify(&bytes) {
-            return Err(format!("artifact {digest}: content does not match its digest"));
+            return Err(format!(
+                "artifact {digest}: content does not match its digest"
+            ));
         }
         let tmp = dir.join(format!(".{}.tmp", digest.replace(':', "-")));
         let cached = async {
@@ -291,7 +325,13 @@ impl Supervisor {
 
     /// Stop everything (agent shutdown).
     pub async fn stop_all(&self) {
-        let all: Vec<Slot> = self.slots.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, s)| s).collect();
+        let all: Vec<Slot> = self
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, s)| s)
+            .collect();
         for s in all {
             if let SlotState::Running(i) = s.state {
                 i.stop().await;
@@ -304,9 +344,13 @@ impl Supervisor {
 pub async fn follow_desired(sup: Arc<Supervisor>) {
     let mut rev = 0u64;
     loop {
-        let client = sup.client().with_timeout(Duration::from_millis(DESIRED_WAIT_MS + 5000));
+        let client = sup
+            .client()
+            .with_timeout(Duration::from_millis(DESIRED_WAIT_MS + 5000));
         match client
-            .get::<DesiredState>(&format!("/v1/agent/desired?revision={rev}&wait_ms={DESIRED_WAIT_MS}"))
+            .get::<DesiredState>(&format!(
+                "/v1/agent/desired?revision={rev}&wait_ms={DESIRED_WAIT_MS}"
+            ))
             .await
         {
             Ok(d) => {

@@ -105,12 +105,18 @@ impl Client {
 
     /// The same client with another token.
     pub fn with_token(&self, token: Option<String>) -> Client {
-        Client { token, ..self.clone() }
+        Client {
+            token,
+            ..self.clone()
+        }
     }
 
     /// The same client with another per-request timeout.
     pub fn with_timeout(&self, timeout: Duration) -> Client {
-        Client { timeout, ..self.clone() }
+        Client {
+            timeout,
+            ..self.clone()
+        }
     }
 
     /// The base URL.
@@ -119,7 +125,13 @@ impl Client {
     }
 
     /// Send a request; any status is returned as a reply.
-    pub async fn raw(&self, method: Method, path: &str, body: Option<(Bytes, &str)>, headers: &[(&str, &str)]) -> Result<Reply, ClientError> {
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(Bytes, &str)>,
+        headers: &[(&str, &str)],
+    ) -> Result<Reply, ClientError> {
         let url = format!("{}{}", self.base, path);
         let mut b = hyper::Request::builder().method(method).uri(&url);
         if let Some(t) = &self.token {
@@ -135,34 +147,55 @@ impl Client {
             }
             None => Bytes::new(),
         };
-        let req = b.body(Full::new(body)).map_err(|e| ClientError::Decode { url: url.clone(), reason: e.to_string() })?;
+        let req = b.body(Full::new(body)).map_err(|e| ClientError::Decode {
+            url: url.clone(),
+            reason: e.to_string(),
+        })?;
         let fut = async {
             let resp = self
                 .http
                 .request(req)
                 .await
-                .map_err(|e| ClientError::Connect { url: url.clone(), reason: error_chain(&e) })?;
+                .map_err(|e| ClientError::Connect {
+                    url: url.clone(),
+                    reason: error_chain(&e),
+                })?;
             let status = resp.status();
             let headers = resp.headers().clone();
             let body = Limited::new(resp.into_body(), MAX_REPLY_BYTES)
                 .collect()
                 .await
-                .map_err(|e| ClientError::Connect { url: url.clone(), reason: e.to_string() })?
+                .map_err(|e| ClientError::Connect {
+                    url: url.clone(),
+                    reason: e.to_string(),
+                })?
                 .to_bytes();
-            Ok(Reply { status, headers, body })
+            Ok(Reply {
+                status,
+                headers,
+                body,
+            })
         };
         tokio::time::timeout(self.timeout, fut)
             .await
             .map_err(|_| ClientError::Timeout(url.clone()))?
     }
 
-    async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<(Bytes, &str)>) -> Result<T, ClientError> {
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(Bytes, &str)>,
+    ) -> Result<T, ClientError> {
         let r = self.raw(method, path, body, &[]).await?;
         let url = format!("{}{}", self.base, path);
         if !r.status.is_success() {
             return Err(api_error(&r));
         }
-        serde_json::from_slice(&r.body).map_err(|e| ClientError::Decode { url, reason: e.to_string() })
+        serde_json::from_slice(&r.body).map_err(|e| ClientError::Decode {
+            url,
+            reason: e.to_string(),
+        })
     }
 
     /// GET a JSON value.
@@ -171,19 +204,34 @@ impl Client {
     }
 
     /// POST a JSON body, read a JSON reply.
-    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
         let bytes = Bytes::from(serde_json::to_vec(body).expect("request serialises"));
-        self.call(Method::POST, path, Some((bytes, "application/json"))).await
+        self.call(Method::POST, path, Some((bytes, "application/json")))
+            .await
     }
 
     /// POST raw bytes as JSON text (already encoded), read a JSON reply.
-    pub async fn post_raw<T: DeserializeOwned>(&self, path: &str, body: Bytes) -> Result<T, ClientError> {
-        self.call(Method::POST, path, Some((body, "application/json"))).await
+    pub async fn post_raw<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Bytes,
+    ) -> Result<T, ClientError> {
+        self.call(Method::POST, path, Some((body, "application/json")))
+            .await
     }
 
     /// PUT raw bytes, read a JSON reply.
-    pub async fn put_bytes<T: DeserializeOwned>(&self, path: &str, body: Bytes) -> Result<T, ClientError> {
-        self.call(Method::PUT, path, Some((body, "application/octet-stream"))).await
+    pub async fn put_bytes<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Bytes,
+    ) -> Result<T, ClientError> {
+        self.call(Method::PUT, path, Some((body, "application/octet-stream")))
+            .await
     }
 
     /// DELETE, read a JSON reply.
@@ -203,12 +251,17 @@ impl Client {
 
 /// The error of a non-2xx reply: the API's JSON error body, or the text of another body.
 fn api_error(r: &Reply) -> ClientError {
-    let error = serde_json::from_slice::<ApiErrorBody>(&r.body).map(|b| b.error).unwrap_or_else(|_| ApiError {
-        code: "http".into(),
-        message: String::from_utf8_lossy(&r.body).trim().to_string(),
-        field: None,
-    });
-    ClientError::Api { status: r.status.as_u16(), error }
+    let error = serde_json::from_slice::<ApiErrorBody>(&r.body)
+        .map(|b| b.error)
+        .unwrap_or_else(|_| ApiError {
+            code: "http".into(),
+            message: String::from_utf8_lossy(&r.body).trim().to_string(),
+            field: None,
+        });
+    ClientError::Api {
+        status: r.status.as_u16(),
+        error,
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -28,7 +28,10 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::Notify;
 
-use crate::{Capabilities, Driver, HttpRequest, HttpResponse, Instance, InstanceStatus, LogSink, StartError, StartSpec};
+use crate::{
+    Capabilities, Driver, HttpRequest, HttpResponse, Instance, InstanceStatus, LogSink, StartError,
+    StartSpec,
+};
 
 /// Largest reply body proxied from a process, bytes.
 pub const MAX_REPLY_BYTES: usize = 16 << 20;
@@ -72,13 +75,24 @@ impl Driver for ProcessDriver {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new()).build(connector);
-        tokio::spawn(supervise(start.spec.clone(), port, start.logs, shared.clone()));
-        Ok(Arc::new(ProcessInstance { port, shared, client }))
+        tokio::spawn(supervise(
+            start.spec.clone(),
+            port,
+            start.logs,
+            shared.clone(),
+        ));
+        Ok(Arc::new(ProcessInstance {
+            port,
+            shared,
+            client,
+        }))
     }
 }
 
 fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port())
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
 }
 
 struct Shared {
@@ -169,7 +183,8 @@ async fn supervise(spec: WorkloadSpec, port: u16, logs: LogSink, shared: Arc<Sha
         let started = Instant::now();
         let exit_msg = match spawn(&spec, port) {
             Ok(mut child) => {
-                *shared.pgid.lock().unwrap_or_else(|p| p.into_inner()) = child.id().map(|p| p as i32);
+                *shared.pgid.lock().unwrap_or_else(|p| p.into_inner()) =
+                    child.id().map(|p| p as i32);
                 if let Some(o) = child.stdout.take() {
                     pipe_lines(o, logs.clone());
                 }
@@ -195,7 +210,10 @@ async fn supervise(spec: WorkloadSpec, port: u16, logs: LogSink, shared: Arc<Sha
             Err(e) => format!("cannot start {:?}: {e}", spec.artifact),
         };
         shared.kill_group();
-        logs(format!("avail: {exit_msg}; restarting in {} ms", backoff.as_millis()));
+        logs(format!(
+            "avail: {exit_msg}; restarting in {} ms",
+            backoff.as_millis()
+        ));
         shared.set(InstanceState::Restarting, Some(exit_msg), true);
         if started.elapsed() >= BACKOFF_RESET_AFTER {
             backoff = BACKOFF_START;
@@ -232,11 +250,19 @@ impl Instance for ProcessInstance {
         }
         let hreq = match b.body(Full::new(req.body)) {
             Ok(r) => r,
-            Err(e) => return HttpResponse::error(400, "bad_request", &format!("cannot forward: {e}")),
+            Err(e) => {
+                return HttpResponse::error(400, "bad_request", &format!("cannot forward: {e}"));
+            }
         };
         let resp = match self.client.request(hreq).await {
             Ok(r) => r,
-            Err(e) => return HttpResponse::error(503, "unavailable", &format!("process not answering: {e}")),
+            Err(e) => {
+                return HttpResponse::error(
+                    503,
+                    "unavailable",
+                    &format!("process not answering: {e}"),
+                );
+            }
         };
         let status = resp.status().as_u16();
         let headers = resp
@@ -245,7 +271,10 @@ impl Instance for ProcessInstance {
             .filter(|(n, _)| !is_hop_by_hop(n.as_str()))
             .filter_map(|(n, v)| Some((n.as_str().to_string(), v.to_str().ok()?.to_string())))
             .collect();
-        match Limited::new(resp.into_body(), MAX_REPLY_BYTES).collect().await {
+        match Limited::new(resp.into_body(), MAX_REPLY_BYTES)
+            .collect()
+            .await
+        {
             Ok(b) => HttpResponse {
                 status,
                 headers,
@@ -256,7 +285,11 @@ impl Instance for ProcessInstance {
     }
 
     fn status(&self) -> InstanceStatus {
-        self.shared.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.shared
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     async fn stop(&self) {
@@ -264,7 +297,8 @@ impl Instance for ProcessInstance {
         self.shared.stop.notify_waiters();
         self.shared.stop.notify_one();
         self.shared.kill_group();
-        self.shared.set(InstanceState::Failed, Some("stopped".into()), false);
+        self.shared
+            .set(InstanceState::Failed, Some("stopped".into()), false);
     }
 }
 

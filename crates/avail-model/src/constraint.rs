@@ -142,7 +142,10 @@ mod tests {
     use super::*;
 
     fn tags(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -160,20 +163,35 @@ mod tests {
         ] {
             let c = Constraint::parse(e).unwrap();
             assert_eq!(c.matches(&t), want, "{e}");
-            assert_eq!(Constraint::parse(&c.to_string()).unwrap(), c, "round trip {e}");
+            assert_eq!(
+                Constraint::parse(&c.to_string()).unwrap(),
+                c,
+                "round trip {e}"
+            );
         }
     }
 
     #[test]
     fn rejects_garbage() {
-        for e in ["", "zone", "zone ~= x", "zone in pci", "zone in []", "zo ne == x y", "zone == "] {
+        for e in [
+            "",
+            "zone",
+            "zone ~= x",
+            "zone in pci",
+            "zone in []",
+            "zo ne == x y",
+            "zone == ",
+        ] {
             assert!(Constraint::parse(e).is_err(), "{e:?}");
         }
     }
 
     #[test]
     fn tags_parse() {
-        assert_eq!(parse_tag("zone=tokyo").unwrap(), ("zone".into(), "tokyo".into()));
+        assert_eq!(
+            parse_tag("zone=tokyo").unwrap(),
+            ("zone".into(), "tokyo".into())
+        );
         assert!(parse_tag("zone").is_err());
         assert!(parse_tag("zone=").is_err());
     }

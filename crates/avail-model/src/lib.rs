@@ -17,7 +17,9 @@ pub use constraint::{Constraint, ConstraintOp};
 pub use error::{ApiError, ApiErrorBody, ValidationError};
 pub use event::ClusterEvent;
 pub use node::{Node, NodeState};
-pub use spec::{DriverKind, FtSpec, HaSpec, Level, Placement, Resources, SecondaryLoss, WorkloadSpec};
+pub use spec::{
+    DriverKind, FtSpec, HaSpec, Level, Placement, Resources, SecondaryLoss, WorkloadSpec,
+};
 pub use status::{Phase, Workload, WorkloadStatus};
 
 /// Milliseconds since the Unix epoch, the one clock unit of the model.

@@ -84,14 +84,14 @@ impl Default for Resources {
 
 impl Resources {
     /// Component-wise sum.
-    pub fn add(self, o: Resources) -> Resources {
+    pub fn saturating_add(self, o: Resources) -> Resources {
         Resources {
             cpu_millis: self.cpu_millis.saturating_add(o.cpu_millis),
             memory_mib: self.memory_mib.saturating_add(o.memory_mib),
         }
     }
     /// Component-wise difference, floored at zero.
-    pub fn sub(self, o: Resources) -> Resources {
+    pub fn saturating_sub(self, o: Resources) -> Resources {
         Resources {
             cpu_millis: self.cpu_millis.saturating_sub(o.cpu_millis),
             memory_mib: self.memory_mib.saturating_sub(o.memory_mib),
@@ -236,8 +236,11 @@ pub fn is_dns_label(s: &str) -> bool {
 
 /// Whether `s` is a content digest `sha256:` + 64 lower-case hex digits.
 pub fn is_digest(s: &str) -> bool {
-    s.strip_prefix("sha256:")
-        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    s.strip_prefix("sha256:").is_some_and(|h| {
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
 }
 
 impl WorkloadSpec {
@@ -245,7 +248,8 @@ impl WorkloadSpec {
     /// fields are refused.
     pub fn parse(text: &str) -> Result<WorkloadSpec, ValidationError> {
         if text.trim_start().starts_with('{') {
-            serde_json::from_str(text).map_err(|e| ValidationError::new(json_field(&e), e.to_string()))
+            serde_json::from_str(text)
+                .map_err(|e| ValidationError::new(json_field(&e), e.to_string()))
         } else {
             toml::from_str(text).map_err(|e| {
                 let msg = e.message().to_string();
@@ -278,12 +282,18 @@ impl WorkloadSpec {
                     ));
                 }
                 if !self.args.is_empty() || !self.env.is_empty() {
-                    return Err(ValidationError::new("args", "args and env are for the process driver"));
+                    return Err(ValidationError::new(
+                        "args",
+                        "args and env are for the process driver",
+                    ));
                 }
             }
             DriverKind::Process => {
                 if self.artifact.trim().is_empty() {
-                    return Err(ValidationError::new("artifact", "the program to run is missing"));
+                    return Err(ValidationError::new(
+                        "artifact",
+                        "the program to run is missing",
+                    ));
                 }
                 if self.level == Level::Ft {
                     return Err(ValidationError::new(
@@ -291,8 +301,15 @@ impl WorkloadSpec {
                         "the process driver supports levels ha and none; ft needs the wasm driver",
                     ));
                 }
-                if let Some(k) = self.env.keys().find(|k| k.is_empty() || k.contains('=') || *k == "PORT") {
-                    return Err(ValidationError::new(format!("env.{k}"), "bad or reserved variable name"));
+                if let Some(k) = self
+                    .env
+                    .keys()
+                    .find(|k| k.is_empty() || k.contains('=') || *k == "PORT")
+                {
+                    return Err(ValidationError::new(
+                        format!("env.{k}"),
+                        "bad or reserved variable name",
+                    ));
                 }
             }
             DriverKind::Qemu => {
@@ -314,17 +331,25 @@ impl WorkloadSpec {
         if self.resources.memory_mib == 0 || self.resources.memory_mib > MAX_MEMORY_MIB {
             return Err(ValidationError::new(
                 "resources.memory_mib",
-                format!("must be 1..={MAX_MEMORY_MIB}, got {}", self.resources.memory_mib),
+                format!(
+                    "must be 1..={MAX_MEMORY_MIB}, got {}",
+                    self.resources.memory_mib
+                ),
             ));
         }
         if self.resources.cpu_millis == 0 {
-            return Err(ValidationError::new("resources.cpu_millis", "must be at least 1"));
+            return Err(ValidationError::new(
+                "resources.cpu_millis",
+                "must be at least 1",
+            ));
         }
         for (i, c) in self.placement.constraints.iter().enumerate() {
-            Constraint::parse(c).map_err(|m| ValidationError::new(format!("placement.constraints[{i}]"), m))?;
+            Constraint::parse(c)
+                .map_err(|m| ValidationError::new(format!("placement.constraints[{i}]"), m))?;
         }
         for (i, a) in self.placement.affinity.iter().enumerate() {
-            Constraint::parse(&a.rule).map_err(|m| ValidationError::new(format!("placement.affinity[{i}].rule"), m))?;
+            Constraint::parse(&a.rule)
+                .map_err(|m| ValidationError::new(format!("placement.affinity[{i}].rule"), m))?;
             if !(-100..=100).contains(&a.weight) {
                 return Err(ValidationError::new(
                     format!("placement.affinity[{i}].weight"),
@@ -383,7 +408,10 @@ mod tests {
     const DIGEST: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
 
     fn good() -> WorkloadSpec {
-        WorkloadSpec::parse(&format!("name = \"ledger\"\ndriver = \"wasm\"\nartifact = \"{DIGEST}\"\n")).unwrap()
+        WorkloadSpec::parse(&format!(
+            "name = \"ledger\"\ndriver = \"wasm\"\nartifact = \"{DIGEST}\"\n"
+        ))
+        .unwrap()
     }
 
     #[test]
@@ -398,13 +426,26 @@ mod tests {
 
     #[test]
     fn bad_specs_name_their_field() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut WorkloadSpec)>)> = vec![
+        type Mutate = Box<dyn Fn(&mut WorkloadSpec)>;
+        let cases: Vec<(&str, Mutate)> = vec![
             ("name", Box::new(|s| s.name = "Bad_Name".into())),
             ("name", Box::new(|s| s.name = "-x".into())),
-            ("resources.memory_mib", Box::new(|s| s.resources.memory_mib = 0)),
-            ("resources.cpu_millis", Box::new(|s| s.resources.cpu_millis = 0)),
-            ("artifact", Box::new(|s| s.artifact = "guests/counter.wasm".into())),
-            ("placement.constraints[0]", Box::new(|s| s.placement.constraints = vec!["zone ~ x".into()])),
+            (
+                "resources.memory_mib",
+                Box::new(|s| s.resources.memory_mib = 0),
+            ),
+            (
+                "resources.cpu_millis",
+                Box::new(|s| s.resources.cpu_millis = 0),
+            ),
+            (
+                "artifact",
+                Box::new(|s| s.artifact = "guests/counter.wasm".into()),
+            ),
+            (
+                "placement.constraints[0]",
+                Box::new(|s| s.placement.constraints = vec!["zone ~ x".into()]),
+            ),
             ("driver", Box::new(|s| s.driver = DriverKind::Qemu)),
             ("level", Box::new(|s| s.level = Level::Ft)),
             ("timeout_ms", Box::new(|s| s.timeout_ms = 0)),
@@ -418,11 +459,18 @@ mod tests {
 
     #[test]
     fn parse_errors_name_their_field() {
-        let e = WorkloadSpec::parse(&format!("name = \"a\"\ndriver = \"wasm\"\nartifact = \"{DIGEST}\"\ncolour = 1\n")).unwrap_err();
+        let e = WorkloadSpec::parse(&format!(
+            "name = \"a\"\ndriver = \"wasm\"\nartifact = \"{DIGEST}\"\ncolour = 1\n"
+        ))
+        .unwrap_err();
         assert_eq!(e.field, "colour");
-        let e = WorkloadSpec::parse("name = \"a\"\ndriver = \"docker\"\nartifact = \"x\"\n").unwrap_err();
+        let e = WorkloadSpec::parse("name = \"a\"\ndriver = \"docker\"\nartifact = \"x\"\n")
+            .unwrap_err();
         assert_eq!(e.field, "driver", "{e}");
-        let e = WorkloadSpec::parse("name = \"a\"\ndriver = \"wasm\"\nartifact = \"x\"\nlevel = \"gold\"\n").unwrap_err();
+        let e = WorkloadSpec::parse(
+            "name = \"a\"\ndriver = \"wasm\"\nartifact = \"x\"\nlevel = \"gold\"\n",
+        )
+        .unwrap_err();
         assert_eq!(e.field, "level", "{e}");
         let e = WorkloadSpec::parse(r#"{"name": "a", "driver": "wasm"}"#).unwrap_err();
         assert_eq!(e.field, "artifact", "{e}");

@@ -127,9 +127,15 @@ fn score(node: &NodeView, free: Resources, req: &Request) -> i64 {
             (i64::from(free - need) * 1000) / i64::from(cap)
         }
     };
-    let base = (frac(free.cpu_millis, req.resources.cpu_millis, node.capacity.cpu_millis)
-        + frac(free.memory_mib, req.resources.memory_mib, node.capacity.memory_mib))
-        / 2;
+    let base = (frac(
+        free.cpu_millis,
+        req.resources.cpu_millis,
+        node.capacity.cpu_millis,
+    ) + frac(
+        free.memory_mib,
+        req.resources.memory_mib,
+        node.capacity.memory_mib,
+    )) / 2;
     let prefs: i64 = req
         .preferences
         .iter()
@@ -145,7 +151,7 @@ pub fn plan(view: &ClusterView, requests: &[Request]) -> Plan {
     let mut free: Vec<Resources> = view
         .nodes
         .iter()
-        .map(|n| n.capacity.sub(n.allocated))
+        .map(|n| n.capacity.saturating_sub(n.allocated))
         .collect();
     let mut decisions = Vec::with_capacity(requests.len());
     for req in requests {
@@ -168,7 +174,7 @@ pub fn plan(view: &ClusterView, requests: &[Request]) -> Plan {
         }
         let decision = match best {
             Some((_, i)) => {
-                free[i] = free[i].sub(req.resources);
+                free[i] = free[i].saturating_sub(req.resources);
                 Decision::Place {
                     node: view.nodes[i].name.clone(),
                 }
@@ -205,8 +211,14 @@ mod tests {
         NodeView {
             name: name.into(),
             tags: [("zone".to_string(), zone.to_string())].into(),
-            capacity: Resources { cpu_millis: cpu, memory_mib: mem },
-            allocated: Resources { cpu_millis: 0, memory_mib: 0 },
+            capacity: Resources {
+                cpu_millis: cpu,
+                memory_mib: mem,
+            },
+            allocated: Resources {
+                cpu_millis: 0,
+                memory_mib: 0,
+            },
             schedulable: true,
         }
     }
@@ -214,8 +226,14 @@ mod tests {
     fn req(name: &str, cpu: u32, mem: u32, constraints: &[&str]) -> Request {
         Request {
             workload: name.into(),
-            resources: Resources { cpu_millis: cpu, memory_mib: mem },
-            constraints: constraints.iter().map(|c| Constraint::parse(c).unwrap()).collect(),
+            resources: Resources {
+                cpu_millis: cpu,
+                memory_mib: mem,
+            },
+            constraints: constraints
+                .iter()
+                .map(|c| Constraint::parse(c).unwrap())
+                .collect(),
             preferences: vec![],
         }
     }
@@ -225,7 +243,11 @@ mod tests {
         let mut a = node("a", "tokyo", 1000, 1000);
         a.allocated.memory_mib = 500;
         let view = ClusterView {
-            nodes: vec![a, node("b", "tokyo", 1000, 1000), node("c", "osaka", 1000, 1000)],
+            nodes: vec![
+                a,
+                node("b", "tokyo", 1000, 1000),
+                node("c", "osaka", 1000, 1000),
+            ],
         };
         let p = plan(&view, &[req("w", 100, 100, &["zone == tokyo"])]);
         assert_eq!(p.decisions[0].1, Decision::Place { node: "b".into() });
@@ -236,7 +258,11 @@ mod tests {
         let mut down = node("d", "tokyo", 1000, 1000);
         down.schedulable = false;
         let view = ClusterView {
-            nodes: vec![node("a", "tokyo", 1000, 10), node("b", "osaka", 1000, 1000), down],
+            nodes: vec![
+                node("a", "tokyo", 1000, 10),
+                node("b", "osaka", 1000, 1000),
+                down,
+            ],
         };
         let p = plan(&view, &[req("w", 100, 100, &["zone == tokyo"])]);
         assert_eq!(
@@ -246,17 +272,28 @@ mod tests {
             }
         );
         let p = plan(&ClusterView::default(), &[req("w", 1, 1, &[])]);
-        assert!(matches!(&p.decisions[0].1, Decision::Unplaceable { explanation } if explanation == "no nodes in the cluster"));
+        assert!(
+            matches!(&p.decisions[0].1, Decision::Unplaceable { explanation } if explanation == "no nodes in the cluster")
+        );
     }
 
     #[test]
     fn affinity_moves_the_choice() {
         let view = ClusterView {
-            nodes: vec![node("a", "tokyo", 1000, 1000), node("b", "osaka", 1000, 1000)],
+            nodes: vec![
+                node("a", "tokyo", 1000, 1000),
+                node("b", "osaka", 1000, 1000),
+            ],
         };
         let mut r = req("w", 100, 100, &[]);
-        r.preferences.push(Preference { rule: Constraint::parse("zone == osaka").unwrap(), weight: 50 });
-        assert_eq!(plan(&view, &[r]).decisions[0].1, Decision::Place { node: "b".into() });
+        r.preferences.push(Preference {
+            rule: Constraint::parse("zone == osaka").unwrap(),
+            weight: 50,
+        });
+        assert_eq!(
+            plan(&view, &[r]).decisions[0].1,
+            Decision::Place { node: "b".into() }
+        );
     }
 
     proptest! {
@@ -282,7 +319,7 @@ mod tests {
                     let n = view.nodes.iter().find(|n| &n.name == node).unwrap();
                     prop_assert!(r.constraints.iter().all(|c| c.matches(&n.tags)));
                     let u = used.entry(node.clone()).or_insert(Resources { cpu_millis: 0, memory_mib: 0 });
-                    *u = u.add(r.resources);
+                    *u = u.saturating_add(r.resources);
                     prop_assert!(n.capacity.fits(*u), "over-committed {}", node);
                 }
             }

@@ -1,7 +1,9 @@
 //! Guest ABI v1: the module check and the request/response encodings
 //! (`docs/guest-abi.md`).
 
-use wasmparser::{CompositeInnerType, ExternalKind, Parser, Payload, TypeRef, ValType, Validator, WasmFeatures};
+use wasmparser::{
+    CompositeInnerType, ExternalKind, Parser, Payload, TypeRef, ValType, Validator, WasmFeatures,
+};
 
 use crate::{HttpRequest, HttpResponse};
 
@@ -18,7 +20,11 @@ const ALLOWED_IMPORTS: &[(&str, &[ValType], &[ValType])] = &[
 /// The function exports a guest must have: name, (params, results).
 const REQUIRED_FUNCS: &[(&str, &[ValType], &[ValType])] = &[
     ("avail_alloc", &[ValType::I32], &[ValType::I32]),
-    ("avail_handle", &[ValType::I32, ValType::I32], &[ValType::I64]),
+    (
+        "avail_handle",
+        &[ValType::I32, ValType::I32],
+        &[ValType::I64],
+    ),
 ];
 
 /// Check that `bytes` is a valid core wasm module that implements guest ABI v1:
@@ -40,14 +46,18 @@ pub fn check_module(bytes: &[u8]) -> Result<(), String> {
     for payload in Parser::new(0).parse_all(bytes) {
         match payload.map_err(|e| format!("invalid WebAssembly module: {e}"))? {
             Payload::Version { encoding, .. } if encoding != wasmparser::Encoding::Module => {
-                return Err("a component, not a core module: avail runs core wasm modules (ABI v1)".into());
+                return Err(
+                    "a component, not a core module: avail runs core wasm modules (ABI v1)".into(),
+                );
             }
             Payload::TypeSection(r) => {
                 for group in r {
                     let group = group.map_err(|e| e.to_string())?;
                     for sub in group.into_types() {
                         types.push(match &sub.composite_type.inner {
-                            CompositeInnerType::Func(f) => Some((f.params().to_vec(), f.results().to_vec())),
+                            CompositeInnerType::Func(f) => {
+                                Some((f.params().to_vec(), f.results().to_vec()))
+                            }
                             _ => None,
                         });
                     }
@@ -62,14 +72,18 @@ pub fn check_module(bytes: &[u8]) -> Result<(), String> {
                             imp.module, imp.name
                         ));
                     };
-                    let allowed = ALLOWED_IMPORTS.iter().find(|(n, _, _)| imp.module == "avail" && *n == imp.name);
+                    let allowed = ALLOWED_IMPORTS
+                        .iter()
+                        .find(|(n, _, _)| imp.module == "avail" && *n == imp.name);
                     let Some((_, params, results)) = allowed else {
                         return Err(format!(
                             "import {}.{} is outside the avail host ABI (allowed: avail.log, avail.now_ms, avail.random)",
                             imp.module, imp.name
                         ));
                     };
-                    if types.get(ty as usize).cloned().flatten() != Some((params.to_vec(), results.to_vec())) {
+                    if types.get(ty as usize).cloned().flatten()
+                        != Some((params.to_vec(), results.to_vec()))
+                    {
                         return Err(format!("import avail.{} has the wrong type", imp.name));
                     }
                     func_types.push(ty);
@@ -90,18 +104,31 @@ pub fn check_module(bytes: &[u8]) -> Result<(), String> {
             _ => {}
         }
     }
-    if memory_count == 0 || !exports.iter().any(|(n, k, _)| n == "memory" && *k == ExternalKind::Memory) {
-        return Err("missing export `memory` (guest ABI v1 needs memory, avail_alloc, avail_handle)".into());
+    if memory_count == 0
+        || !exports
+            .iter()
+            .any(|(n, k, _)| n == "memory" && *k == ExternalKind::Memory)
+    {
+        return Err(
+            "missing export `memory` (guest ABI v1 needs memory, avail_alloc, avail_handle)".into(),
+        );
     }
     for (name, params, results) in REQUIRED_FUNCS {
-        let Some((_, _, idx)) = exports.iter().find(|(n, k, _)| n == name && *k == ExternalKind::Func) else {
+        let Some((_, _, idx)) = exports
+            .iter()
+            .find(|(n, k, _)| n == name && *k == ExternalKind::Func)
+        else {
             return Err(format!(
                 "missing export `{name}` (guest ABI v1 needs memory, avail_alloc, avail_handle)"
             ));
         };
-        let ty = func_types.get(*idx as usize).and_then(|t| types.get(*t as usize).cloned().flatten());
+        let ty = func_types
+            .get(*idx as usize)
+            .and_then(|t| types.get(*t as usize).cloned().flatten());
         if ty != Some((params.to_vec(), results.to_vec())) {
-            return Err(format!("export `{name}` has the wrong type (see docs/guest-abi.md)"));
+            return Err(format!(
+                "export `{name}` has the wrong type (see docs/guest-abi.md)"
+            ));
         }
     }
     Ok(())
@@ -208,7 +235,15 @@ mod tests {
     fn empty_module_lacks_exports() {
         let e = check_module(b"\0asm\x01\0\0\0").unwrap_err();
         assert!(e.contains("missing export `memory`"), "{e}");
-        assert!(check_module(b"hello").unwrap_err().contains("not a WebAssembly module"));
-        assert!(check_module(b"\0asm\x01\0\0\0\x99").unwrap_err().contains("invalid"));
+        assert!(
+            check_module(b"hello")
+                .unwrap_err()
+                .contains("not a WebAssembly module")
+        );
+        assert!(
+            check_module(b"\0asm\x01\0\0\0\x99")
+                .unwrap_err()
+                .contains("invalid")
+        );
     }
 }

@@ -17,9 +17,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use avail_model::DriverKind;
 use avail_model::agent::InstanceState;
-use wasmtime::{Caller, Config, Engine, Linker, Memory, Module, Store, StoreLimits, StoreLimitsBuilder, Trap, TypedFunc};
+use wasmtime::{
+    Caller, Config, Engine, Linker, Memory, Module, Store, StoreLimits, StoreLimitsBuilder, Trap,
+    TypedFunc,
+};
 
-use crate::{Capabilities, Driver, HttpRequest, HttpResponse, Instance, InstanceStatus, LogSink, StartError, StartSpec};
+use crate::{
+    Capabilities, Driver, HttpRequest, HttpResponse, Instance, InstanceStatus, LogSink, StartError,
+    StartSpec,
+};
 
 /// Epoch tick of the interruption clock, ms.
 pub const TICK_MS: u64 = 10;
@@ -78,7 +84,6 @@ impl WasmDriver {
             ticker_stop,
         })
     }
-
 }
 
 /// Check the ABI of a module and compile it.
@@ -95,36 +100,47 @@ impl Drop for WasmDriver {
 
 fn host_linker(engine: &Engine) -> wasmtime::Result<Linker<Host>> {
     let mut linker = Linker::new(engine);
-    linker.func_wrap("avail", "log", |mut caller: Caller<'_, Host>, ptr: i32, len: i32| {
-        let Some(mem) = caller.get_export("memory").and_then(|e| e.into_memory()) else {
-            return;
-        };
-        let (start, len) = (ptr as u32 as usize, (len as u32 as usize).min(MAX_LOG_LINE_BYTES));
-        let data = mem.data(&caller);
-        if let Some(bytes) = data.get(start..start.saturating_add(len)) {
-            let line = String::from_utf8_lossy(bytes).into_owned();
-            (caller.data().logs)(line);
-        }
-    })?;
+    linker.func_wrap(
+        "avail",
+        "log",
+        |mut caller: Caller<'_, Host>, ptr: i32, len: i32| {
+            let Some(mem) = caller.get_export("memory").and_then(|e| e.into_memory()) else {
+                return;
+            };
+            let (start, len) = (
+                ptr as u32 as usize,
+                (len as u32 as usize).min(MAX_LOG_LINE_BYTES),
+            );
+            let data = mem.data(&caller);
+            if let Some(bytes) = data.get(start..start.saturating_add(len)) {
+                let line = String::from_utf8_lossy(bytes).into_owned();
+                (caller.data().logs)(line);
+            }
+        },
+    )?;
     linker.func_wrap("avail", "now_ms", || -> i64 {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0)
     })?;
-    linker.func_wrap("avail", "random", |mut caller: Caller<'_, Host>, ptr: i32, len: i32| {
-        let Some(mem) = caller.get_export("memory").and_then(|e| e.into_memory()) else {
-            return;
-        };
-        let (start, len) = (ptr as u32 as usize, len as u32 as usize);
-        let (data, host) = mem.data_and_store_mut(&mut caller);
-        if let Some(buf) = data.get_mut(start..start.saturating_add(len)) {
-            for chunk in buf.chunks_mut(8) {
-                let r = host.rng.next().to_le_bytes();
-                chunk.copy_from_slice(&r[..chunk.len()]);
+    linker.func_wrap(
+        "avail",
+        "random",
+        |mut caller: Caller<'_, Host>, ptr: i32, len: i32| {
+            let Some(mem) = caller.get_export("memory").and_then(|e| e.into_memory()) else {
+                return;
+            };
+            let (start, len) = (ptr as u32 as usize, len as u32 as usize);
+            let (data, host) = mem.data_and_store_mut(&mut caller);
+            if let Some(buf) = data.get_mut(start..start.saturating_add(len)) {
+                for chunk in buf.chunks_mut(8) {
+                    let r = host.rng.next().to_le_bytes();
+                    chunk.copy_from_slice(&r[..chunk.len()]);
+                }
             }
-        }
-    })?;
+        },
+    )?;
     Ok(linker)
 }
 
@@ -250,15 +266,24 @@ impl Live {
             Some(Trap::Interrupt) => CallFault::Timeout,
             _ => CallFault::Trap(format!("{e:#}")),
         };
-        let len = i32::try_from(req.len()).map_err(|_| CallFault::Trap("request too large".into()))?;
+        let len =
+            i32::try_from(req.len()).map_err(|_| CallFault::Trap("request too large".into()))?;
         let ptr = self.alloc.call(&mut self.store, len).map_err(classify)?;
         self.memory
             .write(&mut self.store, ptr as u32 as usize, req)
             .map_err(|_| CallFault::Trap("avail_alloc returned a pointer out of bounds".into()))?;
-        let packed = self.handle.call(&mut self.store, (ptr, len)).map_err(classify)?;
-        let (rptr, rlen) = ((packed as u64 >> 32) as usize, (packed as u64 & 0xffff_ffff) as usize);
+        let packed = self
+            .handle
+            .call(&mut self.store, (ptr, len))
+            .map_err(classify)?;
+        let (rptr, rlen) = (
+            (packed as u64 >> 32) as usize,
+            (packed as u64 & 0xffff_ffff) as usize,
+        );
         if rlen > abi::MAX_RESPONSE_BYTES {
-            return Err(CallFault::Trap(format!("response of {rlen} bytes is too large")));
+            return Err(CallFault::Trap(format!(
+                "response of {rlen} bytes is too large"
+            )));
         }
         let data = self.memory.data(&self.store);
         let buf = data
@@ -310,12 +335,16 @@ impl Instance for WasmInstance {
                     CallFault::Timeout => (
                         504,
                         "guest_timeout",
-                        format!("handler ran past its deadline of {} ms", self.cfg.deadline_ticks.saturating_sub(1) * TICK_MS),
+                        format!(
+                            "handler ran past its deadline of {} ms",
+                            self.cfg.deadline_ticks.saturating_sub(1) * TICK_MS
+                        ),
                     ),
                     CallFault::Trap(m) => (500, "guest_trap", m),
                 };
                 (self.cfg.logs)(format!("avail: {code}: {msg}; instance re-created"));
-                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{code}: {msg}"));
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(format!("{code}: {msg}"));
                 HttpResponse::error(status, code, &msg)
             }
         }
@@ -330,7 +359,11 @@ impl Instance for WasmInstance {
         InstanceStatus {
             state,
             restarts: self.restarts.load(Ordering::Relaxed),
-            message: self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            message: self
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
     }
 

@@ -1,0 +1,847 @@
+//! The HTTP API: routes, authentication extractors, handlers and the OpenAPI document.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use avail_model::agent::{DesiredState, Heartbeat, JoinRequest, JoinResponse, LogLine};
+use avail_model::spec::is_digest;
+use avail_model::{
+    ApiErrorBody, ClusterEvent, DriverKind, Node, NodeState, Phase, Workload, WorkloadSpec,
+    WorkloadStatus,
+};
+use avail_sched::Decision;
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequestParts, MatchedPath, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use futures_util::stream::{self, StreamExt};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use utoipa::{OpenApi, ToSchema};
+
+use crate::auth::{Claims, Role, TokenError};
+use crate::state::{AppState, NodeRecord, StateError};
+use crate::{keys, now_ms, now_s};
+
+/// Largest JSON body accepted, bytes.
+pub const MAX_JSON_BYTES: usize = 1 << 20;
+/// Largest artifact accepted, bytes.
+pub const MAX_ARTIFACT_BYTES: usize = 64 << 20;
+/// Longest an agent's desired-state poll may wait.
+pub const MAX_WAIT_MS: u64 = 30_000;
+
+type AppStateRef = Arc<AppState>;
+
+/// An API error: status plus the JSON error body.
+#[derive(Debug)]
+pub struct ApiErr(pub StatusCode, pub ApiErrorBody);
+
+impl ApiErr {
+    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> ApiErr {
+        ApiErr(status, ApiErrorBody::new(code, message))
+    }
+    fn not_found(what: &str, name: &str) -> ApiErr {
+        ApiErr::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} {name:?} not found"),
+        )
+    }
+    fn invalid(field: &str, message: impl Into<String>) -> ApiErr {
+        ApiErr(
+            StatusCode::BAD_REQUEST,
+            avail_model::ValidationError::new(field, message).into(),
+        )
+    }
+}
+
+impl IntoResponse for ApiErr {
+    fn into_response(self) -> Response {
+        let mut r = (self.0, Json(self.1)).into_response();
+        if self.0 == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
+impl From<StateError> for ApiErr {
+    fn from(e: StateError) -> ApiErr {
+        match e {
+            StateError::Conflict(m) => ApiErr::new(StatusCode::CONFLICT, "conflict", m),
+            StateError::Store(e) => ApiErr::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("store: {e}"),
+            ),
+        }
+    }
+}
+
+impl From<avail_store::StoreError> for ApiErr {
+    fn from(e: avail_store::StoreError) -> ApiErr {
+        StateError::Store(e).into()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiErr>;
+
+fn claims(parts: &Parts, state: &AppState) -> Result<Claims, ApiErr> {
+    let token = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let result = match token {
+        None => Err(TokenError::Missing),
+        Some(t) => state.auth.verify(t, now_s()),
+    };
+    result.map_err(|e| {
+        state.metrics.auth_failures.inc();
+        tracing::warn!(path = parts.uri.path(), "rejected request: {e}");
+        ApiErr::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
+    })
+}
+
+fn forbidden(c: &Claims) -> ApiErr {
+    ApiErr::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        format!("a {:?} token may not do this", c.role).to_lowercase(),
+    )
+}
+
+/// The caller is an administrator.
+pub struct Admin;
+
+impl FromRequestParts<AppStateRef> for Admin {
+    type Rejection = ApiErr;
+    async fn from_request_parts(parts: &mut Parts, state: &AppStateRef) -> Result<Self, ApiErr> {
+        let c = claims(parts, state)?;
+        if c.role == Role::Admin {
+            Ok(Admin)
+        } else {
+            Err(forbidden(&c))
+        }
+    }
+}
+
+/// The caller is the agent of node `.0`.
+pub struct AgentNode(pub String);
+
+impl FromRequestParts<AppStateRef> for AgentNode {
+    type Rejection = ApiErr;
+    async fn from_request_parts(parts: &mut Parts, state: &AppStateRef) -> Result<Self, ApiErr> {
+        let c = claims(parts, state)?;
+        if c.role == Role::Agent {
+            Ok(AgentNode(c.sub))
+        } else {
+            Err(forbidden(&c))
+        }
+    }
+}
+
+/// An admin or an agent (artifact downloads).
+pub struct AdminOrAgent;
+
+impl FromRequestParts<AppStateRef> for AdminOrAgent {
+    type Rejection = ApiErr;
+    async fn from_request_parts(parts: &mut Parts, state: &AppStateRef) -> Result<Self, ApiErr> {
+        let c = claims(parts, state)?;
+        if matches!(c.role, Role::Admin | Role::Agent) {
+            Ok(AdminOrAgent)
+        } else {
+            Err(forbidden(&c))
+        }
+    }
+}
+
+/// A join token, or the node token of the node re-joining.
+pub struct Joiner(pub Claims);
+
+impl FromRequestParts<AppStateRef> for Joiner {
+    type Rejection = ApiErr;
+    async fn from_request_parts(parts: &mut Parts, state: &AppStateRef) -> Result<Self, ApiErr> {
+        let c = claims(parts, state)?;
+        if matches!(c.role, Role::Join | Role::Agent) {
+            Ok(Joiner(c))
+        } else {
+            Err(forbidden(&c))
+        }
+    }
+}
+
+async fn read_body(body: Body, limit: usize) -> ApiResult<Bytes> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            || e.to_string().contains("length limit");
+        if too_large {
+            ApiErr::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("body larger than {limit} bytes"),
+            )
+        } else {
+            ApiErr::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("reading body: {e}"),
+            )
+        }
+    })
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(body: Body) -> ApiResult<T> {
+    let bytes = read_body(body, MAX_JSON_BYTES).await?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        let msg = e.to_string();
+        let field = msg
+            .split("field `")
+            .nth(1)
+            .and_then(|r| r.split('`').next())
+            .unwrap_or("body")
+            .to_string();
+        ApiErr::invalid(&field, msg)
+    })
+}
+
+/// Build the router.
+pub fn router(state: AppStateRef) -> Router {
+    Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/workloads", post(create_workload).get(list_workloads))
+        .route(
+            "/v1/workloads/{name}",
+            get(get_workload).delete(delete_workload),
+        )
+        .route("/v1/workloads/{name}/events", get(workload_events))
+        .route("/v1/workloads/{name}/logs", get(workload_logs))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{name}", get(get_node))
+        .route("/v1/events", get(events))
+        .route("/v1/artifacts", put(put_artifact))
+        .route("/v1/artifacts/{digest}", get(get_artifact))
+        .route("/v1/agent/join", post(join))
+        .route("/v1/agent/heartbeat", post(heartbeat))
+        .route("/v1/agent/desired", get(desired))
+        .fallback(|| async { ApiErr::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+async fn count_requests(State(state): State<AppStateRef>, req: Request, next: Next) -> Response {
+    let method = req.method().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let resp = next.run(req).await;
+    state
+        .metrics
+        .request(&method, &route, resp.status().as_u16());
+    resp
+}
+
+#[utoipa::path(get, path = "/livez", responses((status = 200, description = "the process is alive")))]
+async fn livez() -> &'static str {
+    "ok\n"
+}
+
+#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "the store answers"), (status = 503, body = ApiErrorBody)))]
+async fn readyz(State(state): State<AppStateRef>) -> ApiResult<&'static str> {
+    state.store.revision().await?;
+    Ok("ok\n")
+}
+
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text exposition")))]
+async fn metrics(State(state): State<AppStateRef>) -> Response {
+    state.metrics.nodes.clear();
+    for n in state.nodes() {
+        state
+            .metrics
+            .nodes
+            .get_or_create(&vec![("state".into(), n.state.as_str().into())])
+            .inc();
+    }
+    state.metrics.workloads.clear();
+    for (w, _) in state
+        .view
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .workloads
+        .values()
+    {
+        state
+            .metrics
+            .workloads
+            .get_or_create(&vec![("phase".into(), w.status.phase.as_str().into())])
+            .inc();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+#[utoipa::path(post, path = "/v1/workloads", request_body = WorkloadSpec,
+    responses((status = 201, body = Workload, description = "created; `status.phase` is `pending` with an explanation when no node fits"),
+              (status = 400, body = ApiErrorBody), (status = 401, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 413, body = ApiErrorBody)),
+    security(("bearer" = [])))]
+async fn create_workload(
+    _: Admin,
+    State(state): State<AppStateRef>,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<Workload>)> {
+    let bytes = read_body(body, MAX_JSON_BYTES).await?;
+    let text = std::str::from_utf8(&bytes).map_err(|_| ApiErr::invalid("body", "not UTF-8"))?;
+    let spec = WorkloadSpec::parse(text).map_err(|e| ApiErr(StatusCode::BAD_REQUEST, e.into()))?;
+    spec.validate()
+        .map_err(|e| ApiErr(StatusCode::BAD_REQUEST, e.into()))?;
+    if spec.driver == DriverKind::Wasm {
+        let path = state.artifacts_dir().join(artifact_file(&spec.artifact));
+        let module = tokio::fs::read(&path).await.map_err(|_| {
+            ApiErr::invalid(
+                "artifact",
+                format!(
+                    "{} has not been uploaded (PUT /v1/artifacts)",
+                    spec.artifact
+                ),
+            )
+        })?;
+        tokio::task::spawn_blocking(move || avail_driver::wasm::abi::check_module(&module))
+            .await
+            .map_err(|e| ApiErr::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+            .map_err(|m| ApiErr::invalid("artifact", m))?;
+    }
+    let name = spec.name.clone();
+    let _guard = state.placement.lock().await;
+    if state.workload(&name).is_some() {
+        return Err(ApiErr::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("workload {name:?} already exists"),
+        ));
+    }
+    let mut w = Workload {
+        spec,
+        status: WorkloadStatus {
+            phase: Phase::Pending,
+            level_state: None,
+            node: None,
+            incarnation: 0,
+            restarts: 0,
+            message: None,
+            updated_ms: now_ms(),
+        },
+        created_ms: now_ms(),
+    };
+    let decision = state.decide(&w);
+    match &decision {
+        Decision::Place { node } => {
+            w.status.phase = Phase::Placed;
+            w.status.node = Some(node.clone());
+            w.status.incarnation = 1;
+        }
+        Decision::Unplaceable { explanation } => {
+            w.status.message = Some(format!("unplaceable: {explanation}"))
+        }
+    }
+    state.write_workload(&w, 0).await.map_err(|e| match e {
+        StateError::Conflict(_) => ApiErr::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("workload {name:?} already exists"),
+        ),
+        e => e.into(),
+    })?;
+    drop(_guard);
+    state
+        .events
+        .emit(
+            "workload.created",
+            Some(&name),
+            None,
+            format!(
+                "{} workload at level {}",
+                w.spec.driver.as_str(),
+                w.spec.level.as_str()
+            ),
+        )
+        .await;
+    match decision {
+        Decision::Place { node } => {
+            state
+                .events
+                .emit(
+                    "workload.placed",
+                    Some(&name),
+                    Some(&node),
+                    format!("placed on {node} (incarnation 1)"),
+                )
+                .await
+        }
+        Decision::Unplaceable { explanation } => {
+            state
+                .events
+                .emit("workload.unplaceable", Some(&name), None, explanation)
+                .await
+        }
+    }
+    Ok((StatusCode::CREATED, Json(w)))
+}
+
+#[utoipa::path(get, path = "/v1/workloads", responses((status = 200, body = [Workload])), security(("bearer" = [])))]
+async fn list_workloads(_: Admin, State(state): State<AppStateRef>) -> Json<Vec<Workload>> {
+    let v = state.view.read().unwrap_or_else(|p| p.into_inner());
+    Json(v.workloads.values().map(|(w, _)| w.clone()).collect())
+}
+
+#[utoipa::path(get, path = "/v1/workloads/{name}", params(("name" = String, Path)),
+    responses((status = 200, body = Workload), (status = 404, body = ApiErrorBody)), security(("bearer" = [])))]
+async fn get_workload(
+    _: Admin,
+    State(state): State<AppStateRef>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Workload>> {
+    state
+        .workload(&name)
+        .map(|(w, _)| Json(w))
+        .ok_or_else(|| ApiErr::not_found("workload", &name))
+}
+
+/// Reply of a delete.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct Deleted {
+    /// The deleted workload.
+    pub deleted: String,
+}
+
+#[utoipa::path(delete, path = "/v1/workloads/{name}", params(("name" = String, Path)),
+    responses((status = 200, body = Deleted), (status = 404, body = ApiErrorBody)), security(("bearer" = [])))]
+async fn delete_workload(
+    _: Admin,
+    State(state): State<AppStateRef>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Deleted>> {
+    let Some((w, rev)) = state.workload(&name) else {
+        return Err(ApiErr::not_found("workload", &name));
+    };
+    let res = state
+        .store
+        .txn(avail_store::Txn {
+            compares: vec![avail_store::Compare::ModRev(keys::workload(&name), rev)],
+            success: vec![avail_store::Op::Delete {
+                key: keys::workload(&name),
+            }],
+            failure: vec![],
+        })
+        .await?;
+    if !res.succeeded {
+        return Err(ApiErr::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("workload {name:?} changed concurrently; retry"),
+        ));
+    }
+    state.wait_view(res.revision).await;
+    state
+        .logs
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&name);
+    state
+        .events
+        .emit(
+            "workload.deleted",
+            Some(&name),
+            w.status.node.as_deref(),
+            "deleted",
+        )
+        .await;
+    Ok(Json(Deleted { deleted: name }))
+}
+
+/// Query of event listings.
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct EventsQuery {
+    /// Only events with a sequence number above this.
+    #[serde(default)]
+    pub since: u64,
+    /// Most events returned (default 1000).
+    pub limit: Option<usize>,
+    /// Stream: replay, then follow live as server-sent events.
+    #[serde(default)]
+    pub follow: bool,
+}
+
+#[utoipa::path(get, path = "/v1/workloads/{name}/events", params(("name" = String, Path), EventsQuery),
+    responses((status = 200, body = [ClusterEvent]), (status = 404, body = ApiErrorBody)), security(("bearer" = [])))]
+async fn workload_events(
+    _: Admin,
+    State(state): State<AppStateRef>,
+    Path(name): Path<String>,
+    Query(q): Query<EventsQuery>,
+) -> ApiResult<Json<Vec<ClusterEvent>>> {
+    let list = state
+        .events
+        .history(q.since, Some(&name), q.limit.unwrap_or(1000))
+        .await?;
+    if list.is_empty() && state.workload(&name).is_none() {
+        return Err(ApiErr::not_found("workload", &name));
+    }
+    Ok(Json(list))
+}
+
+/// Query of log listings.
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct LogsQuery {
+    /// Last this many lines (default 100, at most the 1000 kept).
+    pub tail: Option<usize>,
+}
+
+#[utoipa::path(get, path = "/v1/workloads/{name}/logs", params(("name" = String, Path), LogsQuery),
+    responses((status = 200, body = [LogLine]), (status = 404, body = ApiErrorBody)), security(("bearer" = [])))]
+async fn workload_logs(
+    _: Admin,
+    State(state): State<AppStateRef>,
+    Path(name): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> ApiResult<Json<Vec<LogLine>>> {
+    if state.workload(&name).is_none() {
+        return Err(ApiErr::not_found("workload", &name));
+    }
+    let logs = state.logs.lock().unwrap_or_else(|p| p.into_inner());
+    let lines: Vec<LogLine> = logs
+        .get(&name)
+        .map(|q| q.iter().cloned().collect())
+        .unwrap_or_default();
+    let tail = q.tail.unwrap_or(100);
+    Ok(Json(lines[lines.len().saturating_sub(tail)..].to_vec()))
+}
+
+#[utoipa::path(get, path = "/v1/nodes", responses((status = 200, body = [Node])), security(("bearer" = [])))]
+async fn list_nodes(_: Admin, State(state): State<AppStateRef>) -> Json<Vec<Node>> {
+    Json(state.nodes())
+}
+
+#[utoipa::path(get, path = "/v1/nodes/{name}", params(("name" = String, Path)),
+    responses((status = 200, body = Node), (status = 404, body = ApiErrorBody)), security(("bearer" = [])))]
+async fn get_node(
+    _: Admin,
+    State(state): State<AppStateRef>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Node>> {
+    state
+        .nodes()
+        .into_iter()
+        .find(|n| n.name == name)
+        .map(Json)
+        .ok_or_else(|| ApiErr::not_found("node", &name))
+}
+
+#[utoipa::path(get, path = "/v1/events", params(EventsQuery),
+    responses((status = 200, body = [ClusterEvent], description = "a JSON list, or with `follow=true` a text/event-stream of `event` messages whose data is one ClusterEvent")),
+    security(("bearer" = [])))]
+async fn events(
+    _: Admin,
+    State(state): State<AppStateRef>,
+    Query(q): Query<EventsQuery>,
+) -> ApiResult<Response> {
+    let limit = q.limit.unwrap_or(1000);
+    if !q.follow {
+        return Ok(Json(state.events.history(q.since, None, limit).await?).into_response());
+    }
+    // Subscribe before reading history so nothing falls between the two; drop repeats by seq.
+    let rx = state.events.subscribe();
+    let history = state.events.history(q.since, None, limit).await?;
+    let last = history.last().map(|e| e.seq).unwrap_or(q.since);
+    let live = stream::unfold((rx, last), |(mut rx, last)| async move {
+        loop {
+            match rx.recv().await {
+                Ok(ev) if ev.seq <= last => continue,
+                Ok(ev) => {
+                    let seq = ev.seq;
+                    return Some((ev, (rx, seq)));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!("event stream subscriber lagged by {n}");
+                    continue;
+                }
+                Err(_) => return None,
+            }
+        }
+    });
+    let s = stream::iter(history).chain(live).map(to_sse);
+    Ok(Sse::new(s)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+fn to_sse(ev: ClusterEvent) -> Result<SseEvent, Infallible> {
+    Ok(SseEvent::default()
+        .event("event")
+        .id(ev.seq.to_string())
+        .data(serde_json::to_string(&ev).expect("event serialises")))
+}
+
+/// Reply of an artifact upload.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct ArtifactRef {
+    /// Content digest, `sha256:<hex>`.
+    pub digest: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+}
+
+fn artifact_file(digest: &str) -> String {
+    digest.replace(':', "-")
+}
+
+#[utoipa::path(put, path = "/v1/artifacts", request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, body = ArtifactRef), (status = 413, body = ApiErrorBody)), security(("bearer" = [])))]
+async fn put_artifact(
+    _: Admin,
+    State(state): State<AppStateRef>,
+    body: Body,
+) -> ApiResult<Json<ArtifactRef>> {
+    let bytes = read_body(body, MAX_ARTIFACT_BYTES).await?;
+    let digest = format!("sha256:{:x}", Sha256::digest(&bytes));
+    let dir = state.artifacts_dir();
+    let path = dir.join(artifact_file(&digest));
+    if !path.exists() {
+        let tmp = dir.join(format!(".upload-{}-{}", std::process::id(), now_ms()));
+        let io = |e: std::io::Error| {
+            ApiErr::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("storing artifact: {e}"),
+            )
+        };
+        tokio::fs::create_dir_all(&dir).await.map_err(io)?;
+        tokio::fs::write(&tmp, &bytes).await.map_err(io)?;
+        tokio::fs::File::open(&tmp)
+            .await
+            .map_err(io)?
+            .sync_all()
+            .await
+            .map_err(io)?;
+        tokio::fs::rename(&tmp, &path).await.map_err(io)?;
+    }
+    Ok(Json(ArtifactRef {
+        digest,
+        size_bytes: bytes.len() as u64,
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/artifacts/{digest}", params(("digest" = String, Path)),
+    responses((status = 200, content_type = "application/octet-stream"), (status = 404, body = ApiErrorBody)), security(("bearer" = [])))]
+async fn get_artifact(
+    _: AdminOrAgent,
+    State(state): State<AppStateRef>,
+    Path(digest): Path<String>,
+) -> ApiResult<Response> {
+    if !is_digest(&digest) {
+        return Err(ApiErr::invalid("digest", "expected sha256:<64 hex>"));
+    }
+    let bytes = tokio::fs::read(state.artifacts_dir().join(artifact_file(&digest)))
+        .await
+        .map_err(|_| ApiErr::not_found("artifact", &digest))?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+#[utoipa::path(post, path = "/v1/agent/join", request_body = JoinRequest,
+    responses((status = 200, body = JoinResponse), (status = 400, body = ApiErrorBody), (status = 401, body = ApiErrorBody)), security(("bearer" = [])))]
+async fn join(
+    Joiner(c): Joiner,
+    State(state): State<AppStateRef>,
+    body: Body,
+) -> ApiResult<Json<JoinResponse>> {
+    let req: JoinRequest = read_json(body).await?;
+    if !avail_model::spec::is_dns_label(&req.name) {
+        return Err(ApiErr::invalid(
+            "name",
+            format!("{:?} is not a DNS label", req.name),
+        ));
+    }
+    if c.role == Role::Agent && c.sub != req.name {
+        return Err(ApiErr::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("node token of {} cannot join as {}", c.sub, req.name),
+        ));
+    }
+    if req.address.parse::<std::net::IpAddr>().is_err() {
+        return Err(ApiErr::invalid(
+            "address",
+            format!("{:?} is not an IP address", req.address),
+        ));
+    }
+    let existing = state
+        .view
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .nodes
+        .get(&req.name)
+        .cloned();
+    if let Some(old) = &existing {
+        // The same name from another address while the old one is alive is a clash.
+        let alive = state
+            .node(old, &state.view.read().unwrap_or_else(|p| p.into_inner()))
+            .state
+            != NodeState::Down;
+        if old.address != req.address && alive {
+            return Err(ApiErr::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("node {} is alive at {}", req.name, old.address),
+            ));
+        }
+    }
+    let rec = NodeRecord {
+        name: req.name.clone(),
+        address: req.address,
+        ingress_url: req.ingress_url,
+        tags: req.tags,
+        capacity: req.capacity,
+        joined_ms: existing
+            .as_ref()
+            .map(|o| o.joined_ms)
+            .unwrap_or_else(now_ms),
+        agent_version: req.agent_version,
+    };
+    let rev = state
+        .store
+        .put(
+            &keys::node(&rec.name),
+            serde_json::to_vec(&rec).expect("node serialises"),
+            None,
+        )
+        .await?;
+    state.wait_view(rev).await;
+    let kind = if existing.is_some() {
+        "node.rejoined"
+    } else {
+        "node.joined"
+    };
+    state
+        .events
+        .emit(
+            kind,
+            None,
+            Some(&rec.name),
+            format!("{} at {} tags {:?}", rec.name, rec.address, rec.tags),
+        )
+        .await;
+    state.heartbeat(&rec.name, &[], Vec::new()).await?;
+    Ok(Json(JoinResponse {
+        node_token: state
+            .auth
+            .issue(&rec.name, Role::Agent, now_s(), crate::TOKEN_TTL_S),
+        heartbeat_interval_ms: state.config.heartbeat_interval.as_millis() as u64,
+    }))
+}
+
+/// The server's answer to a heartbeat.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct HeartbeatReply {
+    /// The node's state as the server sees it.
+    pub state: NodeState,
+}
+
+#[utoipa::path(post, path = "/v1/agent/heartbeat", request_body = Heartbeat,
+    responses((status = 200, body = HeartbeatReply), (status = 404, body = ApiErrorBody)), security(("bearer" = [])))]
+async fn heartbeat(
+    AgentNode(node): AgentNode,
+    State(state): State<AppStateRef>,
+    body: Body,
+) -> ApiResult<Json<HeartbeatReply>> {
+    let hb: Heartbeat = read_json(body).await?;
+    if !state
+        .view
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .nodes
+        .contains_key(&node)
+    {
+        return Err(ApiErr::not_found("node", &node));
+    }
+    state.metrics.heartbeats.inc();
+    let st = state.heartbeat(&node, &hb.instances, hb.logs).await?;
+    Ok(Json(HeartbeatReply { state: st }))
+}
+
+/// Query of the desired-state poll.
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct DesiredQuery {
+    /// Answer when the desired state is newer than this revision (0: at once).
+    #[serde(default)]
+    pub revision: u64,
+    /// Longest wait, ms (at most 30000).
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+#[utoipa::path(get, path = "/v1/agent/desired", params(DesiredQuery),
+    responses((status = 200, body = DesiredState)), security(("bearer" = [])))]
+async fn desired(
+    AgentNode(node): AgentNode,
+    State(state): State<AppStateRef>,
+    Query(q): Query<DesiredQuery>,
+) -> Json<DesiredState> {
+    let rev = state
+        .wait_desired(
+            q.revision,
+            Duration::from_millis(q.wait_ms.min(MAX_WAIT_MS)),
+        )
+        .await;
+    Json(state.desired(&node, rev))
+}
+
+/// The OpenAPI document, generated from the handlers and the model types.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "avail API", description = "Control plane of avail. Errors are `{\"error\": {\"code\", \"message\", \"field\"}}`."),
+    paths(livez, readyz, metrics, create_workload, list_workloads, get_workload, delete_workload, workload_events, workload_logs,
+          list_nodes, get_node, events, put_artifact, get_artifact, join, heartbeat, desired),
+    components(schemas(Deleted, ArtifactRef, HeartbeatReply)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}

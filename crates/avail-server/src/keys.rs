@@ -1,0 +1,35 @@
+//! The store's key layout. Everything the control plane persists lives under these
+//! prefixes; values are JSON.
+//!
+//! | key | value |
+//! |---|---|
+//! | `/workloads/<name>` | [`avail_model::Workload`] |
+//! | `/nodes/<name>` | [`crate::state::NodeRecord`] |
+//! | `/alive/<name>` | empty; attached to the node's lease: absent means down |
+//! | `/events/<seq, 20 digits>` | [`avail_model::ClusterEvent`] (the last [`crate::events::KEEP_EVENTS`]) |
+
+/// Prefix of workloads.
+pub const WORKLOADS: &str = "/workloads/";
+/// Prefix of node records.
+pub const NODES: &str = "/nodes/";
+/// Prefix of node liveness keys.
+pub const ALIVE: &str = "/alive/";
+/// Prefix of events.
+pub const EVENTS: &str = "/events/";
+
+/// Key of a workload.
+pub fn workload(name: &str) -> String {
+    format!("{WORKLOADS}{name}")
+}
+/// Key of a node record.
+pub fn node(name: &str) -> String {
+    format!("{NODES}{name}")
+}
+/// Key of a node's liveness.
+pub fn alive(name: &str) -> String {
+    format!("{ALIVE}{name}")
+}
+/// Key of an event.
+pub fn event(seq: u64) -> String {
+    format!("{EVENTS}{seq:020}")
+}

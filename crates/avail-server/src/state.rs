@@ -1,0 +1,640 @@
+//! The server's state: the store, an in-memory view of the cluster kept current by a
+//! store watch, node liveness, placement and status bookkeeping.
+//!
+//! Reads are served from the view; writes go to the store, and a writer waits until the
+//! view has caught up with its revision before answering, so a client reads its own
+//! writes.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use avail_model::agent::{Assignment, DesiredState, InstanceState, InstanceStatus, LogLine, Route};
+use avail_model::{Node, NodeState, Phase, Resources, Workload, WorkloadStatus};
+use avail_sched::{ClusterView, Decision, NodeView, Preference, Request};
+use avail_store::{Event, LeaseId, Store, StoreError};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::auth::Auth;
+use crate::events::Events;
+use crate::metrics::Metrics;
+use crate::{ServerConfig, keys, now_ms};
+
+/// What the store keeps about a node (its liveness is the `/alive/` key).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Name.
+    pub name: String,
+    /// IP address.
+    pub address: String,
+    /// Ingress base URL.
+    pub ingress_url: String,
+    /// Tags.
+    pub tags: BTreeMap<String, String>,
+    /// Capacity.
+    pub capacity: Resources,
+    /// First join.
+    pub joined_ms: u64,
+    /// Agent version.
+    pub agent_version: String,
+}
+
+/// The cluster as last read from the store.
+#[derive(Debug, Default)]
+pub struct View {
+    /// Revision the view reflects.
+    pub rev: u64,
+    /// Workloads and their `mod_rev`.
+    pub workloads: BTreeMap<String, (Workload, u64)>,
+    /// Node records.
+    pub nodes: BTreeMap<String, NodeRecord>,
+    /// Nodes whose liveness key exists.
+    pub alive: BTreeSet<String>,
+}
+
+/// Liveness seen by this server (memory only).
+struct Live {
+    last_heartbeat: Instant,
+    last_heartbeat_ms: u64,
+    lease: Option<LeaseId>,
+}
+
+/// Longest log history kept per workload, lines.
+pub const MAX_LOG_LINES: usize = 1000;
+
+/// Shared server state.
+pub struct AppState {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// Token authority.
+    pub auth: Auth,
+    /// Configuration.
+    pub config: ServerConfig,
+    /// The cluster view.
+    pub view: RwLock<View>,
+    view_rev: watch::Sender<u64>,
+    /// Bumped when workloads or nodes change: agents long-poll on it.
+    desired_rev: watch::Sender<u64>,
+    live: Mutex<HashMap<String, Live>>,
+    /// Node states as last published (for transition events).
+    published: Mutex<HashMap<String, NodeState>>,
+    /// Events.
+    pub events: Events,
+    /// Recent log lines per workload.
+    pub logs: Mutex<HashMap<String, VecDeque<LogLine>>>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Serialises placement decisions so two never use the same capacity.
+    pub placement: tokio::sync::Mutex<()>,
+    /// When the server started (nodes get a grace period after it).
+    pub started: Instant,
+}
+
+/// Errors of state operations, mapped to HTTP by the API.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Store failure.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Concurrent modification; retry.
+    #[error("conflict: {0}")]
+    Conflict(String),
+}
+
+impl AppState {
+    /// Load the view from the store and start following it.
+    pub async fn open(
+        store: Arc<dyn Store>,
+        auth: Auth,
+        config: ServerConfig,
+    ) -> Result<Arc<AppState>, StoreError> {
+        let events = Events::open(store.clone()).await?;
+        let (view_rev, _) = watch::channel(0);
+        let (desired_rev, _) = watch::channel(0);
+        let state = Arc::new(AppState {
+            store,
+            auth,
+            config,
+            view: RwLock::new(View::default()),
+            view_rev,
+            desired_rev,
+            live: Mutex::new(HashMap::new()),
+            published: Mutex::new(HashMap::new()),
+            events,
+            logs: Mutex::new(HashMap::new()),
+            metrics: Metrics::new(),
+            placement: tokio::sync::Mutex::new(()),
+            started: Instant::now(),
+        });
+        let rev = state.load().await?;
+        let watch = state.store.watch("/", rev).await?;
+        tokio::spawn(follow(Arc::downgrade(&state), watch));
+        Ok(state)
+    }
+
+    async fn load(&self) -> Result<u64, StoreError> {
+        let (wl, rev) = self.store.range(keys::WORKLOADS).await?;
+        let mut v = View {
+            rev,
+            ..View::default()
+        };
+        for kv in wl {
+            match serde_json::from_slice::<Workload>(&kv.value) {
+                Ok(w) => {
+                    v.workloads.insert(w.spec.name.clone(), (w, kv.mod_rev));
+                }
+                Err(e) => tracing::error!("skipping unreadable {}: {e}", kv.key),
+            }
+        }
+        // Ranges are separate reads; revisions only move forward, and the watch replays
+        // anything after `rev`, so a later-revision read here is corrected by the watch.
+        for kv in self.store.range(keys::NODES).await?.0 {
+            if let Ok(n) = serde_json::from_slice::<NodeRecord>(&kv.value) {
+                v.nodes.insert(n.name.clone(), n);
+            }
+        }
+        for kv in self.store.range(keys::ALIVE).await?.0 {
+            v.alive.insert(kv.key[keys::ALIVE.len()..].to_string());
+        }
+        *self.view.write().unwrap_or_else(|p| p.into_inner()) = v;
+        self.view_rev.send_replace(rev);
+        self.desired_rev.send_replace(rev);
+        Ok(rev)
+    }
+
+    fn apply(&self, ev: &Event) {
+        let rev = ev.revision();
+        let key = ev.key();
+        let mut desired = false;
+        {
+            let mut v = self.view.write().unwrap_or_else(|p| p.into_inner());
+            v.rev = v.rev.max(rev);
+            if let Some(name) = key.strip_prefix(keys::WORKLOADS) {
+                desired = true;
+                match ev {
+                    Event::Put(kv) => match serde_json::from_slice::<Workload>(&kv.value) {
+                        Ok(w) => {
+                            v.workloads.insert(name.to_string(), (w, kv.mod_rev));
+                        }
+                        Err(e) => tracing::error!("unreadable {key}: {e}"),
+                    },
+                    Event::Delete { .. } => {
+                        v.workloads.remove(name);
+                    }
+                }
+            } else if let Some(name) = key.strip_prefix(keys::NODES) {
+                desired = true;
+                match ev {
+                    Event::Put(kv) => {
+                        if let Ok(n) = serde_json::from_slice::<NodeRecord>(&kv.value) {
+                            v.nodes.insert(name.to_string(), n);
+                        }
+                    }
+                    Event::Delete { .. } => {
+                        v.nodes.remove(name);
+                    }
+                }
+            } else if let Some(name) = key.strip_prefix(keys::ALIVE) {
+                desired = true;
+                match ev {
+                    Event::Put(_) => v.alive.insert(name.to_string()),
+                    Event::Delete { .. } => v.alive.remove(name),
+                };
+            }
+        }
+        if desired {
+            self.desired_rev.send_replace(rev);
+        }
+        self.view_rev.send_replace(rev);
+    }
+
+    /// Wait until the view reflects revision `rev` (bounded: 5 s).
+    pub async fn wait_view(&self, rev: u64) {
+        let mut rx = self.view_rev.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|r| *r >= rev)).await;
+    }
+
+    /// Wait until workloads or nodes change past `rev`, at most `wait`; returns the
+    /// current desired revision.
+    pub async fn wait_desired(&self, rev: u64, wait: Duration) -> u64 {
+        let mut rx = self.desired_rev.subscribe();
+        let _ = tokio::time::timeout(wait, rx.wait_for(|r| *r > rev)).await;
+        *rx.borrow()
+    }
+
+    /// Current liveness state of a node.
+    pub fn node_state(&self, name: &str, view: &View) -> NodeState {
+        if !view.alive.contains(name) {
+            return NodeState::Down;
+        }
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        match live.get(name) {
+            Some(l) if l.last_heartbeat.elapsed() <= self.config.suspect_after => NodeState::Ready,
+            // Alive in the store but not heard by this server yet: within the grace
+            // period after a server start, keep calling it ready.
+            None if self.started.elapsed() <= self.config.suspect_after * 2 => NodeState::Ready,
+            _ => NodeState::Suspect,
+        }
+    }
+
+    /// A node as the API shows it.
+    pub fn node(&self, rec: &NodeRecord, view: &View) -> Node {
+        let allocated = view
+            .workloads
+            .values()
+            .filter(|(w, _)| w.status.node.as_deref() == Some(rec.name.as_str()))
+            .fold(
+                Resources {
+                    cpu_millis: 0,
+                    memory_mib: 0,
+                },
+                |a, (w, _)| a.saturating_add(w.spec.resources),
+            );
+        let last = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&rec.name)
+            .map(|l| l.last_heartbeat_ms)
+            .unwrap_or(0);
+        Node {
+            name: rec.name.clone(),
+            address: rec.address.clone(),
+            ingress_url: rec.ingress_url.clone(),
+            tags: rec.tags.clone(),
+            capacity: rec.capacity,
+            allocated,
+            state: self.node_state(&rec.name, view),
+            last_heartbeat_ms: last,
+            joined_ms: rec.joined_ms,
+            agent_version: rec.agent_version.clone(),
+        }
+    }
+
+    /// All nodes, by name.
+    pub fn nodes(&self) -> Vec<Node> {
+        let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+        v.nodes.values().map(|r| self.node(r, &v)).collect()
+    }
+
+    /// The scheduler's view of the cluster.
+    pub fn sched_view(&self) -> ClusterView {
+        let nodes = self.nodes();
+        ClusterView {
+            nodes: nodes
+                .into_iter()
+                .map(|n| NodeView {
+                    schedulable: n.state == NodeState::Ready,
+                    name: n.name,
+                    tags: n.tags,
+                    capacity: n.capacity,
+                    allocated: n.allocated,
+                })
+                .collect(),
+        }
+    }
+
+    /// Decide where a workload goes, given the current view (caller holds `placement`).
+    pub fn decide(&self, w: &Workload) -> Decision {
+        let req = Request {
+            workload: w.spec.name.clone(),
+            resources: w.spec.resources,
+            constraints: w.spec.constraints(),
+            preferences: w
+                .spec
+                .placement
+                .affinity
+                .iter()
+                .filter_map(|a| {
+                    Some(Preference {
+                        rule: avail_model::Constraint::parse(&a.rule).ok()?,
+                        weight: a.weight,
+                    })
+                })
+                .collect(),
+        };
+        let plan = avail_sched::plan(&self.sched_view(), &[req]);
+        plan.decisions
+            .into_iter()
+            .next()
+            .map(|(_, d)| d)
+            .unwrap_or(Decision::Unplaceable {
+                explanation: "no decision".into(),
+            })
+    }
+
+    /// Write a workload if its `mod_rev` is still `expected` (0: create). Returns the
+    /// new revision, after the view has caught up with it.
+    pub async fn write_workload(&self, w: &Workload, expected: u64) -> Result<u64, StateError> {
+        let value = serde_json::to_vec(w).expect("workload serialises");
+        match self
+            .store
+            .compare_and_swap(&keys::workload(&w.spec.name), expected, value)
+            .await?
+        {
+            Some(rev) => {
+                self.wait_view(rev).await;
+                Ok(rev)
+            }
+            None => Err(StateError::Conflict(format!(
+                "workload {} changed concurrently",
+                w.spec.name
+            ))),
+        }
+    }
+
+    /// Update a workload's status with `f`, retrying on concurrent change. Writes only
+    /// when `f` changed something.
+    pub async fn update_status(
+        &self,
+        name: &str,
+        f: impl Fn(&mut WorkloadStatus),
+    ) -> Result<(), StateError> {
+        for _ in 0..10 {
+            let Some((mut w, rev)) = self.workload(name) else {
+                return Ok(());
+            };
+            let before = w.status.clone();
+            f(&mut w.status);
+            if w.status == before {
+                return Ok(());
+            }
+            w.status.updated_ms = now_ms();
+            match self.write_workload(&w, rev).await {
+                Ok(_) => return Ok(()),
+                Err(StateError::Conflict(_)) => {
+                    let mut v = self.view_rev.subscribe();
+                    let _ = tokio::time::timeout(Duration::from_millis(50), v.changed()).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StateError::Conflict(format!(
+            "status of {name}: too many concurrent changes"
+        )))
+    }
+
+    /// One workload and its `mod_rev`.
+    pub fn workload(&self, name: &str) -> Option<(Workload, u64)> {
+        self.view
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .workloads
+            .get(name)
+            .cloned()
+    }
+
+    /// Place every pending workload that fits now.
+    pub async fn place_pending(&self) {
+        let _guard = self.placement.lock().await;
+        let pending: Vec<String> = {
+            let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+            v.workloads
+                .values()
+                .filter(|(w, _)| w.status.phase == Phase::Pending)
+                .map(|(w, _)| w.spec.name.clone())
+                .collect()
+        };
+        for name in pending {
+            let Some((mut w, rev)) = self.workload(&name) else {
+                continue;
+            };
+            if let Decision::Place { node } = self.decide(&w) {
+                w.status.phase = Phase::Placed;
+                w.status.node = Some(node.clone());
+                w.status.incarnation += 1;
+                w.status.message = None;
+                w.status.updated_ms = now_ms();
+                if self.write_workload(&w, rev).await.is_ok() {
+                    self.events
+                        .emit(
+                            "workload.placed",
+                            Some(&name),
+                            Some(&node),
+                            format!("placed on {node} (incarnation {})", w.status.incarnation),
+                        )
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Record a heartbeat of `node`: renew its liveness lease (or create it), apply
+    /// its instance reports and keep its log lines.
+    pub async fn heartbeat(
+        &self,
+        node: &str,
+        instances: &[InstanceStatus],
+        logs: Vec<LogLine>,
+    ) -> Result<NodeState, StateError> {
+        let lease = {
+            let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+            let l = live.entry(node.to_string()).or_insert(Live {
+                last_heartbeat: Instant::now(),
+                last_heartbeat_ms: 0,
+                lease: None,
+            });
+            l.last_heartbeat = Instant::now();
+            l.last_heartbeat_ms = now_ms();
+            l.lease
+        };
+        let renewed = match lease {
+            Some(id) => match self.store.keep_alive(id).await {
+                Ok(()) => true,
+                Err(StoreError::LeaseNotFound(_)) => false,
+                Err(e) => return Err(e.into()),
+            },
+            None => false,
+        };
+        if !renewed
+            || !self
+                .view
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .alive
+                .contains(node)
+        {
+            let id = self.store.grant_lease(self.config.lease_ttl_s).await?;
+            let rev = self
+                .store
+                .put(&keys::alive(node), Vec::new(), Some(id))
+                .await?;
+            if let Some(l) = self
+                .live
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_mut(node)
+            {
+                l.lease = Some(id);
+            }
+            self.wait_view(rev).await;
+        }
+        for inst in instances {
+            let phase = match inst.state {
+                InstanceState::Starting => Phase::Placed,
+                InstanceState::Running => Phase::Running,
+                InstanceState::Restarting | InstanceState::Failed => Phase::Failed,
+            };
+            let Some((w, _)) = self.workload(&inst.workload) else {
+                continue;
+            };
+            // A report about another run (a stale copy, a moved workload) is ignored.
+            if w.status.node.as_deref() != Some(node) || w.status.incarnation != inst.incarnation {
+                continue;
+            }
+            let was = w.status.phase;
+            self.update_status(&inst.workload, |s| {
+                s.phase = phase;
+                s.restarts = inst.restarts;
+                s.message = inst.message.clone();
+            })
+            .await?;
+            if was != phase {
+                self.events
+                    .emit(
+                        &format!("workload.{}", phase.as_str()),
+                        Some(&inst.workload),
+                        Some(node),
+                        inst.message.clone().unwrap_or_default(),
+                    )
+                    .await;
+            }
+        }
+        if !logs.is_empty() {
+            let mut all = self.logs.lock().unwrap_or_else(|p| p.into_inner());
+            for l in logs {
+                let q = all.entry(l.workload.clone()).or_default();
+                if q.len() == MAX_LOG_LINES {
+                    q.pop_front();
+                }
+                q.push_back(l);
+            }
+        }
+        let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+        Ok(self.node_state(node, &v))
+    }
+
+    /// Publish node state transitions as events; mark the workloads of a node that
+    /// went down as failed. Called periodically.
+    pub async fn check_liveness(&self) {
+        let states: Vec<(String, NodeState)> = self
+            .nodes()
+            .into_iter()
+            .map(|n| (n.name, n.state))
+            .collect();
+        let mut changed = Vec::new();
+        {
+            let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
+            for (name, st) in &states {
+                if published.insert(name.clone(), *st) != Some(*st) {
+                    changed.push((name.clone(), *st));
+                }
+            }
+        }
+        for (name, st) in changed {
+            self.events
+                .emit(
+                    &format!("node.{}", st.as_str()),
+                    None,
+                    Some(&name),
+                    format!("node {name} is {}", st.as_str()),
+                )
+                .await;
+        }
+        let down: Vec<String> = states
+            .iter()
+            .filter(|(_, s)| *s == NodeState::Down)
+            .map(|(n, _)| n.clone())
+            .collect();
+        if down.is_empty() {
+            return;
+        }
+        let affected: Vec<String> = {
+            let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+            v.workloads
+                .values()
+                .filter(|(w, _)| {
+                    w.status.phase != Phase::Failed
+                        && w.status.node.as_ref().is_some_and(|n| down.contains(n))
+                })
+                .map(|(w, _)| w.spec.name.clone())
+                .collect()
+        };
+        for name in affected {
+            let res = self
+                .update_status(&name, |s| {
+                    s.phase = Phase::Failed;
+                    s.message = Some(format!(
+                        "node {} is down",
+                        s.node.clone().unwrap_or_default()
+                    ));
+                })
+                .await;
+            if res.is_ok() {
+                self.events
+                    .emit("workload.failed", Some(&name), None, "its node is down")
+                    .await;
+            }
+        }
+    }
+
+    /// The desired state of `node` and the route table.
+    pub fn desired(&self, node: &str, revision: u64) -> DesiredState {
+        let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+        let mut out = DesiredState {
+            revision,
+            ..DesiredState::default()
+        };
+        for (w, _) in v.workloads.values() {
+            let Some(n) = w.status.node.as_deref() else {
+                continue;
+            };
+            if n == node && w.status.phase != Phase::Stopped {
+                out.assignments.push(Assignment {
+                    spec: w.spec.clone(),
+                    incarnation: w.status.incarnation,
+                });
+            }
+            if let Some(rec) = v.nodes.get(n) {
+                out.routes.push(Route {
+                    workload: w.spec.name.clone(),
+                    node: n.to_string(),
+                    ingress_url: rec.ingress_url.clone(),
+                    incarnation: w.status.incarnation,
+                });
+            }
+        }
+        out
+    }
+
+    /// Where artifacts live.
+    pub fn artifacts_dir(&self) -> PathBuf {
+        self.config.data_dir.join("artifacts")
+    }
+}
+
+async fn follow(state: std::sync::Weak<AppState>, mut watch: avail_store::Watch) {
+    loop {
+        let Some(ev) = watch.events.recv().await else {
+            // The watch was dropped (we fell behind): reload and watch again.
+            let Some(s) = state.upgrade() else { return };
+            tracing::warn!("store watch closed; reloading the view");
+            match s.load().await {
+                Ok(rev) => match s.store.watch("/", rev).await {
+                    Ok(w) => {
+                        watch = w;
+                        continue;
+                    }
+                    Err(e) => tracing::error!("re-watch failed: {e}"),
+                },
+                Err(e) => tracing::error!("reload failed: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        };
+        let Some(s) = state.upgrade() else { return };
+        s.apply(&ev);
+    }
+}

@@ -1,0 +1,230 @@
+//! avail-store: the control plane's key-value store.
+//!
+//! Owns the [`Store`] trait (get, range, put, delete, compare-and-swap on a revision,
+//! multi-key transactions, watch from a revision, leases whose expiry deletes keys),
+//! the embedded [`redb`](crate::redb_store) backend that a single server uses, and the
+//! [`conformance`] suite that every backend must pass (the etcd backend will run the same
+//! suite). It does not own what keys mean: that is the server's business.
+//!
+//! The model follows etcd's, so that the etcd backend is a thin mapping:
+//! - one global, monotonically increasing **revision**; every write (put or delete,
+//!   or a transaction as a whole) bumps it by one;
+//! - each key remembers `create_rev` (revision of its creation) and `mod_rev`
+//!   (revision of its last change); a compare on `mod_rev == 0` means "absent";
+//! - **watch** delivers every change with revision `> from_rev` for a prefix, in order;
+//!   a backend keeps a bounded history and answers [`StoreError::Compacted`] for a
+//!   revision older than it;
+//! - **leases** have a TTL in seconds; keys put with a lease are deleted (with watch
+//!   events) when the lease expires or is revoked. Lease liveness is held in memory:
+//!   after a restart every surviving lease gets its full TTL again, as in etcd after a
+//!   leader change.
+
+pub mod conformance;
+pub mod redb_store;
+
+use std::fmt;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+pub use redb_store::{RedbOptions, RedbStore};
+
+/// A revision of the whole store. 0 means "never": no key has `mod_rev == 0`.
+pub type Revision = u64;
+
+/// A lease identifier, never 0.
+pub type LeaseId = u64;
+
+/// One key with its value and revisions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyValue {
+    /// The key.
+    pub key: String,
+    /// The value bytes.
+    pub value: Vec<u8>,
+    /// Revision at which the key was created (last time it went from absent to present).
+    pub create_rev: Revision,
+    /// Revision of the last put to the key.
+    pub mod_rev: Revision,
+    /// The lease the key is attached to, if any.
+    pub lease: Option<LeaseId>,
+}
+
+/// A condition of a transaction, checked against the state before the transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Compare {
+    /// The key's `mod_rev` equals the revision; `0` means "the key is absent".
+    ModRev(String, Revision),
+    /// The key exists and its value equals these bytes.
+    Value(String, Vec<u8>),
+}
+
+/// One write of a transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Put a value, optionally attached to a lease.
+    Put {
+        /// The key.
+        key: String,
+        /// The value.
+        value: Vec<u8>,
+        /// Lease to attach the key to (the key is deleted when it expires).
+        lease: Option<LeaseId>,
+    },
+    /// Delete a key (no-op if absent).
+    Delete {
+        /// The key.
+        key: String,
+    },
+}
+
+/// A transaction: if every compare holds, apply `success`, otherwise apply `failure`.
+/// All writes of the chosen branch are applied atomically under one new revision; a
+/// branch with no effective write does not bump the revision. A key may appear at most
+/// once in a branch (as in etcd); otherwise, and for an empty key, the transaction is
+/// refused with [`StoreError::Invalid`]. A put with a lease that is not alive refuses the
+/// whole transaction with [`StoreError::LeaseNotFound`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Txn {
+    /// Conditions, all must hold.
+    pub compares: Vec<Compare>,
+    /// Writes when all conditions hold.
+    pub success: Vec<Op>,
+    /// Writes when any condition fails.
+    pub failure: Vec<Op>,
+}
+
+/// What a transaction did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TxnResult {
+    /// Whether all compares held (the `success` branch ran).
+    pub succeeded: bool,
+    /// The store's revision after the transaction.
+    pub revision: Revision,
+}
+
+/// A change seen by a watch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The key was created or updated; `kv.mod_rev` is the event's revision.
+    Put(KeyValue),
+    /// The key was deleted at `revision` (by a delete, a transaction or lease expiry).
+    Delete {
+        /// The deleted key.
+        key: String,
+        /// Revision of the delete.
+        revision: Revision,
+    },
+}
+
+impl Event {
+    /// The revision at which this change happened.
+    pub fn revision(&self) -> Revision {
+        match self {
+            Event::Put(kv) => kv.mod_rev,
+            Event::Delete { revision, .. } => *revision,
+        }
+    }
+
+    /// The key this change is about.
+    pub fn key(&self) -> &str {
+        match self {
+            Event::Put(kv) => &kv.key,
+            Event::Delete { key, .. } => key,
+        }
+    }
+}
+
+/// A stream of changes for one prefix, in revision order. Dropping it cancels the watch.
+/// The channel is bounded; a watcher that falls more than its capacity behind is
+/// cancelled (the channel closes) and must re-read and watch again.
+#[derive(Debug)]
+pub struct Watch {
+    /// Receives events in revision order.
+    pub events: mpsc::Receiver<Event>,
+}
+
+/// Errors of store operations.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store file or backend could not be opened; names the path or endpoint.
+    #[error("cannot open store {path}: {reason}")]
+    Open {
+        /// Path of the file (or the endpoint).
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// A watch asked for history that is no longer kept.
+    #[error("revision {requested} is compacted (oldest kept: {oldest})")]
+    Compacted {
+        /// Requested start revision.
+        requested: Revision,
+        /// Oldest revision the backend can still replay from.
+        oldest: Revision,
+    },
+    /// The lease does not exist (never granted, expired or revoked).
+    #[error("lease {0} not found")]
+    LeaseNotFound(LeaseId),
+    /// A key or argument that the store refuses (empty key, TTL 0, ...).
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    /// An I/O or backend failure.
+    #[error("store backend error: {0}")]
+    Backend(String),
+}
+
+/// Result of store operations.
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The store contract that every backend implements (see the crate docs for semantics).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Read one key.
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>>;
+    /// Read all keys starting with `prefix`, in key order, and the revision read at.
+    async fn range(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision)>;
+    /// Put a value; returns the new revision.
+    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision>;
+    /// Delete a key; returns whether it existed (and so whether the revision moved).
+    async fn delete(&self, key: &str) -> Result<bool>;
+    /// Put `value` only if the key's `mod_rev` is `expected` (0: only if absent).
+    /// Returns the new revision on success, `None` when the compare failed.
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Revision,
+        value: Vec<u8>,
+    ) -> Result<Option<Revision>> {
+        let r = self
+            .txn(Txn {
+                compares: vec![Compare::ModRev(key.to_string(), expected)],
+                success: vec![Op::Put {
+                    key: key.to_string(),
+                    value,
+                    lease: None,
+                }],
+                failure: vec![],
+            })
+            .await?;
+        Ok(r.succeeded.then_some(r.revision))
+    }
+    /// Run a transaction atomically.
+    async fn txn(&self, txn: Txn) -> Result<TxnResult>;
+    /// The current revision.
+    async fn revision(&self) -> Result<Revision>;
+    /// Watch keys under `prefix` for changes with revision `> from_rev`.
+    async fn watch(&self, prefix: &str, from_rev: Revision) -> Result<Watch>;
+    /// Grant a lease with a TTL in seconds (>= 1).
+    async fn grant_lease(&self, ttl_s: u64) -> Result<LeaseId>;
+    /// Renew a lease to its full TTL.
+    async fn keep_alive(&self, lease: LeaseId) -> Result<()>;
+    /// Revoke a lease now, deleting its keys.
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<()>;
+}
+
+impl fmt::Debug for dyn Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("dyn Store")
+    }
+}

@@ -1,0 +1,358 @@
+//! avail-testkit: real clusters of `avail` processes on loopback, for tests and benches.
+//!
+//! A [`Cluster`] is one `avail server` and N `avail agent` processes, each cluster on its
+//! own `127.X.Y.0/24` (server `.1`, agents `.11`, `.12`, ...) so that clusters of
+//! parallel tests never share an address. Every process is killed (SIGKILL to its
+//! process group) and the data dir removed when the cluster is dropped. Waiting is
+//! always for a condition with a deadline ([`wait_until`]); a timeout fails with what
+//! was last seen.
+
+use std::future::Future;
+use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use avail_client::Client;
+use avail_model::{Node, NodeState};
+
+/// A child process killed with its process group on drop.
+pub struct Proc {
+    /// The child.
+    pub child: Child,
+    /// Where its output goes.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Spawn `bin args` in its own process group, output to `log`.
+    pub fn spawn(bin: &Path, args: &[String], log: &Path) -> Proc {
+        let out = std::fs::File::create(log).expect("create log file");
+        let err = out.try_clone().expect("clone log file");
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0);
+        // SAFETY: prctl is async-signal-safe; it runs in the child before exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {} {args:?}: {e}", bin.display()));
+        Proc {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Send a signal to the process.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child; no memory involved.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// SIGKILL the process (a host crash) and reap it.
+    pub fn kill(&mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The output so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's process group.
+        unsafe {
+            libc::kill(-self.pid(), libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Pick a /24 of loopback not in use: `127.X.Y`, with a free port 7400 on `.1`.
+pub fn free_net() -> String {
+    let seed = std::process::id() as u64
+        ^ Instant::now().elapsed().as_nanos() as u64
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+    for i in 0..1000u64 {
+        let v = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(i.wrapping_mul(1442695040888963407));
+        let (x, y) = (1 + (v >> 24) % 250, 1 + (v >> 40) % 250);
+        let net = format!("127.{x}.{y}");
+        let ip: Ipv4Addr = format!("{net}.1").parse().unwrap();
+        if TcpListener::bind((ip, 7400)).is_ok()
+            && TcpListener::bind((Ipv4Addr::new(127, x as u8, y as u8, 11), 7480)).is_ok()
+        {
+            return net;
+        }
+    }
+    panic!("no free loopback /24 found");
+}
+
+/// Wait until `check` returns `Ok`, polling every 50 ms; panic after `deadline` with the
+/// last error.
+pub async fn wait_until<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let end = Instant::now() + deadline;
+    let mut last;
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(e) => last = e,
+        }
+        if Instant::now() >= end {
+            panic!("timed out after {deadline:?} waiting for {what}; last seen: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A running cluster.
+pub struct Cluster {
+    /// The `avail` binary.
+    pub bin: PathBuf,
+    /// The cluster's /24, e.g. `127.31.7`.
+    pub net: String,
+    /// Data dir (removed on drop).
+    pub dir: tempfile::TempDir,
+    /// The server process.
+    pub server: Option<Proc>,
+    /// Agent processes by index (None once killed).
+    pub agents: Vec<Option<Proc>>,
+    /// Admin token.
+    pub admin_token: String,
+}
+
+impl Cluster {
+    /// Start a server and `nodes` agents and wait until every node is ready.
+    pub async fn start(bin: &Path, nodes: usize) -> Cluster {
+        let mut c = Cluster {
+            bin: bin.to_path_buf(),
+            net: free_net(),
+            dir: tempfile::tempdir().expect("tempdir"),
+            server: None,
+            agents: Vec::new(),
+            admin_token: String::new(),
+        };
+        c.start_server().await;
+        for i in 0..nodes {
+            let p = c.spawn_agent(i, &c.join_token());
+            c.agents.push(Some(p));
+        }
+        c.wait_nodes_ready(nodes).await;
+        c
+    }
+
+    /// Server base URL.
+    pub fn server_url(&self) -> String {
+        format!("http://{}.1:7400", self.net)
+    }
+
+    /// The server's data dir.
+    pub fn server_dir(&self) -> PathBuf {
+        self.dir.path().join("server")
+    }
+
+    /// The join token.
+    pub fn join_token(&self) -> String {
+        std::fs::read_to_string(self.server_dir().join("join.token"))
+            .expect("join token")
+            .trim()
+            .to_string()
+    }
+
+    /// Address of agent `i`.
+    pub fn agent_addr(&self, i: usize) -> String {
+        format!("{}.{}", self.net, 11 + i)
+    }
+
+    /// Name of agent `i`.
+    pub fn agent_name(i: usize) -> String {
+        format!("node-{}", i + 1)
+    }
+
+    /// Ingress base URL of agent `i`.
+    pub fn ingress(&self, i: usize) -> String {
+        format!("http://{}:7480", self.agent_addr(i))
+    }
+
+    /// Tags of agent `i`: zones alternate tokyo/osaka, one rack each.
+    pub fn agent_tags(i: usize) -> String {
+        format!(
+            "zone={},rack=r{},dc=dc1",
+            if i.is_multiple_of(2) {
+                "tokyo"
+            } else {
+                "osaka"
+            },
+            i + 1
+        )
+    }
+
+    /// Start (or restart) the server on the same data dir and wait until it answers.
+    pub async fn start_server(&mut self) {
+        let dir = self.server_dir();
+        let log = self.dir.path().join(format!(
+            "server-{}.log",
+            Instant::now().elapsed().as_nanos()
+        ));
+        let args = vec![
+            "server".into(),
+            "--data-dir".into(),
+            dir.display().to_string(),
+            "--listen".into(),
+            format!("{}.1:7400", self.net),
+        ];
+        let mut p = Proc::spawn(&self.bin, &args, &log);
+        let probe =
+            Client::new(&self.server_url(), None, None).with_timeout(Duration::from_secs(2));
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            if !p.running() {
+                panic!("server exited:\n{}", p.output());
+            }
+            if probe.get_bytes("/readyz").await.is_ok() && dir.join("admin.token").exists() {
+                break;
+            }
+            assert!(Instant::now() < end, "server not ready:\n{}", p.output());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.admin_token = std::fs::read_to_string(dir.join("admin.token"))
+            .expect("admin token")
+            .trim()
+            .to_string();
+        self.server = Some(p);
+    }
+
+    /// Spawn agent `i` with a join token (not waiting).
+    pub fn spawn_agent(&self, i: usize, join_token: &str) -> Proc {
+        let name = Self::agent_name(i);
+        let args = vec![
+            "agent".into(),
+            "--server".into(),
+            self.server_url(),
+            "--join-token".into(),
+            join_token.to_string(),
+            "--name".into(),
+            name.clone(),
+            "--addr".into(),
+            self.agent_addr(i),
+            "--tags".into(),
+            Self::agent_tags(i),
+            "--data-dir".into(),
+            self.dir.path().join(&name).display().to_string(),
+        ];
+        Proc::spawn(
+            &self.bin,
+            &args,
+            &self.dir.path().join(format!("{name}.log")),
+        )
+    }
+
+    /// An admin client.
+    pub fn client(&self) -> Client {
+        Client::new(&self.server_url(), Some(self.admin_token.clone()), None)
+    }
+
+    /// Wait until `n` nodes are ready.
+    pub async fn wait_nodes_ready(&self, n: usize) {
+        let c = self.client();
+        wait_until("nodes ready", Duration::from_secs(60), || {
+            let c = c.clone();
+            async move {
+                let nodes: Vec<Node> = c.get("/v1/nodes").await.map_err(|e| e.to_string())?;
+                let ready = nodes.iter().filter(|n| n.state == NodeState::Ready).count();
+                if ready >= n {
+                    Ok(())
+                } else {
+                    Err(format!("{ready}/{n} ready: {nodes:?}"))
+                }
+            }
+        })
+        .await
+    }
+
+    /// Wait until node `name` is in `state`.
+    pub async fn wait_node_state(&self, name: &str, state: NodeState, deadline: Duration) {
+        let c = self.client();
+        wait_until(&format!("node {name} {state:?}"), deadline, || {
+            let c = c.clone();
+            async move {
+                let n: Node = c
+                    .get(&format!("/v1/nodes/{name}"))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if n.state == state {
+                    Ok(())
+                } else {
+                    Err(format!("{:?}", n.state))
+                }
+            }
+        })
+        .await
+    }
+
+    /// SIGKILL agent `i` (a host crash).
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut p) = self.agents[i].take() {
+            p.kill();
+        }
+    }
+
+    /// SIGKILL the server.
+    pub fn kill_server(&mut self) {
+        if let Some(mut p) = self.server.take() {
+            p.kill();
+        }
+    }
+
+    /// Run the CLI against this cluster.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(&self.bin)
+            .args(args)
+            .env("AVAIL_ADDR", self.server_url())
+            .env("AVAIL_TOKEN", &self.admin_token)
+            .env("HOME", self.dir.path())
+            .output()
+            .expect("run avail")
+    }
+}
+
+/// The repository root (for guests/ and examples/), from a crate's manifest dir.
+pub fn repo_root(manifest_dir: &str) -> PathBuf {
+    let mut p = PathBuf::from(manifest_dir);
+    while !p.join("guests").exists() {
+        assert!(p.pop(), "no guests/ above {manifest_dir}");
+    }
+    p
+}

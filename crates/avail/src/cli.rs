@@ -1,0 +1,707 @@
+//! Command-line interface.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use avail_client::{Client, ClientError};
+use avail_model::agent::LogLine;
+use avail_model::constraint::parse_tag;
+use avail_model::spec::is_digest;
+use avail_model::{
+    ClusterEvent, DriverKind, Level, Node, Phase, Resources, Workload, WorkloadSpec,
+};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+
+use crate::{context, output, up};
+
+/// An error with its exit code.
+#[derive(Debug)]
+pub struct CliError {
+    /// Exit code: 1 error, 2 invalid input or unplaceable.
+    pub code: u8,
+    /// Message.
+    pub message: String,
+}
+
+impl CliError {
+    /// Exit code 1.
+    pub fn fail(message: impl Into<String>) -> CliError {
+        CliError {
+            code: 1,
+            message: message.into(),
+        }
+    }
+    /// Exit code 2.
+    pub fn invalid(message: impl Into<String>) -> CliError {
+        CliError {
+            code: 2,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ClientError> for CliError {
+    fn from(e: ClientError) -> CliError {
+        let code = match e.status() {
+            Some(400 | 413 | 422) => 2,
+            _ => 1,
+        };
+        CliError {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+type CliResult = Result<(), CliError>;
+
+/// Output format of reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Aligned columns.
+    #[default]
+    Table,
+    /// JSON.
+    Json,
+}
+
+/// avail: an availability-first workload platform.
+#[derive(Parser, Debug)]
+#[command(name = "avail", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Output format of reads.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t)]
+    pub output: Format,
+    /// More logging.
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the client verbs find the server.
+#[derive(Args, Debug, Clone)]
+pub struct ConnArgs {
+    /// Server URL (else AVAIL_ADDR, else the context `avail up` wrote).
+    #[arg(long, global = true, env = "AVAIL_ADDR")]
+    pub addr: Option<String>,
+    /// Admin token (else AVAIL_TOKEN, else the context `avail up` wrote).
+    #[arg(long, global = true, env = "AVAIL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the control plane.
+    Server(ServerArgs),
+    /// Run a node agent.
+    Agent(AgentArgs),
+    /// Start a local cluster: one server and N agents on loopback.
+    Up(up::UpArgs),
+    /// Workloads.
+    Workload {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        cmd: WorkloadCmd,
+    },
+    /// Nodes.
+    Node {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
+    /// Cluster events.
+    Events {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(flatten)]
+        args: EventsArgs,
+    },
+    /// Print a shell completion script.
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ServerArgs {
+    /// Data directory (store, keys, tokens, artifacts).
+    #[arg(long, default_value = "avail-data/server")]
+    data_dir: PathBuf,
+    /// Listen address.
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    listen: SocketAddr,
+}
+
+#[derive(Args, Debug)]
+struct AgentArgs {
+    /// Server URL.
+    #[arg(long)]
+    server: String,
+    /// Join token.
+    #[arg(
+        long,
+        conflicts_with = "join_token_file",
+        env = "AVAIL_JOIN_TOKEN",
+        hide_env_values = true
+    )]
+    join_token: Option<String>,
+    /// File holding the join token.
+    #[arg(long)]
+    join_token_file: Option<PathBuf>,
+    /// Node name.
+    #[arg(long)]
+    name: String,
+    /// The node's own address (listeners and outgoing connections bind to it).
+    #[arg(long)]
+    addr: IpAddr,
+    /// Ingress port.
+    #[arg(long, default_value_t = avail_agent::DEFAULT_INGRESS_PORT)]
+    port: u16,
+    /// Tags, `key=value` separated by commas.
+    #[arg(long, value_delimiter = ',')]
+    tags: Vec<String>,
+    /// CPU offered, thousandths of a core.
+    #[arg(long, default_value_t = 4000)]
+    cpu_millis: u32,
+    /// Memory offered, MiB.
+    #[arg(long, default_value_t = 4096)]
+    memory_mib: u32,
+    /// Data directory (artifact cache).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum WorkloadCmd {
+    /// Create a workload from a spec file or flags, and wait until it runs.
+    Run(RunArgs),
+    /// List workloads.
+    List,
+    /// Show one workload.
+    Show {
+        /// Name.
+        name: String,
+    },
+    /// Delete a workload.
+    Rm {
+        /// Name.
+        name: String,
+    },
+    /// Show a workload's recent log lines.
+    Logs {
+        /// Name.
+        name: String,
+        /// Last this many lines.
+        #[arg(long, default_value_t = 100)]
+        tail: usize,
+    },
+    /// Show a workload's events.
+    Events {
+        /// Name.
+        name: String,
+    },
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Spec file (TOML or JSON); its artifact path is relative to the file.
+    #[arg(short = 'f', long = "file", conflicts_with_all = ["name", "driver", "artifact"])]
+    file: Option<PathBuf>,
+    /// Name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Driver: wasm or process.
+    #[arg(long)]
+    driver: Option<String>,
+    /// wasm: path of the module (uploaded) or its digest; process: the program.
+    #[arg(long)]
+    artifact: Option<String>,
+    /// process: an argument (repeat); `$PORT` is replaced by the port.
+    #[arg(long = "arg", allow_hyphen_values = true)]
+    args: Vec<String>,
+    /// Level: ft, ha or none.
+    #[arg(long)]
+    level: Option<String>,
+    /// Memory, MiB.
+    #[arg(long)]
+    memory_mib: Option<u32>,
+    /// CPU, thousandths of a core.
+    #[arg(long)]
+    cpu_millis: Option<u32>,
+    /// Placement constraint (repeat), e.g. "zone == tokyo".
+    #[arg(long = "constraint")]
+    constraints: Vec<String>,
+    /// Return once accepted; do not wait for the workload to run.
+    #[arg(long)]
+    detach: bool,
+    /// How long to wait for it to run, seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout_s: u64,
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCmd {
+    /// List nodes.
+    List,
+    /// Show one node.
+    Show {
+        /// Name.
+        name: String,
+    },
+}
+
+#[derive(Args, Debug)]
+struct EventsArgs {
+    /// Keep following new events.
+    #[arg(short, long)]
+    follow: bool,
+    /// Only events after this sequence number.
+    #[arg(long, default_value_t = 0)]
+    since: u64,
+}
+
+fn now_ms() -> u64 {
+    avail_server::now_ms()
+}
+
+/// Run a parsed command line.
+pub async fn run(cli: Cli) -> CliResult {
+    let fmt = cli.output;
+    match cli.command {
+        Command::Server(a) => server(a).await,
+        Command::Agent(a) => agent(a).await,
+        Command::Up(a) => up::run(a).await,
+        Command::Completion { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "avail", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Workload { conn, cmd: w } => {
+            let c = client(conn)?;
+            match w {
+                WorkloadCmd::Run(a) => workload_run(&c, a, fmt).await,
+                WorkloadCmd::List => {
+                    let ws: Vec<Workload> = c.get("/v1/workloads").await?;
+                    print_workloads(&ws, fmt);
+                    Ok(())
+                }
+                WorkloadCmd::Show { name } => {
+                    let w: Workload = c.get(&format!("/v1/workloads/{name}")).await?;
+                    show_workload(&w, fmt);
+                    Ok(())
+                }
+                WorkloadCmd::Rm { name } => {
+                    let r: serde_json::Value = c.delete(&format!("/v1/workloads/{name}")).await?;
+                    match fmt {
+                        Format::Json => output::json(&r),
+                        Format::Table => println!("workload {name} deleted"),
+                    }
+                    Ok(())
+                }
+                WorkloadCmd::Logs { name, tail } => {
+                    let lines: Vec<LogLine> = c
+                        .get(&format!("/v1/workloads/{name}/logs?tail={tail}"))
+                        .await?;
+                    match fmt {
+                        Format::Json => output::json(&lines),
+                        Format::Table => lines.iter().for_each(|l| println!("{}", l.line)),
+                    }
+                    Ok(())
+                }
+                WorkloadCmd::Events { name } => {
+                    let evs: Vec<ClusterEvent> =
+                        c.get(&format!("/v1/workloads/{name}/events")).await?;
+                    print_events(&evs, fmt);
+                    Ok(())
+                }
+            }
+        }
+        Command::Node { conn, cmd: n } => {
+            let c = client(conn)?;
+            match n {
+                NodeCmd::List => {
+                    let ns: Vec<Node> = c.get("/v1/nodes").await?;
+                    print_nodes(&ns, fmt);
+                }
+                NodeCmd::Show { name } => {
+                    let n: Node = c.get(&format!("/v1/nodes/{name}")).await?;
+                    match fmt {
+                        Format::Json => output::json(&n),
+                        Format::Table => print_nodes(std::slice::from_ref(&n), fmt),
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Events { conn, args: a } => {
+            let c = client(conn)?;
+            events(&c, a, fmt).await
+        }
+    }
+}
+
+fn client(conn: ConnArgs) -> Result<Client, CliError> {
+    let ConnArgs { addr, token } = conn;
+    let ctx = context::load();
+    let addr = addr
+        .or_else(|| ctx.as_ref().map(|c| c.server.clone()))
+        .ok_or_else(|| CliError::fail("no server address: pass --addr, set AVAIL_ADDR, or start a cluster with `avail up`"))?;
+    let token = match token {
+        Some(t) => t,
+        None => {
+            let file = ctx.as_ref().map(|c| c.token_file.clone()).ok_or_else(|| {
+                CliError::fail(
+                    "no token: pass --token, set AVAIL_TOKEN, or start a cluster with `avail up`",
+                )
+            })?;
+            std::fs::read_to_string(&file)
+                .map_err(|e| CliError::fail(format!("reading token {}: {e}", file.display())))?
+                .trim()
+                .to_string()
+        }
+    };
+    Ok(Client::new(&addr, Some(token), None))
+}
+
+async fn server(a: ServerArgs) -> CliResult {
+    let config = avail_server::ServerConfig::new(a.data_dir.clone(), a.listen);
+    let running = avail_server::start(config)
+        .await
+        .map_err(|e| CliError::fail(e.to_string()))?;
+    eprintln!(
+        "avail server listening on http://{}\n  admin token: {}\n  join token:  {}",
+        running.addr,
+        avail_server::admin_token_path(&a.data_dir).display(),
+        avail_server::join_token_path(&a.data_dir).display()
+    );
+    tokio::select! {
+        r = running.wait() => r.map_err(|e| CliError::fail(e.to_string())),
+        _ = shutdown_signal() => {
+            eprintln!("avail server: shutting down");
+            Ok(())
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn agent(a: AgentArgs) -> CliResult {
+    let join_token = match (a.join_token, a.join_token_file) {
+        (Some(t), _) => t,
+        (None, Some(f)) => std::fs::read_to_string(&f)
+            .map_err(|e| CliError::invalid(format!("--join-token-file {}: {e}", f.display())))?
+            .trim()
+            .to_string(),
+        (None, None) => {
+            return Err(CliError::invalid(
+                "--join-token or --join-token-file is required",
+            ));
+        }
+    };
+    let mut tags = BTreeMap::new();
+    for t in &a.tags {
+        let (k, v) =
+            parse_tag(t).map_err(|e| CliError::invalid(format!("--tags: {}", e.message)))?;
+        tags.insert(k, v);
+    }
+    if !avail_model::spec::is_dns_label(&a.name) {
+        return Err(CliError::invalid(format!(
+            "--name {:?} is not a DNS label",
+            a.name
+        )));
+    }
+    let cfg = avail_agent::AgentConfig {
+        data_dir: a
+            .data_dir
+            .unwrap_or_else(|| PathBuf::from("avail-data").join(&a.name)),
+        name: a.name,
+        addr: a.addr,
+        ingress_port: a.port,
+        server: a.server,
+        join_token,
+        tags,
+        capacity: Resources {
+            cpu_millis: a.cpu_millis,
+            memory_mib: a.memory_mib,
+        },
+    };
+    avail_agent::run(cfg, shutdown_signal())
+        .await
+        .map_err(|e| CliError::fail(e.to_string()))
+}
+
+/// Build the spec from a file or flags; upload a wasm module given by path.
+async fn build_spec(c: &Client, a: &RunArgs) -> Result<WorkloadSpec, CliError> {
+    let (mut spec, base) = if let Some(f) = &a.file {
+        let text = std::fs::read_to_string(f)
+            .map_err(|e| CliError::invalid(format!("{}: {e}", f.display())))?;
+        let spec = WorkloadSpec::parse(&text)
+            .map_err(|e| CliError::invalid(format!("{}: {e}", f.display())))?;
+        (spec, f.parent().map(PathBuf::from).unwrap_or_default())
+    } else {
+        let need = |v: &Option<String>, flag: &str| {
+            v.clone().ok_or_else(|| {
+                CliError::invalid(format!("--{flag} is required (or use -f spec.toml)"))
+            })
+        };
+        let driver = need(&a.driver, "driver")?;
+        let mut obj = serde_json::json!({
+            "name": need(&a.name, "name")?,
+            "driver": driver,
+            "artifact": need(&a.artifact, "artifact")?,
+        });
+        if !a.args.is_empty() {
+            obj["args"] = serde_json::json!(a.args);
+        }
+        let spec =
+            WorkloadSpec::parse(&obj.to_string()).map_err(|e| CliError::invalid(e.to_string()))?;
+        (spec, PathBuf::new())
+    };
+    if let Some(l) = &a.level {
+        spec.level = serde_json::from_value::<Level>(serde_json::json!(l))
+            .map_err(|_| CliError::invalid(format!("level: {l:?} is not one of ft, ha, none")))?;
+    }
+    if let Some(m) = a.memory_mib {
+        spec.resources.memory_mib = m;
+    }
+    if let Some(c) = a.cpu_millis {
+        spec.resources.cpu_millis = c;
+    }
+    spec.placement
+        .constraints
+        .extend(a.constraints.iter().cloned());
+    if spec.driver == DriverKind::Wasm && !is_digest(&spec.artifact) {
+        let path = base.join(&spec.artifact);
+        let bytes = std::fs::read(&path)
+            .map_err(|e| CliError::invalid(format!("artifact: {}: {e}", path.display())))?;
+        #[derive(serde::Deserialize)]
+        struct Uploaded {
+            digest: String,
+        }
+        let up: Uploaded = c.put_bytes("/v1/artifacts", bytes.into()).await?;
+        spec.artifact = up.digest;
+    }
+    spec.validate()
+        .map_err(|e| CliError::invalid(e.to_string()))?;
+    Ok(spec)
+}
+
+async fn workload_run(c: &Client, a: RunArgs, fmt: Format) -> CliResult {
+    let spec = build_spec(c, &a).await?;
+    let body = serde_json::to_vec(&spec).expect("spec serialises");
+    let w: Workload = c.post_raw("/v1/workloads", body.into()).await?;
+    if w.status.phase == Phase::Pending {
+        if fmt == Format::Json {
+            output::json(&w);
+        }
+        return Err(CliError::invalid(format!(
+            "workload {} created but not placed: {}",
+            w.spec.name,
+            w.status.message.clone().unwrap_or_default()
+        )));
+    }
+    if a.detach {
+        match fmt {
+            Format::Json => output::json(&w),
+            Format::Table => println!(
+                "workload {} placed on {}",
+                w.spec.name,
+                w.status.node.clone().unwrap_or_default()
+            ),
+        }
+        return Ok(());
+    }
+    let deadline = Instant::now() + Duration::from_secs(a.timeout_s);
+    let mut last = w;
+    loop {
+        if last.status.phase == Phase::Running {
+            match fmt {
+                Format::Json => output::json(&last),
+                Format::Table => println!(
+                    "workload {} running on {}",
+                    last.spec.name,
+                    last.status.node.clone().unwrap_or_default()
+                ),
+            }
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(CliError::fail(format!(
+                "workload {} is {} after {} s: {}",
+                last.spec.name,
+                last.status.phase.as_str(),
+                a.timeout_s,
+                last.status.message.clone().unwrap_or_default()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        last = c.get(&format!("/v1/workloads/{}", last.spec.name)).await?;
+    }
+}
+
+fn print_workloads(ws: &[Workload], fmt: Format) {
+    if fmt == Format::Json {
+        return output::json(&ws);
+    }
+    let now = now_ms();
+    let rows: Vec<Vec<String>> = ws
+        .iter()
+        .map(|w| {
+            vec![
+                w.spec.name.clone(),
+                w.spec.driver.as_str().into(),
+                w.spec.level.as_str().into(),
+                w.status.phase.as_str().into(),
+                w.status.node.clone().unwrap_or_else(|| "-".into()),
+                w.status.incarnation.to_string(),
+                w.status.restarts.to_string(),
+                output::age(now, w.created_ms),
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            "NAME",
+            "DRIVER",
+            "LEVEL",
+            "PHASE",
+            "NODE",
+            "INCARNATION",
+            "RESTARTS",
+            "AGE",
+        ],
+        &rows,
+    );
+}
+
+fn show_workload(w: &Workload, fmt: Format) {
+    if fmt == Format::Json {
+        return output::json(w);
+    }
+    let s = &w.spec;
+    println!("name:        {}", s.name);
+    println!("driver:      {}", s.driver.as_str());
+    println!("artifact:    {}", s.artifact);
+    println!(
+        "level:       {}{}",
+        s.level.as_str(),
+        w.status
+            .level_state
+            .as_ref()
+            .map(|l| format!(" ({l})"))
+            .unwrap_or_default()
+    );
+    println!(
+        "resources:   cpu_millis={} memory_mib={}",
+        s.resources.cpu_millis, s.resources.memory_mib
+    );
+    if !s.placement.constraints.is_empty() {
+        println!("constraints: {}", s.placement.constraints.join("; "));
+    }
+    println!("phase:       {}", w.status.phase.as_str());
+    println!("node:        {}", w.status.node.as_deref().unwrap_or("-"));
+    println!("incarnation: {}", w.status.incarnation);
+    println!("restarts:    {}", w.status.restarts);
+    if let Some(m) = &w.status.message {
+        println!("message:     {m}");
+    }
+}
+
+fn print_nodes(ns: &[Node], fmt: Format) {
+    if fmt == Format::Json {
+        return output::json(&ns);
+    }
+    let now = now_ms();
+    let rows: Vec<Vec<String>> = ns
+        .iter()
+        .map(|n| {
+            vec![
+                n.name.clone(),
+                n.state.as_str().into(),
+                n.address.clone(),
+                n.tags
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                format!("{}/{}", n.allocated.cpu_millis, n.capacity.cpu_millis),
+                format!("{}/{}", n.allocated.memory_mib, n.capacity.memory_mib),
+                output::age(now, n.last_heartbeat_ms),
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            "NAME",
+            "STATE",
+            "ADDRESS",
+            "TAGS",
+            "CPU",
+            "MEMORY_MIB",
+            "HEARTBEAT",
+        ],
+        &rows,
+    );
+}
+
+fn print_events(evs: &[ClusterEvent], fmt: Format) {
+    if fmt == Format::Json {
+        return output::json(&evs);
+    }
+    let rows: Vec<Vec<String>> = evs.iter().map(event_row).collect();
+    output::table(
+        &["SEQ", "AGE", "KIND", "WORKLOAD", "NODE", "MESSAGE"],
+        &rows,
+    );
+}
+
+fn event_row(e: &ClusterEvent) -> Vec<String> {
+    vec![
+        e.seq.to_string(),
+        output::age(now_ms(), e.time_ms),
+        e.kind.clone(),
+        e.workload.clone().unwrap_or_else(|| "-".into()),
+        e.node.clone().unwrap_or_else(|| "-".into()),
+        e.message.clone(),
+    ]
+}
+
+async fn events(c: &Client, a: EventsArgs, fmt: Format) -> CliResult {
+    let mut since = a.since;
+    loop {
+        let evs: Vec<ClusterEvent> = c.get(&format!("/v1/events?since={since}")).await?;
+        if let Some(l) = evs.last() {
+            since = l.seq;
+        }
+        if !a.follow {
+            print_events(&evs, fmt);
+            return Ok(());
+        }
+        for e in &evs {
+            match fmt {
+                Format::Json => println!("{}", serde_json::to_string(e).expect("event serialises")),
+                Format::Table => println!("{}", event_row(e).join("  ")),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

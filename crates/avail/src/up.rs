@@ -1,0 +1,300 @@
+//! `avail up`: a local cluster of real processes on loopback.
+//!
+//! One `avail server` on 127.0.0.1 and N `avail agent`s on 127.0.0.11, .12, ..., each
+//! tagged (zones alternate tokyo/osaka, one rack per node), as child processes that die
+//! with this one (`PR_SET_PDEATHSIG`). Writes `<data-dir>/cluster.json` and the CLI
+//! context, prints what to try, and on Ctrl-C stops the agents, then the server. A
+//! second `avail up` on the same data dir resumes the cluster with its workloads.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use avail_client::Client;
+use avail_model::{Node, NodeState};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use tokio::process::{Child, Command};
+
+use crate::cli::{CliError, shutdown_signal};
+use crate::context;
+
+/// Flags of `avail up`.
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Number of agents.
+    #[arg(long, default_value_t = 3)]
+    nodes: u8,
+    /// Data directory of the whole cluster.
+    #[arg(long, default_value = "avail-data")]
+    data_dir: PathBuf,
+    /// First three octets of the cluster's loopback addresses: the server gets .1,
+    /// agents .11, .12, ...
+    #[arg(long, default_value = "127.0.0")]
+    net: String,
+    /// Server port.
+    #[arg(long, default_value_t = 7400)]
+    server_port: u16,
+    /// Agent ingress port.
+    #[arg(long, default_value_t = avail_agent::DEFAULT_INGRESS_PORT)]
+    ingress_port: u16,
+    /// Do not write the CLI context file.
+    #[arg(long)]
+    no_context: bool,
+}
+
+/// What `cluster.json` holds.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ClusterFile {
+    /// Server base URL.
+    pub server_url: String,
+    /// Admin token file.
+    pub token_file: PathBuf,
+    /// Join token file.
+    pub join_token_file: PathBuf,
+    /// Agents.
+    pub agents: Vec<AgentEntry>,
+}
+
+/// One agent of `cluster.json`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AgentEntry {
+    /// Node name.
+    pub name: String,
+    /// Address.
+    pub address: String,
+    /// Ingress base URL.
+    pub ingress_url: String,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// PID of the agent process.
+    pub pid: u32,
+}
+
+fn spawn_child(args: &[String], log: &Path) -> Result<Child, CliError> {
+    let exe =
+        std::env::current_exe().map_err(|e| CliError::fail(format!("own executable: {e}")))?;
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| CliError::fail(format!("{}: {e}", log.display())))?;
+    let err = out.try_clone().map_err(|e| CliError::fail(e.to_string()))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .kill_on_drop(true);
+    // SAFETY: prctl is async-signal-safe; it runs in the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .map_err(|e| CliError::fail(format!("spawning {args:?}: {e}")))
+}
+
+fn abs(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Run `avail up`.
+pub async fn run(a: UpArgs) -> Result<(), CliError> {
+    let dir = abs(&a.data_dir);
+    let ip = |last: u8| -> Result<IpAddr, CliError> {
+        format!("{}.{last}", a.net)
+            .parse::<Ipv4Addr>()
+            .map(IpAddr::V4)
+            .map_err(|_| {
+                CliError::invalid(format!(
+                    "--net {:?}: expected three octets like 127.0.0",
+                    a.net
+                ))
+            })
+    };
+    if !a.net.starts_with("127.") {
+        return Err(CliError::invalid(
+            "--net must be a loopback prefix (127.x.y)",
+        ));
+    }
+    if a.nodes == 0 || a.nodes > 200 {
+        return Err(CliError::invalid("--nodes must be 1..=200"));
+    }
+    let server_dir = dir.join("server");
+    std::fs::create_dir_all(&server_dir)
+        .map_err(|e| CliError::fail(format!("{}: {e}", server_dir.display())))?;
+    let server_url = format!("http://{}:{}", ip(1)?, a.server_port);
+    let mut server = spawn_child(
+        &[
+            "server".into(),
+            "--data-dir".into(),
+            server_dir.display().to_string(),
+            "--listen".into(),
+            format!("{}:{}", ip(1)?, a.server_port),
+        ],
+        &dir.join("server.log"),
+    )?;
+    let token_file = avail_server::admin_token_path(&server_dir);
+    let join_file = avail_server::join_token_path(&server_dir);
+    // Wait for the server to answer and its token files to exist.
+    let probe = Client::new(&server_url, None, None).with_timeout(Duration::from_secs(2));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(st)) = server.try_wait() {
+            return Err(CliError::fail(format!(
+                "server exited ({st}); see {}",
+                dir.join("server.log").display()
+            )));
+        }
+        if probe.get_bytes("/readyz").await.is_ok() && token_file.exists() && join_file.exists() {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(CliError::fail(format!(
+                "server not ready after 30 s; see {}",
+                dir.join("server.log").display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut agents = Vec::new();
+    let mut entries = Vec::new();
+    for i in 0..a.nodes {
+        let name = format!("node-{}", i + 1);
+        let addr = ip(11 + i)?;
+        let zone = if i % 2 == 0 { "tokyo" } else { "osaka" };
+        let tags = vec![
+            format!("zone={zone}"),
+            format!("rack=r{}", i + 1),
+            "dc=dc1".to_string(),
+        ];
+        let child = spawn_child(
+            &[
+                "agent".into(),
+                "--server".into(),
+                server_url.clone(),
+                "--join-token-file".into(),
+                join_file.display().to_string(),
+                "--name".into(),
+                name.clone(),
+                "--addr".into(),
+                addr.to_string(),
+                "--port".into(),
+                a.ingress_port.to_string(),
+                "--tags".into(),
+                tags.join(","),
+                "--data-dir".into(),
+                dir.join(&name).display().to_string(),
+            ],
+            &dir.join(format!("{name}.log")),
+        )?;
+        entries.push(AgentEntry {
+            name,
+            address: addr.to_string(),
+            ingress_url: format!("http://{addr}:{}", a.ingress_port),
+            tags,
+            pid: child.id().unwrap_or(0),
+        });
+        agents.push(child);
+    }
+    let token = std::fs::read_to_string(&token_file)
+        .map_err(|e| CliError::fail(format!("{}: {e}", token_file.display())))?;
+    let admin = Client::new(&server_url, Some(token.trim().to_string()), None)
+        .with_timeout(Duration::from_secs(2));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = admin
+            .get::<Vec<Node>>("/v1/nodes")
+            .await
+            .map(|ns| {
+                entries.iter().all(|e| {
+                    ns.iter()
+                        .any(|n| n.name == e.name && n.state == NodeState::Ready)
+                })
+            })
+            .unwrap_or(false);
+        if ready {
+            break;
+        }
+        for (e, c) in entries.iter().zip(agents.iter_mut()) {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Err(CliError::fail(format!(
+                    "agent {} exited ({st}); see {}",
+                    e.name,
+                    dir.join(format!("{}.log", e.name)).display()
+                )));
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(CliError::fail(
+                "agents not ready after 60 s; see the logs in the data dir",
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cluster = ClusterFile {
+        server_url: server_url.clone(),
+        token_file: token_file.clone(),
+        join_token_file: join_file,
+        agents: entries,
+    };
+    let cluster_path = dir.join("cluster.json");
+    std::fs::write(
+        &cluster_path,
+        serde_json::to_vec_pretty(&cluster).expect("cluster serialises"),
+    )
+    .map_err(|e| CliError::fail(format!("{}: {e}", cluster_path.display())))?;
+    let ctx_note = if a.no_context {
+        String::new()
+    } else {
+        match context::save(&context::Context {
+            server: server_url.clone(),
+            token_file,
+        }) {
+            Ok(p) => format!("CLI context written to {}\n", p.display()),
+            Err(e) => format!("(could not write the CLI context: {e})\n"),
+        }
+    };
+    let first = &cluster.agents[0];
+    println!(
+        "avail cluster up: server {server_url}, {} agents\n{ctx_note}cluster file: {}\n\nTry:\n  avail node list\n  avail workload run --name counter --driver wasm --artifact guests/counter.wasm\n  curl -X POST {}/w/counter/incr\n\nCtrl-C stops the cluster; `avail up` on the same data dir resumes it.",
+        cluster.agents.len(),
+        cluster_path.display(),
+        first.ingress_url
+    );
+    let failed = tokio::select! {
+        _ = shutdown_signal() => None,
+        st = server.wait() => Some(format!("server exited: {st:?}")),
+    };
+    eprintln!("stopping agents and server");
+    for c in agents.iter_mut() {
+        terminate(c).await;
+    }
+    terminate(&mut server).await;
+    match failed {
+        Some(m) => Err(CliError::fail(m)),
+        None => Ok(()),
+    }
+}
+
+/// SIGTERM, then SIGKILL after 5 s.
+async fn terminate(c: &mut Child) {
+    if let Some(pid) = c.id() {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGTERM);
+        }
+    }
+    if tokio::time::timeout(Duration::from_secs(5), c.wait())
+        .await
+        .is_err()
+    {
+        let _ = c.kill().await;
+    }
+}

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The main job: build avail, start a local 3-node cluster on loopback, deploy the
+# counter guest and curl it. The cluster keeps running until Ctrl-C.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --locked --bin avail
+AVAIL=target/release/avail
+DATA=${AVAIL_DATA:-avail-data}
+$AVAIL up --data-dir "$DATA" &
+up=$!
+trap 'kill -INT $up 2>/dev/null; wait $up' EXIT INT TERM
+for _ in $(seq 1 600); do
+    [ -f "$DATA/cluster.json" ] && break
+    kill -0 $up 2>/dev/null || { echo "avail up failed; see $DATA/*.log" >&2; exit 1; }
+    sleep 0.1
+done
+$AVAIL workload show counter >/dev/null 2>&1 || $AVAIL workload run -f examples/counter.toml
+ingress=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["agents"][0]["ingress_url"])' "$DATA/cluster.json")
+echo "+ curl -X POST $ingress/w/counter/incr"
+curl -sS -X POST "$ingress/w/counter/incr"; echo
+echo "The cluster is running (Ctrl-C to stop). Try: curl -X POST $ingress/w/counter/incr"
+wait $up

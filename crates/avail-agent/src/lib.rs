@@ -49,6 +49,17 @@ pub struct AgentConfig {
     pub capacity: Resources,
     /// Data directory (artifact cache).
     pub data_dir: PathBuf,
+    /// This run of the agent (see [`new_boot_id`]).
+    pub boot_id: String,
+}
+
+/// A boot id for this process: pid and start time, unique per run on a machine.
+pub fn new_boot_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{:x}-{nanos:x}", std::process::id())
 }
 
 /// Errors that stop the agent.
@@ -85,6 +96,7 @@ async fn join(cfg: &AgentConfig, client: &Client) -> Result<JoinResponse, AgentE
         tags: cfg.tags.clone(),
         capacity: cfg.capacity,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        boot_id: cfg.boot_id.clone(),
     };
     let joiner = client.with_token(Some(cfg.join_token.clone()));
     let mut delay = Duration::from_millis(100);

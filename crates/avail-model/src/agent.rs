@@ -23,6 +23,9 @@ pub struct JoinRequest {
     pub capacity: Resources,
     /// Agent version.
     pub agent_version: String,
+    /// Identifies this run of the agent process: a new value means the node restarted
+    /// and every workload on it is a new run (new incarnation).
+    pub boot_id: String,
 }
 
 /// The server's answer to a join.

@@ -733,6 +733,7 @@ async fn join(
             .map(|o| o.joined_ms)
             .unwrap_or_else(now_ms),
         agent_version: req.agent_version,
+        boot_id: req.boot_id,
     };
     let rev = state
         .store
@@ -757,6 +758,9 @@ async fn join(
             format!("{} at {} tags {:?}", rec.name, rec.address, rec.tags),
         )
         .await;
+    if existing.as_ref().is_some_and(|o| o.boot_id != rec.boot_id) {
+        state.node_rebooted(&rec.name).await?;
+    }
     state.heartbeat(&rec.name, &[], Vec::new()).await?;
     Ok(Json(JoinResponse {
         node_token: state

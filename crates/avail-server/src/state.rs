@@ -39,6 +39,9 @@ pub struct NodeRecord {
     pub joined_ms: u64,
     /// Agent version.
     pub agent_version: String,
+    /// The agent run that last joined.
+    #[serde(default)]
+    pub boot_id: String,
 }
 
 /// The cluster as last read from the store.
@@ -514,6 +517,43 @@ impl AppState {
         }
         let v = self.view.read().unwrap_or_else(|p| p.into_inner());
         Ok(self.node_state(node, &v))
+    }
+
+    /// A node's agent restarted (new boot id): every workload on it is a new run.
+    /// Mark them placed with the next incarnation until the agent reports them.
+    pub async fn node_rebooted(&self, node: &str) -> Result<(), StateError> {
+        let names: Vec<String> = {
+            let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+            v.workloads
+                .values()
+                .filter(|(w, _)| {
+                    w.status.node.as_deref() == Some(node) && w.status.phase != Phase::Stopped
+                })
+                .map(|(w, _)| w.spec.name.clone())
+                .collect()
+        };
+        for name in names {
+            self.update_status(&name, |s| {
+                s.phase = Phase::Placed;
+                s.incarnation += 1;
+                s.restarts = 0;
+                s.message = Some(format!("node {node} restarted"));
+            })
+            .await?;
+            let inc = self
+                .workload(&name)
+                .map(|(w, _)| w.status.incarnation)
+                .unwrap_or(0);
+            self.events
+                .emit(
+                    "workload.placed",
+                    Some(&name),
+                    Some(node),
+                    format!("node restarted; starting incarnation {inc}"),
+                )
+                .await;
+        }
+        Ok(())
     }
 
     /// Publish node state transitions as events; mark the workloads of a node that

@@ -28,10 +28,16 @@ pub struct Proc {
 impl Proc {
     /// Spawn `bin args` in its own process group, output to `log`.
     pub fn spawn(bin: &Path, args: &[String], log: &Path) -> Proc {
+        Self::spawn_with_env(bin, args, &[], log)
+    }
+
+    /// Like [`spawn`](Self::spawn), with extra environment variables.
+    pub fn spawn_with_env(bin: &Path, args: &[String], env: &[(&str, &Path)], log: &Path) -> Proc {
         let out = std::fs::File::create(log).expect("create log file");
         let err = out.try_clone().expect("clone log file");
         let mut cmd = Command::new(bin);
         cmd.args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -355,4 +361,13 @@ pub fn repo_root(manifest_dir: &str) -> PathBuf {
         assert!(p.pop(), "no guests/ above {manifest_dir}");
     }
     p
+}
+
+/// Whether a process exists and is not a zombie.
+pub fn pid_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    let exists = unsafe { libc::kill(pid, 0) } == 0;
+    exists
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.split_whitespace().nth(2) != Some("Z"))
 }

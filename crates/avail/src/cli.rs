@@ -439,6 +439,7 @@ async fn agent(a: AgentArgs) -> CliResult {
         server: a.server,
         join_token,
         tags,
+        boot_id: avail_agent::new_boot_id(),
         capacity: Resources {
             cpu_millis: a.cpu_millis,
             memory_mib: a.memory_mib,

@@ -244,12 +244,6 @@ pub async fn run(a: UpArgs) -> Result<(), CliError> {
         join_token_file: join_file,
         agents: entries,
     };
-    let cluster_path = dir.join("cluster.json");
-    std::fs::write(
-        &cluster_path,
-        serde_json::to_vec_pretty(&cluster).expect("cluster serialises"),
-    )
-    .map_err(|e| CliError::fail(format!("{}: {e}", cluster_path.display())))?;
     let ctx_note = if a.no_context {
         String::new()
     } else {
@@ -261,6 +255,13 @@ pub async fn run(a: UpArgs) -> Result<(), CliError> {
             Err(e) => format!("(could not write the CLI context: {e})\n"),
         }
     };
+    // cluster.json last: scripts and tests take its appearance as "ready".
+    let cluster_path = dir.join("cluster.json");
+    std::fs::write(
+        &cluster_path,
+        serde_json::to_vec_pretty(&cluster).expect("cluster serialises"),
+    )
+    .map_err(|e| CliError::fail(format!("{}: {e}", cluster_path.display())))?;
     let first = &cluster.agents[0];
     println!(
         "avail cluster up: server {server_url}, {} agents\n{ctx_note}cluster file: {}\n\nTry:\n  avail node list\n  avail workload run --name counter --driver wasm --artifact guests/counter.wasm\n  curl -X POST {}/w/counter/incr\n\nCtrl-C stops the cluster; `avail up` on the same data dir resumes it.",

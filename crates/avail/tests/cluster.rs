@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use avail_client::Client;
 use avail_model::{Node, NodeState, Phase, Workload};
-use avail_testkit::{Cluster, repo_root, wait_until};
+use avail_testkit::{Cluster, pid_alive, repo_root, wait_until};
 use hyper::Method;
 
 const BIN: &str = env!("CARGO_BIN_EXE_avail");
@@ -171,9 +171,7 @@ async fn three_node_cluster_end_to_end() {
             "python process gone",
             Duration::from_secs(10),
             || async move {
-                // SAFETY: signal 0 only checks existence.
-                let alive = unsafe { libc::kill(pid, 0) } == 0 && !is_zombie(pid);
-                if alive {
+                if pid_alive(pid) {
                     Err(format!("pid {pid} alive"))
                 } else {
                     Ok(())
@@ -225,12 +223,6 @@ async fn three_node_cluster_end_to_end() {
         },
     )
     .await;
-}
-
-fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.split_whitespace().nth(2) == Some("Z"))
-        .unwrap_or(true)
 }
 
 #[tokio::test]

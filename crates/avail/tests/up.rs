@@ -1,0 +1,140 @@
+//! `avail up`: one command gives a working cluster; Ctrl-C stops all of it; a second
+//! `avail up` on the same data dir resumes the cluster with its workloads.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use avail_client::Client;
+use avail_model::{Phase, Workload};
+use avail_testkit::{Proc, free_net, pid_alive, repo_root, wait_until};
+use hyper::Method;
+
+const BIN: &str = env!("CARGO_BIN_EXE_avail");
+
+fn cli(home: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .env("HOME", home)
+        .env_remove("AVAIL_ADDR")
+        .env_remove("AVAIL_TOKEN")
+        .env_remove("AVAIL_CONTEXT")
+        .output()
+        .unwrap()
+}
+
+async fn start_up(home: &Path, data: &Path, net: &str) -> (Proc, serde_json::Value) {
+    let cluster_file = data.join("cluster.json");
+    let _ = std::fs::remove_file(&cluster_file);
+    let args: Vec<String> = ["up", "--nodes", "2", "--net", net, "--data-dir"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([data.display().to_string()])
+        .collect();
+    let log = home.join(format!(
+        "up-{}.log",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    let mut up = Proc::spawn_with_env(Path::new(BIN), &args, &[("HOME", home)], &log);
+    let cluster = wait_until("cluster.json", Duration::from_secs(60), || {
+        let running = up.running();
+        let f = cluster_file.clone();
+        async move {
+            if !running {
+                return Err("avail up exited".into());
+            }
+            let text = std::fs::read_to_string(&f).map_err(|e| e.to_string())?;
+            serde_json::from_str::<serde_json::Value>(&text).map_err(|e| e.to_string())
+        }
+    })
+    .await;
+    (up, cluster)
+}
+
+#[tokio::test]
+async fn up_runs_a_cluster_stops_cleanly_and_resumes() {
+    let home = tempfile::tempdir().unwrap();
+    let data = home.path().join("data");
+    let net = free_net();
+    let (mut up, cluster) = start_up(home.path(), &data, &net).await;
+    let agents = cluster["agents"].as_array().unwrap().clone();
+    assert_eq!(agents.len(), 2);
+    assert_eq!(cluster["server_url"], format!("http://{net}.1:7400"));
+    assert!(Path::new(cluster["token_file"].as_str().unwrap()).exists());
+
+    // The CLI finds the cluster through the context `avail up` wrote: no flags.
+    let counter = repo_root(env!("CARGO_MANIFEST_DIR")).join("examples/counter.toml");
+    let out = cli(
+        home.path(),
+        &["workload", "run", "-f", counter.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ingress = agents[1]["ingress_url"].as_str().unwrap().to_string();
+    let r = Client::new(&ingress, None, None)
+        .raw(Method::POST, "/w/counter/incr", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+
+    // Ctrl-C: everything stops.
+    up.signal(libc::SIGINT);
+    let status = up.child.wait().unwrap();
+    assert!(
+        status.success(),
+        "avail up exit: {status:?}\n{}",
+        up.output()
+    );
+    for a in &agents {
+        let pid = a["pid"].as_i64().unwrap() as i32;
+        wait_until("agent gone", Duration::from_secs(10), || async move {
+            if pid_alive(pid) {
+                Err(format!("{pid} alive"))
+            } else {
+                Ok(())
+            }
+        })
+        .await;
+    }
+
+    // Resume: same data dir, the workload comes back and runs.
+    let (mut up2, cluster2) = start_up(home.path(), &data, &net).await;
+    let token = std::fs::read_to_string(cluster2["token_file"].as_str().unwrap()).unwrap();
+    let api = Client::new(
+        cluster2["server_url"].as_str().unwrap(),
+        Some(token.trim().to_string()),
+        None,
+    );
+    wait_until("counter running again", Duration::from_secs(30), || {
+        let api = api.clone();
+        async move {
+            let w: Workload = api
+                .get("/v1/workloads/counter")
+                .await
+                .map_err(|e| e.to_string())?;
+            if w.status.phase == Phase::Running {
+                Ok(())
+            } else {
+                Err(format!("{:?}", w.status))
+            }
+        }
+    })
+    .await;
+    let r = Client::new(&ingress, None, None)
+        .raw(Method::POST, "/w/counter/incr", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    // A new run of the workload: a new incarnation, fresh state (level none).
+    assert_eq!(r.headers.get("avail-incarnation").unwrap(), "2");
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["value"], 1);
+    up2.signal(libc::SIGINT);
+    assert!(up2.child.wait().unwrap().success());
+}

@@ -284,3 +284,54 @@ async fn wasm_faults_are_contained() {
     )
     .await;
 }
+
+/// Read from `stream` until the text read so far contains `needle` (deadline 10 s).
+async fn read_until(stream: &mut tokio::net::TcpStream, seen: &mut String, needle: &str) {
+    use tokio::io::AsyncReadExt;
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 4096];
+    while !seen.contains(needle) {
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        let n = tokio::time::timeout(left, stream.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no {needle:?} in the stream; got:\n{seen}"))
+            .unwrap();
+        assert!(n > 0, "stream closed; got:\n{seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+}
+
+#[tokio::test]
+async fn events_stream_replays_then_follows() {
+    use tokio::io::AsyncWriteExt;
+    let c = Cluster::start(BIN.as_ref(), 1).await;
+    let addr = c.server_url().trim_start_matches("http://").to_string();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let req = format!(
+        "GET /v1/events?follow=true HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\r\n",
+        c.admin_token
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut seen = String::new();
+    read_until(&mut s, &mut seen, "text/event-stream").await;
+    read_until(&mut s, &mut seen, "\"kind\":\"node.joined\"").await;
+    ok(&c.cli(&[
+        "workload",
+        "run",
+        "--detach",
+        "--name",
+        "counter",
+        "--driver",
+        "wasm",
+        "--artifact",
+        &guest("counter"),
+    ]));
+    read_until(&mut s, &mut seen, "\"kind\":\"workload.created\"").await;
+    read_until(&mut s, &mut seen, "\"kind\":\"workload.running\"").await;
+    // The CLI lists the same history.
+    let listed = ok(&c.cli(&["events"]));
+    assert!(
+        listed.contains("workload.running") && listed.contains("server.started"),
+        "{listed}"
+    );
+}

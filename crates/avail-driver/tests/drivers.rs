@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use avail_driver::process::ProcessDriver;
 use avail_driver::wasm::WasmDriver;
-use avail_driver::{Driver, HttpRequest, Instance, LogSink, StartError, StartSpec};
+use avail_driver::{Driver, HttpRequest, LogSink, StartError, StartSpec};
 use avail_model::WorkloadSpec;
 use avail_model::agent::InstanceState;
 

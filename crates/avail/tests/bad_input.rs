@@ -256,3 +256,28 @@ async fn corrupt_store_file_is_a_clear_error() {
     // Nothing was reset: the file is as it was.
     assert_eq!(std::fs::read(&store).unwrap(), vec![0xA5u8; 64 * 1024]);
 }
+
+#[test]
+fn cli_basics_and_missing_context() {
+    let home = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(args)
+            .env("HOME", home.path())
+            .env_remove("AVAIL_ADDR")
+            .env_remove("AVAIL_TOKEN")
+            .env_remove("AVAIL_CONTEXT")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["completion", "bash"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("workload"));
+    // No flags, no environment, no context: a clear error, exit 1.
+    let out = run(&["node", "list"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("avail up"));
+    // Bad flag values: clap's usage error, exit 2.
+    let out = run(&["node", "list", "-o", "yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+}

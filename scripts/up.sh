@@ -8,7 +8,7 @@ AVAIL=target/release/avail
 DATA=${AVAIL_DATA:-avail-data}
 $AVAIL up --data-dir "$DATA" &
 up=$!
-trap 'kill -INT $up 2>/dev/null; wait $up' EXIT INT TERM
+trap 'kill -TERM $up 2>/dev/null; wait $up' EXIT INT TERM
 for _ in $(seq 1 600); do
     [ -f "$DATA/cluster.json" ] && break
     kill -0 $up 2>/dev/null || { echo "avail up failed; see $DATA/*.log" >&2; exit 1; }

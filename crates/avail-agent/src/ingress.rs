@@ -96,6 +96,9 @@ fn to_response(r: HttpResponse, node: &str, incarnation: u64) -> Response {
         )
     });
     let h = resp.headers_mut();
+    if r.status == 503 && !h.contains_key("retry-after") {
+        h.insert("retry-after", HeaderValue::from_static("1"));
+    }
     if let Ok(v) = HeaderValue::from_str(node) {
         h.insert(HeaderName::from_static("avail-node"), v);
     }
@@ -125,10 +128,15 @@ async fn handle(State(ing): State<Arc<Ingress>>, req: Request) -> Response {
     let name = name.to_string();
     let forwarded = req.headers().contains_key(FORWARDED);
 
-    let local = ing.sup.slot(&name);
+    if !ing.sup.is_synced() {
+        return unavailable("this node has not received its desired state yet");
+    }
+    let me = ing.sup.node();
     let route = ing.sup.route(&name);
-    let is_local_active = route.as_ref().is_some_and(|r| r.node == ing.sup.node());
-    if let Some(slot) = local.filter(|_| is_local_active || route.is_none()) {
+    let is_local_active = route
+        .as_ref()
+        .is_some_and(|r| r.node.as_deref() == Some(me));
+    if let Some(slot) = ing.sup.slot(&name).filter(|_| is_local_active) {
         return match slot.state {
             SlotState::Running(inst) => {
                 let (parts, body) = req.into_parts();
@@ -157,7 +165,7 @@ async fn handle(State(ing): State<Arc<Ingress>>, req: Request) -> Response {
                     body,
                 };
                 let resp = inst.handle(hreq).await;
-                to_response(resp, ing.sup.node(), slot.incarnation)
+                to_response(resp, me, slot.assignment.incarnation)
             }
             SlotState::Starting => unavailable(&format!("workload {name} is starting")),
             SlotState::Failed { message, .. } => {
@@ -172,14 +180,14 @@ async fn handle(State(ing): State<Arc<Ingress>>, req: Request) -> Response {
             &format!("no workload named {name:?}"),
         );
     };
-    if route.node == ing.sup.node() || forwarded {
-        // Routed here but not (yet) running here, or a peer's stale route: no loops.
-        return unavailable(&format!(
-            "workload {name} is not running on {}",
-            ing.sup.node()
-        ));
+    match (&route.node, &route.ingress_url) {
+        (Some(node), Some(url)) if node != me && !forwarded => {
+            forward(&ing, req, url, &name, &rest).await
+        }
+        (None, _) => unavailable(&format!("workload {name} is not placed on any node")),
+        // Routed here but not (yet) running here, or a peer's stale route: never loop.
+        _ => unavailable(&format!("workload {name} is not running on {me}")),
     }
-    forward(&ing, req, &route.ingress_url, &name, &rest).await
 }
 
 async fn forward(

@@ -51,6 +51,9 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     /// This run of the agent (see [`new_boot_id`]).
     pub boot_id: String,
+    /// Executable that provides `process-shim` (the `avail` binary), so that process
+    /// workloads and all their children die with the agent.
+    pub process_shim: Option<PathBuf>,
 }
 
 /// A boot id for this process: pid and start time, unique per run on a machine.

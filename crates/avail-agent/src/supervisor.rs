@@ -3,6 +3,7 @@
 //! log lines for the heartbeat.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,7 @@ use avail_client::Client;
 use avail_driver::process::ProcessDriver;
 use avail_driver::wasm::WasmDriver;
 use avail_driver::{Driver, Instance, LogSink, StartSpec};
-use avail_model::agent::{DesiredState, InstanceState, InstanceStatus, LogLine, Route};
+use avail_model::agent::{Assignment, DesiredState, InstanceState, InstanceStatus, LogLine, Route};
 use avail_model::{DriverKind, WorkloadSpec};
 use sha2::{Digest, Sha256};
 
@@ -18,8 +19,11 @@ use crate::AgentConfig;
 
 /// Most log lines buffered between heartbeats; older ones are dropped.
 pub const MAX_BUFFERED_LOG_LINES: usize = 5000;
-/// Most log lines sent with one heartbeat.
-pub const MAX_LOG_LINES_PER_HEARTBEAT: usize = 500;
+/// Most log bytes sent with one heartbeat (the heartbeat must stay small: it is the
+/// node's liveness).
+pub const MAX_LOG_BYTES_PER_HEARTBEAT: usize = 256 << 10;
+/// Longest log line kept, bytes; longer lines are cut.
+pub const MAX_LOG_LINE_BYTES: usize = 4096;
 /// How long a failed start waits before it is tried again.
 pub const RETRY_FAILED_AFTER: Duration = Duration::from_secs(5);
 /// Long-poll wait for desired state, ms.
@@ -44,10 +48,8 @@ pub enum SlotState {
 /// One workload on this node.
 #[derive(Clone)]
 pub struct Slot {
-    /// The spec it runs.
-    pub spec: WorkloadSpec,
-    /// Which run.
-    pub incarnation: u64,
+    /// What the server assigned (uid, spec, incarnation).
+    pub assignment: Assignment,
     /// State.
     pub state: SlotState,
 }
@@ -61,6 +63,9 @@ pub struct Supervisor {
     slots: Mutex<HashMap<String, Slot>>,
     routes: RwLock<HashMap<String, Route>>,
     logs: Arc<Mutex<VecDeque<LogLine>>>,
+    /// Whether the first desired state has been applied (before it, the ingress cannot
+    /// tell an unknown workload from one it has not heard of yet).
+    synced: AtomicBool,
 }
 
 fn now_ms() -> u64 {
@@ -74,13 +79,14 @@ impl Supervisor {
     /// A supervisor talking to the server with `client` (node token set).
     pub fn new(cfg: AgentConfig, client: Client) -> Result<Supervisor, String> {
         Ok(Supervisor {
+            process: ProcessDriver::with_shim(cfg.process_shim.clone()),
             cfg,
             client: RwLock::new(client),
             wasm: WasmDriver::new()?,
-            process: ProcessDriver,
             slots: Mutex::new(HashMap::new()),
             routes: RwLock::new(HashMap::new()),
             logs: Arc::new(Mutex::new(VecDeque::new())),
+            synced: AtomicBool::new(false),
         })
     }
 
@@ -107,6 +113,11 @@ impl Supervisor {
             .clone()
     }
 
+    /// Whether the node has its desired state yet.
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
     /// The route of a workload, if it is placed anywhere.
     pub fn route(&self, workload: &str) -> Option<Route> {
         self.routes
@@ -128,7 +139,14 @@ impl Supervisor {
     fn log_sink(&self, workload: &str) -> LogSink {
         let logs = self.logs.clone();
         let workload = workload.to_string();
-        Arc::new(move |line: String| {
+        Arc::new(move |mut line: String| {
+            if line.len() > MAX_LOG_LINE_BYTES {
+                let mut cut = MAX_LOG_LINE_BYTES;
+                while !line.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                line.truncate(cut);
+            }
             let mut q = logs.lock().unwrap_or_else(|p| p.into_inner());
             if q.len() == MAX_BUFFERED_LOG_LINES {
                 q.pop_front();
@@ -141,10 +159,18 @@ impl Supervisor {
         })
     }
 
-    /// Log lines to send with the next heartbeat.
+    /// Log lines to send with the next heartbeat, at most
+    /// [`MAX_LOG_BYTES_PER_HEARTBEAT`]; the rest wait for the next one.
     pub fn drain_logs(&self) -> Vec<LogLine> {
         let mut q = self.logs.lock().unwrap_or_else(|p| p.into_inner());
-        let n = q.len().min(MAX_LOG_LINES_PER_HEARTBEAT);
+        let mut bytes = 0;
+        let n = q
+            .iter()
+            .take_while(|l| {
+                bytes += l.line.len() + l.workload.len() + 32;
+                bytes <= MAX_LOG_BYTES_PER_HEARTBEAT
+            })
+            .count();
         q.drain(..n).collect()
     }
 
@@ -166,7 +192,7 @@ impl Supervisor {
                 };
                 InstanceStatus {
                     workload: name.clone(),
-                    incarnation: s.incarnation,
+                    incarnation: s.assignment.incarnation,
                     state,
                     restarts,
                     message,
@@ -186,7 +212,7 @@ impl Supervisor {
                 .collect();
         }
         let mut to_stop: Vec<Arc<dyn Instance>> = Vec::new();
-        let mut to_start: Vec<(WorkloadSpec, u64)> = Vec::new();
+        let mut to_start: Vec<Assignment> = Vec::new();
         {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
             let wanted: HashMap<&str, _> = desired
@@ -197,7 +223,7 @@ impl Supervisor {
             slots.retain(|name, slot| {
                 let keep = wanted
                     .get(name.as_str())
-                    .is_some_and(|a| a.incarnation == slot.incarnation && a.spec == slot.spec);
+                    .is_some_and(|a| **a == slot.assignment);
                 if !keep {
                     if let SlotState::Running(i) = &slot.state {
                         to_stop.push(i.clone());
@@ -219,31 +245,32 @@ impl Supervisor {
                     slots.insert(
                         a.spec.name.clone(),
                         Slot {
-                            spec: a.spec.clone(),
-                            incarnation: a.incarnation,
+                            assignment: a.clone(),
                             state: SlotState::Starting,
                         },
                     );
-                    to_start.push((a.spec.clone(), a.incarnation));
+                    to_start.push(a.clone());
                 }
             }
         }
         for i in to_stop {
             tokio::spawn(async move { i.stop().await });
         }
-        for (spec, incarnation) in to_start {
+        for a in to_start {
             let this = self.clone();
-            tokio::spawn(async move { this.start(spec, incarnation).await });
+            tokio::spawn(async move { this.start(a).await });
         }
+        self.synced.store(true, Ordering::Release);
     }
 
-    async fn start(self: Arc<Self>, spec: WorkloadSpec, incarnation: u64) {
-        tracing::info!(workload = %spec.name, incarnation, "starting");
-        let result = self.start_instance(&spec).await;
+    async fn start(self: Arc<Self>, a: Assignment) {
+        let spec = &a.spec;
+        tracing::info!(workload = %spec.name, incarnation = a.incarnation, "starting");
+        let result = self.start_instance(spec).await;
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let current = slots.get_mut(&spec.name).filter(|s| {
-            s.incarnation == incarnation && s.spec == spec && matches!(s.state, SlotState::Starting)
-        });
+        let current = slots
+            .get_mut(&spec.name)
+            .filter(|s| s.assignment == a && matches!(s.state, SlotState::Starting));
         match (current, result) {
             (Some(slot), Ok(inst)) => slot.state = SlotState::Running(inst),
             (Some(slot), Err(message)) => {

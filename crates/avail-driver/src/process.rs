@@ -1,18 +1,24 @@
 //! The `process` driver: a host process that serves HTTP on `$PORT`.
 //!
-//! The agent picks a free loopback port, starts the program with `PORT` (and `HOST`)
-//! set and `$PORT` substituted in its arguments, in its own process group, with
-//! `PR_SET_PDEATHSIG = SIGKILL` so that the death of the agent (a host crash) takes the
-//! process with it. A supervisor task restarts the process with exponential backoff
-//! when it exits (200 ms doubling to 10 s; reset after 30 s of running). Requests are
-//! proxied to `127.0.0.1:$PORT`; until the port accepts connections the instance
-//! answers `503`. Output lines go to the workload's log.
+//! Each start picks a free loopback port and runs the program with `PORT` (and `HOST`)
+//! set and `$PORT` substituted in its arguments, in its own process group. A supervisor
+//! task restarts it with exponential backoff when it exits (200 ms doubling to 10 s;
+//! reset after 30 s of running), on a fresh port. Requests are proxied to
+//! `127.0.0.1:$PORT` with the workload's `timeout_ms` (then `504`); until the port accepts
+//! connections the instance answers `503`. Output lines go to the workload's log.
 //!
-//! Not covered: grandchildren that leave the process group survive an agent crash
-//! (pdeathsig reaches the direct child only).
+//! **A host crash takes the whole workload with it.** With a shim (the agent passes its
+//! own executable, `avail process-shim`), the agent starts the shim with
+//! `PR_SET_PDEATHSIG = SIGTERM`; the shim leads the process group, runs the program in
+//! it, and on SIGTERM kills the whole group, so children and grandchildren of the
+//! program die with the agent even when the agent is SIGKILLed. Without a shim (library
+//! use, tests), the program itself gets `PR_SET_PDEATHSIG = SIGKILL`, which reaches the
+//! direct child only. A program that leaves the process group (`setsid`) escapes either
+//! way: that needs cgroups, not built yet.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -41,10 +47,24 @@ pub const BACKOFF_START: Duration = Duration::from_millis(200);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Running this long resets the backoff.
 pub const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(30);
+/// A started process that does not listen on its port within this time is reported.
+pub const READY_WITHIN: Duration = Duration::from_secs(30);
+/// The subcommand of the shim executable.
+pub const SHIM_SUBCOMMAND: &str = "process-shim";
 
 /// The `process` driver.
 #[derive(Default)]
-pub struct ProcessDriver;
+pub struct ProcessDriver {
+    shim: Option<PathBuf>,
+}
+
+impl ProcessDriver {
+    /// A driver that starts programs through `shim process-shim -- program args...`
+    /// (see the module docs); `None` starts them directly.
+    pub fn with_shim(shim: Option<PathBuf>) -> ProcessDriver {
+        ProcessDriver { shim }
+    }
+}
 
 #[async_trait]
 impl Driver for ProcessDriver {
@@ -71,18 +91,19 @@ impl Driver for ProcessDriver {
             stop: Notify::new(),
             stopped: AtomicBool::new(false),
             pgid: Mutex::new(None),
+            port: AtomicU16::new(port),
         });
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new()).build(connector);
         tokio::spawn(supervise(
             start.spec.clone(),
-            port,
+            self.shim.clone(),
             start.logs,
             shared.clone(),
         ));
         Ok(Arc::new(ProcessInstance {
-            port,
+            timeout: Duration::from_millis(u64::from(start.spec.timeout_ms)),
             shared,
             client,
         }))
@@ -100,6 +121,8 @@ struct Shared {
     stop: Notify,
     stopped: AtomicBool,
     pgid: Mutex<Option<i32>>,
+    /// The port of the current run.
+    port: AtomicU16,
 }
 
 impl Shared {
@@ -125,11 +148,25 @@ impl Shared {
     }
 }
 
-fn spawn(spec: &WorkloadSpec, port: u16) -> std::io::Result<Child> {
+fn spawn(spec: &WorkloadSpec, shim: Option<&PathBuf>, port: u16) -> std::io::Result<Child> {
     let p = port.to_string();
-    let mut cmd = Command::new(&spec.artifact);
-    cmd.args(spec.args.iter().map(|a| a.replace("$PORT", &p)))
-        .envs(&spec.env)
+    let args = spec.args.iter().map(|a| a.replace("$PORT", &p));
+    let mut cmd = match shim {
+        Some(shim) => {
+            let mut c = Command::new(shim);
+            c.arg(SHIM_SUBCOMMAND)
+                .arg("--")
+                .arg(&spec.artifact)
+                .args(args);
+            c
+        }
+        None => {
+            let mut c = Command::new(&spec.artifact);
+            c.args(args);
+            c
+        }
+    };
+    cmd.envs(&spec.env)
         .env("PORT", &p)
         .env("HOST", "127.0.0.1")
         .stdin(std::process::Stdio::null())
@@ -137,35 +174,69 @@ fn spawn(spec: &WorkloadSpec, port: u16) -> std::io::Result<Child> {
         .stderr(std::process::Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    // The shim turns SIGTERM into "kill my whole group"; a bare program just dies.
+    let death_signal = if shim.is_some() {
+        libc::SIGTERM
+    } else {
+        libc::SIGKILL
+    };
+    set_parent_death_signal(&mut cmd, death_signal);
+    cmd.spawn()
+}
+
+/// Make the child get `signal` when this process dies, closing the race where this
+/// process dies between fork and the prctl.
+pub fn set_parent_death_signal(cmd: &mut Command, signal: i32) {
+    let parent = std::process::id() as i32;
     // SAFETY: the closure runs in the forked child before exec and only calls
     // async-signal-safe functions (prctl, getppid).
     unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            // The parent may have died between fork and prctl.
-            if libc::getppid() == 1 {
+            if libc::getppid() != parent {
                 return Err(std::io::Error::other("parent died"));
             }
             Ok(())
         });
     }
-    cmd.spawn()
 }
 
+/// Longest output line kept, bytes; the rest of a longer line is dropped.
+pub const MAX_LINE_BYTES: usize = 4096;
+
+/// Forward output to the log line by line, never holding more than
+/// [`MAX_LINE_BYTES`] of one line in memory.
 fn pipe_lines<R: tokio::io::AsyncRead + Unpin + Send + 'static>(r: R, logs: LogSink) {
     tokio::spawn(async move {
-        let mut lines = BufReader::new(r).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            logs(line);
+        let mut reader = BufReader::new(r);
+        let mut line = Vec::with_capacity(256);
+        loop {
+            let buf = match reader.fill_buf().await {
+                Ok(b) if !b.is_empty() => b,
+                _ => break,
+            };
+            let newline = buf.iter().position(|&b| b == b'\n');
+            let take = newline.map_or(buf.len(), |i| i + 1);
+            let keep = newline.unwrap_or(take).min(MAX_LINE_BYTES - line.len());
+            line.extend_from_slice(&buf[..keep]);
+            reader.consume(take);
+            if newline.is_some() {
+                logs(String::from_utf8_lossy(&line).into_owned());
+                line.clear();
+            }
+        }
+        if !line.is_empty() {
+            logs(String::from_utf8_lossy(&line).into_owned());
         }
     });
 }
 
 async fn wait_ready(port: u16, shared: Arc<Shared>) {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    for _ in 0..600 {
+    let start = Instant::now();
+    while start.elapsed() < READY_WITHIN {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
             let s = &mut *shared.status.lock().unwrap_or_else(|p| p.into_inner());
             if s.state == InstanceState::Starting {
@@ -175,13 +246,22 @@ async fn wait_ready(port: u16, shared: Arc<Shared>) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    shared.set(
+        InstanceState::Starting,
+        Some(format!(
+            "not listening on $PORT ({port}) after {} s",
+            READY_WITHIN.as_secs()
+        )),
+        false,
+    );
 }
 
-async fn supervise(spec: WorkloadSpec, port: u16, logs: LogSink, shared: Arc<Shared>) {
+async fn supervise(spec: WorkloadSpec, shim: Option<PathBuf>, logs: LogSink, shared: Arc<Shared>) {
     let mut backoff = BACKOFF_START;
+    let mut port = shared.port.load(Ordering::Acquire);
     while !shared.stopped.load(Ordering::Acquire) {
         let started = Instant::now();
-        let exit_msg = match spawn(&spec, port) {
+        let exit_msg = match spawn(&spec, shim.as_ref(), port) {
             Ok(mut child) => {
                 *shared.pgid.lock().unwrap_or_else(|p| p.into_inner()) =
                     child.id().map(|p| p as i32);
@@ -223,13 +303,65 @@ async fn supervise(spec: WorkloadSpec, port: u16, logs: LogSink, shared: Arc<Sha
             _ = shared.stop.notified() => return,
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
+        // A fresh port for the next run: the old one may have been taken meanwhile.
+        if let Ok(p) = free_port() {
+            port = p;
+            shared.port.store(p, Ordering::Release);
+        }
         shared.set(InstanceState::Starting, None, false);
+    }
+}
+
+/// Run as the shim between the agent and a process workload (`avail process-shim --
+/// program args...`): lead the process group, run the program in it, and when the agent
+/// dies (SIGTERM through the parent-death signal) or asks, kill the whole group.
+/// Returns the exit code to exit with.
+pub fn run_shim(program: &str, args: &[String]) -> i32 {
+    extern "C" fn kill_group(_: libc::c_int) {
+        // SAFETY: getpgrp and kill are async-signal-safe; this kills our own group,
+        // the shim included.
+        unsafe {
+            libc::kill(-libc::getpgrp(), libc::SIGKILL);
+        }
+    }
+    let handler: extern "C" fn(libc::c_int) = kill_group;
+    // SAFETY: installing a handler that only calls async-signal-safe functions.
+    unsafe {
+        libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
+    }
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args);
+    let parent = std::process::id() as i32;
+    // SAFETY: async-signal-safe calls only, in the child before exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("shim died"));
+            }
+            Ok(())
+        });
+    }
+    match cmd.spawn() {
+        Ok(mut child) => match child.wait() {
+            Ok(st) => st.code().unwrap_or_else(|| {
+                128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0)
+            }),
+            Err(e) => {
+                eprintln!("avail process-shim: wait: {e}");
+                1
+            }
+        },
+        Err(e) => {
+            eprintln!("avail process-shim: cannot start {program:?}: {e}");
+            127
+        }
     }
 }
 
 /// One process workload.
 pub struct ProcessInstance {
-    port: u16,
+    timeout: Duration,
     shared: Arc<Shared>,
     client: Client<HttpConnector, Full<Bytes>>,
 }
@@ -242,7 +374,11 @@ impl Instance for ProcessInstance {
         }
         let mut b = hyper::Request::builder()
             .method(req.method.as_str())
-            .uri(format!("http://127.0.0.1:{}{}", self.port, req.path));
+            .uri(format!(
+                "http://127.0.0.1:{}{}",
+                self.shared.port.load(Ordering::Acquire),
+                req.path
+            ));
         for (n, v) in &req.headers {
             if !is_hop_by_hop(n) && !n.eq_ignore_ascii_case("host") {
                 b = b.header(n.as_str(), v.as_str());
@@ -254,9 +390,16 @@ impl Instance for ProcessInstance {
                 return HttpResponse::error(400, "bad_request", &format!("cannot forward: {e}"));
             }
         };
-        let resp = match self.client.request(hreq).await {
-            Ok(r) => r,
-            Err(e) => {
+        let resp = match tokio::time::timeout(self.timeout, self.client.request(hreq)).await {
+            Err(_) => {
+                return HttpResponse::error(
+                    504,
+                    "timeout",
+                    &format!("no reply within {} ms", self.timeout.as_millis()),
+                );
+            }
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
                 return HttpResponse::error(
                     503,
                     "unavailable",

@@ -133,7 +133,7 @@ async fn process_is_proxied_and_gets_its_port() {
         r#"{"name":"p","driver":"process","artifact":"python3","args":["-c","import http.server,os,sys\nclass H(http.server.BaseHTTPRequestHandler):\n  def do_GET(self):\n    b=(os.environ['PORT']+' '+sys.argv[1]+' '+self.path).encode()\n    self.send_response(200); self.send_header('content-length',str(len(b))); self.end_headers(); self.wfile.write(b)\n  def log_message(self,*a): pass\nprint('serving', flush=True)\nhttp.server.HTTPServer(('127.0.0.1',int(os.environ['PORT'])),H).serve_forever()","$PORT"]}"#,
     );
     let (sink, lines) = logs();
-    let i = ProcessDriver
+    let i = ProcessDriver::default()
         .start(StartSpec {
             spec: &s,
             module: None,
@@ -152,8 +152,20 @@ async fn process_is_proxied_and_gets_its_port() {
         lines.lock().unwrap().iter().any(|l| l == "serving")
     })
     .await;
+    let port: u16 = parts[0].parse().unwrap();
     i.stop().await;
     assert_eq!(i.handle(get("/")).await.status, 503);
+    // The process is gone and is not restarted.
+    let mut gone_for = 0;
+    let end = Instant::now() + Duration::from_secs(10);
+    while gone_for < 10 {
+        assert!(Instant::now() < end, "port {port} still answers after stop");
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(_) => gone_for = 0,
+            Err(_) => gone_for += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]
@@ -162,7 +174,7 @@ async fn process_that_exits_is_restarted_with_backoff() {
         r#"{"name":"p","driver":"process","artifact":"sh","args":["-c","echo started; exit 3"]}"#,
     );
     let (sink, lines) = logs();
-    let i = ProcessDriver
+    let i = ProcessDriver::default()
         .start(StartSpec {
             spec: &s,
             module: None,
@@ -186,7 +198,7 @@ async fn process_that_exits_is_restarted_with_backoff() {
 #[tokio::test]
 async fn missing_program_is_reported() {
     let s = spec(r#"{"name":"p","driver":"process","artifact":"/no/such/program"}"#);
-    let i = ProcessDriver
+    let i = ProcessDriver::default()
         .start(StartSpec {
             spec: &s,
             module: None,

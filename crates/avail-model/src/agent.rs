@@ -40,6 +40,8 @@ pub struct JoinResponse {
 /// One workload an agent must run.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Assignment {
+    /// The workload's uid (a re-created workload is a different one).
+    pub uid: String,
     /// The workload's spec.
     pub spec: WorkloadSpec,
     /// Which run this is.
@@ -51,10 +53,10 @@ pub struct Assignment {
 pub struct Route {
     /// Workload name.
     pub workload: String,
-    /// Node of the active replica.
-    pub node: String,
+    /// Node of the active replica; none while the workload is not placed.
+    pub node: Option<String>,
     /// That node's ingress base URL.
-    pub ingress_url: String,
+    pub ingress_url: Option<String>,
     /// Incarnation of the active replica.
     pub incarnation: u64,
 }
@@ -66,7 +68,7 @@ pub struct DesiredState {
     pub revision: u64,
     /// Workloads this node must run.
     pub assignments: Vec<Assignment>,
-    /// Every placed workload's route, for the ingress.
+    /// Every workload's route, for the ingress.
     pub routes: Vec<Route>,
 }
 

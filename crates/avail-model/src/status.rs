@@ -59,6 +59,10 @@ pub struct WorkloadStatus {
 /// A workload: its spec and its status.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Workload {
+    /// Unique id of this workload's creation: a workload deleted and created again
+    /// under the same name has a new uid.
+    #[serde(default)]
+    pub uid: String,
     /// The spec as accepted.
     pub spec: WorkloadSpec,
     /// The observed status.

@@ -348,6 +348,7 @@ async fn create_workload(
         ));
     }
     let mut w = Workload {
+        uid: crate::new_uid(),
         spec,
         status: WorkloadStatus {
             phase: Phase::Pending,

@@ -35,6 +35,13 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// A fresh random id (16 hex digits).
+pub fn new_uid() -> String {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).expect("the OS random source works");
+    format!("{:016x}", u64::from_le_bytes(b))
+}
+
 /// Seconds since the Unix epoch.
 pub fn now_s() -> u64 {
     now_ms() / 1000

@@ -628,23 +628,24 @@ impl AppState {
             ..DesiredState::default()
         };
         for (w, _) in v.workloads.values() {
-            let Some(n) = w.status.node.as_deref() else {
-                continue;
-            };
-            if n == node && w.status.phase != Phase::Stopped {
+            let n = w.status.node.as_deref();
+            if n == Some(node) && w.status.phase != Phase::Stopped {
                 out.assignments.push(Assignment {
+                    uid: w.uid.clone(),
                     spec: w.spec.clone(),
                     incarnation: w.status.incarnation,
                 });
             }
-            if let Some(rec) = v.nodes.get(n) {
-                out.routes.push(Route {
-                    workload: w.spec.name.clone(),
-                    node: n.to_string(),
-                    ingress_url: rec.ingress_url.clone(),
-                    incarnation: w.status.incarnation,
-                });
-            }
+            // Every workload has a route, so the ingress can tell "not running" (503)
+            // from "no such workload" (404).
+            out.routes.push(Route {
+                workload: w.spec.name.clone(),
+                node: n.map(str::to_string),
+                ingress_url: n
+                    .and_then(|n| v.nodes.get(n))
+                    .map(|r| r.ingress_url.clone()),
+                incarnation: w.status.incarnation,
+            });
         }
         out
     }

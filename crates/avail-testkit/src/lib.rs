@@ -371,3 +371,37 @@ pub fn pid_alive(pid: i32) -> bool {
         && std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .is_ok_and(|s| s.split_whitespace().nth(2) != Some("Z"))
 }
+
+/// Every live descendant of `pid` (children, grandchildren, ...), from `/proc`.
+pub fn descendants(pid: i32) -> Vec<i32> {
+    let mut parent_of = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            // The command name may hold spaces: the ppid is the second field after ')'.
+            if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat"))
+                && let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r)
+                && let Some(ppid) = rest
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|s| s.parse::<i32>().ok())
+            {
+                parent_of.push((p, ppid));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        for (c, pp) in &parent_of {
+            if *pp == p && !out.contains(c) {
+                out.push(*c);
+                frontier.push(*c);
+            }
+        }
+    }
+    out.retain(|p| pid_alive(*p));
+    out
+}

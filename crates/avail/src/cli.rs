@@ -121,6 +121,13 @@ enum Command {
         #[command(flatten)]
         args: EventsArgs,
     },
+    /// Internal: runs between an agent and a process workload (see avail-driver).
+    #[command(name = "process-shim", hide = true)]
+    ProcessShim {
+        /// The program and its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
     /// Print a shell completion script.
     Completion {
         /// The shell.
@@ -270,6 +277,16 @@ fn now_ms() -> u64 {
     avail_server::now_ms()
 }
 
+impl Cli {
+    /// The program to run when invoked as the process shim.
+    pub fn shim_command(&self) -> Option<&[String]> {
+        match &self.command {
+            Command::ProcessShim { command } => Some(command),
+            _ => None,
+        }
+    }
+}
+
 /// Run a parsed command line.
 pub async fn run(cli: Cli) -> CliResult {
     let fmt = cli.output;
@@ -277,6 +294,7 @@ pub async fn run(cli: Cli) -> CliResult {
         Command::Server(a) => server(a).await,
         Command::Agent(a) => agent(a).await,
         Command::Up(a) => up::run(a).await,
+        Command::ProcessShim { .. } => Err(CliError::fail("process-shim runs before the runtime")),
         Command::Completion { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "avail", &mut std::io::stdout());
             Ok(())
@@ -440,6 +458,7 @@ async fn agent(a: AgentArgs) -> CliResult {
         join_token,
         tags,
         boot_id: avail_agent::new_boot_id(),
+        process_shim: std::env::current_exe().ok(),
         capacity: Resources {
             cpu_millis: a.cpu_millis,
             memory_mib: a.memory_mib,

@@ -14,6 +14,11 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
+    if let Some(command) = args.shim_command() {
+        // No runtime, no logging: the shim only runs and reaps one program.
+        let code = avail_driver::process::run_shim(&command[0], &command[1..]);
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     tracing_subscriber::fmt()
         .with_max_level(if args.verbose {
             tracing::Level::DEBUG

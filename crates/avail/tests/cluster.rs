@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use avail_client::Client;
 use avail_model::{Node, NodeState, Phase, Workload};
-use avail_testkit::{Cluster, pid_alive, repo_root, wait_until};
+use avail_testkit::{Cluster, descendants, pid_alive, repo_root, wait_until};
 use hyper::Method;
 
 const BIN: &str = env!("CARGO_BIN_EXE_avail");
@@ -98,7 +98,8 @@ async fn three_node_cluster_end_to_end() {
     assert_eq!(r.status, 404);
     assert_eq!(json(&r)["error"]["code"], "not_found");
 
-    // A process workload on node-3 (the second tokyo node is node-3; rack r3).
+    // A process workload on node-3 (rack r3). The shell keeps python as its child, so the
+    // agent runs shim -> sh -> python: the grandchild too must die with the agent.
     let out = ok(&c.cli(&[
         "workload",
         "run",
@@ -107,17 +108,11 @@ async fn three_node_cluster_end_to_end() {
         "--driver",
         "process",
         "--artifact",
-        "python3",
+        "sh",
         "--arg",
-        "-m",
+        "-c",
         "--arg",
-        "http.server",
-        "--arg",
-        "$PORT",
-        "--arg",
-        "--bind",
-        "--arg",
-        "127.0.0.1",
+        "python3 -m http.server $PORT --bind 127.0.0.1; true",
         "--constraint",
         "rack == r3",
     ]));
@@ -125,17 +120,11 @@ async fn three_node_cluster_end_to_end() {
     let r = call(&c.ingress(0), Method::GET, "/w/web/").await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(header(&r, "avail-node"), "node-3");
-    let port_of_web = {
-        // The python server's port, to check it dies with its agent.
-        let out = std::process::Command::new("pgrep")
-            .args(["-f", "http.server"])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|p| p.trim().parse::<i32>().ok())
-            .collect::<Vec<_>>()
-    };
+    let web_pids = descendants(c.agents[2].as_ref().unwrap().pid());
+    assert!(
+        web_pids.len() >= 3,
+        "shim, sh and python under the agent: {web_pids:?}"
+    );
 
     // Workload listing and show.
     let list = ok(&c.cli(&["workload", "list"]));
@@ -166,7 +155,7 @@ async fn three_node_cluster_end_to_end() {
         }
     })
     .await;
-    for pid in port_of_web {
+    for pid in web_pids {
         wait_until(
             "python process gone",
             Duration::from_secs(10),

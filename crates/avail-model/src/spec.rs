@@ -304,7 +304,7 @@ impl WorkloadSpec {
                 if let Some(k) = self
                     .env
                     .keys()
-                    .find(|k| k.is_empty() || k.contains('=') || *k == "PORT")
+                    .find(|k| k.is_empty() || k.contains('=') || *k == "PORT" || *k == "HOST")
                 {
                     return Err(ValidationError::new(
                         format!("env.{k}"),

@@ -272,34 +272,22 @@ async fn readyz(State(state): State<AppStateRef>) -> ApiResult<&'static str> {
 
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text exposition")))]
 async fn metrics(State(state): State<AppStateRef>) -> Response {
-    state.metrics.nodes.clear();
-    for n in state.nodes() {
-        state
-            .metrics
-            .nodes
-            .get_or_create(&vec![("state".into(), n.state.as_str().into())])
-            .inc();
-    }
-    state.metrics.workloads.clear();
-    for (w, _) in state
+    let node_states: Vec<&'static str> = state.nodes().iter().map(|n| n.state.as_str()).collect();
+    let phases: Vec<&'static str> = state
         .view
         .read()
         .unwrap_or_else(|p| p.into_inner())
         .workloads
         .values()
-    {
-        state
-            .metrics
-            .workloads
-            .get_or_create(&vec![("phase".into(), w.status.phase.as_str().into())])
-            .inc();
-    }
+        .map(|(w, _)| w.status.phase.as_str())
+        .collect();
+    let text = state.metrics.scrape(&node_states, &phases);
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.metrics.render(),
+        text,
     )
         .into_response()
 }
@@ -333,7 +321,7 @@ async fn create_workload(
                 ),
             )
         })?;
-        tokio::task::spawn_blocking(move || avail_driver::wasm::abi::check_module(&module))
+        tokio::task::spawn_blocking(move || avail_driver::wasm::check(&module))
             .await
             .map_err(|e| ApiErr::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
             .map_err(|m| ApiErr::invalid("artifact", m))?;
@@ -495,6 +483,9 @@ pub struct EventsQuery {
     pub since: u64,
     /// Most events returned (default 1000).
     pub limit: Option<usize>,
+    /// Return the last `limit` events after `since` instead of the first.
+    #[serde(default)]
+    pub tail: bool,
     /// Stream: replay, then follow live as server-sent events.
     #[serde(default)]
     pub follow: bool,
@@ -510,7 +501,7 @@ async fn workload_events(
 ) -> ApiResult<Json<Vec<ClusterEvent>>> {
     let list = state
         .events
-        .history(q.since, Some(&name), q.limit.unwrap_or(1000))
+        .history(q.since, Some(&name), q.limit.unwrap_or(1000), q.tail)
         .await?;
     if list.is_empty() && state.workload(&name).is_none() {
         return Err(ApiErr::not_found("workload", &name));
@@ -575,11 +566,16 @@ async fn events(
 ) -> ApiResult<Response> {
     let limit = q.limit.unwrap_or(1000);
     if !q.follow {
-        return Ok(Json(state.events.history(q.since, None, limit).await?).into_response());
+        return Ok(Json(state.events.history(q.since, None, limit, q.tail).await?).into_response());
     }
     // Subscribe before reading history so nothing falls between the two; drop repeats by seq.
     let rx = state.events.subscribe();
-    let history = state.events.history(q.since, None, limit).await?;
+    // Replay everything kept after `since` (bounded by the store's history), so the
+    // stream has no gap between replay and live.
+    let history = state
+        .events
+        .history(q.since, None, crate::events::KEEP_EVENTS as usize, false)
+        .await?;
     let last = history.last().map(|e| e.seq).unwrap_or(q.since);
     let live = stream::unfold((rx, last), |(mut rx, last)| async move {
         loop {
@@ -634,8 +630,13 @@ async fn put_artifact(
     let digest = format!("sha256:{:x}", Sha256::digest(&bytes));
     let dir = state.artifacts_dir();
     let path = dir.join(artifact_file(&digest));
-    if !path.exists() {
-        let tmp = dir.join(format!(".upload-{}-{}", std::process::id(), now_ms()));
+    // A file already there is trusted only if its content still matches its name.
+    let intact = match tokio::fs::read(&path).await {
+        Ok(existing) => format!("sha256:{:x}", Sha256::digest(&existing)) == digest,
+        Err(_) => false,
+    };
+    if !intact {
+        let tmp = dir.join(format!(".upload-{}", crate::new_uid()));
         let io = |e: std::io::Error| {
             ApiErr::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -652,6 +653,13 @@ async fn put_artifact(
             .await
             .map_err(io)?;
         tokio::fs::rename(&tmp, &path).await.map_err(io)?;
+        // The rename is durable once the directory is synced.
+        tokio::fs::File::open(&dir)
+            .await
+            .map_err(io)?
+            .sync_all()
+            .await
+            .map_err(io)?;
     }
     Ok(Json(ArtifactRef {
         digest,
@@ -696,10 +704,22 @@ async fn join(
             format!("node token of {} cannot join as {}", c.sub, req.name),
         ));
     }
-    if req.address.parse::<std::net::IpAddr>().is_err() {
+    let Ok(ip) = req.address.parse::<std::net::IpAddr>() else {
         return Err(ApiErr::invalid(
             "address",
             format!("{:?} is not an IP address", req.address),
+        ));
+    };
+    // The ingress must be on the node's own address: routes must not point elsewhere.
+    let ingress_ok = req
+        .ingress_url
+        .strip_prefix("http://")
+        .and_then(|hp| hp.parse::<std::net::SocketAddr>().ok())
+        .is_some_and(|sa| sa.ip() == ip);
+    if !ingress_ok {
+        return Err(ApiErr::invalid(
+            "ingress_url",
+            format!("{:?} is not http://{ip}:<port>", req.ingress_url),
         ));
     }
     let existing = state

@@ -1,7 +1,6 @@
 //! The cluster's event history: persisted in the store (bounded), streamed live.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use avail_model::ClusterEvent;
 use avail_store::{Op, Store, Txn};
@@ -13,13 +12,15 @@ use crate::keys;
 pub const KEEP_EVENTS: u64 = 10_000;
 /// Trim once per this many events.
 const TRIM_EVERY: u64 = 500;
-/// Live subscribers that fall this far behind miss events (they are told).
+/// Live subscribers that fall this far behind miss events (the server logs it).
 pub const STREAM_BUFFER: usize = 1024;
 
 /// Records events and fans them out.
 pub struct Events {
     store: Arc<dyn Store>,
-    next_seq: AtomicU64,
+    /// The next sequence number; held while an event is persisted and broadcast, so
+    /// followers see events in sequence order with no gaps.
+    next_seq: tokio::sync::Mutex<u64>,
     tx: broadcast::Sender<ClusterEvent>,
 }
 
@@ -34,7 +35,7 @@ impl Events {
         let (tx, _) = broadcast::channel(STREAM_BUFFER);
         Ok(Events {
             store,
-            next_seq: AtomicU64::new(last + 1),
+            next_seq: tokio::sync::Mutex::new(last + 1),
             tx,
         })
     }
@@ -47,7 +48,9 @@ impl Events {
         node: Option<&str>,
         message: impl Into<String>,
     ) {
-        let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
+        let mut next = self.next_seq.lock().await;
+        let seq = *next;
+        *next += 1;
         let ev = ClusterEvent {
             seq,
             time_ms: crate::now_ms(),
@@ -62,6 +65,7 @@ impl Events {
             tracing::warn!("event {seq} not persisted: {e}");
         }
         let _ = self.tx.send(ev);
+        drop(next);
         if seq.is_multiple_of(TRIM_EVERY) && seq > KEEP_EVENTS {
             let from = seq.saturating_sub(KEEP_EVENTS + TRIM_EVERY);
             let ops = (from..=seq - KEEP_EVENTS)
@@ -84,19 +88,26 @@ impl Events {
     }
 
     /// Stored events with `seq > since`, optionally only those of one workload, oldest
-    /// first, at most `limit`.
+    /// first: the first `limit` of them (paging forward), or with `tail` the last
+    /// `limit`.
     pub async fn history(
         &self,
         since: u64,
         workload: Option<&str>,
         limit: usize,
+        tail: bool,
     ) -> avail_store::Result<Vec<ClusterEvent>> {
         let (kvs, _) = self.store.range(keys::EVENTS).await?;
-        let mut out: Vec<ClusterEvent> = kvs
+        let start = kvs.partition_point(|kv| kv.key <= keys::event(since));
+        let matching = kvs[start..]
             .iter()
             .filter_map(|kv| serde_json::from_slice::<ClusterEvent>(&kv.value).ok())
-            .filter(|e| e.seq > since && workload.is_none_or(|w| e.workload.as_deref() == Some(w)))
-            .collect();
+            .filter(|e| workload.is_none_or(|w| e.workload.as_deref() == Some(w)));
+        let mut out: Vec<ClusterEvent> = if tail {
+            matching.collect()
+        } else {
+            matching.take(limit).collect()
+        };
         if out.len() > limit {
             out.drain(..out.len() - limit);
         }

@@ -21,6 +21,7 @@ pub struct Metrics {
     pub heartbeats: Counter,
     /// Requests refused by authentication.
     pub auth_failures: Counter,
+    scrape_lock: std::sync::Mutex<()>,
 }
 
 impl Default for Metrics {
@@ -62,11 +63,37 @@ impl Metrics {
             workloads,
             heartbeats,
             auth_failures,
+            scrape_lock: std::sync::Mutex::new(()),
         }
     }
 
-    /// Count one request.
+    /// Set the gauges from the current nodes' states and workloads' phases, and render;
+    /// one scrape at a time, and every known state and phase is set (zero included).
+    pub fn scrape(&self, node_states: &[&str], phases: &[&str]) -> String {
+        let _one_at_a_time = self.scrape_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let count = |all: &[&str], v: &str| all.iter().filter(|x| **x == v).count() as i64;
+        for st in ["ready", "suspect", "down", "draining"] {
+            self.nodes
+                .get_or_create(&vec![("state".into(), st.into())])
+                .set(count(node_states, st));
+        }
+        for ph in ["pending", "placed", "running", "failed", "stopped"] {
+            self.workloads
+                .get_or_create(&vec![("phase".into(), ph.into())])
+                .set(count(phases, ph));
+        }
+        self.render()
+    }
+
+    /// Count one request. Unknown methods are counted as `other`, so a client cannot
+    /// grow the label set.
     pub fn request(&self, method: &str, route: &str, status: u16) {
+        const KNOWN: &[&str] = &["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"];
+        let method = if KNOWN.contains(&method) {
+            method
+        } else {
+            "other"
+        };
         self.http_requests
             .get_or_create(&vec![
                 ("method".into(), method.into()),

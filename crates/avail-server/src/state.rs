@@ -66,6 +66,8 @@ struct Live {
 
 /// Longest log history kept per workload, lines.
 pub const MAX_LOG_LINES: usize = 1000;
+/// Longest log line kept, bytes.
+pub const MAX_LOG_LINE_BYTES: usize = 4096;
 
 /// Shared server state.
 pub struct AppState {
@@ -91,8 +93,6 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Serialises placement decisions so two never use the same capacity.
     pub placement: tokio::sync::Mutex<()>,
-    /// When the server started (nodes get a grace period after it).
-    pub started: Instant,
 }
 
 /// Errors of state operations, mapped to HTTP by the API.
@@ -129,7 +129,6 @@ impl AppState {
             logs: Mutex::new(HashMap::new()),
             metrics: Metrics::new(),
             placement: tokio::sync::Mutex::new(()),
-            started: Instant::now(),
         });
         let rev = state.load().await?;
         let watch = state.store.watch("/", rev).await?;
@@ -216,7 +215,12 @@ impl AppState {
     /// Wait until the view reflects revision `rev` (bounded: 5 s).
     pub async fn wait_view(&self, rev: u64) {
         let mut rx = self.view_rev.subscribe();
-        let _ = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|r| *r >= rev)).await;
+        if tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|r| *r >= rev))
+            .await
+            .is_err()
+        {
+            tracing::warn!("view did not reach revision {rev} within 5 s; answering anyway");
+        }
     }
 
     /// Wait until workloads or nodes change past `rev`, at most `wait`; returns the
@@ -235,9 +239,8 @@ impl AppState {
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         match live.get(name) {
             Some(l) if l.last_heartbeat.elapsed() <= self.config.suspect_after => NodeState::Ready,
-            // Alive in the store but not heard by this server yet: within the grace
-            // period after a server start, keep calling it ready.
-            None if self.started.elapsed() <= self.config.suspect_after * 2 => NodeState::Ready,
+            // Alive in the store but not heard by this server (it just started): not
+            // schedulable until it heartbeats, not down while its lease holds.
             _ => NodeState::Suspect,
         }
     }
@@ -488,12 +491,23 @@ impl AppState {
                 continue;
             }
             let was = w.status.phase;
-            self.update_status(&inst.workload, |s| {
-                s.phase = phase;
-                s.restarts = inst.restarts;
-                s.message = inst.message.clone();
-            })
-            .await?;
+            // The run is checked again inside the update: the workload may have been
+            // re-created or moved since it was read.
+            let res = self
+                .update_status(&inst.workload, |s| {
+                    if s.node.as_deref() == Some(node) && s.incarnation == inst.incarnation {
+                        s.phase = phase;
+                        s.restarts = inst.restarts;
+                        s.message = inst.message.clone();
+                    }
+                })
+                .await;
+            if let Err(e) = res {
+                // One workload's status must not cost the node its liveness or the
+                // other reports: log it; the next heartbeat reports again.
+                tracing::warn!(workload = %inst.workload, "status not recorded: {e}");
+                continue;
+            }
             if was != phase {
                 self.events
                     .emit(
@@ -506,8 +520,24 @@ impl AppState {
             }
         }
         if !logs.is_empty() {
+            // Only lines of workloads placed on this node are kept.
+            let here: BTreeSet<String> = {
+                let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+                v.workloads
+                    .values()
+                    .filter(|(w, _)| w.status.node.as_deref() == Some(node))
+                    .map(|(w, _)| w.spec.name.clone())
+                    .collect()
+            };
             let mut all = self.logs.lock().unwrap_or_else(|p| p.into_inner());
-            for l in logs {
+            for mut l in logs.into_iter().filter(|l| here.contains(&l.workload)) {
+                if l.line.len() > MAX_LOG_LINE_BYTES {
+                    let mut cut = MAX_LOG_LINE_BYTES;
+                    while !l.line.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    l.line.truncate(cut);
+                }
                 let q = all.entry(l.workload.clone()).or_default();
                 if q.len() == MAX_LOG_LINES {
                     q.pop_front();

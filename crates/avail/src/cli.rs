@@ -271,6 +271,9 @@ struct EventsArgs {
     /// Only events after this sequence number.
     #[arg(long, default_value_t = 0)]
     since: u64,
+    /// How many of the most recent events to show.
+    #[arg(long, default_value_t = 50)]
+    limit: usize,
 }
 
 fn now_ms() -> u64 {
@@ -708,7 +711,13 @@ fn event_row(e: &ClusterEvent) -> Vec<String> {
 async fn events(c: &Client, a: EventsArgs, fmt: Format) -> CliResult {
     let mut since = a.since;
     loop {
-        let evs: Vec<ClusterEvent> = c.get(&format!("/v1/events?since={since}")).await?;
+        // The first call shows the most recent events; follow-up calls page forward.
+        let query = if since == a.since && !a.follow {
+            format!("since={since}&tail=true&limit={}", a.limit)
+        } else {
+            format!("since={since}")
+        };
+        let evs: Vec<ClusterEvent> = c.get(&format!("/v1/events?{query}")).await?;
         if let Some(l) = evs.last() {
             since = l.seq;
         }

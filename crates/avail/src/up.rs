@@ -86,16 +86,11 @@ fn spawn_child(args: &[String], log: &Path) -> Result<Child, CliError> {
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
+        // Own process groups: a terminal's Ctrl-C reaches `avail up` only, which then
+        // stops the agents before the server.
+        .process_group(0)
         .kill_on_drop(true);
-    // SAFETY: prctl is async-signal-safe; it runs in the child between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    avail_driver::process::set_parent_death_signal(&mut cmd, libc::SIGKILL);
     cmd.spawn()
         .map_err(|e| CliError::fail(format!("spawning {args:?}: {e}")))
 }
@@ -270,6 +265,7 @@ pub async fn run(a: UpArgs) -> Result<(), CliError> {
         first.ingress_url
     );
     let failed = tokio::select! {
+        biased;
         _ = shutdown_signal() => None,
         st = server.wait() => Some(format!("server exited: {st:?}")),
     };

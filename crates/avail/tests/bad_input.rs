@@ -155,6 +155,64 @@ async fn invalid_specs_are_refused_with_the_field_named() {
     assert_eq!(out.status.code(), Some(1));
     let ws: Vec<Workload> = api.get("/v1/workloads").await.unwrap();
     assert_eq!(ws.len(), 2, "one + the pending far");
+    // A known workload that runs nowhere: 503 with Retry-After, not 404.
+    let r = wait_until("far is routed", Duration::from_secs(15), || {
+        let ingress = Client::new(&c.ingress(0), None, None);
+        async move {
+            let r = ingress
+                .raw(Method::GET, "/w/far/value", None, &[])
+                .await
+                .map_err(|e| e.to_string())?;
+            if r.status == 503 {
+                Ok(r)
+            } else {
+                Err(format!("{}", r.status))
+            }
+        }
+    })
+    .await;
+    assert_eq!(r.headers.get("retry-after").unwrap(), "1");
+
+    // A file that is not wasm, caught by the server: CLI exit 2, field named.
+    let junk = c.dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"#!/bin/sh\n").unwrap();
+    let out = c.cli(&[
+        "workload",
+        "run",
+        "--name",
+        "junk",
+        "--driver",
+        "wasm",
+        "--artifact",
+        junk.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("field: artifact") && err.contains("not a WebAssembly module"),
+        "{err}"
+    );
+
+    // An artifact over 64 MiB: 413, nothing stored.
+    let e = api
+        .put_bytes::<serde_json::Value>("/v1/artifacts", vec![0u8; (64 << 20) + 1].into())
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(413));
+
+    // A node whose ingress is not on its own address is refused.
+    let join = Client::new(&c.server_url(), Some(c.join_token()), None);
+    let bad_join = serde_json::json!({
+        "name": "evil", "address": "127.0.0.99", "ingress_url": "http://10.1.2.3:80",
+        "tags": {}, "capacity": {"cpu_millis": 1, "memory_mib": 1},
+        "agent_version": "0", "boot_id": "x"
+    });
+    let e = join
+        .post::<_, serde_json::Value>("/v1/agent/join", &bad_join)
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(400));
+    assert!(e.to_string().contains("ingress_url"), "{e}");
 }
 
 #[tokio::test]
@@ -211,7 +269,14 @@ async fn auth_is_required_and_checked() {
     assert!(doc["paths"]["/v1/workloads"]["post"].is_object());
 
     // An agent with a wrong join token is refused, exits non-zero, and the server logs it.
-    let mut bad = c.spawn_agent(5, "av1.bogus.token");
+    // (Signed, unexpired, right role, but by another cluster's key.)
+    let foreign = avail_server::auth::Auth::with_key([9; 32]).issue(
+        "join",
+        avail_server::auth::Role::Join,
+        avail_server::now_s(),
+        3600,
+    );
+    let mut bad = c.spawn_agent(5, &foreign);
     wait_until("bad agent exits", Duration::from_secs(20), || {
         let done = !bad.running();
         async move {

@@ -10,7 +10,7 @@
 
 pub mod abi;
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -29,6 +29,12 @@ use crate::{
 
 /// Epoch tick of the interruption clock, ms.
 pub const TICK_MS: u64 = 10;
+/// Most elements in one guest table (each costs host memory).
+pub const MAX_TABLE_ELEMENTS: usize = 100_000;
+/// Most tables in one guest.
+pub const MAX_TABLES: usize = 4;
+/// Most requests waiting for one instance (handlers run one at a time); more get 503.
+pub const MAX_QUEUED_REQUESTS: usize = 256;
 /// Longest log line kept from a guest, bytes.
 pub const MAX_LOG_LINE_BYTES: usize = 4096;
 
@@ -62,10 +68,7 @@ pub struct WasmDriver {
 impl WasmDriver {
     /// A driver with its own engine and interruption ticker.
     pub fn new() -> Result<WasmDriver, String> {
-        let mut config = Config::new();
-        config.epoch_interruption(true);
-        config.max_wasm_stack(1 << 20);
-        let engine = Engine::new(&config).map_err(|e| format!("wasmtime engine: {e}"))?;
+        let engine = Engine::new(&config()).map_err(|e| format!("wasmtime engine: {e}"))?;
         let linker = Arc::new(host_linker(&engine).map_err(|e| format!("wasmtime linker: {e}"))?);
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let (e, stop) = (engine.clone(), ticker_stop.clone());
@@ -84,6 +87,28 @@ impl WasmDriver {
             ticker_stop,
         })
     }
+}
+
+/// The engine configuration of the driver (also used to validate modules).
+fn config() -> Config {
+    let mut config = Config::new();
+    config.epoch_interruption(true);
+    config.max_wasm_stack(1 << 20);
+    config
+}
+
+/// Check a module as the driver will run it: guest ABI v1 ([`abi::check_module`]) and
+/// validation by the same wasmtime configuration (so features the runtime lacks, such as
+/// GC or threads, are refused up front). Does not compile it.
+pub fn check(bytes: &[u8]) -> Result<(), String> {
+    static ENGINE: std::sync::OnceLock<Result<Engine, String>> = std::sync::OnceLock::new();
+    abi::check_module(bytes)?;
+    let engine = ENGINE
+        .get_or_init(|| Engine::new(&config()).map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| format!("wasmtime engine: {e}"))?;
+    Module::validate(engine, bytes)
+        .map_err(|e| format!("not runnable by avail's wasm runtime: {e:#}"))
 }
 
 /// Check the ABI of a module and compile it.
@@ -191,6 +216,7 @@ impl Driver for WasmDriver {
             restarts: AtomicU32::new(0),
             stopped: AtomicBool::new(false),
             last_error: Mutex::new(None),
+            queued: AtomicUsize::new(0),
         }))
     }
 }
@@ -220,6 +246,9 @@ impl InstanceConfig {
         let host = Host {
             limits: StoreLimitsBuilder::new()
                 .memory_size(self.memory_bytes)
+                .table_elements(MAX_TABLE_ELEMENTS)
+                .tables(MAX_TABLES)
+                .memories(1)
                 .instances(1)
                 .build(),
             logs: self.logs.clone(),
@@ -300,11 +329,29 @@ pub struct WasmInstance {
     restarts: AtomicU32,
     stopped: AtomicBool,
     last_error: Mutex<Option<String>>,
+    queued: AtomicUsize,
+}
+
+/// Counts a request as queued for its lifetime.
+struct Queued<'a>(&'a AtomicUsize);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 #[async_trait]
 impl Instance for WasmInstance {
     async fn handle(&self, req: HttpRequest) -> HttpResponse {
+        let _queued = Queued(&self.queued);
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= MAX_QUEUED_REQUESTS {
+            return HttpResponse::error(
+                503,
+                "busy",
+                &format!("{MAX_QUEUED_REQUESTS} requests already waiting for this instance"),
+            );
+        }
         let mut guard = self.live.clone().lock_owned().await;
         if self.stopped.load(Ordering::Acquire) {
             return HttpResponse::error(503, "stopped", "the workload instance is stopped");

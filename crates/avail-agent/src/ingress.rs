@@ -30,6 +30,9 @@ use crate::supervisor::{SlotState, Supervisor};
 
 /// Largest request body accepted by the ingress, bytes.
 pub const MAX_BODY_BYTES: usize = 16 << 20;
+/// Longest a forwarded request may take, end to end (above any handler deadline a
+/// spec may set, 600 s).
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(610);
 /// Header marking a request already forwarded by another node's ingress.
 pub const FORWARDED: &str = "avail-forwarded";
 
@@ -224,18 +227,31 @@ async fn forward(
             "cannot forward this request",
         );
     };
-    match ing.peers.request(out).await {
-        Ok(resp) => {
-            let (parts, body) = resp.into_parts();
-            match Limited::new(body, MAX_BODY_BYTES * 4).collect().await {
-                Ok(b) => Response::from_parts(parts, Body::from(b.to_bytes())),
-                Err(e) => error(
-                    StatusCode::BAD_GATEWAY,
-                    "bad_gateway",
-                    &format!("reading the reply of {ingress_url}: {e}"),
-                ),
-            }
+    let exchange = async {
+        let resp = ing
+            .peers
+            .request(out)
+            .await
+            .map_err(|e| unavailable(&format!("node at {ingress_url} unreachable: {e}")))?;
+        let (parts, body) = resp.into_parts();
+        match Limited::new(body, MAX_BODY_BYTES * 4).collect().await {
+            Ok(b) => Ok(Response::from_parts(parts, Body::from(b.to_bytes()))),
+            Err(e) => Err(error(
+                StatusCode::BAD_GATEWAY,
+                "bad_gateway",
+                &format!("reading the reply of {ingress_url}: {e}"),
+            )),
         }
-        Err(e) => unavailable(&format!("node at {ingress_url} unreachable: {e}")),
+    };
+    match tokio::time::timeout(FORWARD_TIMEOUT, exchange).await {
+        Ok(Ok(r) | Err(r)) => r,
+        Err(_) => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            &format!(
+                "no reply from {ingress_url} within {} s",
+                FORWARD_TIMEOUT.as_secs()
+            ),
+        ),
     }
 }

@@ -77,6 +77,18 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response {
         .into_response()
 }
 
+/// A request body, or `413` past [`MAX_BODY_BYTES`].
+async fn read_body(body: Body) -> Result<Bytes, Response> {
+    match Limited::new(body, MAX_BODY_BYTES).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(_) => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            &format!("request body larger than {MAX_BODY_BYTES} bytes"),
+        )),
+    }
+}
+
 fn unavailable(message: &str) -> Response {
     let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message);
     r.headers_mut()
@@ -143,15 +155,9 @@ async fn handle(State(ing): State<Arc<Ingress>>, req: Request) -> Response {
         return match slot.state {
             SlotState::Running(inst) => {
                 let (parts, body) = req.into_parts();
-                let body = match Limited::new(body, MAX_BODY_BYTES).collect().await {
-                    Ok(b) => b.to_bytes(),
-                    Err(_) => {
-                        return error(
-                            StatusCode::PAYLOAD_TOO_LARGE,
-                            "too_large",
-                            &format!("request body larger than {MAX_BODY_BYTES} bytes"),
-                        );
-                    }
+                let body = match read_body(body).await {
+                    Ok(b) => b,
+                    Err(r) => return r,
                 };
                 let headers = parts
                     .headers
@@ -201,15 +207,9 @@ async fn forward(
     rest: &str,
 ) -> Response {
     let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, MAX_BODY_BYTES).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                &format!("request body larger than {MAX_BODY_BYTES} bytes"),
-            );
-        }
+    let body = match read_body(body).await {
+        Ok(b) => b,
+        Err(r) => return r,
     };
     let mut b = hyper::Request::builder()
         .method(parts.method)

@@ -30,6 +30,15 @@ pub struct Capabilities {
     pub live_migrate: bool,
 }
 
+impl Capabilities {
+    /// Runs workloads at level `none` only.
+    pub const NONE: Capabilities = Capabilities {
+        ft: false,
+        ha_checkpoint: false,
+        live_migrate: false,
+    };
+}
+
 /// Where a driver's instance writes its log lines (bounded by the receiver).
 pub type LogSink = Arc<dyn Fn(String) + Send + Sync>;
 

@@ -73,11 +73,7 @@ impl Driver for ProcessDriver {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            ft: false,
-            ha_checkpoint: false,
-            live_migrate: false,
-        }
+        Capabilities::NONE
     }
 
     async fn start(&self, start: StartSpec<'_>) -> Result<Arc<dyn Instance>, StartError> {

@@ -354,6 +354,15 @@ impl Cluster {
     }
 }
 
+/// Path of an example guest module, `guests/<name>.wasm`.
+pub fn guest(name: &str) -> String {
+    repo_root(env!("CARGO_MANIFEST_DIR"))
+        .join("guests")
+        .join(format!("{name}.wasm"))
+        .display()
+        .to_string()
+}
+
 /// The repository root (for guests/ and examples/), from a crate's manifest dir.
 pub fn repo_root(manifest_dir: &str) -> PathBuf {
     let mut p = PathBuf::from(manifest_dir);

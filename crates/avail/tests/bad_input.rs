@@ -5,19 +5,11 @@ use std::time::Duration;
 
 use avail_client::{Client, ClientError};
 use avail_model::Workload;
-use avail_testkit::{Cluster, Proc, repo_root, wait_until};
+use avail_testkit::{Cluster, Proc, guest, wait_until};
 use bytes::Bytes;
 use hyper::Method;
 
 const BIN: &str = env!("CARGO_BIN_EXE_avail");
-
-fn guest(name: &str) -> String {
-    repo_root(env!("CARGO_MANIFEST_DIR"))
-        .join("guests")
-        .join(format!("{name}.wasm"))
-        .display()
-        .to_string()
-}
 
 async fn upload(c: &Client, bytes: Vec<u8>) -> String {
     let r: serde_json::Value = c.put_bytes("/v1/artifacts", bytes.into()).await.unwrap();

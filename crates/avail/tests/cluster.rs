@@ -5,18 +5,10 @@ use std::time::Duration;
 
 use avail_client::Client;
 use avail_model::{Node, NodeState, Phase, Workload};
-use avail_testkit::{Cluster, descendants, pid_alive, repo_root, wait_until};
+use avail_testkit::{Cluster, descendants, guest, pid_alive, wait_until};
 use hyper::Method;
 
 const BIN: &str = env!("CARGO_BIN_EXE_avail");
-
-fn guest(name: &str) -> String {
-    repo_root(env!("CARGO_MANIFEST_DIR"))
-        .join("guests")
-        .join(format!("{name}.wasm"))
-        .display()
-        .to_string()
-}
 
 fn ok(out: &std::process::Output) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();

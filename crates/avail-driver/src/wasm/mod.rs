@@ -176,11 +176,7 @@ impl Driver for WasmDriver {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            ft: false,
-            ha_checkpoint: false,
-            live_migrate: false,
-        }
+        Capabilities::NONE
     }
 
     async fn start(&self, start: StartSpec<'_>) -> Result<Arc<dyn Instance>, StartError> {

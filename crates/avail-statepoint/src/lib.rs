@@ -11,15 +11,16 @@
 //! - [`dirty`]: which pages changed since the last capture, behind one trait;
 //! - [`state`]: the state image a secondary keeps and applies deltas to;
 //! - [`frame`]: the versioned, checksummed checkpoint frame that carries a delta over
-//!   the wire; its decoder rejects, never panics.
+//!   the wire; its decoder rejects, never panics;
+//! - [`pair`]: the pair protocol (pipelined epochs, acks, output commit, failure
+//!   detection, lease-based failover and fencing) as pure state machines.
 //!
-//! Not here yet: the pair protocol state machine, output commit and failover (they come
-//! next, as pure state machines driven by a transport trait). This crate does no network
-//! or file I/O.
+//! This crate does no network or file I/O: the agent carries out the actions.
 
 pub mod capture;
 pub mod dirty;
 pub mod frame;
+pub mod pair;
 pub mod rewrite;
 pub mod state;
 

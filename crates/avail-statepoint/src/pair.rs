@@ -1,0 +1,834 @@
+//! The pair protocol: a primary and a secondary of one `ft` workload, as pure state
+//! machines. They take messages, ticks (the time is passed in, in ms) and the answers
+//! of the control-plane lease, and return actions for the driver to carry out (send,
+//! apply, release outputs, ask for the lease, promote). No clock, socket or store in
+//! here: the same code runs over TCP between agents and in the seeded simulation of
+//! `tests/pair_sim.rs`.
+//!
+//! ```text
+//!  primary P (generation g)                          secondary S (generation g)
+//!  ---------------------                      ---------------------
+//!  runs epoch e; outputs of e are HELD
+//!  end of epoch: capture delta e
+//!      ---- Checkpoint{g, e, full?} ---->     apply atomically (all or nothing)
+//!      <--------- Ack{g, e} ------------      (only if applied and generation == g)
+//!  release outputs of epochs <= e
+//!
+//!  a gap or a failed apply:
+//!      <-------- NeedFull{g} -----------
+//!      ---- Checkpoint{g, e', full} --->
+//!
+//!  idle link:  Heartbeat{g} both ways every heartbeat_ms
+//!
+//!  P silent for failure_ms (P's host died):
+//!                                  S: RequestLease(g -> g+1) to the store
+//!                                  granted: Promote{g+1, last applied epoch}:
+//!                                     resume the guest from that image, serve
+//!                                  refused: Fenced (someone else is active)
+//!
+//!  S silent for failure_ms (S's host died, or the link is cut):
+//!  P: outputs stay held; RequestLease(g -> g+1)
+//!     granted: generation = g+1, Degraded: release held outputs if the policy is
+//!              `release`, else hold until a new secondary (generation g+1) acks
+//!     refused: Fenced: never release again (S took over)
+//! ```
+//!
+//! Safety rests on two rules: (1) an output leaves only when a checkpoint containing
+//! its cause is acknowledged at the primary's generation, or when the primary itself
+//! holds the lease of a newer generation; (2) the lease moves from g to g+1 by
+//! compare-and-swap in the store, so one node at most is active per generation, and a
+//! secondary never acknowledges a frame of any other generation than its own, so a
+//! stale primary cannot collect acks.
+
+use std::collections::VecDeque;
+
+/// A pair generation (fencing token).
+pub type Generation = u64;
+/// A checkpoint epoch within a generation.
+pub type Epoch = u64;
+/// Identifies one output (a reply) held by the primary.
+pub type OutputId = u64;
+
+/// Timing and bounds of the protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PairConfig {
+    /// Send a heartbeat when nothing else was sent for this long.
+    pub heartbeat_ms: u64,
+    /// The peer is declared lost after this long without any message from it.
+    pub failure_ms: u64,
+    /// Most checkpoints sent and not yet acknowledged; past it the primary does not end
+    /// epochs (the guest keeps running, the delta grows).
+    pub max_inflight: usize,
+    /// Most outputs held; past it the driver must stop taking requests.
+    pub max_held: usize,
+}
+
+impl Default for PairConfig {
+    fn default() -> Self {
+        PairConfig {
+            heartbeat_ms: 50,
+            failure_ms: 200,
+            max_inflight: 8,
+            max_held: 10_000,
+        }
+    }
+}
+
+/// What the primary does with held outputs when it has lost its secondary and holds the
+/// lease of the next generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossPolicy {
+    /// Keep holding until a new secondary is synced.
+    Hold,
+    /// Release them, unprotected (degraded).
+    Release,
+}
+
+/// A message between the two.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Msg {
+    /// Primary to secondary: the checkpoint of an epoch (its bytes travel with it).
+    Checkpoint {
+        /// Generation.
+        generation: Generation,
+        /// Epoch.
+        epoch: Epoch,
+        /// Whether it is a full image.
+        full: bool,
+    },
+    /// Secondary to primary: every epoch up to this one is applied.
+    Ack {
+        /// Generation.
+        generation: Generation,
+        /// Epoch.
+        epoch: Epoch,
+    },
+    /// Secondary to primary: send a full image (after a gap or a failed apply).
+    NeedFull {
+        /// Generation.
+        generation: Generation,
+    },
+    /// Either way: still here.
+    Heartbeat {
+        /// Generation.
+        generation: Generation,
+    },
+}
+
+/// The primary's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrimaryMode {
+    /// A secondary is attached but has no full image yet.
+    Syncing,
+    /// The secondary acknowledges checkpoints.
+    Protected,
+    /// The secondary went silent; the lease of the next generation is being asked for.
+    Suspect,
+    /// Holds the lease of its generation with no secondary.
+    Degraded,
+    /// Lost the lease: must never release an output again.
+    Fenced,
+}
+
+/// What the primary asks its driver to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PrimaryAction {
+    /// Send a message to the secondary (for a checkpoint: capture the delta first).
+    Send(Msg),
+    /// Release these outputs to their clients.
+    Release(Vec<OutputId>),
+    /// Ask the store for the lease `from -> to` (compare-and-swap).
+    RequestLease {
+        /// Current generation.
+        from: Generation,
+        /// Next generation.
+        to: Generation,
+    },
+    /// Lost the lease: stop the instance, release nothing.
+    Fence,
+}
+
+/// The primary of a pair.
+#[derive(Clone, Debug)]
+pub struct Primary {
+    cfg: PairConfig,
+    policy: LossPolicy,
+    generation: Generation,
+    /// The epoch running now: outputs produced now belong to it.
+    epoch: Epoch,
+    /// Highest epoch acknowledged in this generation.
+    acked: Option<Epoch>,
+    /// Highest epoch sent.
+    sent: Option<Epoch>,
+    /// First epoch sent to the current secondary.
+    base: Epoch,
+    need_full: bool,
+    has_secondary: bool,
+    last_heard_ms: u64,
+    last_sent_ms: u64,
+    mode: PrimaryMode,
+    held: VecDeque<(Epoch, OutputId)>,
+}
+
+impl Primary {
+    /// A primary at generation `generation` with a secondary attached (which needs a full image).
+    pub fn new(
+        cfg: PairConfig,
+        policy: LossPolicy,
+        generation: Generation,
+        now_ms: u64,
+    ) -> Primary {
+        Primary {
+            cfg,
+            policy,
+            generation,
+            epoch: 1,
+            acked: None,
+            sent: None,
+            base: 1,
+            need_full: true,
+            has_secondary: true,
+            last_heard_ms: now_ms,
+            last_sent_ms: now_ms,
+            mode: PrimaryMode::Syncing,
+            held: VecDeque::new(),
+        }
+    }
+
+    /// A secondary that promoted itself: active at `generation`, no secondary yet (degraded).
+    pub fn promoted(
+        cfg: PairConfig,
+        policy: LossPolicy,
+        generation: Generation,
+        now_ms: u64,
+    ) -> Primary {
+        let mut p = Primary::new(cfg, policy, generation, now_ms);
+        p.has_secondary = false;
+        p.mode = PrimaryMode::Degraded;
+        p
+    }
+
+    /// Mode.
+    pub fn mode(&self) -> PrimaryMode {
+        self.mode
+    }
+
+    /// Generation.
+    pub fn generation(&self) -> Generation {
+        self.generation
+    }
+
+    /// The epoch running now.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// Highest epoch acknowledged.
+    pub fn acked(&self) -> Option<Epoch> {
+        self.acked
+    }
+
+    /// Outputs held now.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Whether the driver may take another request (outputs are bounded).
+    pub fn accepting(&self) -> bool {
+        self.mode != PrimaryMode::Fenced && self.held.len() < self.cfg.max_held
+    }
+
+    fn releases_unprotected(&self) -> bool {
+        self.mode == PrimaryMode::Degraded
+            && self.policy == LossPolicy::Release
+            && !self.has_secondary
+    }
+
+    /// The guest produced output `id` during the current epoch.
+    pub fn output(&mut self, id: OutputId) -> Vec<PrimaryAction> {
+        match self.mode {
+            PrimaryMode::Fenced => vec![],
+            _ if self.releases_unprotected() => vec![PrimaryAction::Release(vec![id])],
+            _ => {
+                self.held.push_back((self.epoch, id));
+                vec![]
+            }
+        }
+    }
+
+    /// The driver wants to end the current epoch (timer, or an output is waiting and the
+    /// link is idle). Returns the checkpoint to capture and send, or nothing (no
+    /// secondary, fenced, or too many checkpoints in flight: the epoch goes on).
+    pub fn end_epoch(&mut self, now_ms: u64) -> Vec<PrimaryAction> {
+        if !self.has_secondary || matches!(self.mode, PrimaryMode::Fenced | PrimaryMode::Suspect) {
+            return vec![];
+        }
+        let first_unacked = self.acked.map(|a| a + 1).unwrap_or(self.base);
+        let inflight = self
+            .sent
+            .map(|s| (s + 1).saturating_sub(first_unacked) as usize)
+            .unwrap_or(0);
+        if inflight >= self.cfg.max_inflight && !self.need_full {
+            return vec![];
+        }
+        let e = self.epoch;
+        let full = std::mem::take(&mut self.need_full);
+        debug_assert!(self.sent.is_none_or(|s| s < e), "epochs only go forward");
+        self.sent = Some(e);
+        self.epoch += 1;
+        self.last_sent_ms = now_ms;
+        vec![PrimaryAction::Send(Msg::Checkpoint {
+            generation: self.generation,
+            epoch: e,
+            full,
+        })]
+    }
+
+    /// A message from the secondary.
+    pub fn receive(&mut self, msg: Msg, now_ms: u64) -> Vec<PrimaryAction> {
+        let msg_gen = match msg {
+            Msg::Ack { generation, .. }
+            | Msg::NeedFull { generation }
+            | Msg::Heartbeat { generation } => generation,
+            Msg::Checkpoint { .. } => return vec![],
+        };
+        if msg_gen != self.generation
+            || !self.has_secondary
+            || matches!(self.mode, PrimaryMode::Fenced | PrimaryMode::Suspect)
+        {
+            return vec![];
+        }
+        self.last_heard_ms = now_ms;
+        match msg {
+            Msg::Ack { epoch, .. } => {
+                // An ack for an epoch never sent is a protocol violation: ignore it.
+                if self.sent.is_none_or(|s| epoch > s) || self.acked.is_some_and(|a| epoch <= a) {
+                    return vec![];
+                }
+                self.acked = Some(epoch);
+                self.mode = PrimaryMode::Protected;
+                let mut out = Vec::new();
+                while self.held.front().is_some_and(|(e, _)| *e <= epoch) {
+                    out.push(self.held.pop_front().expect("front exists").1);
+                }
+                if out.is_empty() {
+                    vec![]
+                } else {
+                    vec![PrimaryAction::Release(out)]
+                }
+            }
+            Msg::NeedFull { .. } => {
+                self.need_full = true;
+                self.mode = PrimaryMode::Syncing;
+                vec![]
+            }
+            _ => vec![],
+        }
+    }
+
+    /// Time passes: heartbeat, and detect a lost secondary.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<PrimaryAction> {
+        if !self.has_secondary || matches!(self.mode, PrimaryMode::Fenced | PrimaryMode::Suspect) {
+            return vec![];
+        }
+        if now_ms.saturating_sub(self.last_heard_ms) >= self.cfg.failure_ms {
+            self.mode = PrimaryMode::Suspect;
+            return vec![PrimaryAction::RequestLease {
+                from: self.generation,
+                to: self.generation + 1,
+            }];
+        }
+        if now_ms.saturating_sub(self.last_sent_ms) >= self.cfg.heartbeat_ms {
+            self.last_sent_ms = now_ms;
+            return vec![PrimaryAction::Send(Msg::Heartbeat {
+                generation: self.generation,
+            })];
+        }
+        vec![]
+    }
+
+    /// The store's answer to [`PrimaryAction::RequestLease`].
+    pub fn lease_result(&mut self, granted: bool) -> Vec<PrimaryAction> {
+        if self.mode != PrimaryMode::Suspect {
+            return vec![];
+        }
+        if !granted {
+            self.mode = PrimaryMode::Fenced;
+            self.held.clear();
+            return vec![PrimaryAction::Fence];
+        }
+        self.generation += 1;
+        self.has_secondary = false;
+        self.acked = None;
+        self.sent = None;
+        self.mode = PrimaryMode::Degraded;
+        if self.policy == LossPolicy::Release {
+            let out: Vec<OutputId> = self.held.drain(..).map(|(_, id)| id).collect();
+            if !out.is_empty() {
+                return vec![PrimaryAction::Release(out)];
+            }
+        }
+        vec![]
+    }
+
+    /// The control plane attached a new secondary (at this primary's generation): it
+    /// gets a full image next, then deltas; held outputs wait for its first ack.
+    pub fn attach_secondary(&mut self, now_ms: u64) {
+        if self.mode == PrimaryMode::Fenced {
+            return;
+        }
+        self.has_secondary = true;
+        self.need_full = true;
+        self.acked = None;
+        self.sent = None;
+        self.base = self.epoch;
+        self.mode = PrimaryMode::Syncing;
+        self.last_heard_ms = now_ms;
+        self.last_sent_ms = now_ms;
+    }
+}
+
+/// The secondary's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecondaryMode {
+    /// No full image yet.
+    Syncing,
+    /// Has an image and follows the primary.
+    Synced,
+    /// The primary went silent; asking for the lease.
+    Promoting,
+    /// Took over: now the active replica (the driver runs a [`Primary`]).
+    Active,
+    /// Lost the race for the lease, or was replaced: discard.
+    Fenced,
+}
+
+/// What the secondary asks its driver to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecondaryAction {
+    /// Decode and apply the checkpoint's bytes atomically, then call
+    /// [`Secondary::applied`] with the outcome.
+    Apply {
+        /// Epoch.
+        epoch: Epoch,
+        /// Full image.
+        full: bool,
+    },
+    /// Send a message to the primary.
+    Send(Msg),
+    /// Ask the store for the lease `from -> to`.
+    RequestLease {
+        /// Current generation.
+        from: Generation,
+        /// Next generation.
+        to: Generation,
+    },
+    /// Resume the guest from the image of `epoch` and become active at `generation`.
+    Promote {
+        /// The new generation.
+        generation: Generation,
+        /// The epoch of the image resumed from.
+        epoch: Epoch,
+    },
+    /// Throw the image away; this replica is done.
+    Discard,
+}
+
+/// The secondary of a pair.
+#[derive(Clone, Debug)]
+pub struct Secondary {
+    cfg: PairConfig,
+    generation: Generation,
+    applied: Option<Epoch>,
+    applying: Option<(Epoch, bool)>,
+    last_heard_ms: u64,
+    last_sent_ms: u64,
+    mode: SecondaryMode,
+}
+
+impl Secondary {
+    /// A secondary attached at generation `generation`.
+    pub fn new(cfg: PairConfig, generation: Generation, now_ms: u64) -> Secondary {
+        Secondary {
+            cfg,
+            generation,
+            applied: None,
+            applying: None,
+            last_heard_ms: now_ms,
+            last_sent_ms: now_ms,
+            mode: SecondaryMode::Syncing,
+        }
+    }
+
+    /// Mode.
+    pub fn mode(&self) -> SecondaryMode {
+        self.mode
+    }
+
+    /// Last applied epoch.
+    pub fn applied_epoch(&self) -> Option<Epoch> {
+        self.applied
+    }
+
+    /// A message from the primary.
+    pub fn receive(&mut self, msg: Msg, now_ms: u64) -> Vec<SecondaryAction> {
+        let msg_gen = match msg {
+            Msg::Checkpoint { generation, .. } | Msg::Heartbeat { generation } => generation,
+            Msg::Ack { .. } | Msg::NeedFull { .. } => return vec![],
+        };
+        // Never anything of another generation: this is the fence on stale primaries.
+        if msg_gen != self.generation
+            || !matches!(self.mode, SecondaryMode::Syncing | SecondaryMode::Synced)
+        {
+            return vec![];
+        }
+        self.last_heard_ms = now_ms;
+        let Msg::Checkpoint { epoch, full, .. } = msg else {
+            return vec![];
+        };
+        if self.applying.is_some() {
+            // One apply at a time; a later frame while applying is a gap: ask again.
+            return vec![];
+        }
+        // A full image moves the image forward only: a late full image of an older
+        // epoch (reordered behind newer deltas) would take back state that was already
+        // acknowledged, and outputs released on that ack would be lost on failover.
+        let next = match self.applied {
+            None => full,
+            Some(a) => (full && epoch > a) || epoch == a + 1,
+        };
+        if next {
+            self.applying = Some((epoch, full));
+            return vec![SecondaryAction::Apply { epoch, full }];
+        }
+        match self.applied {
+            // Already have it (a duplicate): acknowledge again what we have.
+            Some(a) if epoch <= a => vec![self.send(
+                Msg::Ack {
+                    generation: self.generation,
+                    epoch: a,
+                },
+                now_ms,
+            )],
+            // A gap (lost or reordered frame), or a delta before any image.
+            _ => vec![self.send(
+                Msg::NeedFull {
+                    generation: self.generation,
+                },
+                now_ms,
+            )],
+        }
+    }
+
+    fn send(&mut self, m: Msg, now_ms: u64) -> SecondaryAction {
+        self.last_sent_ms = now_ms;
+        SecondaryAction::Send(m)
+    }
+
+    /// The driver finished an [`SecondaryAction::Apply`]: `ok` if the frame decoded and
+    /// was applied, `false` if it was refused (corrupt, torn, out of memory); the image
+    /// is then as before.
+    pub fn applied(&mut self, epoch: Epoch, ok: bool, now_ms: u64) -> Vec<SecondaryAction> {
+        let Some((e, full)) = self.applying.take() else {
+            return vec![];
+        };
+        if e != epoch || !matches!(self.mode, SecondaryMode::Syncing | SecondaryMode::Synced) {
+            return vec![];
+        }
+        if !ok {
+            return vec![self.send(
+                Msg::NeedFull {
+                    generation: self.generation,
+                },
+                now_ms,
+            )];
+        }
+        debug_assert!(full || self.applied.is_some_and(|a| a + 1 == e));
+        self.applied = Some(e);
+        self.mode = SecondaryMode::Synced;
+        vec![self.send(
+            Msg::Ack {
+                generation: self.generation,
+                epoch: e,
+            },
+            now_ms,
+        )]
+    }
+
+    /// Time passes: heartbeat, and detect a dead primary.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<SecondaryAction> {
+        if !matches!(self.mode, SecondaryMode::Syncing | SecondaryMode::Synced) {
+            return vec![];
+        }
+        if now_ms.saturating_sub(self.last_heard_ms) >= self.cfg.failure_ms {
+            if self.mode == SecondaryMode::Synced && self.applying.is_none() {
+                self.mode = SecondaryMode::Promoting;
+                return vec![SecondaryAction::RequestLease {
+                    from: self.generation,
+                    to: self.generation + 1,
+                }];
+            }
+            // Nothing to resume from: this replica cannot take over.
+            if self.mode == SecondaryMode::Syncing {
+                self.mode = SecondaryMode::Fenced;
+                return vec![SecondaryAction::Discard];
+            }
+        }
+        if now_ms.saturating_sub(self.last_sent_ms) >= self.cfg.heartbeat_ms {
+            return vec![self.send(
+                Msg::Heartbeat {
+                    generation: self.generation,
+                },
+                now_ms,
+            )];
+        }
+        vec![]
+    }
+
+    /// The store's answer to [`SecondaryAction::RequestLease`].
+    pub fn lease_result(&mut self, granted: bool) -> Vec<SecondaryAction> {
+        if self.mode != SecondaryMode::Promoting {
+            return vec![];
+        }
+        if granted {
+            self.mode = SecondaryMode::Active;
+            let epoch = self.applied.expect("only a synced secondary promotes");
+            vec![SecondaryAction::Promote {
+                generation: self.generation + 1,
+                epoch,
+            }]
+        } else {
+            self.mode = SecondaryMode::Fenced;
+            vec![SecondaryAction::Discard]
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> PairConfig {
+        PairConfig::default()
+    }
+
+    #[test]
+    fn outputs_wait_for_the_ack_of_their_epoch() {
+        let mut p = Primary::new(cfg(), LossPolicy::Hold, 1, 0);
+        let mut s = Secondary::new(cfg(), 1, 0);
+        assert!(p.output(10).is_empty());
+        let send = p.end_epoch(1);
+        assert_eq!(
+            send,
+            vec![PrimaryAction::Send(Msg::Checkpoint {
+                generation: 1,
+                epoch: 1,
+                full: true
+            })]
+        );
+        assert!(p.output(11).is_empty(), "epoch 2's output");
+        let apply = s.receive(
+            Msg::Checkpoint {
+                generation: 1,
+                epoch: 1,
+                full: true,
+            },
+            2,
+        );
+        assert_eq!(
+            apply,
+            vec![SecondaryAction::Apply {
+                epoch: 1,
+                full: true
+            }]
+        );
+        let ack = s.applied(1, true, 3);
+        assert_eq!(
+            ack,
+            vec![SecondaryAction::Send(Msg::Ack {
+                generation: 1,
+                epoch: 1
+            })]
+        );
+        assert_eq!(
+            p.receive(
+                Msg::Ack {
+                    generation: 1,
+                    epoch: 1
+                },
+                4
+            ),
+            vec![PrimaryAction::Release(vec![10])]
+        );
+        assert_eq!(p.held(), 1);
+        assert_eq!(p.mode(), PrimaryMode::Protected);
+    }
+
+    #[test]
+    fn secondary_refuses_other_generations_and_asks_for_full_on_gaps() {
+        let mut s = Secondary::new(cfg(), 2, 0);
+        assert!(
+            s.receive(
+                Msg::Checkpoint {
+                    generation: 1,
+                    epoch: 1,
+                    full: true
+                },
+                1
+            )
+            .is_empty()
+        );
+        assert_eq!(
+            s.receive(
+                Msg::Checkpoint {
+                    generation: 2,
+                    epoch: 3,
+                    full: false
+                },
+                1
+            ),
+            vec![SecondaryAction::Send(Msg::NeedFull { generation: 2 })]
+        );
+        s.receive(
+            Msg::Checkpoint {
+                generation: 2,
+                epoch: 4,
+                full: true,
+            },
+            2,
+        );
+        s.applied(4, true, 2);
+        assert_eq!(
+            s.receive(
+                Msg::Checkpoint {
+                    generation: 2,
+                    epoch: 6,
+                    full: false
+                },
+                3
+            ),
+            vec![SecondaryAction::Send(Msg::NeedFull { generation: 2 })]
+        );
+        assert_eq!(
+            s.receive(
+                Msg::Checkpoint {
+                    generation: 2,
+                    epoch: 4,
+                    full: false
+                },
+                3
+            ),
+            vec![SecondaryAction::Send(Msg::Ack {
+                generation: 2,
+                epoch: 4
+            })]
+        );
+        // A corrupt frame: refused, image unchanged, full image requested.
+        s.receive(
+            Msg::Checkpoint {
+                generation: 2,
+                epoch: 5,
+                full: false,
+            },
+            4,
+        );
+        assert_eq!(
+            s.applied(5, false, 4),
+            vec![SecondaryAction::Send(Msg::NeedFull { generation: 2 })]
+        );
+        assert_eq!(s.applied_epoch(), Some(4));
+    }
+
+    #[test]
+    fn a_late_full_image_never_takes_the_image_back() {
+        let mut s = Secondary::new(cfg(), 1, 0);
+        s.receive(
+            Msg::Checkpoint {
+                generation: 1,
+                epoch: 5,
+                full: true,
+            },
+            0,
+        );
+        s.applied(5, true, 0);
+        s.receive(
+            Msg::Checkpoint {
+                generation: 1,
+                epoch: 6,
+                full: false,
+            },
+            1,
+        );
+        s.applied(6, true, 1);
+        // The full image of epoch 4, delayed on the way: acknowledged as what we have.
+        assert_eq!(
+            s.receive(
+                Msg::Checkpoint {
+                    generation: 1,
+                    epoch: 4,
+                    full: true
+                },
+                2
+            ),
+            vec![SecondaryAction::Send(Msg::Ack {
+                generation: 1,
+                epoch: 6
+            })]
+        );
+        assert_eq!(s.applied_epoch(), Some(6));
+    }
+
+    #[test]
+    fn silent_primary_leads_to_promotion_or_fencing() {
+        let mut s = Secondary::new(cfg(), 1, 0);
+        s.receive(
+            Msg::Checkpoint {
+                generation: 1,
+                epoch: 1,
+                full: true,
+            },
+            0,
+        );
+        s.applied(1, true, 0);
+        assert_eq!(
+            s.tick(500),
+            vec![SecondaryAction::RequestLease { from: 1, to: 2 }]
+        );
+        let mut t = s.clone();
+        assert_eq!(
+            s.lease_result(true),
+            vec![SecondaryAction::Promote {
+                generation: 2,
+                epoch: 1
+            }]
+        );
+        assert_eq!(t.lease_result(false), vec![SecondaryAction::Discard]);
+    }
+
+    #[test]
+    fn primary_that_loses_the_lease_never_releases() {
+        let mut p = Primary::new(cfg(), LossPolicy::Release, 1, 0);
+        p.output(1);
+        p.end_epoch(1);
+        assert_eq!(
+            p.tick(500),
+            vec![PrimaryAction::RequestLease { from: 1, to: 2 }]
+        );
+        let mut q = p.clone();
+        assert_eq!(p.lease_result(false), vec![PrimaryAction::Fence]);
+        assert!(p.output(2).is_empty());
+        assert!(
+            p.receive(
+                Msg::Ack {
+                    generation: 1,
+                    epoch: 1
+                },
+                501
+            )
+            .is_empty()
+        );
+        // Granted instead: generation moves on, held outputs go out under `release`.
+        assert_eq!(q.lease_result(true), vec![PrimaryAction::Release(vec![1])]);
+        assert_eq!((q.generation(), q.mode()), (2, PrimaryMode::Degraded));
+    }
+}

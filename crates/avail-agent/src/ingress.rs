@@ -124,6 +124,19 @@ fn to_response(r: HttpResponse, node: &str, incarnation: u64) -> Response {
     resp
 }
 
+/// A request as received, kept so that it can be sent again.
+struct Incoming {
+    method: hyper::Method,
+    name: String,
+    rest: String,
+    headers: hyper::HeaderMap,
+    body: Bytes,
+    forwarded: bool,
+}
+
+/// How long an ingress keeps retrying a request to an `ft` workload across a failover.
+pub const FT_RETRY_FOR: Duration = Duration::from_secs(15);
+
 async fn handle(State(ing): State<Arc<Ingress>>, req: Request) -> Response {
     let path_and_query = req
         .uri()
@@ -141,25 +154,65 @@ async fn handle(State(ing): State<Arc<Ingress>>, req: Request) -> Response {
         format!("/{rest}")
     };
     let name = name.to_string();
-    let forwarded = req.headers().contains_key(FORWARDED);
+    let (parts, body) = req.into_parts();
+    let body = match read_body(body).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let mut inc = Incoming {
+        forwarded: parts.headers.contains_key(FORWARDED),
+        method: parts.method,
+        name,
+        rest,
+        headers: parts.headers,
+        body,
+    };
+    // An ft workload's requests are retried across a failover: they need an id that
+    // stays the same on every attempt, so the new replica answers a repeat from its
+    // reply log instead of running it twice.
+    let ft = ing.sup.route(&inc.name).is_some_and(|r| r.ft);
+    if ft && !inc.headers.contains_key("idempotency-key") {
+        let mut id = [0u8; 12];
+        let _ = getrandom::fill(&mut id);
+        let key: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        if let Ok(v) = HeaderValue::from_str(&format!("avail-{key}")) {
+            inc.headers.insert("idempotency-key", v);
+        }
+    }
+    let deadline = std::time::Instant::now() + FT_RETRY_FOR;
+    loop {
+        match attempt(&ing, &inc).await {
+            Ok(r) => return r,
+            Err(r) => {
+                // Only ft workloads are retried, and only by the ingress that took the
+                // request from the client.
+                let ft = ing.sup.route(&inc.name).is_some_and(|r| r.ft);
+                if !ft || inc.forwarded || std::time::Instant::now() >= deadline {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+    }
+}
 
+/// One try: `Ok` is final, `Err` a reply that a retry might improve (503, unreachable).
+async fn attempt(ing: &Ingress, inc: &Incoming) -> Result<Response, Response> {
+    let name = &inc.name;
     if !ing.sup.is_synced() {
-        return unavailable("this node has not received its desired state yet");
+        return Err(unavailable(
+            "this node has not received its desired state yet",
+        ));
     }
     let me = ing.sup.node();
-    let route = ing.sup.route(&name);
+    let route = ing.sup.route(name);
     let is_local_active = route
         .as_ref()
         .is_some_and(|r| r.node.as_deref() == Some(me));
-    if let Some(slot) = ing.sup.slot(&name).filter(|_| is_local_active) {
+    if let Some(slot) = ing.sup.slot(name).filter(|_| is_local_active) {
         return match slot.state {
             SlotState::Running(inst) => {
-                let (parts, body) = req.into_parts();
-                let body = match read_body(body).await {
-                    Ok(b) => b,
-                    Err(r) => return r,
-                };
-                let headers = parts
+                let headers = inc
                     .headers
                     .iter()
                     .filter(|(n, _)| !is_hop_by_hop(n.as_str()) && n.as_str() != FORWARDED)
@@ -168,64 +221,57 @@ async fn handle(State(ing): State<Arc<Ingress>>, req: Request) -> Response {
                     })
                     .collect();
                 let hreq = HttpRequest {
-                    method: parts.method.to_string(),
-                    path: rest,
+                    method: inc.method.to_string(),
+                    path: inc.rest.clone(),
                     headers,
-                    body,
+                    body: inc.body.clone(),
                 };
                 let resp = inst.handle(hreq).await;
-                to_response(resp, me, slot.assignment.incarnation)
+                let retry = resp.status == 503;
+                let r = to_response(resp, me, slot.assignment.incarnation);
+                if retry { Err(r) } else { Ok(r) }
             }
-            SlotState::Starting => unavailable(&format!("workload {name} is starting")),
-            SlotState::Failed { message, .. } => {
-                unavailable(&format!("workload {name} failed to start: {message}"))
-            }
+            SlotState::Starting => Err(unavailable(&format!("workload {name} is starting"))),
+            SlotState::Failed { message, .. } => Err(unavailable(&format!(
+                "workload {name} failed to start: {message}"
+            ))),
         };
     }
     let Some(route) = route else {
-        return error(
+        return Ok(error(
             StatusCode::NOT_FOUND,
             "not_found",
             &format!("no workload named {name:?}"),
-        );
+        ));
     };
     match (&route.node, &route.ingress_url) {
-        (Some(node), Some(url)) if node != me && !forwarded => {
-            forward(&ing, req, url, &name, &rest).await
-        }
-        (None, _) => unavailable(&format!("workload {name} is not placed on any node")),
+        (Some(node), Some(url)) if node != me && !inc.forwarded => forward(ing, inc, url).await,
+        (None, _) => Err(unavailable(&format!(
+            "workload {name} is not placed on any node"
+        ))),
         // Routed here but not (yet) running here, or a peer's stale route: never loop.
-        _ => unavailable(&format!("workload {name} is not running on {me}")),
+        _ => Err(unavailable(&format!(
+            "workload {name} is not running on {me}"
+        ))),
     }
 }
 
-async fn forward(
-    ing: &Ingress,
-    req: Request,
-    ingress_url: &str,
-    name: &str,
-    rest: &str,
-) -> Response {
-    let (parts, body) = req.into_parts();
-    let body = match read_body(body).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
+async fn forward(ing: &Ingress, inc: &Incoming, ingress_url: &str) -> Result<Response, Response> {
     let mut b = hyper::Request::builder()
-        .method(parts.method)
-        .uri(format!("{ingress_url}/w/{name}{rest}"))
+        .method(inc.method.clone())
+        .uri(format!("{ingress_url}/w/{}{}", inc.name, inc.rest))
         .header(FORWARDED, ing.sup.node());
-    for (n, v) in parts.headers.iter() {
+    for (n, v) in inc.headers.iter() {
         if !is_hop_by_hop(n.as_str()) && n != "host" {
             b = b.header(n, v);
         }
     }
-    let Ok(out) = b.body(Full::new(body)) else {
-        return error(
+    let Ok(out) = b.body(Full::new(inc.body.clone())) else {
+        return Ok(error(
             StatusCode::BAD_REQUEST,
             "bad_request",
             "cannot forward this request",
-        );
+        ));
     };
     let exchange = async {
         let resp = ing
@@ -235,7 +281,14 @@ async fn forward(
             .map_err(|e| unavailable(&format!("node at {ingress_url} unreachable: {e}")))?;
         let (parts, body) = resp.into_parts();
         match Limited::new(body, MAX_BODY_BYTES * 4).collect().await {
-            Ok(b) => Ok(Response::from_parts(parts, Body::from(b.to_bytes()))),
+            Ok(b) => {
+                let r = Response::from_parts(parts, Body::from(b.to_bytes()));
+                if r.status() == StatusCode::SERVICE_UNAVAILABLE {
+                    Err(r)
+                } else {
+                    Ok(r)
+                }
+            }
             Err(e) => Err(error(
                 StatusCode::BAD_GATEWAY,
                 "bad_gateway",
@@ -244,14 +297,14 @@ async fn forward(
         }
     };
     match tokio::time::timeout(FORWARD_TIMEOUT, exchange).await {
-        Ok(Ok(r) | Err(r)) => r,
-        Err(_) => error(
+        Ok(r) => r,
+        Err(_) => Err(error(
             StatusCode::GATEWAY_TIMEOUT,
             "timeout",
             &format!(
                 "no reply from {ingress_url} within {} s",
                 FORWARD_TIMEOUT.as_secs()
             ),
-        ),
+        )),
     }
 }

@@ -12,6 +12,7 @@
 //! wasm instances live in the agent's process, and process workloads die with it
 //! (`PR_SET_PDEATHSIG`).
 
+pub mod ft;
 pub mod ingress;
 pub mod supervisor;
 
@@ -39,6 +40,8 @@ pub struct AgentConfig {
     pub addr: IpAddr,
     /// Ingress port.
     pub ingress_port: u16,
+    /// Replication port (`ft` checkpoint streams).
+    pub replication_port: u16,
     /// Server base URL.
     pub server: String,
     /// Join token.
@@ -100,6 +103,7 @@ async fn join(cfg: &AgentConfig, client: &Client) -> Result<JoinResponse, AgentE
         capacity: cfg.capacity,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         boot_id: cfg.boot_id.clone(),
+        replication_addr: SocketAddr::new(cfg.addr, cfg.replication_port).to_string(),
     };
     let joiner = client.with_token(Some(cfg.join_token.clone()));
     let mut delay = Duration::from_millis(100);
@@ -142,6 +146,13 @@ pub async fn run(
             addr: listen,
             reason: e.to_string(),
         })?;
+    let repl_addr = SocketAddr::new(cfg.addr, cfg.replication_port);
+    let repl_listener = tokio::net::TcpListener::bind(repl_addr)
+        .await
+        .map_err(|e| AgentError::Listen {
+            addr: repl_addr,
+            reason: e.to_string(),
+        })?;
     let client = Client::new(&cfg.server, None, Some(cfg.addr));
     let joined = join(&cfg, &client).await?;
     let sup = Arc::new(
@@ -152,6 +163,10 @@ pub async fn run(
         .map_err(AgentError::Driver)?,
     );
     let ingress = tokio::spawn(ingress::serve(listener, sup.clone()));
+    let finder = sup.clone();
+    let replication = tokio::spawn(ft::serve_replication(repl_listener, move |w, uid| {
+        finder.secondary(w, uid)
+    }));
     let heartbeat = tokio::spawn(heartbeat_loop(
         cfg.clone(),
         client.clone(),
@@ -165,6 +180,7 @@ pub async fn run(
     heartbeat.abort();
     desired.abort();
     ingress.abort();
+    replication.abort();
     sup.stop_all().await;
     Ok(())
 }

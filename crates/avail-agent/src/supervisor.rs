@@ -11,11 +11,14 @@ use avail_client::Client;
 use avail_driver::process::ProcessDriver;
 use avail_driver::wasm::WasmDriver;
 use avail_driver::{Driver, Instance, LogSink, StartSpec};
-use avail_model::agent::{Assignment, DesiredState, InstanceState, InstanceStatus, LogLine, Route};
-use avail_model::{DriverKind, WorkloadSpec};
+use avail_model::agent::{
+    Assignment, DesiredState, InstanceState, InstanceStatus, LogLine, ReplicaRole, Route,
+};
+use avail_model::{DriverKind, Level};
 use sha2::{Digest, Sha256};
 
 use crate::AgentConfig;
+use crate::ft::{FtContext, FtReplica};
 
 /// Most log lines buffered between heartbeats; older ones are dropped.
 pub const MAX_BUFFERED_LOG_LINES: usize = 5000;
@@ -52,6 +55,48 @@ pub struct Slot {
     pub assignment: Assignment,
     /// State.
     pub state: SlotState,
+    /// Level `ft`: the replica (also the `Running` instance).
+    pub ft: Option<Arc<FtReplica>>,
+}
+
+/// What to do with a slot given the server's assignment.
+enum Fit {
+    /// Keep it as it is.
+    Same,
+    /// Keep it running; tell an `ft` replica its new peer and generation.
+    Update,
+    /// Stop it (and start what is assigned, if anything).
+    Restart,
+}
+
+fn fit(slot: &Slot, a: &Assignment) -> Fit {
+    if slot.assignment.uid != a.uid || slot.assignment.spec != a.spec {
+        return Fit::Restart;
+    }
+    if a.spec.level != Level::Ft {
+        return if slot.assignment == *a {
+            Fit::Same
+        } else {
+            Fit::Restart
+        };
+    }
+    if slot.assignment == *a {
+        return Fit::Same;
+    }
+    // An ft replica keeps running across peer changes and its own promotion.
+    let (role, generation) = match &slot.ft {
+        Some(r) => (r.role(), r.generation()),
+        None => (slot.assignment.role, slot.assignment.generation),
+    };
+    let ok = match (role, a.role) {
+        (ReplicaRole::Active, ReplicaRole::Active) => a.generation >= generation,
+        (ReplicaRole::Secondary, ReplicaRole::Secondary) => a.generation == generation,
+        // The server already recorded this secondary's takeover; the replica hears the
+        // lease answer on its own (or has just heard it).
+        (ReplicaRole::Secondary, ReplicaRole::Active) => a.generation == generation + 1,
+        (ReplicaRole::Active, ReplicaRole::Secondary) => false,
+    };
+    if ok { Fit::Update } else { Fit::Restart }
 }
 
 /// The node's workload supervisor.
@@ -190,12 +235,18 @@ impl Supervisor {
                         (InstanceState::Failed, 0, Some(message.clone()))
                     }
                 };
+                let (role, ft) = match &s.ft {
+                    Some(r) => r.ft_status(),
+                    None => (s.assignment.role, None),
+                };
                 InstanceStatus {
                     workload: name.clone(),
                     incarnation: s.assignment.incarnation,
                     state,
                     restarts,
                     message,
+                    role,
+                    ft,
                 }
             })
             .collect()
@@ -213,6 +264,7 @@ impl Supervisor {
         }
         let mut to_stop: Vec<Arc<dyn Instance>> = Vec::new();
         let mut to_start: Vec<Assignment> = Vec::new();
+        let mut updates = Vec::new();
         {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
             let wanted: HashMap<&str, _> = desired
@@ -221,9 +273,17 @@ impl Supervisor {
                 .map(|a| (a.spec.name.as_str(), a))
                 .collect();
             slots.retain(|name, slot| {
-                let keep = wanted
-                    .get(name.as_str())
-                    .is_some_and(|a| **a == slot.assignment);
+                let keep = match wanted.get(name.as_str()).map(|a| (fit(slot, a), a)) {
+                    Some((Fit::Same, _)) => true,
+                    Some((Fit::Update, a)) => {
+                        slot.assignment = (*a).clone();
+                        if let Some(r) = &slot.ft {
+                            updates.push((r.clone(), a.peer.clone(), a.generation));
+                        }
+                        true
+                    }
+                    _ => false,
+                };
                 if !keep {
                     if let SlotState::Running(i) = &slot.state {
                         to_stop.push(i.clone());
@@ -247,11 +307,15 @@ impl Supervisor {
                         Slot {
                             assignment: a.clone(),
                             state: SlotState::Starting,
+                            ft: None,
                         },
                     );
                     to_start.push(a.clone());
                 }
             }
+        }
+        for (r, peer, generation) in updates {
+            r.set_peer(peer, generation);
         }
         for i in to_stop {
             tokio::spawn(async move { i.stop().await });
@@ -266,13 +330,27 @@ impl Supervisor {
     async fn start(self: Arc<Self>, a: Assignment) {
         let spec = &a.spec;
         tracing::info!(workload = %spec.name, incarnation = a.incarnation, "starting");
-        let result = self.start_instance(spec).await;
+        let result = self.start_instance(&a).await;
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let current = slots
-            .get_mut(&spec.name)
-            .filter(|s| s.assignment == a && matches!(s.state, SlotState::Starting));
+        // The assignment may have moved on while starting (an ft peer placed): still
+        // this run if uid, spec and role hold.
+        let current = slots.get_mut(&spec.name).filter(|s| {
+            s.assignment.uid == a.uid
+                && s.assignment.spec == a.spec
+                && s.assignment.role == a.role
+                && (a.spec.level == Level::Ft || s.assignment.incarnation == a.incarnation)
+                && matches!(s.state, SlotState::Starting)
+        });
         match (current, result) {
-            (Some(slot), Ok(inst)) => slot.state = SlotState::Running(inst),
+            (Some(slot), Ok((inst, ft))) => {
+                if let Some(r) = &ft
+                    && slot.assignment != a
+                {
+                    r.set_peer(slot.assignment.peer.clone(), slot.assignment.generation);
+                }
+                slot.state = SlotState::Running(inst);
+                slot.ft = ft;
+            }
             (Some(slot), Err(message)) => {
                 tracing::warn!(workload = %spec.name, "start failed: {message}");
                 (self.log_sink(&spec.name))(format!("avail: start failed: {message}"));
@@ -282,16 +360,51 @@ impl Supervisor {
                 }
             }
             // Removed or replaced while starting: stop what we made.
-            (None, Ok(inst)) => {
+            (None, Ok((inst, _))) => {
                 tokio::spawn(async move { inst.stop().await });
             }
             (None, Err(_)) => {}
         }
     }
 
-    async fn start_instance(&self, spec: &WorkloadSpec) -> Result<Arc<dyn Instance>, String> {
+    async fn start_instance(
+        &self,
+        a: &Assignment,
+    ) -> Result<(Arc<dyn Instance>, Option<Arc<FtReplica>>), String> {
+        let spec = &a.spec;
         let logs = self.log_sink(&spec.name);
-        match spec.driver {
+        if spec.level == Level::Ft {
+            // A fresh guest only for the first run of a pair: later generations exist
+            // only as a checkpoint chain, and starting from nothing would silently lose
+            // state that clients saw.
+            if a.role == ReplicaRole::Active && a.generation > 1 {
+                return Err(format!(
+                    "no replica state to resume generation {} from: the pair's replicas are gone",
+                    a.generation
+                ));
+            }
+            let bytes = self.fetch_module(&spec.artifact).await?;
+            let module = self
+                .wasm
+                .ft_module(spec, bytes, logs)
+                .await
+                .map_err(|e| e.to_string())?;
+            let ctx = FtContext {
+                addr: self.cfg.addr,
+                client: self.client(),
+            };
+            let r = FtReplica::start(
+                ctx,
+                spec.clone(),
+                a.uid.clone(),
+                module,
+                a.role,
+                a.generation,
+                a.peer.clone(),
+            )?;
+            return Ok((r.clone() as Arc<dyn Instance>, Some(r)));
+        }
+        let inst = match spec.driver {
             DriverKind::Wasm => {
                 let module = self.fetch_module(&spec.artifact).await?;
                 self.wasm
@@ -313,7 +426,17 @@ impl Supervisor {
                 .await
                 .map_err(|e| e.to_string()),
             DriverKind::Qemu => Err("the qemu driver is not available on this agent".into()),
-        }
+        }?;
+        Ok((inst, None))
+    }
+
+    /// The secondary replica of `workload` (run `uid`) on this node, for a replication
+    /// link.
+    pub fn secondary(&self, workload: &str, uid: &str) -> Option<Arc<FtReplica>> {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let s = slots.get(workload)?;
+        let r = s.ft.as_ref()?;
+        (s.assignment.uid == uid && r.role() == ReplicaRole::Secondary).then(|| r.clone())
     }
 
     /// A module by digest: from the node's cache, else from the server; the digest is

@@ -26,6 +26,9 @@ pub struct JoinRequest {
     /// Identifies this run of the agent process: a new value means the node restarted
     /// and every workload on it is a new run (new incarnation).
     pub boot_id: String,
+    /// The agent's replication listener (`ip:port`) for `ft` checkpoint streams.
+    #[serde(default)]
+    pub replication_addr: String,
 }
 
 /// The server's answer to a join.
@@ -46,6 +49,55 @@ pub struct Assignment {
     pub spec: WorkloadSpec,
     /// Which run this is.
     pub incarnation: u64,
+    /// Which replica this node runs.
+    #[serde(default)]
+    pub role: ReplicaRole,
+    /// Level `ft`: the pair generation.
+    #[serde(default)]
+    pub generation: u64,
+    /// Level `ft`: the other replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<Peer>,
+}
+
+/// Which replica of a workload a node runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaRole {
+    /// The replica that serves.
+    #[default]
+    Active,
+    /// The `ft` secondary, kept in step by checkpoints.
+    Secondary,
+}
+
+/// The other replica of an `ft` pair.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Peer {
+    /// Its node.
+    pub node: String,
+    /// Its agent's replication address, `ip:port`.
+    pub replication_addr: String,
+}
+
+/// An agent asks to move the pair lease of an `ft` workload from one generation to the
+/// next (a secondary taking over, or a primary that lost its secondary).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRequest {
+    /// The generation the asker holds.
+    pub from: u64,
+    /// The generation it asks for (`from + 1`).
+    pub to: u64,
+}
+
+/// The answer to a [`LeaseRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LeaseReply {
+    /// Whether the asker now holds generation `to`.
+    pub granted: bool,
+    /// The workload's generation now.
+    pub generation: u64,
 }
 
 /// Where a workload's active replica answers.
@@ -59,6 +111,10 @@ pub struct Route {
     pub ingress_url: Option<String>,
     /// Incarnation of the active replica.
     pub incarnation: u64,
+    /// Level `ft`: an ingress retries a request that got no reply against the replica
+    /// active after a failover.
+    #[serde(default)]
+    pub ft: bool,
 }
 
 /// Desired state of one node plus the cluster's route table, at a revision.
@@ -100,6 +156,12 @@ pub struct InstanceStatus {
     /// Last error, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Which replica.
+    #[serde(default)]
+    pub role: ReplicaRole,
+    /// Level `ft` primary: replication figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ft: Option<crate::status::FtStatus>,
 }
 
 /// One log line of a workload.

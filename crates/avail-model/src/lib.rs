@@ -20,7 +20,7 @@ pub use node::{Node, NodeState};
 pub use spec::{
     DriverKind, FtSpec, HaSpec, Level, Placement, Resources, SecondaryLoss, WorkloadSpec,
 };
-pub use status::{Phase, Workload, WorkloadStatus};
+pub use status::{FtStatus, Phase, Workload, WorkloadStatus};
 
 /// Milliseconds since the Unix epoch, the one clock unit of the model.
 pub type TimeMs = u64;

@@ -56,4 +56,7 @@ pub struct Node {
     pub joined_ms: TimeMs,
     /// Version of the agent.
     pub agent_version: String,
+    /// The agent's replication listener (`ip:port`).
+    #[serde(default)]
+    pub replication_addr: String,
 }

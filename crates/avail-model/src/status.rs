@@ -54,6 +54,32 @@ pub struct WorkloadStatus {
     pub message: Option<String>,
     /// When this status last changed.
     pub updated_ms: TimeMs,
+    /// Level `ft`: the node of the secondary replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secondary: Option<String>,
+    /// Level `ft`: the pair generation (fencing token); goes up on every failover.
+    #[serde(default)]
+    pub generation: u64,
+    /// Level `ft`: replication figures reported by the primary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ft: Option<FtStatus>,
+}
+
+/// Replication figures of an `ft` workload, as its primary reports them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct FtStatus {
+    /// `syncing`, `protected`, `suspect`, `degraded` or `fenced`.
+    pub mode: String,
+    /// Last epoch the secondary acknowledged.
+    pub acked_epoch: u64,
+    /// Age of the oldest output still held, ms (0: none held).
+    pub lag_ms: u64,
+    /// Bytes of checkpoints sent and not yet acknowledged.
+    pub lag_bytes: u64,
+    /// Checkpoints sent in this generation.
+    pub checkpoints: u64,
+    /// Dirty-page tracker in use (`shadow`, `uffd`).
+    pub tracker: String,
 }
 
 /// A workload: its spec and its status.

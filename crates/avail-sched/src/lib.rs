@@ -57,6 +57,17 @@ pub struct Request {
     pub constraints: Vec<Constraint>,
     /// Soft preferences.
     pub preferences: Vec<Preference>,
+    /// Anti-affinity with the workload's other replicas.
+    pub avoid: Avoid,
+}
+
+/// Where a replica must not go.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Avoid {
+    /// Nodes that run another replica.
+    pub nodes: Vec<String>,
+    /// The fault-domain tag and the values the other replicas sit in.
+    pub fault_domain: Option<(String, Vec<String>)>,
 }
 
 /// The outcome for one request.
@@ -85,6 +96,7 @@ pub struct Plan {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Filtered {
     NotSchedulable,
+    AntiAffinity,
     Constraint(String),
     ShortOfCpu,
     ShortOfMemory,
@@ -94,6 +106,7 @@ impl Filtered {
     fn describe(&self) -> String {
         match self {
             Filtered::NotSchedulable => "not ready".into(),
+            Filtered::AntiAffinity => "hold another replica or share its fault domain".into(),
             Filtered::Constraint(c) => format!("filtered by constraint {c}"),
             Filtered::ShortOfCpu => "short of cpu".into(),
             Filtered::ShortOfMemory => "short of memory".into(),
@@ -104,6 +117,14 @@ impl Filtered {
 fn filter(node: &NodeView, free: Resources, req: &Request) -> Result<(), Filtered> {
     if !node.schedulable {
         return Err(Filtered::NotSchedulable);
+    }
+    let same_domain = req
+        .avoid
+        .fault_domain
+        .as_ref()
+        .is_some_and(|(tag, values)| node.tags.get(tag).is_some_and(|v| values.contains(v)));
+    if req.avoid.nodes.contains(&node.name) || same_domain {
+        return Err(Filtered::AntiAffinity);
     }
     if let Some(c) = req.constraints.iter().find(|c| !c.matches(&node.tags)) {
         return Err(Filtered::Constraint(c.to_string()));
@@ -235,6 +256,7 @@ mod tests {
                 .map(|c| Constraint::parse(c).unwrap())
                 .collect(),
             preferences: vec![],
+            avoid: Avoid::default(),
         }
     }
 

@@ -4,7 +4,9 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use avail_model::agent::{DesiredState, Heartbeat, JoinRequest, JoinResponse, LogLine};
+use avail_model::agent::{
+    DesiredState, Heartbeat, JoinRequest, JoinResponse, LeaseReply, LeaseRequest, LogLine,
+};
 use avail_model::spec::is_digest;
 use avail_model::{
     ApiErrorBody, ClusterEvent, DriverKind, Node, NodeState, Phase, Workload, WorkloadSpec,
@@ -236,6 +238,7 @@ pub fn router(state: AppStateRef) -> Router {
         .route("/v1/agent/join", post(join))
         .route("/v1/agent/heartbeat", post(heartbeat))
         .route("/v1/agent/desired", get(desired))
+        .route("/v1/agent/pairs/{name}/lease", post(pair_lease))
         .fallback(|| async { ApiErr::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -321,10 +324,17 @@ async fn create_workload(
                 ),
             )
         })?;
-        tokio::task::spawn_blocking(move || avail_driver::wasm::check(&module))
-            .await
-            .map_err(|e| ApiErr::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-            .map_err(|m| ApiErr::invalid("artifact", m))?;
+        let ft = spec.level == avail_model::Level::Ft;
+        tokio::task::spawn_blocking(move || {
+            avail_driver::wasm::check(&module)?;
+            if ft {
+                avail_statepoint::rewrite::rewrite(&module).map_err(|e| e.to_string())?;
+            }
+            Ok::<(), String>(())
+        })
+        .await
+        .map_err(|e| ApiErr::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(|m| ApiErr::invalid("artifact", m))?;
     }
     let name = spec.name.clone();
     let _guard = state.placement.lock().await;
@@ -346,6 +356,9 @@ async fn create_workload(
             restarts: 0,
             message: None,
             updated_ms: now_ms(),
+            secondary: None,
+            generation: 0,
+            ft: None,
         },
         created_ms: now_ms(),
     };
@@ -355,6 +368,10 @@ async fn create_workload(
             w.status.phase = Phase::Placed;
             w.status.node = Some(node.clone());
             w.status.incarnation = 1;
+            if w.spec.level == avail_model::Level::Ft {
+                w.status.generation = 1;
+                w.status.level_state = Some("ft:unprotected".into());
+            }
         }
         Decision::Unplaceable { explanation } => {
             w.status.message = Some(format!("unplaceable: {explanation}"))
@@ -369,6 +386,12 @@ async fn create_workload(
         e => e.into(),
     })?;
     drop(_guard);
+    if w.spec.level == avail_model::Level::Ft && w.status.node.is_some() {
+        state.place_secondaries().await;
+        if let Some((now, _)) = state.workload(&name) {
+            w = now;
+        }
+    }
     state
         .events
         .emit(
@@ -716,6 +739,17 @@ async fn join(
         .strip_prefix("http://")
         .and_then(|hp| hp.parse::<std::net::SocketAddr>().ok())
         .is_some_and(|sa| sa.ip() == ip);
+    let replication_ok = req.replication_addr.is_empty()
+        || req
+            .replication_addr
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|sa| sa.ip() == ip);
+    if !replication_ok {
+        return Err(ApiErr::invalid(
+            "replication_addr",
+            format!("{:?} is not {ip}:<port>", req.replication_addr),
+        ));
+    }
     if !ingress_ok {
         return Err(ApiErr::invalid(
             "ingress_url",
@@ -754,6 +788,7 @@ async fn join(
             .map(|o| o.joined_ms)
             .unwrap_or_else(now_ms),
         agent_version: req.agent_version,
+        replication_addr: req.replication_addr,
         boot_id: req.boot_id,
     };
     let rev = state
@@ -847,12 +882,29 @@ async fn desired(
     Json(state.desired(&node, rev))
 }
 
+#[utoipa::path(post, path = "/v1/agent/pairs/{name}/lease", params(("name" = String, Path)), request_body = LeaseRequest,
+    responses((status = 200, body = LeaseReply)), security(("bearer" = [])))]
+async fn pair_lease(
+    AgentNode(node): AgentNode,
+    State(state): State<AppStateRef>,
+    Path(name): Path<String>,
+    body: Body,
+) -> ApiResult<Json<LeaseReply>> {
+    let req: LeaseRequest = read_json(body).await?;
+    let (granted, generation) = state.take_lease(&name, &node, req.from, req.to).await?;
+    tracing::info!(workload = %name, %node, from = req.from, to = req.to, granted, "pair lease");
+    Ok(Json(LeaseReply {
+        granted,
+        generation,
+    }))
+}
+
 /// The OpenAPI document, generated from the handlers and the model types.
 #[derive(OpenApi)]
 #[openapi(
     info(title = "avail API", description = "Control plane of avail. Errors are `{\"error\": {\"code\", \"message\", \"field\"}}`."),
     paths(livez, readyz, metrics, create_workload, list_workloads, get_workload, delete_workload, workload_events, workload_logs,
-          list_nodes, get_node, events, put_artifact, get_artifact, join, heartbeat, desired),
+          list_nodes, get_node, events, put_artifact, get_artifact, join, heartbeat, desired, pair_lease),
     components(schemas(Deleted, ArtifactRef, HeartbeatReply)),
     modifiers(&BearerAuth)
 )]

@@ -10,8 +10,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use avail_model::agent::{Assignment, DesiredState, InstanceState, InstanceStatus, LogLine, Route};
-use avail_model::{Node, NodeState, Phase, Resources, Workload, WorkloadStatus};
+use avail_model::agent::{
+    Assignment, DesiredState, InstanceState, InstanceStatus, LogLine, Peer, ReplicaRole, Route,
+};
+use avail_model::{Level, Node, NodeState, Phase, Resources, Workload, WorkloadStatus};
 use avail_sched::{ClusterView, Decision, NodeView, Preference, Request};
 use avail_store::{Event, LeaseId, Store, StoreError};
 use serde::{Deserialize, Serialize};
@@ -39,6 +41,9 @@ pub struct NodeRecord {
     pub joined_ms: u64,
     /// Agent version.
     pub agent_version: String,
+    /// The agent's replication listener.
+    #[serde(default)]
+    pub replication_addr: String,
     /// The agent run that last joined.
     #[serde(default)]
     pub boot_id: String,
@@ -250,7 +255,10 @@ impl AppState {
         let allocated = view
             .workloads
             .values()
-            .filter(|(w, _)| w.status.node.as_deref() == Some(rec.name.as_str()))
+            .filter(|(w, _)| {
+                w.status.node.as_deref() == Some(rec.name.as_str())
+                    || w.status.secondary.as_deref() == Some(rec.name.as_str())
+            })
             .fold(
                 Resources {
                     cpu_millis: 0,
@@ -276,6 +284,7 @@ impl AppState {
             last_heartbeat_ms: last,
             joined_ms: rec.joined_ms,
             agent_version: rec.agent_version.clone(),
+            replication_addr: rec.replication_addr.clone(),
         }
     }
 
@@ -304,6 +313,40 @@ impl AppState {
 
     /// Decide where a workload goes, given the current view (caller holds `placement`).
     pub fn decide(&self, w: &Workload) -> Decision {
+        self.decide_avoiding(w, None)
+    }
+
+    /// Where the `ft` secondary of `w` goes: not on the primary's node, nor in its fault
+    /// domain (the tag named by `placement.spread`, default `rack`).
+    pub fn decide_secondary(&self, w: &Workload, also_avoid: Option<String>) -> Decision {
+        let Some(primary) = w.status.node.clone() else {
+            return Decision::Unplaceable {
+                explanation: "no primary yet".into(),
+            };
+        };
+        let tag = w
+            .spec
+            .placement
+            .spread
+            .clone()
+            .unwrap_or_else(|| "rack".into());
+        let domain = self
+            .view
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .nodes
+            .get(&primary)
+            .and_then(|n| n.tags.get(&tag).cloned());
+        self.decide_avoiding(
+            w,
+            Some(avail_sched::Avoid {
+                nodes: std::iter::once(primary).chain(also_avoid).collect(),
+                fault_domain: domain.map(|d| (tag, vec![d])),
+            }),
+        )
+    }
+
+    fn decide_avoiding(&self, w: &Workload, avoid: Option<avail_sched::Avoid>) -> Decision {
         let req = Request {
             workload: w.spec.name.clone(),
             resources: w.spec.resources,
@@ -320,6 +363,7 @@ impl AppState {
                     })
                 })
                 .collect(),
+            avoid: avoid.unwrap_or_default(),
         };
         let plan = avail_sched::plan(&self.sched_view(), &[req]);
         plan.decisions
@@ -413,6 +457,10 @@ impl AppState {
                 w.status.incarnation += 1;
                 w.status.message = None;
                 w.status.updated_ms = now_ms();
+                if w.spec.level == Level::Ft {
+                    w.status.generation = w.status.generation.max(1);
+                    w.status.level_state = Some("ft:unprotected".into());
+                }
                 if self.write_workload(&w, rev).await.is_ok() {
                     self.events
                         .emit(
@@ -425,6 +473,129 @@ impl AppState {
                 }
             }
         }
+        drop(_guard);
+        self.place_secondaries().await;
+    }
+
+    /// Give every running `ft` workload that has none a secondary on another fault domain.
+    pub async fn place_secondaries(&self) {
+        self.place_secondaries_avoiding(None).await
+    }
+
+    /// [`place_secondaries`](Self::place_secondaries), not on `avoid` (a node just lost by
+    /// a pair: it may still look ready for a heartbeat window).
+    pub async fn place_secondaries_avoiding(&self, avoid: Option<(&str, &str)>) {
+        let _guard = self.placement.lock().await;
+        let lacking: Vec<String> = {
+            let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+            v.workloads
+                .values()
+                .filter(|(w, _)| {
+                    w.spec.level == Level::Ft
+                        && w.status.node.is_some()
+                        && w.status.secondary.is_none()
+                        && matches!(w.status.phase, Phase::Placed | Phase::Running)
+                })
+                .map(|(w, _)| w.spec.name.clone())
+                .collect()
+        };
+        for name in lacking {
+            let Some((mut w, rev)) = self.workload(&name) else {
+                continue;
+            };
+            let skip = avoid
+                .filter(|(w, _)| *w == name)
+                .map(|(_, n)| n.to_string());
+            match self.decide_secondary(&w, skip) {
+                Decision::Place { node } => {
+                    w.status.secondary = Some(node.clone());
+                    w.status.level_state = Some("ft:syncing".into());
+                    w.status.updated_ms = now_ms();
+                    if self.write_workload(&w, rev).await.is_ok() {
+                        self.events
+                            .emit(
+                                "workload.secondary_placed",
+                                Some(&name),
+                                Some(&node),
+                                format!("secondary on {node} (generation {})", w.status.generation),
+                            )
+                            .await;
+                    }
+                }
+                Decision::Unplaceable { explanation } => {
+                    let msg = format!("no node for the secondary: {explanation}");
+                    if w.status.message.as_deref() != Some(msg.as_str()) {
+                        w.status.message = Some(msg);
+                        w.status.level_state = Some("ft:unprotected".into());
+                        let _ = self.write_workload(&w, rev).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Move the pair lease of an `ft` workload from generation `from` to `to` for
+    /// `node` (its primary or its secondary), by compare-and-swap on the workload: one
+    /// asker at most wins a generation. A winning secondary becomes the active replica
+    /// (new incarnation); either way the pair has no secondary until a new one is placed.
+    pub async fn take_lease(
+        &self,
+        name: &str,
+        node: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<(bool, u64), StateError> {
+        let Some((mut w, rev)) = self.workload(name) else {
+            return Ok((false, 0));
+        };
+        let member =
+            w.status.node.as_deref() == Some(node) || w.status.secondary.as_deref() == Some(node);
+        if w.spec.level != Level::Ft || !member || w.status.generation != from || to != from + 1 {
+            return Ok((false, w.status.generation));
+        }
+        let promoted = w.status.secondary.as_deref() == Some(node);
+        // The other member is presumed lost: not a candidate for the next secondary.
+        let lost = if promoted {
+            w.status.node.clone()
+        } else {
+            w.status.secondary.clone()
+        };
+        w.status.generation = to;
+        w.status.secondary = None;
+        w.status.level_state = Some("ft:degraded".into());
+        if promoted {
+            w.status.node = Some(node.to_string());
+            w.status.incarnation += 1;
+            w.status.phase = Phase::Running;
+            w.status.restarts = 0;
+        }
+        w.status.ft = None;
+        w.status.updated_ms = now_ms();
+        match self.write_workload(&w, rev).await {
+            Ok(_) => {}
+            Err(StateError::Conflict(_)) => {
+                let generation = self
+                    .workload(name)
+                    .map(|(w, _)| w.status.generation)
+                    .unwrap_or(0);
+                return Ok((false, generation));
+            }
+            Err(e) => return Err(e),
+        }
+        let what = if promoted {
+            format!(
+                "secondary on {node} took over at generation {to} (incarnation {})",
+                w.status.incarnation
+            )
+        } else {
+            format!("primary on {node} lost its secondary; runs at generation {to}")
+        };
+        self.events
+            .emit("workload.failover", Some(name), Some(node), what)
+            .await;
+        self.place_secondaries_avoiding(lost.as_deref().map(|l| (name, l)))
+            .await;
+        Ok((true, to))
     }
 
     /// Record a heartbeat of `node`: renew its liveness lease (or create it), apply
@@ -486,6 +657,11 @@ impl AppState {
             let Some((w, _)) = self.workload(&inst.workload) else {
                 continue;
             };
+            // The active replica speaks for the workload; a secondary's report says
+            // nothing the primary does not.
+            if inst.role == ReplicaRole::Secondary {
+                continue;
+            }
             // A report about another run (a stale copy, a moved workload) is ignored.
             if w.status.node.as_deref() != Some(node) || w.status.incarnation != inst.incarnation {
                 continue;
@@ -499,6 +675,10 @@ impl AppState {
                         s.phase = phase;
                         s.restarts = inst.restarts;
                         s.message = inst.message.clone();
+                        if let Some(ft) = &inst.ft {
+                            s.level_state = Some(format!("ft:{}", ft.mode));
+                            s.ft = Some(ft.clone());
+                        }
                     }
                 })
                 .await;
@@ -626,8 +806,16 @@ impl AppState {
             v.workloads
                 .values()
                 .filter(|(w, _)| {
+                    // An ft workload whose secondary lives goes on there (the secondary
+                    // takes the lease): not failed.
+                    let survivor = w.spec.level == Level::Ft
+                        && w.status
+                            .secondary
+                            .as_ref()
+                            .is_some_and(|s| !down.contains(s));
                     w.status.phase != Phase::Failed
                         && w.status.node.as_ref().is_some_and(|n| down.contains(n))
+                        && !survivor
                 })
                 .map(|(w, _)| w.spec.name.clone())
                 .collect()
@@ -659,11 +847,28 @@ impl AppState {
         };
         for (w, _) in v.workloads.values() {
             let n = w.status.node.as_deref();
-            if n == Some(node) && w.status.phase != Phase::Stopped {
+            let peer = |name: Option<&str>| {
+                let rec = v.nodes.get(name?)?;
+                Some(Peer {
+                    node: rec.name.clone(),
+                    replication_addr: rec.replication_addr.clone(),
+                })
+            };
+            let role = if n == Some(node) {
+                Some((ReplicaRole::Active, peer(w.status.secondary.as_deref())))
+            } else if w.status.secondary.as_deref() == Some(node) {
+                Some((ReplicaRole::Secondary, peer(n)))
+            } else {
+                None
+            };
+            if let Some((role, peer)) = role.filter(|_| w.status.phase != Phase::Stopped) {
                 out.assignments.push(Assignment {
                     uid: w.uid.clone(),
                     spec: w.spec.clone(),
                     incarnation: w.status.incarnation,
+                    role,
+                    generation: w.status.generation,
+                    peer,
                 });
             }
             // Every workload has a route, so the ingress can tell "not running" (503)
@@ -675,6 +880,7 @@ impl AppState {
                     .and_then(|n| v.nodes.get(n))
                     .map(|r| r.ingress_url.clone()),
                 incarnation: w.status.incarnation,
+                ft: w.spec.level == Level::Ft,
             });
         }
         out

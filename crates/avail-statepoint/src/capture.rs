@@ -32,19 +32,35 @@ pub enum CaptureError {
 /// Captures deltas from one instance; one tracker per memory.
 pub struct Capturer {
     layout: StateLayout,
+    make_tracker: Box<dyn Fn() -> Box<dyn DirtyTracker> + Send>,
     trackers: Vec<Box<dyn DirtyTracker>>,
     captured: bool,
 }
 
 impl Capturer {
     /// A capturer for an instance of a module with this layout.
-    pub fn new(layout: StateLayout, make_tracker: impl Fn() -> Box<dyn DirtyTracker>) -> Capturer {
+    pub fn new(
+        layout: StateLayout,
+        make_tracker: impl Fn() -> Box<dyn DirtyTracker> + Send + 'static,
+    ) -> Capturer {
         let trackers = layout.memories.iter().map(|_| make_tracker()).collect();
         Capturer {
             layout,
+            make_tracker: Box::new(make_tracker),
             trackers,
             captured: false,
         }
+    }
+
+    /// Make the next capture a full image (for a new secondary).
+    pub fn reset(&mut self) {
+        self.trackers = self
+            .layout
+            .memories
+            .iter()
+            .map(|_| (self.make_tracker)())
+            .collect();
+        self.captured = false;
     }
 
     /// The tracker in use (for status and metrics).

@@ -61,6 +61,9 @@ pub struct PairConfig {
     pub max_inflight: usize,
     /// Most outputs held; past it the driver must stop taking requests.
     pub max_held: usize,
+    /// A new secondary has this long to start and say its first word (it may have to
+    /// fetch and compile the module) before it is declared lost.
+    pub attach_grace_ms: u64,
 }
 
 impl Default for PairConfig {
@@ -70,6 +73,7 @@ impl Default for PairConfig {
             failure_ms: 200,
             max_inflight: 8,
             max_held: 10_000,
+            attach_grace_ms: 5_000,
         }
     }
 }
@@ -164,7 +168,11 @@ pub struct Primary {
     base: Epoch,
     need_full: bool,
     has_secondary: bool,
+    /// Whether the current secondary has been heard at all.
+    heard: bool,
     last_heard_ms: u64,
+    /// When acknowledgements last moved forward (or the secondary was attached).
+    last_progress_ms: u64,
     last_sent_ms: u64,
     mode: PrimaryMode,
     held: VecDeque<(Epoch, OutputId)>,
@@ -188,7 +196,9 @@ impl Primary {
             base: 1,
             need_full: true,
             has_secondary: true,
+            heard: false,
             last_heard_ms: now_ms,
+            last_progress_ms: now_ms,
             last_sent_ms: now_ms,
             mode: PrimaryMode::Syncing,
             held: VecDeque::new(),
@@ -299,6 +309,7 @@ impl Primary {
             return vec![];
         }
         self.last_heard_ms = now_ms;
+        self.heard = true;
         match msg {
             Msg::Ack { epoch, .. } => {
                 // An ack for an epoch never sent is a protocol violation: ignore it.
@@ -306,6 +317,7 @@ impl Primary {
                     return vec![];
                 }
                 self.acked = Some(epoch);
+                self.last_progress_ms = now_ms;
                 self.mode = PrimaryMode::Protected;
                 let mut out = Vec::new();
                 while self.held.front().is_some_and(|(e, _)| *e <= epoch) {
@@ -331,7 +343,22 @@ impl Primary {
         if !self.has_secondary || matches!(self.mode, PrimaryMode::Fenced | PrimaryMode::Suspect) {
             return vec![];
         }
-        if now_ms.saturating_sub(self.last_heard_ms) >= self.cfg.failure_ms {
+        // Checkpoints in flight and no ack for a failure window, while the secondary still
+        // talks: frames were lost on the way; start again from a full image.
+        let unacked = self.sent.is_some_and(|s| self.acked.is_none_or(|a| a < s));
+        if unacked
+            && !self.need_full
+            && now_ms.saturating_sub(self.last_progress_ms) >= self.cfg.failure_ms
+        {
+            self.need_full = true;
+            self.last_progress_ms = now_ms;
+        }
+        let limit = if self.heard {
+            self.cfg.failure_ms
+        } else {
+            self.cfg.attach_grace_ms
+        };
+        if now_ms.saturating_sub(self.last_heard_ms) >= limit {
             self.mode = PrimaryMode::Suspect;
             return vec![PrimaryAction::RequestLease {
                 from: self.generation,
@@ -371,6 +398,14 @@ impl Primary {
         vec![]
     }
 
+    /// The link to the secondary was re-established: what was in flight may be lost, so
+    /// the next checkpoint is a full image.
+    pub fn resync(&mut self) {
+        if self.has_secondary {
+            self.need_full = true;
+        }
+    }
+
     /// The control plane attached a new secondary (at this primary's generation): it
     /// gets a full image next, then deltas; held outputs wait for its first ack.
     pub fn attach_secondary(&mut self, now_ms: u64) {
@@ -378,6 +413,8 @@ impl Primary {
             return;
         }
         self.has_secondary = true;
+        self.heard = false;
+        self.last_progress_ms = now_ms;
         self.need_full = true;
         self.acked = None;
         self.sent = None;
@@ -441,6 +478,7 @@ pub struct Secondary {
     generation: Generation,
     applied: Option<Epoch>,
     applying: Option<(Epoch, bool)>,
+    heard: bool,
     last_heard_ms: u64,
     last_sent_ms: u64,
     mode: SecondaryMode,
@@ -454,6 +492,7 @@ impl Secondary {
             generation,
             applied: None,
             applying: None,
+            heard: false,
             last_heard_ms: now_ms,
             last_sent_ms: now_ms,
             mode: SecondaryMode::Syncing,
@@ -483,7 +522,17 @@ impl Secondary {
             return vec![];
         }
         self.last_heard_ms = now_ms;
+        self.heard = true;
         let Msg::Checkpoint { epoch, full, .. } = msg else {
+            // A primary that talks but sends no image: ask for one.
+            if self.applied.is_none() && self.applying.is_none() {
+                return vec![self.send(
+                    Msg::NeedFull {
+                        generation: self.generation,
+                    },
+                    now_ms,
+                )];
+            }
             return vec![];
         };
         if self.applying.is_some() {
@@ -560,7 +609,12 @@ impl Secondary {
         if !matches!(self.mode, SecondaryMode::Syncing | SecondaryMode::Synced) {
             return vec![];
         }
-        if now_ms.saturating_sub(self.last_heard_ms) >= self.cfg.failure_ms {
+        let limit = if self.heard {
+            self.cfg.failure_ms
+        } else {
+            self.cfg.attach_grace_ms
+        };
+        if now_ms.saturating_sub(self.last_heard_ms) >= limit {
             if self.mode == SecondaryMode::Synced && self.applying.is_none() {
                 self.mode = SecondaryMode::Promoting;
                 return vec![SecondaryAction::RequestLease {
@@ -811,7 +865,7 @@ mod tests {
         p.output(1);
         p.end_epoch(1);
         assert_eq!(
-            p.tick(500),
+            p.tick(10_000),
             vec![PrimaryAction::RequestLease { from: 1, to: 2 }]
         );
         let mut q = p.clone();

@@ -125,6 +125,7 @@ impl Sim {
             failure_ms: 100 + rng.below(100),
             max_inflight: 1 + rng.below(8) as usize,
             max_held: 10_000,
+            attach_grace_ms: 150 + rng.below(300),
         };
         let mut nodes: Vec<Node> = (0..3).map(|_| Node::new()).collect();
         nodes[0].role = Role::Primary(Primary::new(cfg, policy, 1, 0));

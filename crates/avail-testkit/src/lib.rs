@@ -414,3 +414,28 @@ pub fn descendants(pid: i32) -> Vec<i32> {
     out.retain(|p| pid_alive(*p));
     out
 }
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // A failing test shows what every process said (the data dir goes with it).
+        if std::thread::panicking() {
+            let Ok(dir) = std::fs::read_dir(self.dir.path()) else {
+                return;
+            };
+            let mut logs: Vec<_> = dir
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "log"))
+                .collect();
+            logs.sort();
+            for p in logs {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(60).collect();
+                eprintln!("----- {} (last {} lines) -----", p.display(), tail.len());
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}

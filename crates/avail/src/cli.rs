@@ -170,6 +170,9 @@ struct AgentArgs {
     /// Ingress port.
     #[arg(long, default_value_t = avail_agent::DEFAULT_INGRESS_PORT)]
     port: u16,
+    /// Replication port (checkpoint streams of `ft` workloads).
+    #[arg(long, default_value_t = avail_agent::ft::DEFAULT_REPLICATION_PORT)]
+    replication_port: u16,
     /// Tags, `key=value` separated by commas.
     #[arg(long, value_delimiter = ',')]
     tags: Vec<String>,
@@ -457,6 +460,7 @@ async fn agent(a: AgentArgs) -> CliResult {
         name: a.name,
         addr: a.addr,
         ingress_port: a.port,
+        replication_port: a.replication_port,
         server: a.server,
         join_token,
         tags,

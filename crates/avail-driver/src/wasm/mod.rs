@@ -9,6 +9,7 @@
 //! no thread.
 
 pub mod abi;
+pub mod ft;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -229,6 +230,7 @@ struct InstanceConfig {
 
 /// A live wasmtime instance and its entry points.
 struct Live {
+    instance: wasmtime::Instance,
     store: Store<Host>,
     memory: Memory,
     alloc: TypedFunc<i32, i32>,
@@ -268,6 +270,7 @@ impl InstanceConfig {
             .get_typed_func(&mut store, "avail_handle")
             .map_err(|e| format!("avail_handle: {e}"))?;
         Ok(Live {
+            instance,
             store,
             memory,
             alloc,

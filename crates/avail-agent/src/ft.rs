@@ -1,0 +1,1023 @@
+//! Level `ft` on a node: one replica (primary or secondary) of a pair, as an actor
+//! task that owns the guest and carries out the pair protocol's actions
+//! (`avail_statepoint::pair`) over a TCP link to the other replica's agent.
+//!
+//! ```text
+//!  ingress --Request--> [replica actor: primary] --frames--> TCP --> [replica actor: secondary]
+//!        <--reply (held until the ack of its epoch)--  <--acks-- TCP <--
+//!  secondary: primary silent -> POST /v1/agent/pairs/<w>/lease {g -> g+1}
+//!             granted -> restore the guest from the last applied image -> primary
+//! ```
+//!
+//! The link: the primary dials the secondary's replication address (bound to its own
+//! node address), says `Hello`, then both sides send length-prefixed messages:
+//! `u32 length | u8 kind | body` with kinds 1 Hello (JSON), 2 checkpoint frame
+//! (`avail_statepoint::frame`), 3 Ack, 4 NeedFull, 5 Heartbeat (generation, epoch as
+//! u64 LE).
+//!
+//! The reply log (exactly once per `Idempotency-Key`) is the replica's host-side state:
+//! each checkpoint carries the entries added since the previous one (a full checkpoint
+//! carries all), so a promoted secondary answers a retried request from the log
+//! (`Avail-Replayed: 1`) instead of running it twice.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use avail_client::Client;
+use avail_driver::wasm::ft::{FtGuest, FtModule};
+use avail_driver::{HttpRequest, HttpResponse, Instance, InstanceStatus};
+use avail_model::agent::{InstanceState, LeaseReply, LeaseRequest, Peer, ReplicaRole};
+use avail_model::spec::SecondaryLoss;
+use avail_model::{FtStatus, WorkloadSpec};
+use avail_statepoint::frame::{self, Frame};
+use avail_statepoint::pair::{
+    LossPolicy, Msg, OutputId, PairConfig, Primary, PrimaryAction, Secondary, SecondaryAction,
+};
+use avail_statepoint::state::StateImage;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+/// Default port of the replication listener.
+pub const DEFAULT_REPLICATION_PORT: u16 = 7481;
+/// Most entries in the reply log; the oldest go first.
+pub const MAX_REPLY_LOG_ENTRIES: usize = 4096;
+/// Largest message on the link.
+const MAX_LINK_MESSAGE: usize = frame::MAX_PAYLOAD_BYTES as usize + 4096;
+/// Requests waiting for the actor, at most.
+const MAX_QUEUED: usize = 1024;
+
+/// The first message on a link.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Hello {
+    /// Workload.
+    pub workload: String,
+    /// Workload uid.
+    pub uid: String,
+    /// The primary's generation.
+    pub generation: u64,
+}
+
+enum Wire {
+    Hello(Hello),
+    Frame(Vec<u8>),
+    Msg(Msg),
+}
+
+fn encode_wire(w: &Wire) -> Vec<u8> {
+    let (kind, body): (u8, Vec<u8>) = match w {
+        Wire::Hello(h) => (1, serde_json::to_vec(h).expect("hello serialises")),
+        Wire::Frame(f) => (2, f.clone()),
+        Wire::Msg(Msg::Ack { generation, epoch }) => {
+            (3, [generation.to_le_bytes(), epoch.to_le_bytes()].concat())
+        }
+        Wire::Msg(Msg::NeedFull { generation }) => (4, generation.to_le_bytes().to_vec()),
+        Wire::Msg(Msg::Heartbeat { generation }) => (5, generation.to_le_bytes().to_vec()),
+        Wire::Msg(Msg::Checkpoint { .. }) => unreachable!("checkpoints travel as frames"),
+    };
+    let mut out = Vec::with_capacity(5 + body.len());
+    out.extend_from_slice(&((body.len() + 1) as u32).to_le_bytes());
+    out.push(kind);
+    out.extend_from_slice(&body);
+    out
+}
+
+async fn read_wire(r: &mut (impl AsyncReadExt + Unpin)) -> std::io::Result<Wire> {
+    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
+    let len = r.read_u32_le().await? as usize;
+    if len == 0 || len > MAX_LINK_MESSAGE {
+        return Err(bad("bad message length"));
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf).await?;
+    let u64_at = |i: usize| -> std::io::Result<u64> {
+        buf.get(1 + i * 8..9 + i * 8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .ok_or_else(|| bad("short message"))
+    };
+    Ok(match buf[0] {
+        1 => Wire::Hello(serde_json::from_slice(&buf[1..]).map_err(|e| bad(&e.to_string()))?),
+        2 => Wire::Frame(buf[1..].to_vec()),
+        3 => Wire::Msg(Msg::Ack {
+            generation: u64_at(0)?,
+            epoch: u64_at(1)?,
+        }),
+        4 => Wire::Msg(Msg::NeedFull {
+            generation: u64_at(0)?,
+        }),
+        5 => Wire::Msg(Msg::Heartbeat {
+            generation: u64_at(0)?,
+        }),
+        k => return Err(bad(&format!("unknown message kind {k}"))),
+    })
+}
+
+/// A reply the log keeps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Entry {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+/// The reply log: `Idempotency-Key` -> reply, bounded, in insertion order.
+#[derive(Default)]
+struct ReplyLog {
+    entries: BTreeMap<String, Entry>,
+    order: VecDeque<String>,
+    /// Keys added since the last capture.
+    fresh: Vec<String>,
+}
+
+impl ReplyLog {
+    fn insert(&mut self, key: String, e: Entry) {
+        if self.entries.insert(key.clone(), e).is_none() {
+            self.order.push_back(key.clone());
+            self.fresh.push(key);
+        }
+        while self.order.len() > MAX_REPLY_LOG_ENTRIES {
+            if let Some(old) = self.order.pop_front() {
+                self.entries.remove(&old);
+            }
+        }
+    }
+
+    fn encode(&self, keys: &[String]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let put = |out: &mut Vec<u8>, b: &[u8]| {
+            out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            out.extend_from_slice(b);
+        };
+        let present: Vec<&String> = keys
+            .iter()
+            .filter(|k| self.entries.contains_key(*k))
+            .collect();
+        out.extend_from_slice(&(present.len() as u32).to_le_bytes());
+        for k in present {
+            let e = &self.entries[k];
+            put(&mut out, k.as_bytes());
+            out.extend_from_slice(&e.status.to_le_bytes());
+            out.extend_from_slice(&(e.headers.len() as u32).to_le_bytes());
+            for (n, v) in &e.headers {
+                put(&mut out, n.as_bytes());
+                put(&mut out, v.as_bytes());
+            }
+            put(&mut out, &e.body);
+        }
+        out
+    }
+
+    /// Host state of a delta capture: the entries since the last capture.
+    fn take_delta(&mut self) -> Vec<u8> {
+        let keys = std::mem::take(&mut self.fresh);
+        self.encode(&keys)
+    }
+
+    /// Host state of a full capture: every entry, oldest first.
+    fn take_full(&mut self) -> Vec<u8> {
+        self.fresh.clear();
+        let keys: Vec<String> = self.order.iter().cloned().collect();
+        self.encode(&keys)
+    }
+
+    /// Parse the host state of a checkpoint into log entries.
+    fn parse(host: &[u8]) -> Result<Vec<(String, Entry)>, String> {
+        struct R<'a>(&'a [u8]);
+        impl<'a> R<'a> {
+            fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+                if self.0.len() < n {
+                    return Err("reply log truncated".into());
+                }
+                let (h, t) = self.0.split_at(n);
+                self.0 = t;
+                Ok(h)
+            }
+            fn u32(&mut self) -> Result<u32, String> {
+                Ok(u32::from_le_bytes(
+                    self.take(4)?.try_into().expect("4 bytes"),
+                ))
+            }
+            fn bytes(&mut self) -> Result<Vec<u8>, String> {
+                let n = self.u32()? as usize;
+                Ok(self.take(n)?.to_vec())
+            }
+            fn string(&mut self) -> Result<String, String> {
+                String::from_utf8(self.bytes()?)
+                    .map_err(|_| "reply log text is not UTF-8".to_string())
+            }
+        }
+        let mut r = R(host);
+        let mut parsed = Vec::new();
+        if !host.is_empty() {
+            let count = r.u32()? as usize;
+            if count > MAX_REPLY_LOG_ENTRIES * 2 {
+                return Err(format!("{count} reply log entries"));
+            }
+            for _ in 0..count {
+                let key = r.string()?;
+                let status = u16::from_le_bytes(r.take(2)?.try_into().expect("2 bytes"));
+                let nh = r.u32()? as usize;
+                if nh > 256 {
+                    return Err(format!("{nh} headers"));
+                }
+                let mut headers = Vec::with_capacity(nh);
+                for _ in 0..nh {
+                    headers.push((r.string()?, r.string()?));
+                }
+                let body = r.bytes()?;
+                parsed.push((
+                    key,
+                    Entry {
+                        status,
+                        headers,
+                        body,
+                    },
+                ));
+            }
+        }
+        Ok(parsed)
+    }
+
+    /// Add parsed entries (a full checkpoint's replace the log).
+    fn extend(&mut self, entries: Vec<(String, Entry)>, full: bool) {
+        if full {
+            *self = ReplyLog::default();
+        }
+        for (k, e) in entries {
+            self.insert(k, e);
+        }
+        self.fresh.clear();
+    }
+
+    fn get(&self, key: &str) -> Option<&Entry> {
+        self.entries.get(key)
+    }
+}
+
+enum Cmd {
+    Request(HttpRequest, oneshot::Sender<HttpResponse>),
+    Peer(Option<Peer>, u64),
+    Link(TcpStream),
+    FromPeer(Wire),
+    LinkDown,
+    Lease(bool),
+    Stop,
+}
+
+/// Replication figures and role, shared with the supervisor.
+#[derive(Clone, Debug, Default)]
+struct Report {
+    role: ReplicaRole,
+    generation: u64,
+    ft: FtStatus,
+    failed: Option<String>,
+    promoted: bool,
+}
+
+/// The handle of one replica: the slot's instance.
+pub struct FtReplica {
+    tx: mpsc::Sender<Cmd>,
+    report: Arc<Mutex<Report>>,
+    workload: String,
+}
+
+/// What a replica needs from its node.
+#[derive(Clone)]
+pub struct FtContext {
+    /// The node's own address (links bind to it).
+    pub addr: IpAddr,
+    /// The server client with the node token.
+    pub client: Client,
+}
+
+impl FtReplica {
+    /// Start a replica of `spec` at `generation` in `role`.
+    pub fn start(
+        ctx: FtContext,
+        spec: WorkloadSpec,
+        uid: String,
+        module: FtModule,
+        role: ReplicaRole,
+        generation: u64,
+        peer: Option<Peer>,
+    ) -> Result<Arc<FtReplica>, String> {
+        let (tx, rx) = mpsc::channel(MAX_QUEUED);
+        let report = Arc::new(Mutex::new(Report {
+            role,
+            generation,
+            ..Report::default()
+        }));
+        let cfg = PairConfig {
+            heartbeat_ms: 50,
+            failure_ms: 300,
+            ..PairConfig::default()
+        };
+        let policy = match spec.ft.on_secondary_loss {
+            SecondaryLoss::Hold => LossPolicy::Hold,
+            SecondaryLoss::Release => LossPolicy::Release,
+        };
+        let now = now_ms();
+        let state = match role {
+            ReplicaRole::Active => {
+                let guest = tokio::task::block_in_place(|| module.fresh())?;
+                let machine = if peer.is_some() {
+                    Primary::new(cfg, policy, generation, now)
+                } else {
+                    Primary::promoted(cfg, policy, generation, now)
+                };
+                Role::Primary(Box::new(PrimaryState::new(machine, guest)))
+            }
+            ReplicaRole::Secondary => Role::Secondary(Box::new(SecondaryState {
+                machine: Secondary::new(cfg, generation, now),
+                image: StateImage::default(),
+                log: ReplyLog::default(),
+            })),
+        };
+        let actor = Actor {
+            ctx,
+            spec: spec.clone(),
+            uid,
+            module,
+            cfg,
+            policy,
+            tx: tx.clone(),
+            report: report.clone(),
+            peer: None,
+            peer_gen: 0,
+            link: None,
+            link_gen: 0,
+            state,
+        };
+        tokio::spawn(actor.run(rx, peer, generation));
+        Ok(Arc::new(FtReplica {
+            tx,
+            report,
+            workload: spec.name,
+        }))
+    }
+
+    /// The role this replica plays now (a promoted secondary is active).
+    pub fn role(&self) -> ReplicaRole {
+        self.report.lock().unwrap_or_else(|p| p.into_inner()).role
+    }
+
+    /// The generation this replica is at.
+    pub fn generation(&self) -> u64 {
+        self.report
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .generation
+    }
+
+    /// Tell the replica who its peer is now (the control plane placed a new secondary,
+    /// or the primary moved).
+    pub fn set_peer(&self, peer: Option<Peer>, generation: u64) {
+        let _ = self.tx.try_send(Cmd::Peer(peer, generation));
+    }
+
+    /// Hand an accepted link to this replica (a secondary).
+    pub fn link(&self, stream: TcpStream) {
+        let _ = self.tx.try_send(Cmd::Link(stream));
+    }
+
+    /// Workload name.
+    pub fn workload(&self) -> &str {
+        &self.workload
+    }
+}
+
+#[async_trait]
+impl Instance for FtReplica {
+    async fn handle(&self, req: HttpRequest) -> HttpResponse {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.try_send(Cmd::Request(req, tx)).is_err() {
+            return HttpResponse::error(503, "busy", "the replica is not taking requests");
+        }
+        rx.await.unwrap_or_else(|_| {
+            HttpResponse::error(503, "unavailable", "the replica stopped before answering")
+        })
+    }
+
+    fn status(&self) -> InstanceStatus {
+        let r = self.report.lock().unwrap_or_else(|p| p.into_inner());
+        InstanceStatus {
+            state: if r.failed.is_some() {
+                InstanceState::Failed
+            } else {
+                InstanceState::Running
+            },
+            restarts: 0,
+            message: r.failed.clone(),
+        }
+    }
+
+    async fn stop(&self) {
+        let _ = self.tx.send(Cmd::Stop).await;
+    }
+}
+
+impl FtReplica {
+    /// The replication figures to report (active replica only).
+    pub fn ft_status(&self) -> (ReplicaRole, Option<FtStatus>) {
+        let r = self.report.lock().unwrap_or_else(|p| p.into_inner());
+        let ft = (r.role == ReplicaRole::Active).then(|| r.ft.clone());
+        (r.role, ft)
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+struct PrimaryState {
+    machine: Primary,
+    guest: FtGuest,
+    log: ReplyLog,
+    /// Held replies by output id, with when they were produced.
+    held: HashMap<OutputId, (oneshot::Sender<HttpResponse>, HttpResponse, Instant)>,
+    next_output: OutputId,
+    checkpoints: u64,
+    inflight_bytes: BTreeMap<u64, u64>,
+}
+
+impl PrimaryState {
+    fn new(machine: Primary, guest: FtGuest) -> PrimaryState {
+        PrimaryState {
+            machine,
+            guest,
+            log: ReplyLog::default(),
+            held: HashMap::new(),
+            next_output: 1,
+            checkpoints: 0,
+            inflight_bytes: BTreeMap::new(),
+        }
+    }
+}
+
+struct SecondaryState {
+    machine: Secondary,
+    image: StateImage,
+    log: ReplyLog,
+}
+
+enum Role {
+    Primary(Box<PrimaryState>),
+    Secondary(Box<SecondaryState>),
+    Done,
+}
+
+struct Actor {
+    ctx: FtContext,
+    spec: WorkloadSpec,
+    uid: String,
+    module: FtModule,
+    cfg: PairConfig,
+    policy: LossPolicy,
+    tx: mpsc::Sender<Cmd>,
+    report: Arc<Mutex<Report>>,
+    peer: Option<Peer>,
+    /// The generation the control plane gave with `peer`.
+    peer_gen: u64,
+    /// Writer to the peer, when linked.
+    link: Option<mpsc::Sender<Vec<u8>>>,
+    /// Bumped on every new link, so a stale link's "down" is ignored.
+    link_gen: u64,
+    state: Role,
+}
+
+fn idempotency_key(req: &HttpRequest) -> Option<String> {
+    req.headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("idempotency-key"))
+        .map(|(_, v)| v.clone())
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>, peer: Option<Peer>, generation: u64) {
+        self.set_peer(peer, generation);
+        let epoch = Duration::from_millis(u64::from(self.spec.ft.epoch_ms.max(1)));
+        let mut epoch_timer = tokio::time::interval(epoch);
+        epoch_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        loop {
+            tokio::select! {
+                cmd = rx.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    if !self.command(cmd).await {
+                        break;
+                    }
+                }
+                _ = epoch_timer.tick() => self.end_epoch(),
+                _ = tick.tick() => self.tick(),
+            }
+            self.publish();
+            if matches!(self.state, Role::Done) {
+                break;
+            }
+        }
+        if let Role::Primary(p) = &mut self.state {
+            for (_, (tx, _, _)) in p.held.drain() {
+                let _ = tx.send(HttpResponse::error(
+                    503,
+                    "unavailable",
+                    "the replica stopped",
+                ));
+            }
+        }
+        tracing::info!(workload = %self.spec.name, "ft replica stopped");
+    }
+
+    fn publish(&self) {
+        let mut r = self.report.lock().unwrap_or_else(|p| p.into_inner());
+        match &self.state {
+            Role::Primary(p) => {
+                r.role = ReplicaRole::Active;
+                r.generation = p.machine.generation();
+                let oldest = p.held.values().map(|(_, _, t)| *t).min();
+                r.ft = FtStatus {
+                    mode: format!("{:?}", p.machine.mode()).to_lowercase(),
+                    acked_epoch: p.machine.acked().unwrap_or(0),
+                    lag_ms: oldest.map(|t| t.elapsed().as_millis() as u64).unwrap_or(0),
+                    lag_bytes: p.inflight_bytes.values().sum(),
+                    checkpoints: p.checkpoints,
+                    tracker: p.guest.tracker().to_string(),
+                };
+            }
+            Role::Secondary(s) => {
+                r.role = ReplicaRole::Secondary;
+                r.ft.mode = format!("{:?}", s.machine.mode()).to_lowercase();
+                r.ft.acked_epoch = s.machine.applied_epoch().unwrap_or(0);
+            }
+            Role::Done => {}
+        }
+    }
+
+    fn set_peer(&mut self, peer: Option<Peer>, generation: u64) {
+        let changed = peer.as_ref().map(|p| &p.replication_addr)
+            != self.peer.as_ref().map(|p| &p.replication_addr);
+        self.peer = peer.clone();
+        self.peer_gen = generation;
+        if let Role::Primary(p) = &mut self.state
+            && changed
+            && peer.is_some()
+            && generation == p.machine.generation()
+        {
+            // The pair machine asks for a full image next; the capture resets.
+            tracing::info!(workload = %self.spec.name, generation, peer = ?peer, "attaching a secondary");
+            p.machine.attach_secondary(now_ms());
+            self.link = None;
+            self.dial();
+        }
+    }
+
+    /// The primary dials its secondary (retrying while the peer stays the same).
+    fn dial(&mut self) {
+        let Some(peer) = self.peer.clone() else {
+            return;
+        };
+        let Role::Primary(p) = &self.state else {
+            return;
+        };
+        let hello = Hello {
+            workload: self.spec.name.clone(),
+            uid: self.uid.clone(),
+            generation: p.machine.generation(),
+        };
+        let (addr_local, tx) = (self.ctx.addr, self.tx.clone());
+        tokio::spawn(async move {
+            let Ok(target) = peer.replication_addr.parse::<SocketAddr>() else {
+                return;
+            };
+            for _ in 0..100 {
+                let sock = if addr_local.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()
+                } else {
+                    tokio::net::TcpSocket::new_v6()
+                };
+                let connected = match sock {
+                    Ok(s) => {
+                        let _ = s.set_nodelay(true);
+                        match s.bind(SocketAddr::new(addr_local, 0)) {
+                            Ok(()) => {
+                                tokio::time::timeout(Duration::from_secs(1), s.connect(target))
+                                    .await
+                                    .ok()
+                                    .and_then(|r| r.ok())
+                            }
+                            Err(_) => None,
+                        }
+                    }
+                    Err(_) => None,
+                };
+                if let Some(mut stream) = connected
+                    && stream
+                        .write_all(&encode_wire(&Wire::Hello(hello.clone())))
+                        .await
+                        .is_ok()
+                {
+                    let _ = tx.send(Cmd::Link(stream)).await;
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    }
+
+    /// Start the reader and writer of a link.
+    fn attach_link(&mut self, stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        let (mut r, mut w) = stream.into_split();
+        let (wtx, mut wrx) = mpsc::channel::<Vec<u8>>(256);
+        self.link_gen += 1;
+        self.link = Some(wtx);
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            while let Some(bytes) = wrx.recv().await {
+                if w.write_all(&bytes).await.is_err() {
+                    break;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            loop {
+                match read_wire(&mut r).await {
+                    Ok(Wire::Hello(_)) => continue,
+                    Ok(m) => {
+                        if tx.send(Cmd::FromPeer(m)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => {
+                        let _ = tx.send(Cmd::LinkDown).await;
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    fn send(&mut self, w: Wire) {
+        let Some(link) = &self.link else { return };
+        match link.try_send(encode_wire(&w)) {
+            Ok(()) => {}
+            // A congested link drops this message; the protocol recovers (a gap asks
+            // for a full image; silence declares the peer lost).
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::debug!(workload = %self.spec.name, "replication link congested: message dropped");
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => self.link = None,
+        }
+    }
+
+    async fn command(&mut self, cmd: Cmd) -> bool {
+        match cmd {
+            Cmd::Stop => return false,
+            Cmd::Peer(peer, generation) => self.set_peer(peer, generation),
+            Cmd::Link(stream) => {
+                self.attach_link(stream);
+                if let Role::Primary(p) = &mut self.state {
+                    p.machine.resync();
+                }
+            }
+            Cmd::LinkDown => {
+                self.link = None;
+                if matches!(self.state, Role::Primary(_)) && self.peer.is_some() {
+                    self.dial();
+                }
+            }
+            Cmd::Request(req, reply) => self.request(req, reply),
+            Cmd::FromPeer(w) => self.on_peer_message(w),
+            Cmd::Lease(granted) => self.lease(granted),
+        }
+        true
+    }
+
+    fn request(&mut self, req: HttpRequest, reply: oneshot::Sender<HttpResponse>) {
+        let Role::Primary(p) = &mut self.state else {
+            let _ = reply.send(HttpResponse::error(
+                503,
+                "unavailable",
+                "this replica is the secondary",
+            ));
+            return;
+        };
+        if !p.machine.accepting() {
+            let _ = reply.send(HttpResponse::error(
+                503,
+                "unavailable",
+                "the replica is not taking requests",
+            ));
+            return;
+        }
+        let key = idempotency_key(&req);
+        let logged = !matches!(req.method.as_str(), "GET" | "HEAD");
+        let resp = match key.as_ref().and_then(|k| p.log.get(k)) {
+            Some(e) => {
+                let mut headers = e.headers.clone();
+                headers.push(("avail-replayed".into(), "1".into()));
+                HttpResponse {
+                    status: e.status,
+                    headers,
+                    body: e.body.clone().into(),
+                }
+            }
+            None => {
+                let resp = tokio::task::block_in_place(|| p.guest.call(&req));
+                if let (Some(k), true) = (key, logged) {
+                    p.log.insert(
+                        k,
+                        Entry {
+                            status: resp.status,
+                            headers: resp.headers.clone(),
+                            body: resp.body.to_vec(),
+                        },
+                    );
+                }
+                resp
+            }
+        };
+        let id = p.next_output;
+        p.next_output += 1;
+        p.held.insert(id, (reply, resp, Instant::now()));
+        let actions = p.machine.output(id);
+        self.primary_actions(actions);
+        // Low-latency mode: a reply is waiting and nothing is in flight: end the epoch now.
+        if let Role::Primary(p) = &self.state
+            && p.machine.acked().map(|a| a + 1) == Some(p.machine.epoch())
+        {
+            self.end_epoch();
+        }
+    }
+
+    fn end_epoch(&mut self) {
+        let Role::Primary(p) = &mut self.state else {
+            return;
+        };
+        let actions = p.machine.end_epoch(now_ms());
+        self.primary_actions(actions);
+    }
+
+    fn tick(&mut self) {
+        let now = now_ms();
+        match &mut self.state {
+            Role::Primary(p) => {
+                let a = p.machine.tick(now);
+                self.primary_actions(a);
+            }
+            Role::Secondary(s) => {
+                let a = s.machine.tick(now);
+                self.secondary_actions(a);
+            }
+            Role::Done => {}
+        }
+    }
+
+    fn on_peer_message(&mut self, w: Wire) {
+        let now = now_ms();
+        match (&mut self.state, w) {
+            (Role::Primary(p), Wire::Msg(m)) => {
+                if let Msg::Ack { epoch, .. } = m {
+                    p.inflight_bytes.retain(|e, _| *e > epoch);
+                }
+                let a = p.machine.receive(m, now);
+                self.primary_actions(a);
+            }
+            (Role::Secondary(s), Wire::Msg(m)) => {
+                let a = s.machine.receive(m, now);
+                self.secondary_actions(a);
+            }
+            (Role::Secondary(s), Wire::Frame(bytes)) => match frame::decode(&bytes) {
+                Ok(f) if f.workload == self.spec.name => {
+                    let msg = Msg::Checkpoint {
+                        generation: f.generation,
+                        epoch: f.epoch,
+                        full: f.delta.full,
+                    };
+                    let actions = s.machine.receive(msg, now);
+                    let mut out = Vec::new();
+                    for a in actions {
+                        if let SecondaryAction::Apply { epoch, full } = a {
+                            // All or nothing: the reply log is checked first, then the
+                            // image (whose apply checks before it changes anything).
+                            let ok = match ReplyLog::parse(&f.delta.host) {
+                                Ok(entries) => {
+                                    let applied = s.image.apply(&f.delta).is_ok();
+                                    if applied {
+                                        s.log.extend(entries, full);
+                                    }
+                                    applied
+                                }
+                                Err(_) => false,
+                            };
+                            out.extend(s.machine.applied(epoch, ok, now));
+                        } else {
+                            out.push(a);
+                        }
+                    }
+                    self.secondary_actions(out);
+                }
+                // Corrupt, torn or for another workload: refused whole; ask for a full image.
+                _ => {
+                    let g = self
+                        .report
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .generation;
+                    self.send(Wire::Msg(Msg::NeedFull { generation: g }));
+                }
+            },
+            _ => {}
+        }
+    }
+
+    fn primary_actions(&mut self, actions: Vec<PrimaryAction>) {
+        for a in actions {
+            match a {
+                PrimaryAction::Send(Msg::Checkpoint {
+                    generation,
+                    epoch,
+                    full,
+                }) => {
+                    let Role::Primary(p) = &mut self.state else {
+                        return;
+                    };
+                    let captured = tokio::task::block_in_place(|| {
+                        if full {
+                            let host = p.log.take_full();
+                            p.guest.capture_full(host)
+                        } else {
+                            let host = p.log.take_delta();
+                            p.guest.capture(host)
+                        }
+                    });
+                    match captured {
+                        Ok(delta) => {
+                            let bytes = frame::encode(&Frame {
+                                workload: self.spec.name.clone(),
+                                generation,
+                                epoch,
+                                delta,
+                            });
+                            p.checkpoints += 1;
+                            p.inflight_bytes.insert(epoch, bytes.len() as u64);
+                            self.send(Wire::Frame(bytes));
+                        }
+                        Err(e) => {
+                            tracing::error!(workload = %self.spec.name, "capture failed: {e}")
+                        }
+                    }
+                }
+                PrimaryAction::Send(m) => self.send(Wire::Msg(m)),
+                PrimaryAction::Release(ids) => {
+                    let Role::Primary(p) = &mut self.state else {
+                        return;
+                    };
+                    for id in ids {
+                        if let Some((tx, resp, _)) = p.held.remove(&id) {
+                            let _ = tx.send(resp);
+                        }
+                    }
+                }
+                PrimaryAction::RequestLease { from, to } => self.request_lease(from, to),
+                PrimaryAction::Fence => {
+                    tracing::warn!(workload = %self.spec.name, "fenced: another replica holds the lease");
+                    if let Role::Primary(p) = &mut self.state {
+                        for (_, (tx, _, _)) in p.held.drain() {
+                            let _ = tx.send(HttpResponse::error(
+                                503,
+                                "unavailable",
+                                "this replica was fenced; retry",
+                            ));
+                        }
+                    }
+                    self.report.lock().unwrap_or_else(|p| p.into_inner()).failed =
+                        Some("fenced".into());
+                    self.state = Role::Done;
+                }
+            }
+        }
+    }
+
+    fn secondary_actions(&mut self, actions: Vec<SecondaryAction>) {
+        for a in actions {
+            match a {
+                SecondaryAction::Send(m) => self.send(Wire::Msg(m)),
+                SecondaryAction::Apply { .. } => {}
+                SecondaryAction::RequestLease { from, to } => self.request_lease(from, to),
+                SecondaryAction::Promote { generation, epoch } => self.promote(generation, epoch),
+                SecondaryAction::Discard => {
+                    tracing::warn!(workload = %self.spec.name, "secondary discarded");
+                    self.report.lock().unwrap_or_else(|p| p.into_inner()).failed =
+                        Some("secondary discarded".into());
+                    self.state = Role::Done;
+                }
+            }
+        }
+    }
+
+    fn promote(&mut self, generation: u64, epoch: u64) {
+        let Role::Secondary(s) = std::mem::replace(&mut self.state, Role::Done) else {
+            return;
+        };
+        match tokio::task::block_in_place(|| self.module.restored(&s.image)) {
+            Ok(guest) => {
+                tracing::info!(workload = %self.spec.name, generation, epoch, "promoted: resuming from the last applied checkpoint");
+                let mut p = PrimaryState::new(
+                    Primary::promoted(self.cfg, self.policy, generation, now_ms()),
+                    guest,
+                );
+                p.log = s.log;
+                self.state = Role::Primary(Box::new(p));
+                self.link = None;
+                // The control plane may already have named the next secondary (for the
+                // new generation) while this replica was still promoting.
+                let next = self.peer.take().filter(|_| self.peer_gen == generation);
+                self.set_peer(next, generation);
+                let mut r = self.report.lock().unwrap_or_else(|p| p.into_inner());
+                r.promoted = true;
+                r.role = ReplicaRole::Active;
+                r.generation = generation;
+            }
+            Err(e) => {
+                tracing::error!(workload = %self.spec.name, "promotion failed: {e}");
+                self.report.lock().unwrap_or_else(|p| p.into_inner()).failed =
+                    Some(format!("promotion failed: {e}"));
+            }
+        }
+    }
+
+    fn request_lease(&self, from: u64, to: u64) {
+        tracing::info!(workload = %self.spec.name, from, to, "asking for the pair lease");
+        let (client, tx, name) = (
+            self.ctx.client.clone(),
+            self.tx.clone(),
+            self.spec.name.clone(),
+        );
+        tokio::spawn(async move {
+            let path = format!("/v1/agent/pairs/{name}/lease");
+            // The store decides; while it cannot be reached, the answer waits (a
+            // failover needs the lease: consistency over availability).
+            let granted = loop {
+                match client
+                    .post::<_, LeaseReply>(&path, &LeaseRequest { from, to })
+                    .await
+                {
+                    Ok(r) => break r.granted,
+                    Err(avail_client::ClientError::Api { .. }) => break false,
+                    Err(e) => {
+                        tracing::warn!(workload = %name, "lease request: {e}; retrying");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            };
+            let _ = tx.send(Cmd::Lease(granted)).await;
+        });
+    }
+
+    fn lease(&mut self, granted: bool) {
+        tracing::info!(workload = %self.spec.name, granted, "pair lease answer");
+        match &mut self.state {
+            Role::Primary(p) => {
+                let a = p.machine.lease_result(granted);
+                if granted {
+                    self.peer = None;
+                    self.link = None;
+                }
+                self.primary_actions(a);
+            }
+            Role::Secondary(s) => {
+                let a = s.machine.lease_result(granted);
+                self.secondary_actions(a);
+            }
+            Role::Done => {}
+        }
+    }
+}
+
+/// Accept replication links on `listener` and hand each to its secondary replica.
+pub async fn serve_replication(
+    listener: tokio::net::TcpListener,
+    find: impl Fn(&str, &str) -> Option<Arc<FtReplica>> + Send + 'static,
+) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        match tokio::time::timeout(Duration::from_secs(2), read_wire(&mut stream)).await {
+            Ok(Ok(Wire::Hello(h))) => match find(&h.workload, &h.uid) {
+                Some(r) => r.link(stream),
+                None => {
+                    tracing::debug!(workload = %h.workload, "replication link for no local secondary")
+                }
+            },
+            _ => tracing::debug!("replication link without a hello"),
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! The wasm side of level `ft`: a guest whose state can be captured and restored.
+//!
+//! [`FtModule`] is the module after the statepoint rewrite, compiled once; it makes
+//! [`FtGuest`]s either fresh (running the former start function once) or restored from a
+//! secondary's image. An `FtGuest` serves calls like a plain instance and, between calls
+//! (the guest has no stack then), captures what changed since the last capture. Calls
+//! block: the agent makes them off the async threads.
+//!
+//! Unlike a plain instance, a guest that traps or runs past its deadline is **not**
+//! re-created: its replica's state must stay the one the checkpoints describe. The call
+//! is answered 500 or 504 and the guest goes on from the state the trap left.
+
+use std::sync::Arc;
+
+use avail_model::WorkloadSpec;
+use avail_statepoint::capture::{Capturer, restore};
+use avail_statepoint::dirty::shadow::ShadowTracker;
+use avail_statepoint::rewrite::{self, START_EXPORT, StateLayout};
+use avail_statepoint::state::{StateDelta, StateImage};
+use wasmtime::Module;
+
+use super::{CallFault, InstanceConfig, Live, TICK_MS, WasmDriver, abi};
+use crate::{HttpRequest, HttpResponse, LogSink, StartError};
+
+/// A rewritten, compiled module ready to make `ft` guests.
+#[derive(Clone)]
+pub struct FtModule {
+    cfg: InstanceConfig,
+    layout: StateLayout,
+}
+
+impl WasmDriver {
+    /// Check, rewrite and compile a module for level `ft`.
+    pub async fn ft_module(
+        &self,
+        spec: &WorkloadSpec,
+        bytes: Arc<[u8]>,
+        logs: LogSink,
+    ) -> Result<FtModule, StartError> {
+        let engine = self.engine.clone();
+        let (module, layout) = tokio::task::spawn_blocking(move || {
+            abi::check_module(&bytes).map_err(StartError::InvalidArtifact)?;
+            let rw =
+                rewrite::rewrite(&bytes).map_err(|e| StartError::InvalidArtifact(e.to_string()))?;
+            let m = Module::new(&engine, &rw.bytes)
+                .map_err(|e| StartError::InvalidArtifact(format!("compile: {e}")))?;
+            Ok::<_, StartError>((m, rw.layout))
+        })
+        .await
+        .map_err(|e| StartError::Start(format!("compile task: {e}")))??;
+        Ok(FtModule {
+            cfg: InstanceConfig {
+                engine: self.engine.clone(),
+                linker: self.linker.clone(),
+                module,
+                memory_bytes: spec.resources.memory_mib as usize * (1 << 20),
+                deadline_ticks: u64::from(spec.timeout_ms).div_ceil(TICK_MS) + 1,
+                logs,
+            },
+            layout,
+        })
+    }
+}
+
+impl FtModule {
+    /// A fresh guest (its start function, if any, runs now, once).
+    pub fn fresh(&self) -> Result<FtGuest, String> {
+        let mut live = self.cfg.instantiate()?;
+        if let Some(start) = live.instance.get_func(&mut live.store, START_EXPORT) {
+            start
+                .call(&mut live.store, &[], &mut [])
+                .map_err(|e| format!("start function: {e:#}"))?;
+        }
+        Ok(self.guest(live))
+    }
+
+    /// A guest resumed from a secondary's image.
+    pub fn restored(&self, image: &StateImage) -> Result<FtGuest, String> {
+        let mut live = self.cfg.instantiate()?;
+        restore(&mut live.store, &live.instance, &self.layout, image).map_err(|e| e.to_string())?;
+        Ok(self.guest(live))
+    }
+
+    fn guest(&self, live: Live) -> FtGuest {
+        FtGuest {
+            capturer: Capturer::new(self.layout.clone(), || Box::new(ShadowTracker::default())),
+            live,
+            deadline_ticks: self.cfg.deadline_ticks,
+        }
+    }
+}
+
+/// A running `ft` guest.
+pub struct FtGuest {
+    live: Live,
+    capturer: Capturer,
+    deadline_ticks: u64,
+}
+
+impl FtGuest {
+    /// Serve one request (blocking). Faults answer 500 or 504; the guest goes on.
+    pub fn call(&mut self, req: &HttpRequest) -> HttpResponse {
+        match self
+            .live
+            .call(&abi::encode_request(req), self.deadline_ticks)
+        {
+            Ok(r) => r,
+            Err(CallFault::Timeout) => {
+                HttpResponse::error(504, "guest_timeout", "handler ran past its deadline")
+            }
+            Err(CallFault::Trap(m)) => HttpResponse::error(500, "guest_trap", &m),
+        }
+    }
+
+    /// Capture what changed since the last capture (everything, the first time), with
+    /// `host` as the host-side state (blocking; call between requests).
+    pub fn capture(&mut self, host: Vec<u8>) -> Result<StateDelta, String> {
+        self.capturer
+            .capture(&mut self.live.store, &self.live.instance, host)
+            .map_err(|e| e.to_string())
+    }
+
+    /// A full image of the state now (for a new secondary); deltas follow from it.
+    pub fn capture_full(&mut self, host: Vec<u8>) -> Result<StateDelta, String> {
+        self.capturer.reset();
+        self.capture(host)
+    }
+
+    /// The dirty-page tracker in use.
+    pub fn tracker(&self) -> &'static str {
+        self.capturer.tracker_name()
+    }
+}

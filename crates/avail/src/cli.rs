@@ -647,6 +647,19 @@ fn show_workload(w: &Workload, fmt: Format) {
     println!("phase:       {}", w.status.phase.as_str());
     println!("node:        {}", w.status.node.as_deref().unwrap_or("-"));
     println!("incarnation: {}", w.status.incarnation);
+    if s.level == Level::Ft {
+        println!(
+            "secondary:   {}",
+            w.status.secondary.as_deref().unwrap_or("-")
+        );
+        println!("generation:  {}", w.status.generation);
+        if let Some(ft) = &w.status.ft {
+            println!(
+                "replication: {} (acked epoch {}, {} checkpoints, lag {} ms / {} bytes, tracker {})",
+                ft.mode, ft.acked_epoch, ft.checkpoints, ft.lag_ms, ft.lag_bytes, ft.tracker
+            );
+        }
+    }
     println!("restarts:    {}", w.status.restarts);
     if let Some(m) = &w.status.message {
         println!("message:     {m}");

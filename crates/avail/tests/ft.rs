@@ -4,7 +4,8 @@
 //! applied exactly once (transfer sequence numbers are 1..n with no gap or repeat), the
 //! total balance is unchanged, a repeated key is answered from the reply log.
 //!
-//! `AVAIL_SEED=<n>` reproduces one trial; `AVAIL_FT_TRIALS` sets how many (default 3).
+//! `AVAIL_SEED=<n>` reproduces one trial; `AVAIL_FT_TRIALS` sets how many (default 30
+//! for one host death, 1 for two successive deaths).
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -95,10 +96,12 @@ async fn transfer(
     }
 }
 
-async fn trial(seed: u64) {
-    eprintln!("ft trial seed {seed} (AVAIL_SEED={seed})");
+/// One trial: `deaths` successive SIGKILLs of the active replica's host (a new
+/// secondary is synced in between), on a cluster of `2 + deaths` agents.
+async fn trial(seed: u64, deaths: usize) {
+    eprintln!("ft trial seed {seed} (AVAIL_SEED={seed}), {deaths} host death(s)");
     let mut rng = Rng(seed);
-    let mut c = Cluster::start(BIN.as_ref(), 3).await;
+    let mut c = Cluster::start(BIN.as_ref(), 2 + deaths).await;
     let out = c.cli(&[
         "workload",
         "run",
@@ -119,40 +122,73 @@ async fn trial(seed: u64) {
         String::from_utf8_lossy(&out.stderr)
     );
     let w = protected(&c).await;
-    let primary = w.status.node.clone().unwrap();
-    let secondary = w.status.secondary.clone().unwrap();
-    assert_ne!(primary, secondary);
     let index = |n: &str| n.trim_start_matches("node-").parse::<usize>().unwrap() - 1;
-    let third = (0..3)
-        .find(|i| *i != index(&primary) && *i != index(&secondary))
-        .unwrap();
-    let ingress = Client::new(&c.ingress(third), None, None).with_timeout(Duration::from_secs(20));
+    // The client's ingress: a node that is neither of the first pair, and never killed
+    // (only active replicas are).
+    let pair = [
+        index(w.status.node.as_deref().unwrap()),
+        index(w.status.secondary.as_deref().unwrap()),
+    ];
+    let entry = (0..2 + deaths).find(|i| !pair.contains(i)).unwrap();
+    let ingress = Client::new(&c.ingress(entry), None, None).with_timeout(Duration::from_secs(20));
 
-    let total = 60;
-    let kill_at = 5 + rng.next() % 40;
+    let per_phase = 40;
     let mut applied = Vec::new();
-    for i in 0..total {
-        if i == kill_at {
-            eprintln!("seed {seed}: SIGKILL {primary} after {i} transfers");
-            c.kill_agent(index(&primary));
+    let mut n = 0;
+    for death in 0..=deaths {
+        let w = protected(&c).await;
+        let primary = w.status.node.clone().unwrap();
+        let secondary = w.status.secondary.clone().unwrap();
+        assert_ne!(primary, secondary);
+        let kill_at = if death < deaths {
+            Some(5 + rng.next() % (per_phase - 10))
+        } else {
+            None
+        };
+        for i in 0..per_phase {
+            if Some(i) == kill_at {
+                let victim = index(&primary);
+                assert_ne!(
+                    victim, entry,
+                    "seed {seed}: the client's ingress is not a victim"
+                );
+                eprintln!("seed {seed}: SIGKILL {primary} (active) after {n} transfers");
+                c.kill_agent(victim);
+            }
+            let (from, to) = (rng.next() % 100, rng.next() % 100);
+            let to = if to == from { (to + 1) % 100 } else { to };
+            let v = transfer(
+                &ingress,
+                &format!("t-{seed}-{n}"),
+                from,
+                to,
+                1 + rng.next() % 50,
+                seed,
+            )
+            .await;
+            if v["_status"] == 200 {
+                applied.push(v["seq"].as_u64().unwrap());
+            }
+            n += 1;
         }
-        let (from, to) = (rng.next() % 100, rng.next() % 100);
-        let to = if to == from { (to + 1) % 100 } else { to };
-        let v = transfer(
-            &ingress,
-            &format!("t-{seed}-{i}"),
-            from,
-            to,
-            1 + rng.next() % 50,
-            seed,
-        )
-        .await;
-        if v["_status"] == 200 {
-            applied.push(v["seq"].as_u64().unwrap());
+        if kill_at.is_some() {
+            // The former secondary is the active replica now, at a newer generation.
+            let after = workload(&c).await;
+            assert_eq!(
+                after.status.node.as_deref(),
+                Some(secondary.as_str()),
+                "seed {seed}: {:?}",
+                after.status
+            );
+            assert!(
+                after.status.generation > w.status.generation,
+                "seed {seed}: {:?}",
+                after.status
+            );
         }
     }
     // A repeated key is answered from the reply log, not run again.
-    let again = transfer(&ingress, &format!("t-{seed}-{}", total - 1), 0, 1, 1, seed).await;
+    let again = transfer(&ingress, &format!("t-{seed}-{}", n - 1), 0, 1, 1, seed).await;
     if again["_status"] == 200 {
         assert_eq!(again["_replayed"], true, "seed {seed}");
         assert_eq!(
@@ -161,16 +197,6 @@ async fn trial(seed: u64) {
             "seed {seed}"
         );
     }
-
-    // The failover happened: a new active replica on the former secondary.
-    let w = workload(&c).await;
-    assert_eq!(
-        w.status.node.as_deref(),
-        Some(secondary.as_str()),
-        "seed {seed}: {:?}",
-        w.status
-    );
-    assert!(w.status.generation >= 2, "seed {seed}: {:?}", w.status);
     let r = ingress
         .raw(Method::GET, "/w/bank/balances", None, &[])
         .await
@@ -195,9 +221,8 @@ async fn trial(seed: u64) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ft_survives_primary_host_death_without_losing_acknowledged_transfers() {
-    let seeds: Vec<u64> = match std::env::var("AVAIL_SEED")
+fn seeds(default_trials: u64) -> Vec<u64> {
+    match std::env::var("AVAIL_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
     {
@@ -206,11 +231,22 @@ async fn ft_survives_primary_host_death_without_losing_acknowledged_transfers() 
             let n: u64 = std::env::var("AVAIL_FT_TRIALS")
                 .ok()
                 .and_then(|s| s.parse().ok())
-                .unwrap_or(3);
+                .unwrap_or(default_trials);
             (1..=n).collect()
         }
-    };
-    for s in seeds {
-        trial(s).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ft_survives_two_successive_host_deaths() {
+    for s in seeds(1) {
+        trial(1000 + s, 2).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ft_survives_primary_host_death_without_losing_acknowledged_transfers() {
+    for s in seeds(30) {
+        trial(s, 1).await;
     }
 }

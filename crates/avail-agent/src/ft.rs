@@ -986,11 +986,15 @@ impl Actor {
         match &mut self.state {
             Role::Primary(p) => {
                 let a = p.machine.lease_result(granted);
-                if granted {
-                    self.peer = None;
-                    self.link = None;
-                }
+                let generation = p.machine.generation();
                 self.primary_actions(a);
+                if granted {
+                    // The old secondary is gone. The control plane may already have named
+                    // the next one (for the new generation) before this answer came.
+                    self.link = None;
+                    let next = self.peer.take().filter(|_| self.peer_gen == generation);
+                    self.set_peer(next, generation);
+                }
             }
             Role::Secondary(s) => {
                 let a = s.machine.lease_result(granted);

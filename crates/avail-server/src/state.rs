@@ -69,6 +69,9 @@ struct Live {
     lease: Option<LeaseId>,
 }
 
+/// How long a node an ft pair lost is kept out of secondary placements.
+pub const LOST_NODE_AVOID: Duration = Duration::from_secs(10);
+
 /// Longest log history kept per workload, lines.
 pub const MAX_LOG_LINES: usize = 1000;
 /// Longest log line kept, bytes.
@@ -96,6 +99,9 @@ pub struct AppState {
     pub logs: Mutex<HashMap<String, VecDeque<LogLine>>>,
     /// Metrics.
     pub metrics: Metrics,
+    /// Nodes an ft pair reported lost, and when: not candidates for a secondary for
+    /// [`LOST_NODE_AVOID`] (they may still look ready for a heartbeat window).
+    lost_nodes: Mutex<HashMap<String, Instant>>,
     /// Serialises placement decisions so two never use the same capacity.
     pub placement: tokio::sync::Mutex<()>,
 }
@@ -134,6 +140,7 @@ impl AppState {
             logs: Mutex::new(HashMap::new()),
             metrics: Metrics::new(),
             placement: tokio::sync::Mutex::new(()),
+            lost_nodes: Mutex::new(HashMap::new()),
         });
         let rev = state.load().await?;
         let watch = state.store.watch("/", rev).await?;
@@ -340,10 +347,20 @@ impl AppState {
         self.decide_avoiding(
             w,
             Some(avail_sched::Avoid {
-                nodes: std::iter::once(primary).chain(also_avoid).collect(),
+                nodes: std::iter::once(primary)
+                    .chain(also_avoid)
+                    .chain(self.recently_lost())
+                    .collect(),
                 fault_domain: domain.map(|d| (tag, vec![d])),
             }),
         )
+    }
+
+    /// Nodes an ft pair lost within [`LOST_NODE_AVOID`].
+    fn recently_lost(&self) -> Vec<String> {
+        let mut lost = self.lost_nodes.lock().unwrap_or_else(|p| p.into_inner());
+        lost.retain(|_, at| at.elapsed() < LOST_NODE_AVOID);
+        lost.keys().cloned().collect()
     }
 
     fn decide_avoiding(&self, w: &Workload, avoid: Option<avail_sched::Avoid>) -> Decision {
@@ -560,6 +577,13 @@ impl AppState {
         } else {
             w.status.secondary.clone()
         };
+        // Recorded before the write, so that no placement after it picks the lost node.
+        if let Some(l) = &lost {
+            self.lost_nodes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(l.clone(), Instant::now());
+        }
         w.status.generation = to;
         w.status.secondary = None;
         w.status.level_state = Some("ft:degraded".into());

@@ -250,3 +250,148 @@ async fn ft_survives_primary_host_death_without_losing_acknowledged_transfers() 
         trial(s, 1).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_hosts_dead_is_reported_failed_not_lost() {
+    let mut c = Cluster::start(BIN.as_ref(), 3).await;
+    let out = c.cli(&[
+        "workload",
+        "run",
+        "--name",
+        "bank",
+        "--driver",
+        "wasm",
+        "--artifact",
+        &guest("bank"),
+        "--level",
+        "ft",
+        "--memory-mib",
+        "16",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let w = protected(&c).await;
+    let index = |n: &str| n.trim_start_matches("node-").parse::<usize>().unwrap() - 1;
+    c.kill_agent(index(w.status.node.as_deref().unwrap()));
+    c.kill_agent(index(w.status.secondary.as_deref().unwrap()));
+    let api = c.client();
+    wait_until("bank reported failed", Duration::from_secs(30), || {
+        let api = api.clone();
+        async move {
+            let w: Workload = api
+                .get("/v1/workloads/bank")
+                .await
+                .map_err(|e| e.to_string())?;
+            if w.status.phase == avail_model::Phase::Failed {
+                Ok(())
+            } else {
+                Err(format!("{:?}", w.status))
+            }
+        }
+    })
+    .await;
+}
+
+/// A module that implements the guest ABI but changes a table at run time: fine at level
+/// none, refused at level ft with the reason.
+fn table_mutating_module() -> Vec<u8> {
+    use wasm_encoder::*;
+    let mut m = Module::new();
+    let mut types = TypeSection::new();
+    types.ty().function([ValType::I32], [ValType::I32]);
+    types
+        .ty()
+        .function([ValType::I32, ValType::I32], [ValType::I64]);
+    m.section(&types);
+    let mut funcs = FunctionSection::new();
+    funcs.function(0);
+    funcs.function(1);
+    m.section(&funcs);
+    let mut tables = TableSection::new();
+    tables.table(TableType {
+        element_type: RefType::FUNCREF,
+        table64: false,
+        minimum: 1,
+        maximum: None,
+        shared: false,
+    });
+    m.section(&tables);
+    let mut mems = MemorySection::new();
+    mems.memory(MemoryType {
+        minimum: 1,
+        maximum: None,
+        memory64: false,
+        shared: false,
+        page_size_log2: None,
+    });
+    m.section(&mems);
+    let mut exports = ExportSection::new();
+    exports.export("memory", ExportKind::Memory, 0);
+    exports.export("avail_alloc", ExportKind::Func, 0);
+    exports.export("avail_handle", ExportKind::Func, 1);
+    m.section(&exports);
+    let mut code = CodeSection::new();
+    let mut alloc = Function::new([]);
+    alloc
+        .instruction(&Instruction::I32Const(1024))
+        .instruction(&Instruction::End);
+    code.function(&alloc);
+    let mut handle = Function::new([]);
+    handle
+        .instruction(&Instruction::I32Const(0))
+        .instruction(&Instruction::RefNull(HeapType::FUNC))
+        .instruction(&Instruction::TableSet(0))
+        .instruction(&Instruction::I64Const(0))
+        .instruction(&Instruction::End);
+    code.function(&handle);
+    m.section(&code);
+    m.finish()
+}
+
+#[tokio::test]
+async fn modules_whose_state_cannot_be_captured_are_refused_for_ft_only() {
+    let c = Cluster::start(BIN.as_ref(), 2).await;
+    let path = c.dir.path().join("tables.wasm");
+    std::fs::write(&path, table_mutating_module()).unwrap();
+    let p = path.to_str().unwrap();
+    let out = c.cli(&[
+        "workload",
+        "run",
+        "--detach",
+        "--name",
+        "t-ft",
+        "--driver",
+        "wasm",
+        "--artifact",
+        p,
+        "--level",
+        "ft",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot run at level ft")
+            && err.contains("table.set")
+            && err.contains("field: artifact"),
+        "{err}"
+    );
+    let out = c.cli(&[
+        "workload",
+        "run",
+        "--detach",
+        "--name",
+        "t-none",
+        "--driver",
+        "wasm",
+        "--artifact",
+        p,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -132,6 +132,24 @@ impl Client {
         body: Option<(Bytes, &str)>,
         headers: &[(&str, &str)],
     ) -> Result<Reply, ClientError> {
+        let first = self.raw_once(method.clone(), path, body.clone(), headers).await;
+        // A pooled keep-alive connection may close under a request just sent on it: a
+        // read (GET, HEAD) is safe to send once more on a fresh connection.
+        match first {
+            Err(ClientError::Connect { .. }) if matches!(method, Method::GET | Method::HEAD) => {
+                self.raw_once(method, path, body, headers).await
+            }
+            r => r,
+        }
+    }
+
+    async fn raw_once(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(Bytes, &str)>,
+        headers: &[(&str, &str)],
+    ) -> Result<Reply, ClientError> {
         let url = format!("{}{}", self.base, path);
         let mut b = hyper::Request::builder().method(method).uri(&url);
         if let Some(t) = &self.token {

@@ -22,6 +22,7 @@ pub mod dirty;
 pub mod frame;
 pub mod pair;
 pub mod rewrite;
+pub mod rng;
 pub mod state;
 
 /// Granularity of memory deltas and dirty tracking: the host page, 4 KiB.

@@ -12,21 +12,11 @@ use std::time::{Duration, Instant};
 
 use avail_client::Client;
 use avail_model::Workload;
+use avail_statepoint::rng::SplitMix64 as Rng;
 use avail_testkit::{Cluster, guest, wait_until};
 use hyper::Method;
 
 const BIN: &str = env!("CARGO_BIN_EXE_avail");
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
 
 async fn workload(c: &Cluster) -> Workload {
     c.client().get("/v1/workloads/bank").await.unwrap()
@@ -141,7 +131,7 @@ async fn trial(seed: u64, deaths: usize) {
         let secondary = w.status.secondary.clone().unwrap();
         assert_ne!(primary, secondary);
         let kill_at = if death < deaths {
-            Some(5 + rng.next() % (per_phase - 10))
+            Some(5 + rng.next_u64() % (per_phase - 10))
         } else {
             None
         };
@@ -155,14 +145,14 @@ async fn trial(seed: u64, deaths: usize) {
                 eprintln!("seed {seed}: SIGKILL {primary} (active) after {n} transfers");
                 c.kill_agent(victim);
             }
-            let (from, to) = (rng.next() % 100, rng.next() % 100);
+            let (from, to) = (rng.next_u64() % 100, rng.next_u64() % 100);
             let to = if to == from { (to + 1) % 100 } else { to };
             let v = transfer(
                 &ingress,
                 &format!("t-{seed}-{n}"),
                 from,
                 to,
-                1 + rng.next() % 50,
+                1 + rng.next_u64() % 50,
                 seed,
             )
             .await;

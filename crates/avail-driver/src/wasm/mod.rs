@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use avail_model::DriverKind;
 use avail_model::agent::InstanceState;
+use avail_statepoint::rng::SplitMix64;
 use wasmtime::{
     Caller, Config, Engine, Linker, Memory, Module, Store, StoreLimits, StoreLimitsBuilder, Trap,
     TypedFunc,
@@ -44,19 +45,6 @@ struct Host {
     limits: StoreLimits,
     logs: LogSink,
     rng: SplitMix64,
-}
-
-/// The guest's `avail.random` stream: SplitMix64, seeded per instance.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
 }
 
 /// The `wasm` driver.
@@ -161,7 +149,7 @@ fn host_linker(engine: &Engine) -> wasmtime::Result<Linker<Host>> {
             let (data, host) = mem.data_and_store_mut(&mut caller);
             if let Some(buf) = data.get_mut(start..start.saturating_add(len)) {
                 for chunk in buf.chunks_mut(8) {
-                    let r = host.rng.next().to_le_bytes();
+                    let r = host.rng.next_u64().to_le_bytes();
                     chunk.copy_from_slice(&r[..chunk.len()]);
                 }
             }

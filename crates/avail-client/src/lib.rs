@@ -132,7 +132,9 @@ impl Client {
         body: Option<(Bytes, &str)>,
         headers: &[(&str, &str)],
     ) -> Result<Reply, ClientError> {
-        let first = self.raw_once(method.clone(), path, body.clone(), headers).await;
+        let first = self
+            .raw_once(method.clone(), path, body.clone(), headers)
+            .await;
         // A pooled keep-alive connection may close under a request just sent on it: a
         // read (GET, HEAD) is safe to send once more on a fresh connection.
         match first {

@@ -312,8 +312,8 @@ impl FtReplica {
             ..Report::default()
         }));
         let cfg = PairConfig {
-            heartbeat_ms: 50,
-            failure_ms: 300,
+            heartbeat_ms: 25,
+            failure_ms: 150,
             ..PairConfig::default()
         };
         let policy = match spec.ft.on_secondary_loss {

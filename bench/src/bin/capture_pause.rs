@@ -1,4 +1,5 @@
-//! FT capture pause per epoch against bytes dirtied, with the portable shadow tracker,
+//! FT capture pause per epoch against bytes dirtied, with the best dirty tracker
+//! (userfaultfd where available; `AVAIL_TRACKER=shadow` for the portable one),
 //! against a plain copy of the same dirty bytes (the floor any capture pays) in the same
 //! run. A 64 MiB guest memory; the host dirties N bytes spread over whole pages, then
 //! one capture (dirty scan + copy + globals) is timed; median of several epochs.
@@ -43,12 +44,19 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(9);
     let rw = rewrite::rewrite(&guest()).expect("rewrite");
-    let engine = wasmtime::Engine::default();
+    let mut config = wasmtime::Config::new();
+    config.memory_init_cow(false);
+    let engine = wasmtime::Engine::new(&config).unwrap();
     let module = wasmtime::Module::new(&engine, &rw.bytes).unwrap();
     let mut store = wasmtime::Store::new(&engine, ());
     let inst = wasmtime::Instance::new(&mut store, &module, &[]).unwrap();
     let mem = inst.get_memory(&mut store, "memory").unwrap();
-    let mut cap = Capturer::new(rw.layout.clone(), || Box::new(ShadowTracker::default()));
+    // AVAIL_TRACKER=shadow forces the portable tracker; otherwise the best available.
+    let mut cap = if std::env::var("AVAIL_TRACKER").is_ok_and(|t| t == "shadow") {
+        Capturer::new(rw.layout.clone(), || Box::new(ShadowTracker::default()))
+    } else {
+        Capturer::new(rw.layout.clone(), avail_statepoint::dirty::best)
+    };
     cap.capture(&mut store, &inst, vec![]).unwrap(); // the first, full capture
     println!(
         "machine: {}; guest memory {MEMORY_MIB} MiB; tracker {}; median of {epochs} epochs",

@@ -136,6 +136,7 @@ fn main() {
             let out = c.cli(&["workload", "run", "--name", &ft_name, "--driver", "wasm", "--artifact", &guest(kind), "--level", "ft", "--memory-mib", "64"]);
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
             let w = wait_protected(&c, &ft_name).await;
+            println!("{kind}: dirty tracker {}", w.status.ft.as_ref().map(|f| f.tracker.as_str()).unwrap_or("?"));
             let node = w.status.node.clone().unwrap();
             let i = node.trim_start_matches("node-").parse::<usize>().unwrap() - 1;
             let rack = format!("rack == r{}", i + 1);

@@ -14,7 +14,6 @@ use std::sync::Arc;
 
 use avail_model::WorkloadSpec;
 use avail_statepoint::capture::{Capturer, restore};
-use avail_statepoint::dirty::shadow::ShadowTracker;
 use avail_statepoint::rewrite::{self, START_EXPORT, StateLayout};
 use avail_statepoint::state::{StateDelta, StateImage};
 use wasmtime::Module;
@@ -83,7 +82,7 @@ impl FtModule {
 
     fn guest(&self, live: Live) -> FtGuest {
         FtGuest {
-            capturer: Capturer::new(self.layout.clone(), || Box::new(ShadowTracker::default())),
+            capturer: Capturer::new(self.layout.clone(), avail_statepoint::dirty::best),
             live,
             deadline_ticks: self.cfg.deadline_ticks,
         }

@@ -82,6 +82,9 @@ impl WasmDriver {
 fn config() -> Config {
     let mut config = Config::new();
     config.epoch_interruption(true);
+    // Plain anonymous memory (no copy-on-write image mappings): the userfaultfd dirty
+    // tracker of level ft write-protects it.
+    config.memory_init_cow(false);
     config.max_wasm_stack(1 << 20);
     config
 }

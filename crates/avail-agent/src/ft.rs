@@ -335,6 +335,7 @@ impl FtReplica {
                 machine: Secondary::new(cfg, generation, now),
                 image: StateImage::default(),
                 log: ReplyLog::default(),
+                clock_ms: 0,
             })),
         };
         let actor = Actor {
@@ -465,6 +466,8 @@ struct SecondaryState {
     machine: Secondary,
     image: StateImage,
     log: ReplyLog,
+    /// The primary's guest clock floor at the applied checkpoint.
+    clock_ms: i64,
 }
 
 enum Role {
@@ -806,11 +809,18 @@ impl Actor {
                         if let SecondaryAction::Apply { epoch, full } = a {
                             // All or nothing: the reply log is checked first, then the
                             // image (whose apply checks before it changes anything).
-                            let ok = match ReplyLog::parse(&f.delta.host) {
-                                Ok(entries) => {
+                            let host = &f.delta.host;
+                            let parsed = host
+                                .get(..8)
+                                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                                .ok_or_else(|| "no clock".to_string())
+                                .and_then(|clock| Ok((clock, ReplyLog::parse(&host[8..])?)));
+                            let ok = match parsed {
+                                Ok((clock, entries)) => {
                                     let applied = s.image.apply(&f.delta).is_ok();
                                     if applied {
                                         s.log.extend(entries, full);
+                                        s.clock_ms = clock;
                                     }
                                     applied
                                 }
@@ -849,11 +859,13 @@ impl Actor {
                         return;
                     };
                     let captured = tokio::task::block_in_place(|| {
+                        // Host state: the guest's clock floor, then the reply log.
+                        let mut host = p.guest.clock_ms().to_le_bytes().to_vec();
                         if full {
-                            let host = p.log.take_full();
+                            host.extend(p.log.take_full());
                             p.guest.capture_full(host)
                         } else {
-                            let host = p.log.take_delta();
+                            host.extend(p.log.take_delta());
                             p.guest.capture(host)
                         }
                     });
@@ -926,7 +938,7 @@ impl Actor {
         let Role::Secondary(s) = std::mem::replace(&mut self.state, Role::Done) else {
             return;
         };
-        match tokio::task::block_in_place(|| self.module.restored(&s.image)) {
+        match tokio::task::block_in_place(|| self.module.restored(&s.image, s.clock_ms)) {
             Ok(guest) => {
                 tracing::info!(workload = %self.spec.name, generation, epoch, "promoted: resuming from the last applied checkpoint");
                 let mut p = PrimaryState::new(

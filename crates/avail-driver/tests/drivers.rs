@@ -214,3 +214,31 @@ async fn missing_program_is_reported() {
     .await;
     i.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ft_guest_resumes_from_an_image_and_its_clock_never_goes_back() {
+    use avail_statepoint::state::StateImage;
+    let d = WasmDriver::new().unwrap();
+    let s = spec(&format!(
+        r#"{{"name":"f","driver":"wasm","artifact":"{DIGEST}","level":"ft","resources":{{"memory_mib":8}}}}"#
+    ));
+    let m = d.ft_module(&s, module("faulty"), logs().0).await.unwrap();
+    let mut primary = m.fresh().unwrap();
+    for _ in 0..3 {
+        assert_eq!(primary.call(&get("/count")).status, 200);
+    }
+    let mut image = StateImage::default();
+    image.apply(&primary.capture(vec![]).unwrap()).unwrap();
+    // The primary's clock was an hour ahead of this host's: the restored guest's clock
+    // starts there.
+    let ahead = primary.clock_ms().max(0) + 3_600_000;
+    let mut restored = m.restored(&image, ahead).unwrap();
+    assert_eq!(
+        &restored.call(&get("/count")).body[..],
+        br#"{"count":4}"#,
+        "state carried over"
+    );
+    let now: serde_json::Value = serde_json::from_slice(&restored.call(&get("/now")).body).unwrap();
+    assert!(now["now_ms"].as_i64().unwrap() >= ahead, "{now}");
+    assert!(restored.clock_ms() >= ahead);
+}

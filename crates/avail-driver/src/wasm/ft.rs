@@ -73,9 +73,11 @@ impl FtModule {
         Ok(self.guest(live))
     }
 
-    /// A guest resumed from a secondary's image.
-    pub fn restored(&self, image: &StateImage) -> Result<FtGuest, String> {
+    /// A guest resumed from a secondary's image; its clock never reads earlier than
+    /// `clock_ms` (the primary's, carried in the checkpoint).
+    pub fn restored(&self, image: &StateImage, clock_ms: i64) -> Result<FtGuest, String> {
         let mut live = self.cfg.instantiate()?;
+        live.store.data_mut().clock_floor_ms = clock_ms;
         restore(&mut live.store, &live.instance, &self.layout, image).map_err(|e| e.to_string())?;
         Ok(self.guest(live))
     }
@@ -123,6 +125,11 @@ impl FtGuest {
     pub fn capture_full(&mut self, host: Vec<u8>) -> Result<StateDelta, String> {
         self.capturer.reset();
         self.capture(host)
+    }
+
+    /// The guest's clock floor (ms), to carry in a checkpoint.
+    pub fn clock_ms(&self) -> i64 {
+        self.live.store.data().clock_floor_ms
     }
 
     /// The dirty-page tracker in use.

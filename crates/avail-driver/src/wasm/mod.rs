@@ -45,6 +45,10 @@ struct Host {
     limits: StoreLimits,
     logs: LogSink,
     rng: SplitMix64,
+    /// The guest's clock never reads earlier than this (ms): it is the last time it
+    /// read, and level ft carries it in checkpoints, so a failover to a host whose clock
+    /// is behind never takes the guest's time back.
+    clock_floor_ms: i64,
 }
 
 /// The `wasm` driver.
@@ -135,11 +139,14 @@ fn host_linker(engine: &Engine) -> wasmtime::Result<Linker<Host>> {
             }
         },
     )?;
-    linker.func_wrap("avail", "now_ms", || -> i64 {
-        SystemTime::now()
+    linker.func_wrap("avail", "now_ms", |mut caller: Caller<'_, Host>| -> i64 {
+        let wall = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
-            .unwrap_or(0)
+            .unwrap_or(0);
+        let host = caller.data_mut();
+        host.clock_floor_ms = host.clock_floor_ms.max(wall);
+        host.clock_floor_ms
     })?;
     linker.func_wrap(
         "avail",
@@ -242,6 +249,7 @@ impl InstanceConfig {
                 .build(),
             logs: self.logs.clone(),
             rng: SplitMix64(u64::from_le_bytes(seed)),
+            clock_floor_ms: 0,
         };
         let mut store = Store::new(&self.engine, host);
         store.limiter(|h| &mut h.limits);

@@ -50,6 +50,8 @@ pub const MAX_REPLY_LOG_ENTRIES: usize = 4096;
 const MAX_LINK_MESSAGE: usize = frame::MAX_PAYLOAD_BYTES as usize + 4096;
 /// Requests waiting for the actor, at most.
 const MAX_QUEUED: usize = 1024;
+/// Control messages waiting for the actor, at most (link readers wait when it is full).
+const MAX_CONTROL_QUEUED: usize = 4096;
 
 /// The first message on a link.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -280,7 +282,11 @@ struct Report {
 
 /// The handle of one replica: the slot's instance.
 pub struct FtReplica {
-    tx: mpsc::Sender<Cmd>,
+    /// Client requests (bounded: a full queue answers 503).
+    requests: mpsc::Sender<Cmd>,
+    /// Everything else (peer changes, link events, acks, lease answers): served first,
+    /// so a backlog of requests never delays the protocol.
+    control: mpsc::Sender<Cmd>,
     report: Arc<Mutex<Report>>,
     workload: String,
 }
@@ -305,7 +311,8 @@ impl FtReplica {
         generation: u64,
         peer: Option<Peer>,
     ) -> Result<Arc<FtReplica>, String> {
-        let (tx, rx) = mpsc::channel(MAX_QUEUED);
+        let (requests, requests_rx) = mpsc::channel(MAX_QUEUED);
+        let (control, control_rx) = mpsc::channel(MAX_CONTROL_QUEUED);
         let report = Arc::new(Mutex::new(Report {
             role,
             generation,
@@ -345,7 +352,7 @@ impl FtReplica {
             module,
             cfg,
             policy,
-            tx: tx.clone(),
+            tx: control.clone(),
             report: report.clone(),
             peer: None,
             peer_gen: 0,
@@ -353,9 +360,10 @@ impl FtReplica {
             link_gen: 0,
             state,
         };
-        tokio::spawn(actor.run(rx, peer, generation));
+        tokio::spawn(actor.run(requests_rx, control_rx, peer, generation));
         Ok(Arc::new(FtReplica {
-            tx,
+            requests,
+            control,
             report,
             workload: spec.name,
         }))
@@ -377,12 +385,14 @@ impl FtReplica {
     /// Tell the replica who its peer is now (the control plane placed a new secondary,
     /// or the primary moved).
     pub fn set_peer(&self, peer: Option<Peer>, generation: u64) {
-        let _ = self.tx.try_send(Cmd::Peer(peer, generation));
+        if self.control.try_send(Cmd::Peer(peer, generation)).is_err() {
+            tracing::error!(workload = %self.workload, "replica control queue full: peer change lost");
+        }
     }
 
     /// Hand an accepted link to this replica (a secondary).
     pub fn link(&self, stream: TcpStream) {
-        let _ = self.tx.try_send(Cmd::Link(stream));
+        let _ = self.control.try_send(Cmd::Link(stream));
     }
 
     /// Workload name.
@@ -395,7 +405,7 @@ impl FtReplica {
 impl Instance for FtReplica {
     async fn handle(&self, req: HttpRequest) -> HttpResponse {
         let (tx, rx) = oneshot::channel();
-        if self.tx.try_send(Cmd::Request(req, tx)).is_err() {
+        if self.requests.try_send(Cmd::Request(req, tx)).is_err() {
             return HttpResponse::error(503, "busy", "the replica is not taking requests");
         }
         rx.await.unwrap_or_else(|_| {
@@ -417,7 +427,7 @@ impl Instance for FtReplica {
     }
 
     async fn stop(&self) {
-        let _ = self.tx.send(Cmd::Stop).await;
+        let _ = self.control.send(Cmd::Stop).await;
     }
 }
 
@@ -503,7 +513,13 @@ fn idempotency_key(req: &HttpRequest) -> Option<String> {
 }
 
 impl Actor {
-    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>, peer: Option<Peer>, generation: u64) {
+    async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<Cmd>,
+        mut control: mpsc::Receiver<Cmd>,
+        peer: Option<Peer>,
+        generation: u64,
+    ) {
         self.set_peer(peer, generation);
         let epoch = Duration::from_millis(u64::from(self.spec.ft.epoch_ms.max(1)));
         let mut epoch_timer = tokio::time::interval(epoch);
@@ -511,14 +527,21 @@ impl Actor {
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         loop {
             tokio::select! {
-                cmd = rx.recv() => {
+                biased;
+                cmd = control.recv() => {
                     let Some(cmd) = cmd else { break };
                     if !self.command(cmd).await {
                         break;
                     }
                 }
-                _ = epoch_timer.tick() => self.end_epoch(),
                 _ = tick.tick() => self.tick(),
+                _ = epoch_timer.tick() => self.end_epoch(),
+                cmd = requests.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    if !self.command(cmd).await {
+                        break;
+                    }
+                }
             }
             self.publish();
             if matches!(self.state, Role::Done) {
@@ -982,7 +1005,13 @@ impl Actor {
                     .await
                 {
                     Ok(r) => break r.granted,
-                    Err(avail_client::ClientError::Api { .. }) => break false,
+                    // A definite no. Anything else (the store unavailable, a timeout after
+                    // the server may have granted) is asked again: the server answers a
+                    // repeated grant as granted.
+                    Err(avail_client::ClientError::Api {
+                        status: 400 | 403 | 404,
+                        ..
+                    }) => break false,
                     Err(e) => {
                         tracing::warn!(workload = %name, "lease request: {e}; retrying");
                         tokio::time::sleep(Duration::from_millis(100)).await;

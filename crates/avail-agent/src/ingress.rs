@@ -134,6 +134,9 @@ struct Incoming {
     forwarded: bool,
 }
 
+/// One try at an `ft` workload through another node, at most.
+pub const FT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// How long an ingress keeps retrying a request to an `ft` workload across a failover.
 pub const FT_RETRY_FOR: Duration = Duration::from_secs(15);
 
@@ -245,7 +248,20 @@ async fn attempt(ing: &Ingress, inc: &Incoming) -> Result<Response, Response> {
         ));
     };
     match (&route.node, &route.ingress_url) {
-        (Some(node), Some(url)) if node != me && !inc.forwarded => forward(ing, inc, url).await,
+        (Some(node), Some(url)) if node != me && !inc.forwarded => {
+            if route.ft {
+                // A primary whose host died mid-request never answers: give up on this
+                // try soon and retry (same key) against the route then in force.
+                match tokio::time::timeout(FT_ATTEMPT_TIMEOUT, forward(ing, inc, url)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(unavailable(&format!(
+                        "no reply from {node} in time; retrying"
+                    ))),
+                }
+            } else {
+                forward(ing, inc, url).await
+            }
+        }
         (None, _) => Err(unavailable(&format!(
             "workload {name} is not placed on any node"
         ))),

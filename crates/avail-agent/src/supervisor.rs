@@ -338,7 +338,11 @@ impl Supervisor {
             s.assignment.uid == a.uid
                 && s.assignment.spec == a.spec
                 && s.assignment.role == a.role
-                && (a.spec.level == Level::Ft || s.assignment.incarnation == a.incarnation)
+                && (if a.spec.level == Level::Ft {
+                    s.assignment.generation == a.generation
+                } else {
+                    s.assignment.incarnation == a.incarnation
+                })
                 && matches!(s.state, SlotState::Starting)
         });
         match (current, result) {

@@ -562,50 +562,55 @@ impl AppState {
         from: u64,
         to: u64,
     ) -> Result<(bool, u64), StateError> {
-        let Some((mut w, rev)) = self.workload(name) else {
-            return Ok((false, 0));
-        };
-        let member =
-            w.status.node.as_deref() == Some(node) || w.status.secondary.as_deref() == Some(node);
-        if w.spec.level != Level::Ft || !member || w.status.generation != from || to != from + 1 {
-            return Ok((false, w.status.generation));
-        }
-        let promoted = w.status.secondary.as_deref() == Some(node);
-        // The other member is presumed lost: not a candidate for the next secondary.
-        let lost = if promoted {
-            w.status.node.clone()
-        } else {
-            w.status.secondary.clone()
-        };
-        // Recorded before the write, so that no placement after it picks the lost node.
-        if let Some(l) = &lost {
-            self.lost_nodes
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(l.clone(), Instant::now());
-        }
-        w.status.generation = to;
-        w.status.secondary = None;
-        w.status.level_state = Some("ft:degraded".into());
-        if promoted {
-            w.status.node = Some(node.to_string());
-            w.status.incarnation += 1;
-            w.status.phase = Phase::Running;
-            w.status.restarts = 0;
-        }
-        w.status.ft = None;
-        w.status.updated_ms = now_ms();
-        match self.write_workload(&w, rev).await {
-            Ok(_) => {}
-            Err(StateError::Conflict(_)) => {
-                let generation = self
-                    .workload(name)
-                    .map(|(w, _)| w.status.generation)
-                    .unwrap_or(0);
-                return Ok((false, generation));
+        // A compare-and-swap conflict with an unrelated write (a heartbeat's status) is
+        // not a refusal: read again and retry while the generation is still `from`.
+        let mut attempts = 0;
+        let (w, promoted, lost) = loop {
+            attempts += 1;
+            let Some((mut w, rev)) = self.workload(name) else {
+                return Ok((false, 0));
+            };
+            // Asked again after a lost answer: the asker already holds `to`.
+            if w.status.generation == to && w.status.node.as_deref() == Some(node) {
+                return Ok((true, to));
             }
-            Err(e) => return Err(e),
-        }
+            let member = w.status.node.as_deref() == Some(node)
+                || w.status.secondary.as_deref() == Some(node);
+            if w.spec.level != Level::Ft || !member || w.status.generation != from || to != from + 1
+            {
+                return Ok((false, w.status.generation));
+            }
+            let promoted = w.status.secondary.as_deref() == Some(node);
+            // The other member is presumed lost: not a candidate for the next secondary.
+            let lost = if promoted {
+                w.status.node.clone()
+            } else {
+                w.status.secondary.clone()
+            };
+            // Recorded before the write, so that no placement after it picks the lost node.
+            if let Some(l) = &lost {
+                self.lost_nodes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(l.clone(), Instant::now());
+            }
+            w.status.generation = to;
+            w.status.secondary = None;
+            w.status.level_state = Some("ft:degraded".into());
+            if promoted {
+                w.status.node = Some(node.to_string());
+                w.status.incarnation += 1;
+                w.status.phase = Phase::Running;
+                w.status.restarts = 0;
+            }
+            w.status.ft = None;
+            w.status.updated_ms = now_ms();
+            match self.write_workload(&w, rev).await {
+                Ok(_) => break (w, promoted, lost),
+                Err(StateError::Conflict(_)) if attempts < 20 => continue,
+                Err(e) => return Err(e),
+            }
+        };
         let what = if promoted {
             format!(
                 "secondary on {node} took over at generation {to} (incarnation {})",

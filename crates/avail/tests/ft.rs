@@ -43,6 +43,35 @@ async fn protected(c: &Cluster) -> Workload {
     .await
 }
 
+/// Run the bank guest at level ft and wait until it is protected.
+async fn deploy_bank_ft(c: &Cluster) -> Workload {
+    let out = c.cli(&[
+        "workload",
+        "run",
+        "--name",
+        "bank",
+        "--driver",
+        "wasm",
+        "--artifact",
+        &guest("bank"),
+        "--level",
+        "ft",
+        "--memory-mib",
+        "16",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    protected(c).await
+}
+
+/// The agent index of a node name (`node-2` -> 1).
+fn index(node: &str) -> usize {
+    node.trim_start_matches("node-").parse::<usize>().unwrap() - 1
+}
+
 /// Send one transfer until it is acknowledged (the ingress retries across failover; the
 /// client retries on top, with the same key). Returns the reply's JSON.
 async fn transfer(
@@ -92,27 +121,7 @@ async fn trial(seed: u64, deaths: usize) {
     eprintln!("ft trial seed {seed} (AVAIL_SEED={seed}), {deaths} host death(s)");
     let mut rng = Rng(seed);
     let mut c = Cluster::start(BIN.as_ref(), 2 + deaths).await;
-    let out = c.cli(&[
-        "workload",
-        "run",
-        "--name",
-        "bank",
-        "--driver",
-        "wasm",
-        "--artifact",
-        &guest("bank"),
-        "--level",
-        "ft",
-        "--memory-mib",
-        "16",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let w = protected(&c).await;
-    let index = |n: &str| n.trim_start_matches("node-").parse::<usize>().unwrap() - 1;
+    let w = deploy_bank_ft(&c).await;
     // The client's ingress: a node that is neither of the first pair, and never killed
     // (only active replicas are).
     let pair = [
@@ -244,27 +253,7 @@ async fn ft_survives_primary_host_death_without_losing_acknowledged_transfers() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_hosts_dead_is_reported_failed_not_lost() {
     let mut c = Cluster::start(BIN.as_ref(), 3).await;
-    let out = c.cli(&[
-        "workload",
-        "run",
-        "--name",
-        "bank",
-        "--driver",
-        "wasm",
-        "--artifact",
-        &guest("bank"),
-        "--level",
-        "ft",
-        "--memory-mib",
-        "16",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let w = protected(&c).await;
-    let index = |n: &str| n.trim_start_matches("node-").parse::<usize>().unwrap() - 1;
+    let w = deploy_bank_ft(&c).await;
     c.kill_agent(index(w.status.node.as_deref().unwrap()));
     c.kill_agent(index(w.status.secondary.as_deref().unwrap()));
     let api = c.client();

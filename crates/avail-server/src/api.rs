@@ -113,6 +113,16 @@ fn claims(parts: &Parts, state: &AppState) -> Result<Claims, ApiErr> {
     })
 }
 
+/// The caller's verified claims, if its role is one of `allowed` (else 403).
+fn claims_of_role(parts: &Parts, state: &AppState, allowed: &[Role]) -> Result<Claims, ApiErr> {
+    let c = claims(parts, state)?;
+    if allowed.contains(&c.role) {
+        Ok(c)
+    } else {
+        Err(forbidden(&c))
+    }
+}
+
 fn forbidden(c: &Claims) -> ApiErr {
     ApiErr::new(
         StatusCode::FORBIDDEN,
@@ -127,12 +137,8 @@ pub struct Admin;
 impl FromRequestParts<AppStateRef> for Admin {
     type Rejection = ApiErr;
     async fn from_request_parts(parts: &mut Parts, state: &AppStateRef) -> Result<Self, ApiErr> {
-        let c = claims(parts, state)?;
-        if c.role == Role::Admin {
-            Ok(Admin)
-        } else {
-            Err(forbidden(&c))
-        }
+        claims_of_role(parts, state, &[Role::Admin])?;
+        Ok(Admin)
     }
 }
 
@@ -142,12 +148,8 @@ pub struct AgentNode(pub String);
 impl FromRequestParts<AppStateRef> for AgentNode {
     type Rejection = ApiErr;
     async fn from_request_parts(parts: &mut Parts, state: &AppStateRef) -> Result<Self, ApiErr> {
-        let c = claims(parts, state)?;
-        if c.role == Role::Agent {
-            Ok(AgentNode(c.sub))
-        } else {
-            Err(forbidden(&c))
-        }
+        let c = claims_of_role(parts, state, &[Role::Agent])?;
+        Ok(AgentNode(c.sub))
     }
 }
 
@@ -157,12 +159,8 @@ pub struct AdminOrAgent;
 impl FromRequestParts<AppStateRef> for AdminOrAgent {
     type Rejection = ApiErr;
     async fn from_request_parts(parts: &mut Parts, state: &AppStateRef) -> Result<Self, ApiErr> {
-        let c = claims(parts, state)?;
-        if matches!(c.role, Role::Admin | Role::Agent) {
-            Ok(AdminOrAgent)
-        } else {
-            Err(forbidden(&c))
-        }
+        claims_of_role(parts, state, &[Role::Admin, Role::Agent])?;
+        Ok(AdminOrAgent)
     }
 }
 
@@ -172,12 +170,8 @@ pub struct Joiner(pub Claims);
 impl FromRequestParts<AppStateRef> for Joiner {
     type Rejection = ApiErr;
     async fn from_request_parts(parts: &mut Parts, state: &AppStateRef) -> Result<Self, ApiErr> {
-        let c = claims(parts, state)?;
-        if matches!(c.role, Role::Join | Role::Agent) {
-            Ok(Joiner(c))
-        } else {
-            Err(forbidden(&c))
-        }
+        let c = claims_of_role(parts, state, &[Role::Join, Role::Agent])?;
+        Ok(Joiner(c))
     }
 }
 

@@ -1,5 +1,5 @@
 //! Level `ft` against level `none` on a real 3-agent cluster, same guest, same run:
-//! throughput (concurrent closed-loop clients, alternating rounds) and added reply
+//! throughput (concurrent closed-loop clients, alternating rounds, `AVAIL_BENCH_ROUNDS`, default 5) and added reply
 //! latency (sequential requests), for `bank` transfers and `kv` writes; then the time
 //! from SIGKILL of the primary's host to the first reply served by the new primary,
 //! over several trials.
@@ -122,6 +122,11 @@ fn main() {
         .parent()
         .unwrap()
         .join("avail");
+    // Alternating none/ft rounds of 3 s each; the ratio is the median of the rounds'.
+    let rounds: usize = std::env::var("AVAIL_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -143,16 +148,19 @@ fn main() {
             let out = c.cli(&["workload", "run", "--name", &format!("{kind}-none"), "--driver", "wasm", "--artifact", &guest(kind), "--memory-mib", "64", "--constraint", &rack]);
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
             let base = c.ingress(i);
-            let (mut none, mut ft) = (Vec::new(), Vec::new());
-            for _ in 0..3 {
-                none.push(throughput(&base, &format!("{kind}-none"), kind, 8, Duration::from_secs(3)).await);
-                ft.push(throughput(&base, &format!("{kind}-ft"), kind, 8, Duration::from_secs(3)).await);
+            let (mut none, mut ft, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                let n = throughput(&base, &format!("{kind}-none"), kind, 8, Duration::from_secs(3)).await;
+                let f = throughput(&base, &format!("{kind}-ft"), kind, 8, Duration::from_secs(3)).await;
+                none.push(n);
+                ft.push(f);
+                ratios.push(f / n);
             }
-            let (n, f) = (median(none), median(ft));
+            let (n, f, r) = (median(none), median(ft), median(ratios));
             let ln = latencies(&base, &format!("{kind}-none"), kind, 1000).await;
             let lf = latencies(&base, &format!("{kind}-ft"), kind, 1000).await;
             let ms = |d: Duration| d.as_secs_f64() * 1e3;
-            println!("{kind}: throughput none {n:.0}/s, ft {f:.0}/s, ratio {:.1}%", 100.0 * f / n);
+            println!("{kind}: throughput none {n:.0}/s, ft {f:.0}/s (medians of {rounds} rounds); ft/none per round, median {:.1}%", 100.0 * r);
             println!(
                 "{kind}: latency none p50 {:.2} ms p99 {:.2} ms; ft p50 {:.2} ms p99 {:.2} ms; added p50 {:.2} ms p99 {:.2} ms",
                 ms(percentile(&ln, 0.5)), ms(percentile(&ln, 0.99)), ms(percentile(&lf, 0.5)), ms(percentile(&lf, 0.99)),

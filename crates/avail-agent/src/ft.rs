@@ -52,6 +52,12 @@ const MAX_LINK_MESSAGE: usize = frame::MAX_PAYLOAD_BYTES as usize + 4096;
 const MAX_QUEUED: usize = 1024;
 /// Control messages waiting for the actor, at most (link readers wait when it is full).
 const MAX_CONTROL_QUEUED: usize = 4096;
+/// Read and write buffer of a replication link.
+const LINK_BUFFER: usize = 64 << 10;
+/// Queued requests taken into an epoch at once before it may end early.
+const MAX_BATCH: usize = 64;
+/// An epoch ends early for a waiting reply only while fewer checkpoints are in flight.
+const LOW_LATENCY_INFLIGHT: usize = 1;
 
 /// The first message on a link.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -66,14 +72,25 @@ pub struct Hello {
 
 enum Wire {
     Hello(Hello),
+    /// A whole message of kind 2 as read: the frame starts at byte 1.
     Frame(Vec<u8>),
     Msg(Msg),
+}
+
+/// A checkpoint frame as one link message, encoded in place (no copy of the pages
+/// besides the one into this buffer).
+fn frame_message(f: &Frame) -> Result<Vec<u8>, frame::FrameError> {
+    let mut out = vec![0, 0, 0, 0, 2];
+    frame::encode_into(f, &mut out)?;
+    let len = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&len.to_le_bytes());
+    Ok(out)
 }
 
 fn encode_wire(w: &Wire) -> Vec<u8> {
     let (kind, body): (u8, Vec<u8>) = match w {
         Wire::Hello(h) => (1, serde_json::to_vec(h).expect("hello serialises")),
-        Wire::Frame(f) => (2, f.clone()),
+        Wire::Frame(_) => unreachable!("frames are encoded by frame_message"),
         Wire::Msg(Msg::Ack { generation, epoch }) => {
             (3, [generation.to_le_bytes(), epoch.to_le_bytes()].concat())
         }
@@ -103,7 +120,7 @@ async fn read_wire(r: &mut (impl AsyncReadExt + Unpin)) -> std::io::Result<Wire>
     };
     Ok(match buf[0] {
         1 => Wire::Hello(serde_json::from_slice(&buf[1..]).map_err(|e| bad(&e.to_string()))?),
-        2 => Wire::Frame(buf[1..].to_vec()),
+        2 => Wire::Frame(buf),
         3 => Wire::Msg(Msg::Ack {
             generation: u64_at(0)?,
             epoch: u64_at(1)?,
@@ -346,6 +363,7 @@ impl FtReplica {
             })),
         };
         let actor = Actor {
+            main: tokio::runtime::Handle::current(),
             ctx,
             spec: spec.clone(),
             uid,
@@ -360,7 +378,17 @@ impl FtReplica {
             link_gen: 0,
             state,
         };
-        tokio::spawn(actor.run(requests_rx, control_rx, peer, generation));
+        // The replica runs on a thread of its own with a single-threaded runtime: the
+        // guest's calls and captures run there directly (no hand-off of a shared worker
+        // per request), and the link's reader and writer are tasks on the same thread.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("replica runtime: {e}"))?;
+        std::thread::Builder::new()
+            .name(format!("ft-{}", spec.name))
+            .spawn(move || rt.block_on(actor.run(requests_rx, control_rx, peer, generation)))
+            .map_err(|e| format!("replica thread: {e}"))?;
         Ok(Arc::new(FtReplica {
             requests,
             control,
@@ -487,6 +515,8 @@ enum Role {
 }
 
 struct Actor {
+    /// The agent's runtime (requests to the server run there).
+    main: tokio::runtime::Handle,
     ctx: FtContext,
     spec: WorkloadSpec,
     uid: String,
@@ -541,8 +571,21 @@ impl Actor {
                     if !self.command(cmd).await {
                         break;
                     }
+                    // Take the requests already queued into this epoch before ending it.
+                    let mut more = true;
+                    for _ in 0..MAX_BATCH {
+                        let Ok(cmd) = requests.try_recv() else { break };
+                        if !self.command(cmd).await {
+                            more = false;
+                            break;
+                        }
+                    }
+                    if !more {
+                        break;
+                    }
                 }
             }
+            self.end_epoch_early();
             self.publish();
             if matches!(self.state, Role::Done) {
                 break;
@@ -658,8 +701,16 @@ impl Actor {
 
     /// Start the reader and writer of a link.
     fn attach_link(&mut self, stream: TcpStream) {
+        // Accepted on the agent's runtime: move it to this replica's.
+        let Ok(stream) = stream.into_std().and_then(TcpStream::from_std) else {
+            return;
+        };
         let _ = stream.set_nodelay(true);
-        let (mut r, mut w) = stream.into_split();
+        let (r, w) = stream.into_split();
+        // Buffered both ways: a burst of small messages (acks, heartbeats) is one
+        // syscall; a large frame goes straight through.
+        let mut r = tokio::io::BufReader::with_capacity(LINK_BUFFER, r);
+        let mut w = tokio::io::BufWriter::with_capacity(LINK_BUFFER, w);
         let (wtx, mut wrx) = mpsc::channel::<Vec<u8>>(256);
         self.link_gen += 1;
         self.link = Some(wtx);
@@ -667,7 +718,11 @@ impl Actor {
         tokio::spawn(async move {
             while let Some(bytes) = wrx.recv().await {
                 if w.write_all(&bytes).await.is_err() {
-                    break;
+                    return;
+                }
+                // Flush when nothing else is queued.
+                if wrx.is_empty() && w.flush().await.is_err() {
+                    return;
                 }
             }
         });
@@ -690,8 +745,12 @@ impl Actor {
     }
 
     fn send(&mut self, w: Wire) {
+        self.send_bytes(encode_wire(&w));
+    }
+
+    fn send_bytes(&mut self, bytes: Vec<u8>) {
         let Some(link) = &self.link else { return };
-        match link.try_send(encode_wire(&w)) {
+        match link.try_send(bytes) {
             Ok(()) => {}
             // A congested link drops this message; the protocol recovers (a gap asks
             // for a full image; silence declares the peer lost).
@@ -755,7 +814,7 @@ impl Actor {
                 }
             }
             None => {
-                let resp = tokio::task::block_in_place(|| p.guest.call(&req));
+                let resp = p.guest.call(&req);
                 if let (Some(k), true) = (key, logged) {
                     p.log.insert(
                         k,
@@ -774,9 +833,14 @@ impl Actor {
         p.held.insert(id, (reply, resp, Instant::now()));
         let actions = p.machine.output(id);
         self.primary_actions(actions);
-        // Low-latency mode: a reply is waiting and nothing is in flight: end the epoch now.
+    }
+
+    /// Low-latency mode: a reply of the running epoch is waiting and the link is idle:
+    /// end the epoch now instead of at the timer.
+    fn end_epoch_early(&mut self) {
         if let Role::Primary(p) = &self.state
-            && p.machine.acked().map(|a| a + 1) == Some(p.machine.epoch())
+            && p.machine.waiting()
+            && p.machine.inflight() < LOW_LATENCY_INFLIGHT
         {
             self.end_epoch();
         }
@@ -819,7 +883,7 @@ impl Actor {
                 let a = s.machine.receive(m, now);
                 self.secondary_actions(a);
             }
-            (Role::Secondary(s), Wire::Frame(bytes)) => match frame::decode(&bytes) {
+            (Role::Secondary(s), Wire::Frame(bytes)) => match frame::decode(&bytes[1..]) {
                 Ok(f) if f.workload == self.spec.name => {
                     let msg = Msg::Checkpoint {
                         generation: f.generation,
@@ -881,29 +945,32 @@ impl Actor {
                     let Role::Primary(p) = &mut self.state else {
                         return;
                     };
-                    let captured = tokio::task::block_in_place(|| {
-                        // Host state: the guest's clock floor, then the reply log.
-                        let mut host = p.guest.clock_ms().to_le_bytes().to_vec();
-                        if full {
-                            host.extend(p.log.take_full());
-                            p.guest.capture_full(host)
-                        } else {
-                            host.extend(p.log.take_delta());
-                            p.guest.capture(host)
-                        }
+                    // Host state: the guest's clock floor, then the reply log.
+                    let mut host = p.guest.clock_ms().to_le_bytes().to_vec();
+                    let captured = if full {
+                        host.extend(p.log.take_full());
+                        p.guest.capture_full(host)
+                    } else {
+                        host.extend(p.log.take_delta());
+                        p.guest.capture(host)
+                    };
+                    let message = captured.and_then(|delta| {
+                        frame_message(&Frame {
+                            workload: self.spec.name.clone(),
+                            generation,
+                            epoch,
+                            delta,
+                        })
+                        .map_err(|e| e.to_string())
                     });
-                    match captured {
-                        Ok(delta) => {
-                            let bytes = frame::encode(&Frame {
-                                workload: self.spec.name.clone(),
-                                generation,
-                                epoch,
-                                delta,
-                            });
+                    match message {
+                        Ok(bytes) => {
                             p.checkpoints += 1;
                             p.inflight_bytes.insert(epoch, bytes.len() as u64);
-                            self.send(Wire::Frame(bytes));
+                            self.send_bytes(bytes);
                         }
+                        // The secondary asks for a full image after the gap; the replies
+                        // of this epoch wait (output commit) until a checkpoint is acked.
                         Err(e) => {
                             tracing::error!(workload = %self.spec.name, "capture failed: {e}")
                         }
@@ -961,7 +1028,7 @@ impl Actor {
         let Role::Secondary(s) = std::mem::replace(&mut self.state, Role::Done) else {
             return;
         };
-        match tokio::task::block_in_place(|| self.module.restored(&s.image, s.clock_ms)) {
+        match self.module.restored(&s.image, s.clock_ms) {
             Ok(guest) => {
                 tracing::info!(workload = %self.spec.name, generation, epoch, "promoted: resuming from the last applied checkpoint");
                 let mut p = PrimaryState::new(
@@ -995,7 +1062,7 @@ impl Actor {
             self.tx.clone(),
             self.spec.name.clone(),
         );
-        tokio::spawn(async move {
+        self.main.spawn(async move {
             let path = format!("/v1/agent/pairs/{name}/lease");
             // The store decides; while it cannot be reached, the answer waits (a
             // failover needs the lease: consistency over availability).

@@ -80,70 +80,56 @@ pub enum FrameError {
     /// A field out of its bounds, or bytes left over.
     #[error("malformed frame: {0}")]
     Malformed(String),
+    /// Too large to encode: the payload would be this many bytes.
+    #[error("checkpoint of {0} bytes is larger than a frame may be ({MAX_PAYLOAD_BYTES})")]
+    TooLarge(u64),
 }
 
 fn put_u32(out: &mut Vec<u8>, v: u32) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
-/// Encode a frame. Panics only on a caller's bug: a workload id of the wrong length or a
-/// page not 4 KiB long.
-pub fn encode(f: &Frame) -> Vec<u8> {
+fn global_bytes(g: &GlobalValue) -> usize {
+    1 + match g {
+        GlobalValue::I32(_) | GlobalValue::F32(_) => 4,
+        GlobalValue::I64(_) | GlobalValue::F64(_) => 8,
+        GlobalValue::V128(_) => 16,
+    }
+}
+
+/// The payload length `f` encodes to.
+fn payload_len(f: &Frame) -> u64 {
+    let mems: u64 = f
+        .delta
+        .memories
+        .iter()
+        .map(|m| 12 + m.pages.len() as u64 * (4 + PAGE_BYTES as u64))
+        .sum();
+    let globals: u64 = f.delta.globals.iter().map(|g| global_bytes(g) as u64).sum();
+    4 + mems + 4 + globals + 4 + f.delta.host.len() as u64
+}
+
+/// Encode a frame. Errors only when it would be larger than [`MAX_PAYLOAD_BYTES`];
+/// panics only on a caller's bug (a workload id of the wrong length, a page not 4 KiB).
+pub fn encode(f: &Frame) -> Result<Vec<u8>, FrameError> {
+    let mut out = Vec::new();
+    encode_into(f, &mut out)?;
+    Ok(out)
+}
+
+/// Encode a frame at the end of `out` (which may already hold a transport's header):
+/// one buffer, no intermediate copy. On error `out` is left as it was.
+pub fn encode_into(f: &Frame, out: &mut Vec<u8>) -> Result<(), FrameError> {
     assert!(
         !f.workload.is_empty() && f.workload.len() <= MAX_WORKLOAD_BYTES,
         "workload id length"
     );
-    let mut payload = Vec::with_capacity(
-        16 + f.delta.page_bytes()
-            + f.delta
-                .memories
-                .iter()
-                .map(|m| m.pages.len() * 4)
-                .sum::<usize>(),
-    );
-    put_u32(&mut payload, f.delta.memories.len() as u32);
-    for m in &f.delta.memories {
-        payload.extend_from_slice(&m.size_bytes.to_le_bytes());
-        put_u32(&mut payload, m.pages.len() as u32);
-        for (idx, data) in &m.pages {
-            assert_eq!(data.len(), PAGE_BYTES, "page size");
-            put_u32(&mut payload, *idx);
-            payload.extend_from_slice(data);
-        }
+    let len = payload_len(f);
+    if len > u64::from(MAX_PAYLOAD_BYTES) {
+        return Err(FrameError::TooLarge(len));
     }
-    put_u32(&mut payload, f.delta.globals.len() as u32);
-    for g in &f.delta.globals {
-        match g {
-            GlobalValue::I32(v) => {
-                payload.push(0);
-                payload.extend_from_slice(&v.to_le_bytes());
-            }
-            GlobalValue::I64(v) => {
-                payload.push(1);
-                payload.extend_from_slice(&v.to_le_bytes());
-            }
-            GlobalValue::F32(v) => {
-                payload.push(2);
-                payload.extend_from_slice(&v.to_le_bytes());
-            }
-            GlobalValue::F64(v) => {
-                payload.push(3);
-                payload.extend_from_slice(&v.to_le_bytes());
-            }
-            GlobalValue::V128(v) => {
-                payload.push(4);
-                payload.extend_from_slice(&v.to_le_bytes());
-            }
-        }
-    }
-    put_u32(&mut payload, f.delta.host.len() as u32);
-    payload.extend_from_slice(&f.delta.host);
-    assert!(
-        payload.len() <= MAX_PAYLOAD_BYTES as usize,
-        "payload too large"
-    );
-
-    let mut out = Vec::with_capacity(FIXED_HEADER + f.workload.len() + payload.len() + 4);
+    let start = out.len();
+    out.reserve(FIXED_HEADER + f.workload.len() + len as usize + 4);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
     out.push(if f.delta.full { 1 } else { 2 });
@@ -152,11 +138,49 @@ pub fn encode(f: &Frame) -> Vec<u8> {
     out.extend_from_slice(&f.epoch.to_le_bytes());
     out.extend_from_slice(&(f.workload.len() as u16).to_le_bytes());
     out.extend_from_slice(f.workload.as_bytes());
-    put_u32(&mut out, payload.len() as u32);
-    out.extend_from_slice(&payload);
-    let crc = crc32fast::hash(&out);
-    put_u32(&mut out, crc);
-    out
+    put_u32(out, len as u32);
+    let payload_start = out.len();
+    put_u32(out, f.delta.memories.len() as u32);
+    for m in &f.delta.memories {
+        out.extend_from_slice(&m.size_bytes.to_le_bytes());
+        put_u32(out, m.pages.len() as u32);
+        for (idx, data) in &m.pages {
+            assert_eq!(data.len(), PAGE_BYTES, "page size");
+            put_u32(out, *idx);
+            out.extend_from_slice(data);
+        }
+    }
+    put_u32(out, f.delta.globals.len() as u32);
+    for g in &f.delta.globals {
+        match g {
+            GlobalValue::I32(v) => {
+                out.push(0);
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            GlobalValue::I64(v) => {
+                out.push(1);
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            GlobalValue::F32(v) => {
+                out.push(2);
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            GlobalValue::F64(v) => {
+                out.push(3);
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            GlobalValue::V128(v) => {
+                out.push(4);
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+    put_u32(out, f.delta.host.len() as u32);
+    out.extend_from_slice(&f.delta.host);
+    debug_assert_eq!((out.len() - payload_start) as u64, len, "payload length");
+    let crc = crc32fast::hash(&out[start..]);
+    put_u32(out, crc);
+    Ok(())
 }
 
 /// The total length of the frame that starts `buf`, once enough of its header is there
@@ -353,14 +377,34 @@ mod tests {
     #[test]
     fn round_trip() {
         let f = sample();
-        let bytes = encode(&f);
+        let bytes = encode(&f).unwrap();
         assert_eq!(frame_len(&bytes).unwrap(), Some(bytes.len()));
         assert_eq!(decode(&bytes).unwrap(), f);
     }
 
     #[test]
+    fn too_large_is_an_error_not_a_panic() {
+        let mut f = sample();
+        // calloc'd and never touched: no real memory.
+        f.delta.host = vec![0; MAX_PAYLOAD_BYTES as usize];
+        let mut out = b"hdr".to_vec();
+        assert!(
+            matches!(encode_into(&f, &mut out), Err(FrameError::TooLarge(n)) if n > u64::from(MAX_PAYLOAD_BYTES))
+        );
+        assert_eq!(out, b"hdr", "nothing written");
+    }
+
+    #[test]
+    fn encode_into_appends_one_frame() {
+        let mut out = b"hdr".to_vec();
+        encode_into(&sample(), &mut out).unwrap();
+        assert_eq!(&out[..3], b"hdr");
+        assert_eq!(decode(&out[3..]).unwrap(), sample());
+    }
+
+    #[test]
     fn every_torn_prefix_and_every_flipped_bit_is_rejected() {
-        let bytes = encode(&sample());
+        let bytes = encode(&sample()).unwrap();
         for cut in 0..bytes.len() {
             assert!(decode(&bytes[..cut]).is_err(), "prefix of {cut}");
         }
@@ -406,7 +450,7 @@ mod tests {
                 workload: "w".into(), generation, epoch,
                 delta: StateDelta { full, memories: vec![MemoryDelta { size_bytes: 65536, pages: pages.iter().map(|(i, b)| (*i, vec![*b; PAGE_BYTES])).collect() }], globals: vec![GlobalValue::I32(generation as i32)], host },
             };
-            prop_assert_eq!(decode(&encode(&f)).unwrap(), f);
+            prop_assert_eq!(decode(&encode(&f).unwrap()).unwrap(), f);
         }
     }
 }

@@ -238,6 +238,20 @@ impl Primary {
         self.acked
     }
 
+    /// Checkpoints sent to the current secondary and not acknowledged yet.
+    pub fn inflight(&self) -> usize {
+        let first_unacked = self.acked.map(|a| a + 1).unwrap_or(self.base);
+        self.sent
+            .map(|s| (s + 1).saturating_sub(first_unacked) as usize)
+            .unwrap_or(0)
+    }
+
+    /// Whether an output of the running epoch is held (ending the epoch now would let it
+    /// leave one round trip sooner: the driver's low-latency mode).
+    pub fn waiting(&self) -> bool {
+        self.held.back().is_some_and(|(e, _)| *e == self.epoch)
+    }
+
     /// Outputs held now.
     pub fn held(&self) -> usize {
         self.held.len()
@@ -273,12 +287,7 @@ impl Primary {
         if !self.has_secondary || matches!(self.mode, PrimaryMode::Fenced | PrimaryMode::Suspect) {
             return vec![];
         }
-        let first_unacked = self.acked.map(|a| a + 1).unwrap_or(self.base);
-        let inflight = self
-            .sent
-            .map(|s| (s + 1).saturating_sub(first_unacked) as usize)
-            .unwrap_or(0);
-        if inflight >= self.cfg.max_inflight && !self.need_full {
+        if self.inflight() >= self.cfg.max_inflight && !self.need_full {
             return vec![];
         }
         let e = self.epoch;

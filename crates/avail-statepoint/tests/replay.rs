@@ -152,7 +152,8 @@ impl Guest {
                 generation: 1,
                 epoch,
                 delta,
-            });
+            })
+            .unwrap();
             secondary
                 .apply(&frame::decode(&wire).unwrap().delta)
                 .unwrap();

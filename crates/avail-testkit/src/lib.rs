@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use avail_client::Client;
 use avail_model::{Node, NodeState};
 
+pub mod ft;
+
 /// A child process killed with its process group on drop.
 pub struct Proc {
     /// The child.

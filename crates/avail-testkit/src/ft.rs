@@ -1,0 +1,240 @@
+//! The level-`ft` kill trial, shared by the test suite (30 seeded trials in CI) and the
+//! campaign benchmark (`ft_campaign`, 1,000 trials): the `bank` guest at level ft,
+//! transfers with idempotency keys through an ingress that is never killed, the active
+//! replica's host SIGKILLed at a seeded moment. After the failover(s) the checker
+//! confirms every acknowledged transfer was applied exactly once (transfer sequence
+//! numbers are 1..n with no gap or repeat), the total is unchanged, and a repeated key
+//! is answered from the reply log.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use avail_client::Client;
+use avail_model::Workload;
+use avail_statepoint::rng::SplitMix64 as Rng;
+use hyper::Method;
+
+use crate::{Cluster, guest, wait_until};
+
+/// The workload `name`, waited for until it is `ft:protected` with a secondary.
+pub async fn protected(c: &Cluster, name: &str) -> Workload {
+    let api = c.client();
+    let path = format!("/v1/workloads/{name}");
+    wait_until(
+        &format!("{name} ft:protected"),
+        Duration::from_secs(30),
+        || {
+            let (api, path) = (api.clone(), path.clone());
+            async move {
+                let w: Workload = api.get(&path).await.map_err(|e| e.to_string())?;
+                if w.status.level_state.as_deref() == Some("ft:protected")
+                    && w.status.secondary.is_some()
+                {
+                    Ok(w)
+                } else {
+                    Err(format!("{:?}", w.status))
+                }
+            }
+        },
+    )
+    .await
+}
+
+/// Run the bank guest as `bank` at level ft and wait until it is protected.
+pub async fn deploy_bank_ft(c: &Cluster) -> Workload {
+    let out = c.cli(&[
+        "workload",
+        "run",
+        "--name",
+        "bank",
+        "--driver",
+        "wasm",
+        "--artifact",
+        &guest("bank"),
+        "--level",
+        "ft",
+        "--memory-mib",
+        "16",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    protected(c, "bank").await
+}
+
+/// The agent index of a node name (`node-2` -> 1).
+pub fn index(node: &str) -> usize {
+    node.trim_start_matches("node-").parse::<usize>().unwrap() - 1
+}
+
+/// Send one transfer until it is acknowledged (the ingress retries across a failover;
+/// the client retries on top, with the same key). Returns the reply's JSON with
+/// `_status` and `_replayed` added, or an error after 30 s of failures.
+pub async fn transfer(
+    ingress: &Client,
+    key: &str,
+    from: u64,
+    to: u64,
+    amount: u64,
+) -> Result<serde_json::Value, String> {
+    let body = format!(r#"{{"from":{from},"to":{to},"amount":{amount}}}"#);
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = ingress
+            .raw(
+                Method::POST,
+                "/w/bank/transfer",
+                Some((body.clone().into(), "application/json")),
+                &[("idempotency-key", key)],
+            )
+            .await;
+        let failure = match r {
+            Ok(r) if r.status == 200 || r.status == 409 => {
+                let mut v: serde_json::Value =
+                    serde_json::from_slice(&r.body).map_err(|e| format!("reply: {e}"))?;
+                v["_status"] = r.status.as_u16().into();
+                v["_replayed"] = r.headers.contains_key("avail-replayed").into();
+                return Ok(v);
+            }
+            Ok(r) => format!("{} {}", r.status, String::from_utf8_lossy(&r.body)),
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() >= end {
+            return Err(format!("transfer {key} kept failing: {failure}"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What a clean trial saw.
+#[derive(Clone, Debug)]
+pub struct TrialReport {
+    /// Transfers acknowledged with 200.
+    pub acknowledged: usize,
+    /// Per host death: from the SIGKILL to the first acknowledged transfer after it.
+    pub failovers: Vec<Duration>,
+}
+
+/// One trial: `deaths` successive SIGKILLs of the active replica's host (a new
+/// secondary is synced in between), on a cluster of `2 + deaths` agents. `Err` is a
+/// violation of the guarantees (or the workload not served for 30 s), with the seed.
+pub async fn bank_trial(bin: &Path, seed: u64, deaths: usize) -> Result<TrialReport, String> {
+    let mut rng = Rng(seed);
+    let mut c = Cluster::start(bin, 2 + deaths).await;
+    let w = deploy_bank_ft(&c).await;
+    // The client's ingress: a node that is neither of the first pair, and never killed
+    // (only active replicas are).
+    let pair = [
+        index(w.status.node.as_deref().unwrap()),
+        index(w.status.secondary.as_deref().unwrap()),
+    ];
+    let entry = (0..2 + deaths).find(|i| !pair.contains(i)).unwrap();
+    let ingress = Client::new(&c.ingress(entry), None, None).with_timeout(Duration::from_secs(20));
+    let fail = |m: String| format!("seed {seed}: {m}");
+
+    let per_phase = 40;
+    let mut applied = Vec::new();
+    let mut failovers = Vec::new();
+    let mut n = 0;
+    for death in 0..=deaths {
+        let w = protected(&c, "bank").await;
+        let primary = w.status.node.clone().unwrap();
+        let secondary = w.status.secondary.clone().unwrap();
+        if primary == secondary {
+            return Err(fail(format!("primary and secondary on {primary}")));
+        }
+        let kill_at = if death < deaths {
+            Some(5 + rng.next_u64() % (per_phase - 10))
+        } else {
+            None
+        };
+        let mut killed = None;
+        for i in 0..per_phase {
+            if Some(i) == kill_at {
+                let victim = index(&primary);
+                assert_ne!(victim, entry, "the client's ingress is never a victim");
+                eprintln!("seed {seed}: SIGKILL {primary} (active) after {n} transfers");
+                killed = Some(Instant::now());
+                c.kill_agent(victim);
+            }
+            let (from, to) = (rng.next_u64() % 100, rng.next_u64() % 100);
+            let to = if to == from { (to + 1) % 100 } else { to };
+            let v = transfer(
+                &ingress,
+                &format!("t-{seed}-{n}"),
+                from,
+                to,
+                1 + rng.next_u64() % 50,
+            )
+            .await
+            .map_err(fail)?;
+            if let Some(t) = killed.take() {
+                failovers.push(t.elapsed());
+            }
+            if v["_status"] == 200 {
+                applied.push(
+                    v["seq"]
+                        .as_u64()
+                        .ok_or_else(|| fail(format!("no seq: {v}")))?,
+                );
+            }
+            n += 1;
+        }
+        if kill_at.is_some() {
+            // The former secondary is the active replica now, at a newer generation.
+            let after: Workload = c
+                .client()
+                .get("/v1/workloads/bank")
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            if after.status.node.as_deref() != Some(secondary.as_str())
+                || after.status.generation <= w.status.generation
+            {
+                return Err(fail(format!(
+                    "after the death of {primary} the active replica is not {secondary} at a newer generation: {:?}",
+                    after.status
+                )));
+            }
+        }
+    }
+    // A repeated key is answered from the reply log, not run again.
+    let again = transfer(&ingress, &format!("t-{seed}-{}", n - 1), 0, 1, 1)
+        .await
+        .map_err(fail)?;
+    if again["_status"] == 200
+        && (again["_replayed"] != true || again["seq"].as_u64() != applied.last().copied())
+    {
+        return Err(fail(format!(
+            "a repeated key was not answered from the log: {again}"
+        )));
+    }
+    let r = ingress
+        .raw(Method::GET, "/w/bank/balances", None, &[])
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let b: serde_json::Value = serde_json::from_slice(&r.body).map_err(|e| fail(e.to_string()))?;
+    if b["total"] != 100000 {
+        return Err(fail(format!("total changed: {b}")));
+    }
+    let seqs: BTreeSet<u64> = applied.iter().copied().collect();
+    if seqs.len() != applied.len() {
+        return Err(fail(format!("a seq was acknowledged twice: {applied:?}")));
+    }
+    if b["transfers"].as_u64() != Some(applied.len() as u64) {
+        return Err(fail(format!(
+            "{} transfers applied, {} acknowledged ({applied:?})",
+            b["transfers"],
+            applied.len()
+        )));
+    }
+    if seqs != (1..=applied.len() as u64).collect::<BTreeSet<_>>() {
+        return Err(fail(format!("gap in seqs: {applied:?}")));
+    }
+    Ok(TrialReport {
+        acknowledged: applied.len(),
+        failovers,
+    })
+}

@@ -20,7 +20,7 @@
 //! carries all), so a promoted secondary answers a retried request from the log
 //! (`Avail-Replayed: 1`) instead of running it twice.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,10 +42,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::replylog::{Entry, ReplyLog};
+
+/// The header an ingress uses to report the ingress-assigned keys whose replies it
+/// delivered (comma-separated): the replica trims them from its reply log.
+pub const DELIVERED_HEADER: &str = "avail-delivered";
+
 /// Default port of the replication listener.
 pub const DEFAULT_REPLICATION_PORT: u16 = 7481;
-/// Most entries in the reply log; the oldest go first.
-pub const MAX_REPLY_LOG_ENTRIES: usize = 4096;
 /// Largest message on the link.
 const MAX_LINK_MESSAGE: usize = frame::MAX_PAYLOAD_BYTES as usize + 4096;
 /// Requests waiting for the actor, at most.
@@ -133,148 +137,6 @@ async fn read_wire(r: &mut (impl AsyncReadExt + Unpin)) -> std::io::Result<Wire>
         }),
         k => return Err(bad(&format!("unknown message kind {k}"))),
     })
-}
-
-/// A reply the log keeps.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Entry {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-/// The reply log: `Idempotency-Key` -> reply, bounded, in insertion order.
-#[derive(Default)]
-struct ReplyLog {
-    entries: BTreeMap<String, Entry>,
-    order: VecDeque<String>,
-    /// Keys added since the last capture.
-    fresh: Vec<String>,
-}
-
-impl ReplyLog {
-    fn insert(&mut self, key: String, e: Entry) {
-        if self.entries.insert(key.clone(), e).is_none() {
-            self.order.push_back(key.clone());
-            self.fresh.push(key);
-        }
-        while self.order.len() > MAX_REPLY_LOG_ENTRIES {
-            if let Some(old) = self.order.pop_front() {
-                self.entries.remove(&old);
-            }
-        }
-    }
-
-    fn encode(&self, keys: &[String]) -> Vec<u8> {
-        let mut out = Vec::new();
-        let put = |out: &mut Vec<u8>, b: &[u8]| {
-            out.extend_from_slice(&(b.len() as u32).to_le_bytes());
-            out.extend_from_slice(b);
-        };
-        let present: Vec<&String> = keys
-            .iter()
-            .filter(|k| self.entries.contains_key(*k))
-            .collect();
-        out.extend_from_slice(&(present.len() as u32).to_le_bytes());
-        for k in present {
-            let e = &self.entries[k];
-            put(&mut out, k.as_bytes());
-            out.extend_from_slice(&e.status.to_le_bytes());
-            out.extend_from_slice(&(e.headers.len() as u32).to_le_bytes());
-            for (n, v) in &e.headers {
-                put(&mut out, n.as_bytes());
-                put(&mut out, v.as_bytes());
-            }
-            put(&mut out, &e.body);
-        }
-        out
-    }
-
-    /// Host state of a delta capture: the entries since the last capture.
-    fn take_delta(&mut self) -> Vec<u8> {
-        let keys = std::mem::take(&mut self.fresh);
-        self.encode(&keys)
-    }
-
-    /// Host state of a full capture: every entry, oldest first.
-    fn take_full(&mut self) -> Vec<u8> {
-        self.fresh.clear();
-        let keys: Vec<String> = self.order.iter().cloned().collect();
-        self.encode(&keys)
-    }
-
-    /// Parse the host state of a checkpoint into log entries.
-    fn parse(host: &[u8]) -> Result<Vec<(String, Entry)>, String> {
-        struct R<'a>(&'a [u8]);
-        impl<'a> R<'a> {
-            fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-                if self.0.len() < n {
-                    return Err("reply log truncated".into());
-                }
-                let (h, t) = self.0.split_at(n);
-                self.0 = t;
-                Ok(h)
-            }
-            fn u32(&mut self) -> Result<u32, String> {
-                Ok(u32::from_le_bytes(
-                    self.take(4)?.try_into().expect("4 bytes"),
-                ))
-            }
-            fn bytes(&mut self) -> Result<Vec<u8>, String> {
-                let n = self.u32()? as usize;
-                Ok(self.take(n)?.to_vec())
-            }
-            fn string(&mut self) -> Result<String, String> {
-                String::from_utf8(self.bytes()?)
-                    .map_err(|_| "reply log text is not UTF-8".to_string())
-            }
-        }
-        let mut r = R(host);
-        let mut parsed = Vec::new();
-        if !host.is_empty() {
-            let count = r.u32()? as usize;
-            if count > MAX_REPLY_LOG_ENTRIES * 2 {
-                return Err(format!("{count} reply log entries"));
-            }
-            for _ in 0..count {
-                let key = r.string()?;
-                let status = u16::from_le_bytes(r.take(2)?.try_into().expect("2 bytes"));
-                let nh = r.u32()? as usize;
-                if nh > 256 {
-                    return Err(format!("{nh} headers"));
-                }
-                let mut headers = Vec::with_capacity(nh);
-                for _ in 0..nh {
-                    headers.push((r.string()?, r.string()?));
-                }
-                let body = r.bytes()?;
-                parsed.push((
-                    key,
-                    Entry {
-                        status,
-                        headers,
-                        body,
-                    },
-                ));
-            }
-        }
-        Ok(parsed)
-    }
-
-    /// Add parsed entries (a full checkpoint's replace the log).
-    fn extend(&mut self, entries: Vec<(String, Entry)>, full: bool) {
-        if full {
-            *self = ReplyLog::default();
-        }
-        for (k, e) in entries {
-            self.insert(k, e);
-        }
-        self.fresh.clear();
-    }
-
-    fn get(&self, key: &str) -> Option<&Entry> {
-        self.entries.get(key)
-    }
 }
 
 enum Cmd {
@@ -617,6 +479,9 @@ impl Actor {
                     lag_bytes: p.inflight_bytes.values().sum(),
                     checkpoints: p.checkpoints,
                     tracker: p.guest.tracker().to_string(),
+                    reply_log_entries: p.log.len() as u64,
+                    reply_log_bytes: p.log.bytes() as u64,
+                    reply_log_early_evictions: p.log.early_evictions(),
                 };
             }
             Role::Secondary(s) => {
@@ -801,6 +666,15 @@ impl Actor {
             ));
             return;
         }
+        let mut req = req;
+        if let Some(i) = req
+            .headers
+            .iter()
+            .position(|(n, _)| n.eq_ignore_ascii_case(DELIVERED_HEADER))
+        {
+            let (_, v) = req.headers.swap_remove(i);
+            p.log.delivered(v.split(',').map(str::trim));
+        }
         let key = idempotency_key(&req);
         let logged = !matches!(req.method.as_str(), "GET" | "HEAD");
         let resp = match key.as_ref().and_then(|k| p.log.get(k)) {
@@ -822,6 +696,7 @@ impl Actor {
                             status: resp.status,
                             headers: resp.headers.clone(),
                             body: resp.body.to_vec(),
+                            at_ms: now_ms(),
                         },
                     );
                 }
@@ -906,7 +781,7 @@ impl Actor {
                                 Ok((clock, entries)) => {
                                     let applied = s.image.apply(&f.delta).is_ok();
                                     if applied {
-                                        s.log.extend(entries, full);
+                                        s.log.apply(entries, full);
                                         s.clock_ms = clock;
                                     }
                                     applied
@@ -947,6 +822,7 @@ impl Actor {
                     };
                     // Host state: the guest's clock floor, then the reply log.
                     let mut host = p.guest.clock_ms().to_le_bytes().to_vec();
+                    p.log.expire(now_ms());
                     let captured = if full {
                         host.extend(p.log.take_full());
                         p.guest.capture_full(host)

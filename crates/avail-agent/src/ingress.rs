@@ -9,7 +9,8 @@
 //! Every reply carries `Avail-Node` (the node that ran the request) and
 //! `Avail-Incarnation` (which run of the workload answered).
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use avail_driver::process::is_hop_by_hop;
@@ -26,6 +27,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use crate::ft::DELIVERED_HEADER;
+use crate::replylog::INGRESS_KEY_PREFIX;
 use crate::supervisor::{SlotState, Supervisor};
 
 /// Largest request body accepted by the ingress, bytes.
@@ -39,6 +42,36 @@ pub const FORWARDED: &str = "avail-forwarded";
 struct Ingress {
     sup: Arc<Supervisor>,
     peers: Client<HttpConnector, Full<Bytes>>,
+    /// Per ft workload: keys this ingress assigned whose replies it delivered, to be
+    /// reported on the next request (the replica trims them from its reply log).
+    delivered: Mutex<HashMap<String, VecDeque<String>>>,
+}
+
+/// Delivered keys remembered per workload (older ones age out of the log instead).
+const MAX_DELIVERED: usize = 1024;
+/// Delivered keys reported on one request, at most.
+const DELIVERED_PER_REQUEST: usize = 64;
+
+impl Ingress {
+    fn take_delivered(&self, workload: &str) -> Option<String> {
+        let mut d = self.delivered.lock().unwrap_or_else(|p| p.into_inner());
+        let q = d.get_mut(workload)?;
+        let n = q.len().min(DELIVERED_PER_REQUEST);
+        let keys: Vec<String> = q.drain(..n).collect();
+        if q.is_empty() {
+            d.remove(workload);
+        }
+        (!keys.is_empty()).then(|| keys.join(","))
+    }
+
+    fn push_delivered(&self, workload: &str, key: String) {
+        let mut d = self.delivered.lock().unwrap_or_else(|p| p.into_inner());
+        let q = d.entry(workload.to_string()).or_default();
+        q.push_back(key);
+        if q.len() > MAX_DELIVERED {
+            q.pop_front();
+        }
+    }
 }
 
 /// Serve the ingress on `listener` until the task is aborted.
@@ -48,6 +81,7 @@ pub async fn serve(listener: tokio::net::TcpListener, sup: Arc<Supervisor>) {
     connector.set_local_address(Some(sup.addr()));
     connector.set_connect_timeout(Some(Duration::from_secs(2)));
     let state = Arc::new(Ingress {
+        delivered: Mutex::new(HashMap::new()),
         sup,
         peers: Client::builder(TokioExecutor::new()).build(connector),
     });
@@ -174,18 +208,38 @@ async fn handle(State(ing): State<Arc<Ingress>>, req: Request) -> Response {
     // stays the same on every attempt, so the new replica answers a repeat from its
     // reply log instead of running it twice.
     let ft = ing.sup.route(&inc.name).is_some_and(|r| r.ft);
+    if !inc.forwarded {
+        // Only an ingress reports deliveries.
+        inc.headers.remove(DELIVERED_HEADER);
+    }
+    let mut assigned = None;
     if ft && !inc.headers.contains_key("idempotency-key") {
         let mut id = [0u8; 12];
         let _ = getrandom::fill(&mut id);
         let key: String = id.iter().map(|b| format!("{b:02x}")).collect();
-        if let Ok(v) = HeaderValue::from_str(&format!("avail-{key}")) {
+        let key = format!("{INGRESS_KEY_PREFIX}{key}");
+        if let Ok(v) = HeaderValue::from_str(&key) {
             inc.headers.insert("idempotency-key", v);
+            assigned = Some(key);
         }
+    }
+    if ft
+        && !inc.forwarded
+        && let Some(keys) = ing.take_delivered(&inc.name)
+        && let Ok(v) = HeaderValue::from_str(&keys)
+    {
+        inc.headers.insert(DELIVERED_HEADER, v);
     }
     let deadline = std::time::Instant::now() + FT_RETRY_FOR;
     loop {
         match attempt(&ing, &inc).await {
-            Ok(r) => return r,
+            Ok(r) => {
+                // This ingress will never send that key again: its log entry can go.
+                if let Some(key) = assigned {
+                    ing.push_delivered(&inc.name, key);
+                }
+                return r;
+            }
             Err(r) => {
                 // Only ft workloads are retried, and only by the ingress that took the
                 // request from the client.

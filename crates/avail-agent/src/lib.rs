@@ -14,6 +14,7 @@
 
 pub mod ft;
 pub mod ingress;
+pub mod replylog;
 pub mod supervisor;
 
 use std::collections::BTreeMap;

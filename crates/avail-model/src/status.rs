@@ -80,6 +80,15 @@ pub struct FtStatus {
     pub checkpoints: u64,
     /// Dirty-page tracker in use (`shadow`, `uffd`).
     pub tracker: String,
+    /// Replies kept in the reply log (exactly-once answers to retried requests).
+    #[serde(default)]
+    pub reply_log_entries: u64,
+    /// Bytes the reply log keeps.
+    #[serde(default)]
+    pub reply_log_bytes: u64,
+    /// Replies evicted from the log for space before their retention ran out.
+    #[serde(default)]
+    pub reply_log_early_evictions: u64,
 }
 
 /// A workload: its spec and its status.

@@ -176,3 +176,79 @@ async fn modules_whose_state_cannot_be_captured_are_refused_for_ft_only() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Requests without a key get one from the ingress; once the ingress has delivered a
+/// reply it reports the key and the replica trims it, so the reply log holds only
+/// replies still in flight, not every write of the last minute. Client keys stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_log_is_trimmed_by_delivered_ingress_keys() {
+    let c = Cluster::start(BIN.as_ref(), 3).await;
+    let w = deploy_bank_ft(&c).await;
+    let entry = (0..3)
+        .find(|i| {
+            ![w.status.node.as_deref(), w.status.secondary.as_deref()]
+                .contains(&Some(Cluster::agent_name(*i).as_str()))
+        })
+        .unwrap();
+    let ingress = avail_client::Client::new(&c.ingress(entry), None, None);
+    for i in 0..300u64 {
+        let body = format!(
+            r#"{{"from":{},"to":{},"amount":1}}"#,
+            i % 100,
+            (i + 1) % 100
+        );
+        let r = ingress
+            .raw(
+                hyper::Method::POST,
+                "/w/bank/transfer",
+                Some((body.into(), "application/json")),
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+    }
+    for i in 0..5u64 {
+        let r = ingress
+            .raw(
+                hyper::Method::POST,
+                "/w/bank/transfer",
+                Some((r#"{"from":1,"to":2,"amount":1}"#.into(), "application/json")),
+                &[("idempotency-key", &format!("client-{i}"))],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+    }
+    let api = c.client();
+    wait_until("the reply log trimmed", Duration::from_secs(20), || {
+        let api = api.clone();
+        async move {
+            let w: Workload = api
+                .get("/v1/workloads/bank")
+                .await
+                .map_err(|e| e.to_string())?;
+            let ft = w.status.ft.clone().ok_or("no ft status")?;
+            // 305 replies logged; at most one request's worth of deliveries (64) is
+            // not reported yet, plus the 5 client keys.
+            if ft.reply_log_entries >= 5 && ft.reply_log_entries <= 5 + 64 {
+                Ok(())
+            } else {
+                Err(format!("{ft:?}"))
+            }
+        }
+    })
+    .await;
+    // A client's key is still answered from the log.
+    let r = ingress
+        .raw(
+            hyper::Method::POST,
+            "/w/bank/transfer",
+            Some((r#"{"from":1,"to":2,"amount":1}"#.into(), "application/json")),
+            &[("idempotency-key", "client-0")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.headers.contains_key("avail-replayed"));
+}

@@ -1,0 +1,428 @@
+//! The reply log of an `ft` replica: `Idempotency-Key` -> the reply the guest gave, so a
+//! request retried after a failover is answered from the log (`Avail-Replayed: 1`)
+//! instead of running twice. It is host state carried in every checkpoint: a delta
+//! carries the entries added and the keys removed since the previous capture, a full
+//! checkpoint every entry.
+//!
+//! Bounded and trimmed three ways, oldest first:
+//! - **delivered**: a key the ingress assigned (`avail-...`) is removed as soon as that
+//!   ingress says it delivered the reply (`Avail-Delivered` on a later request): it will
+//!   never retry it, so the log holds only replies still in flight;
+//! - **age**: ingress keys after [`RETAIN_INGRESS_MS`] (four times the ingress's retry
+//!   window), client keys after [`RETAIN_CLIENT_MS`];
+//! - **bytes**: at most [`MAX_BYTES`]; an entry evicted for bytes before its age is up
+//!   is counted (`early_evictions`): a retry of it could run twice.
+
+use std::collections::{HashMap, VecDeque};
+
+/// Most bytes of replies (keys, headers, bodies) the log keeps.
+pub const MAX_BYTES: usize = 32 << 20;
+/// How long a key the ingress assigned is kept when its delivery is never reported.
+pub const RETAIN_INGRESS_MS: u64 = 60_000;
+/// How long a key the client chose is kept.
+pub const RETAIN_CLIENT_MS: u64 = 600_000;
+/// Prefix of the keys the ingress assigns.
+pub const INGRESS_KEY_PREFIX: &str = "avail-";
+
+/// A reply the log keeps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// HTTP status.
+    pub status: u16,
+    /// Headers.
+    pub headers: Vec<(String, String)>,
+    /// Body.
+    pub body: Vec<u8>,
+    /// When it was logged (ms since the Unix epoch, the primary's clock).
+    pub at_ms: u64,
+}
+
+impl Entry {
+    fn bytes(&self, key: &str) -> usize {
+        32 + key.len()
+            + self.body.len()
+            + self
+                .headers
+                .iter()
+                .map(|(n, v)| 8 + n.len() + v.len())
+                .sum::<usize>()
+    }
+}
+
+fn retention(key: &str) -> u64 {
+    if key.starts_with(INGRESS_KEY_PREFIX) {
+        RETAIN_INGRESS_MS
+    } else {
+        RETAIN_CLIENT_MS
+    }
+}
+
+/// The log.
+#[derive(Default)]
+pub struct ReplyLog {
+    /// key -> (insertion sequence, entry).
+    entries: HashMap<String, (u64, Entry)>,
+    /// Insertion order; a key removed early stays here until it reaches the front
+    /// (matched by sequence, so a key logged again is not evicted by its old place).
+    order: VecDeque<(u64, String)>,
+    seq: u64,
+    bytes: usize,
+    /// Keys added since the last capture.
+    fresh: Vec<String>,
+    /// Keys removed since the last capture.
+    removed: Vec<String>,
+    /// Entries evicted for bytes before their retention ran out.
+    early_evictions: u64,
+}
+
+impl ReplyLog {
+    /// The reply logged under `key`.
+    pub fn get(&self, key: &str) -> Option<&Entry> {
+        self.entries.get(key).map(|(_, e)| e)
+    }
+
+    /// Entries kept.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no entry is kept.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Bytes kept.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Entries evicted for bytes before their retention ran out, so far.
+    pub fn early_evictions(&self) -> u64 {
+        self.early_evictions
+    }
+
+    /// Log a reply (a key already logged keeps its first reply).
+    pub fn insert(&mut self, key: String, e: Entry) {
+        if self.entries.contains_key(&key) {
+            return;
+        }
+        self.seq += 1;
+        self.bytes += e.bytes(&key);
+        self.order.push_back((self.seq, key.clone()));
+        self.entries.insert(key.clone(), (self.seq, e));
+        self.fresh.push(key);
+        while self.bytes > MAX_BYTES {
+            let Some(at) = self.front_at() else { break };
+            if at.1 {
+                self.early_evictions += 1;
+            }
+            self.pop_front();
+        }
+    }
+
+    /// The oldest live entry's time, and whether it is still within its retention
+    /// (judged by the newest entry's time).
+    fn front_at(&mut self) -> Option<(u64, bool)> {
+        self.skip_dead();
+        let (_, key) = self.order.front()?;
+        let now = self
+            .order
+            .back()
+            .and_then(|(_, k)| self.entries.get(k))
+            .map(|(_, e)| e.at_ms)
+            .unwrap_or(0);
+        let (_, e) = self.entries.get(key)?;
+        Some((e.at_ms, now.saturating_sub(e.at_ms) < retention(key)))
+    }
+
+    fn skip_dead(&mut self) {
+        while let Some((seq, key)) = self.order.front() {
+            if self.entries.get(key).is_some_and(|(s, _)| s == seq) {
+                return;
+            }
+            self.order.pop_front();
+        }
+    }
+
+    fn pop_front(&mut self) {
+        self.skip_dead();
+        if let Some((_, key)) = self.order.pop_front() {
+            self.remove(&key);
+        }
+    }
+
+    /// Remove `key` (its reply was delivered, or it aged out).
+    pub fn remove(&mut self, key: &str) {
+        if let Some((_, e)) = self.entries.remove(key) {
+            self.bytes -= e.bytes(key);
+            self.removed.push(key.to_string());
+        }
+    }
+
+    /// The ingress delivered the replies of these keys: only its own keys are removed
+    /// (a client's key may be retried by the client at any time).
+    pub fn delivered<'a>(&mut self, keys: impl IntoIterator<Item = &'a str>) {
+        for k in keys {
+            if k.starts_with(INGRESS_KEY_PREFIX) {
+                self.remove(k);
+            }
+        }
+    }
+
+    /// Drop entries past their retention at `now_ms`. Entries are in time order per
+    /// kind, so this stops at the first entry still kept of the oldest ones.
+    pub fn expire(&mut self, now_ms: u64) {
+        loop {
+            self.skip_dead();
+            let Some((_, key)) = self.order.front() else {
+                return;
+            };
+            let Some((_, e)) = self.entries.get(key) else {
+                return;
+            };
+            // Client keys live longer than ingress keys: an old client entry in front
+            // may hold back ingress entries behind it until the byte bound or its own
+            // age removes it. Good enough: both bounds still hold.
+            if now_ms.saturating_sub(e.at_ms) < retention(key) {
+                return;
+            }
+            self.pop_front();
+        }
+    }
+
+    fn put(out: &mut Vec<u8>, b: &[u8]) {
+        out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+        out.extend_from_slice(b);
+    }
+
+    fn encode(&self, keys: &[String], removed: &[String]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let present: Vec<(&String, &Entry)> = keys
+            .iter()
+            .filter_map(|k| self.entries.get(k).map(|(_, e)| (k, e)))
+            .collect();
+        out.extend_from_slice(&(present.len() as u32).to_le_bytes());
+        for (k, e) in present {
+            Self::put(&mut out, k.as_bytes());
+            out.extend_from_slice(&e.at_ms.to_le_bytes());
+            out.extend_from_slice(&e.status.to_le_bytes());
+            out.extend_from_slice(&(e.headers.len() as u32).to_le_bytes());
+            for (n, v) in &e.headers {
+                Self::put(&mut out, n.as_bytes());
+                Self::put(&mut out, v.as_bytes());
+            }
+            Self::put(&mut out, &e.body);
+        }
+        out.extend_from_slice(&(removed.len() as u32).to_le_bytes());
+        for k in removed {
+            Self::put(&mut out, k.as_bytes());
+        }
+        out
+    }
+
+    /// Host state of a delta capture: what changed since the last capture.
+    pub fn take_delta(&mut self) -> Vec<u8> {
+        let keys = std::mem::take(&mut self.fresh);
+        let removed = std::mem::take(&mut self.removed);
+        // A key added and removed within one epoch is simply absent from "added"; it is
+        // listed as removed, which the receiver ignores for keys it does not have.
+        self.encode(&keys, &removed)
+    }
+
+    /// Host state of a full capture: every entry, oldest first.
+    pub fn take_full(&mut self) -> Vec<u8> {
+        self.fresh.clear();
+        self.removed.clear();
+        let keys: Vec<String> = self
+            .order
+            .iter()
+            .filter(|(seq, k)| self.entries.get(k).is_some_and(|(s, _)| s == seq))
+            .map(|(_, k)| k.clone())
+            .collect();
+        self.encode(&keys, &[])
+    }
+
+    /// Parse the host state of a checkpoint: entries added, keys removed. Checks
+    /// everything before anything is applied (a torn log changes nothing).
+    pub fn parse(host: &[u8]) -> Result<Parsed, String> {
+        struct R<'a>(&'a [u8]);
+        impl<'a> R<'a> {
+            fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+                if self.0.len() < n {
+                    return Err("reply log truncated".into());
+                }
+                let (h, t) = self.0.split_at(n);
+                self.0 = t;
+                Ok(h)
+            }
+            fn u32(&mut self) -> Result<u32, String> {
+                Ok(u32::from_le_bytes(
+                    self.take(4)?.try_into().expect("4 bytes"),
+                ))
+            }
+            fn count(&mut self, min_bytes: usize) -> Result<usize, String> {
+                let n = self.u32()? as usize;
+                if n.saturating_mul(min_bytes) > self.0.len() {
+                    return Err(format!("{n} reply log items in {} bytes", self.0.len()));
+                }
+                Ok(n)
+            }
+            fn bytes(&mut self) -> Result<Vec<u8>, String> {
+                let n = self.u32()? as usize;
+                Ok(self.take(n)?.to_vec())
+            }
+            fn string(&mut self) -> Result<String, String> {
+                String::from_utf8(self.bytes()?)
+                    .map_err(|_| "reply log text is not UTF-8".to_string())
+            }
+        }
+        let mut r = R(host);
+        let mut parsed = Parsed::default();
+        let count = r.count(22)?;
+        for _ in 0..count {
+            let key = r.string()?;
+            let at_ms = u64::from_le_bytes(r.take(8)?.try_into().expect("8 bytes"));
+            let status = u16::from_le_bytes(r.take(2)?.try_into().expect("2 bytes"));
+            let nh = r.count(8)?;
+            let mut headers = Vec::with_capacity(nh);
+            for _ in 0..nh {
+                headers.push((r.string()?, r.string()?));
+            }
+            let body = r.bytes()?;
+            parsed.added.push((
+                key,
+                Entry {
+                    status,
+                    headers,
+                    body,
+                    at_ms,
+                },
+            ));
+        }
+        let removed = r.count(4)?;
+        for _ in 0..removed {
+            parsed.removed.push(r.string()?);
+        }
+        if !r.0.is_empty() {
+            return Err(format!("{} bytes after the reply log", r.0.len()));
+        }
+        Ok(parsed)
+    }
+
+    /// Apply a parsed checkpoint's log (a full checkpoint's replaces the log).
+    pub fn apply(&mut self, parsed: Parsed, full: bool) {
+        if full {
+            let early = self.early_evictions;
+            *self = ReplyLog::default();
+            self.early_evictions = early;
+        }
+        for k in &parsed.removed {
+            self.remove(k);
+        }
+        for (k, e) in parsed.added {
+            self.insert(k, e);
+        }
+        self.fresh.clear();
+        self.removed.clear();
+    }
+}
+
+/// A checkpoint's reply log, parsed.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    added: Vec<(String, Entry)>,
+    removed: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(body: &str, at_ms: u64) -> Entry {
+        Entry {
+            status: 200,
+            headers: vec![("content-type".into(), "text/plain".into())],
+            body: body.as_bytes().to_vec(),
+            at_ms,
+        }
+    }
+
+    fn keys(l: &ReplyLog) -> Vec<String> {
+        let mut k: Vec<String> = l.entries.keys().cloned().collect();
+        k.sort();
+        k
+    }
+
+    #[test]
+    fn deltas_carry_adds_and_removes_and_full_replaces() {
+        let (mut p, mut s) = (ReplyLog::default(), ReplyLog::default());
+        p.insert("avail-a".into(), entry("1", 10));
+        p.insert("client-b".into(), entry("2", 11));
+        s.apply(ReplyLog::parse(&p.take_full()).unwrap(), true);
+        assert_eq!(keys(&s), keys(&p));
+        p.delivered(["avail-a", "client-b"]);
+        p.insert("avail-c".into(), entry("3", 12));
+        s.apply(ReplyLog::parse(&p.take_delta()).unwrap(), false);
+        assert_eq!(
+            keys(&p),
+            vec!["avail-c", "client-b"],
+            "a client key is not trimmed by delivery"
+        );
+        assert_eq!(keys(&s), keys(&p));
+        assert_eq!(s.get("avail-c"), Some(&entry("3", 12)));
+        assert_eq!(s.bytes(), p.bytes());
+        // An empty delta changes nothing.
+        s.apply(ReplyLog::parse(&p.take_delta()).unwrap(), false);
+        assert_eq!(keys(&s), keys(&p));
+    }
+
+    #[test]
+    fn bytes_bound_evicts_oldest_and_counts_the_young() {
+        let mut l = ReplyLog::default();
+        let big = "x".repeat(1 << 20);
+        for i in 0..40u64 {
+            l.insert(format!("k{i}"), entry(&big, 1000 + i));
+        }
+        assert!(l.bytes() <= MAX_BYTES);
+        assert!(l.get("k0").is_none() && l.get("k39").is_some());
+        assert_eq!(l.early_evictions(), 40 - l.len() as u64);
+    }
+
+    #[test]
+    fn expiry_by_age_and_a_key_logged_again_keeps_its_new_place() {
+        let mut l = ReplyLog::default();
+        l.insert("avail-old".into(), entry("1", 0));
+        l.insert("client".into(), entry("2", 0));
+        l.delivered(["avail-old"]);
+        l.insert("avail-old".into(), entry("3", RETAIN_CLIENT_MS - 1000));
+        l.expire(RETAIN_INGRESS_MS + 1);
+        assert_eq!(
+            keys(&l),
+            vec!["avail-old", "client"],
+            "the client key holds"
+        );
+        l.expire(RETAIN_CLIENT_MS);
+        assert_eq!(keys(&l), vec!["avail-old"]);
+        assert_eq!(l.get("avail-old").unwrap().body, b"3");
+        l.expire(RETAIN_CLIENT_MS + RETAIN_INGRESS_MS);
+        assert_eq!(l.len(), 0);
+        assert_eq!(l.bytes(), 0);
+    }
+
+    #[test]
+    fn torn_or_padded_logs_are_refused() {
+        let mut p = ReplyLog::default();
+        p.insert("avail-a".into(), entry("hello", 1));
+        let full = p.take_full();
+        for cut in 0..full.len() {
+            assert!(ReplyLog::parse(&full[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut padded = full.clone();
+        padded.push(0);
+        assert!(ReplyLog::parse(&padded).is_err());
+        // A count far beyond the bytes present is refused before anything is allocated.
+        let mut huge = u32::MAX.to_le_bytes().to_vec();
+        huge.extend([0; 8]);
+        assert!(ReplyLog::parse(&huge).is_err());
+    }
+}

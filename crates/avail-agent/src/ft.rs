@@ -56,6 +56,8 @@ const MAX_LINK_MESSAGE: usize = frame::MAX_PAYLOAD_BYTES as usize + 4096;
 const MAX_QUEUED: usize = 1024;
 /// Control messages waiting for the actor, at most (link readers wait when it is full).
 const MAX_CONTROL_QUEUED: usize = 4096;
+/// A large message is read this much at a time.
+const READ_CHUNK: usize = 1 << 20;
 /// Read and write buffer of a replication link.
 const LINK_BUFFER: usize = 64 << 10;
 /// Queued requests taken into an epoch at once before it may end early.
@@ -109,14 +111,32 @@ fn encode_wire(w: &Wire) -> Vec<u8> {
     out
 }
 
-async fn read_wire(r: &mut (impl AsyncReadExt + Unpin)) -> std::io::Result<Wire> {
+/// Read one message. A large frame is read in chunks: memory grows with the bytes that
+/// really arrive (not with what the length says), and `alive` is called with the
+/// frame's generation after each chunk, so a secondary hears its primary while a big
+/// image is still on the way.
+async fn read_wire(
+    r: &mut (impl AsyncReadExt + Unpin),
+    mut alive: impl FnMut(u64),
+) -> std::io::Result<Wire> {
     let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
     let len = r.read_u32_le().await? as usize;
     if len == 0 || len > MAX_LINK_MESSAGE {
         return Err(bad("bad message length"));
     }
-    let mut buf = vec![0u8; len];
-    r.read_exact(&mut buf).await?;
+    let mut buf = Vec::with_capacity(len.min(READ_CHUNK));
+    while buf.len() < len {
+        let start = buf.len();
+        buf.resize(start + (len - start).min(READ_CHUNK), 0);
+        r.read_exact(&mut buf[start..]).await?;
+        // Kind 2, a frame: its generation is at frame offset 8.
+        if buf[0] == 2
+            && buf.len() < len
+            && let Some(g) = buf.get(9..17)
+        {
+            alive(u64::from_le_bytes(g.try_into().expect("8 bytes")));
+        }
+    }
     let u64_at = |i: usize| -> std::io::Result<u64> {
         buf.get(1 + i * 8..9 + i * 8)
             .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
@@ -144,7 +164,10 @@ enum Cmd {
     Peer(Option<Peer>, u64),
     Link(TcpStream),
     FromPeer(Wire),
-    LinkDown,
+    /// The link with this number went down.
+    LinkDown(u64),
+    /// A dial (with its number) connected.
+    Dialled(TcpStream, u64),
     Lease(bool),
     Stop,
 }
@@ -238,6 +261,8 @@ impl FtReplica {
             peer_gen: 0,
             link: None,
             link_gen: 0,
+            dial_gen: 0,
+            redials: 0,
             state,
         };
         // The replica runs on a thread of its own with a single-threaded runtime: the
@@ -394,6 +419,10 @@ struct Actor {
     link: Option<mpsc::Sender<Vec<u8>>>,
     /// Bumped on every new link, so a stale link's "down" is ignored.
     link_gen: u64,
+    /// Bumped on every dial, so an older dial's link is dropped.
+    dial_gen: u64,
+    /// Dials since the peer last spoke (the pause before the next grows with it).
+    redials: u32,
     state: Role,
 }
 
@@ -507,6 +536,7 @@ impl Actor {
             tracing::info!(workload = %self.spec.name, generation, peer = ?peer, "attaching a secondary");
             p.machine.attach_secondary(now_ms());
             self.link = None;
+            self.redials = 0;
             self.dial();
         }
     }
@@ -524,12 +554,26 @@ impl Actor {
             uid: self.uid.clone(),
             generation: p.machine.generation(),
         };
+        // One dial at a time: a newer dial makes an older one's link unwanted. A link
+        // the peer drops at once (its replica is still starting) is dialled again
+        // after a growing pause.
+        self.dial_gen += 1;
+        let dial = self.dial_gen;
+        let pause = (self.redials > 0)
+            .then(|| Duration::from_millis((25u64 << self.redials.min(5)).min(1000)));
+        self.redials += 1;
         let (addr_local, tx) = (self.ctx.addr, self.tx.clone());
         tokio::spawn(async move {
             let Ok(target) = peer.replication_addr.parse::<SocketAddr>() else {
                 return;
             };
+            if let Some(pause) = pause {
+                tokio::time::sleep(pause).await;
+            }
             for _ in 0..100 {
+                if tx.is_closed() {
+                    return;
+                }
                 let sock = if addr_local.is_ipv4() {
                     tokio::net::TcpSocket::new_v4()
                 } else {
@@ -556,7 +600,7 @@ impl Actor {
                         .await
                         .is_ok()
                 {
-                    let _ = tx.send(Cmd::Link(stream)).await;
+                    let _ = tx.send(Cmd::Dialled(stream, dial)).await;
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -578,6 +622,7 @@ impl Actor {
         let mut w = tokio::io::BufWriter::with_capacity(LINK_BUFFER, w);
         let (wtx, mut wrx) = mpsc::channel::<Vec<u8>>(256);
         self.link_gen += 1;
+        let link = self.link_gen;
         self.link = Some(wtx);
         let tx = self.tx.clone();
         tokio::spawn(async move {
@@ -593,7 +638,10 @@ impl Actor {
         });
         tokio::spawn(async move {
             loop {
-                match read_wire(&mut r).await {
+                let alive = |generation| {
+                    let _ = tx.try_send(Cmd::FromPeer(Wire::Msg(Msg::Heartbeat { generation })));
+                };
+                match read_wire(&mut r, alive).await {
                     Ok(Wire::Hello(_)) => continue,
                     Ok(m) => {
                         if tx.send(Cmd::FromPeer(m)).await.is_err() {
@@ -601,7 +649,7 @@ impl Actor {
                         }
                     }
                     Err(_) => {
-                        let _ = tx.send(Cmd::LinkDown).await;
+                        let _ = tx.send(Cmd::LinkDown(link)).await;
                         return;
                     }
                 }
@@ -636,7 +684,20 @@ impl Actor {
                     p.machine.resync();
                 }
             }
-            Cmd::LinkDown => {
+            Cmd::Dialled(stream, dial) => {
+                if dial != self.dial_gen {
+                    return true;
+                }
+                self.attach_link(stream);
+                if let Role::Primary(p) = &mut self.state {
+                    p.machine.resync();
+                }
+            }
+            Cmd::LinkDown(link) => {
+                if link != self.link_gen {
+                    // An older link's end: the current one is fine.
+                    return true;
+                }
                 self.link = None;
                 if matches!(self.state, Role::Primary(_)) && self.peer.is_some() {
                     self.dial();
@@ -746,6 +807,7 @@ impl Actor {
 
     fn on_peer_message(&mut self, w: Wire) {
         let now = now_ms();
+        self.redials = 0;
         match (&mut self.state, w) {
             (Role::Primary(p), Wire::Msg(m)) => {
                 if let Msg::Ack { epoch, .. } = m {
@@ -998,7 +1060,7 @@ pub async fn serve_replication(
         let Ok((mut stream, _)) = listener.accept().await else {
             continue;
         };
-        match tokio::time::timeout(Duration::from_secs(2), read_wire(&mut stream)).await {
+        match tokio::time::timeout(Duration::from_secs(2), read_wire(&mut stream, |_| {})).await {
             Ok(Ok(Wire::Hello(h))) => match find(&h.workload, &h.uid) {
                 Some(r) => r.link(stream),
                 None => {

@@ -167,6 +167,8 @@ pub struct Primary {
     /// First epoch sent to the current secondary.
     base: Epoch,
     need_full: bool,
+    /// A full image sent and not acknowledged yet (it may take long to send and apply).
+    full_inflight: Option<Epoch>,
     has_secondary: bool,
     /// Whether the current secondary has been heard at all.
     heard: bool,
@@ -195,6 +197,7 @@ impl Primary {
             sent: None,
             base: 1,
             need_full: true,
+            full_inflight: None,
             has_secondary: true,
             heard: false,
             last_heard_ms: now_ms,
@@ -292,6 +295,9 @@ impl Primary {
         }
         let e = self.epoch;
         let full = std::mem::take(&mut self.need_full);
+        if full {
+            self.full_inflight = Some(e);
+        }
         debug_assert!(self.sent.is_none_or(|s| s < e), "epochs only go forward");
         self.sent = Some(e);
         self.epoch += 1;
@@ -327,6 +333,9 @@ impl Primary {
                 }
                 self.acked = Some(epoch);
                 self.last_progress_ms = now_ms;
+                if self.full_inflight.is_some_and(|f| f <= epoch) {
+                    self.full_inflight = None;
+                }
                 self.mode = PrimaryMode::Protected;
                 let mut out = Vec::new();
                 while self.held.front().is_some_and(|(e, _)| *e <= epoch) {
@@ -353,11 +362,18 @@ impl Primary {
             return vec![];
         }
         // Checkpoints in flight and no ack for a failure window, while the secondary still
-        // talks: frames were lost on the way; start again from a full image.
+        // talks: frames were lost on the way; start again from a full image. A full image
+        // in flight gets the attach grace instead: a big one takes long to send and
+        // apply, and sending it again would only queue it behind itself.
         let unacked = self.sent.is_some_and(|s| self.acked.is_none_or(|a| a < s));
+        let progress_window = if self.full_inflight.is_some() {
+            self.cfg.failure_ms.max(self.cfg.attach_grace_ms)
+        } else {
+            self.cfg.failure_ms
+        };
         if unacked
             && !self.need_full
-            && now_ms.saturating_sub(self.last_progress_ms) >= self.cfg.failure_ms
+            && now_ms.saturating_sub(self.last_progress_ms) >= progress_window
         {
             self.need_full = true;
             self.last_progress_ms = now_ms;
@@ -397,6 +413,7 @@ impl Primary {
         self.has_secondary = false;
         self.acked = None;
         self.sent = None;
+        self.full_inflight = None;
         self.mode = PrimaryMode::Degraded;
         if self.policy == LossPolicy::Release {
             let out: Vec<OutputId> = self.held.drain(..).map(|(_, id)| id).collect();
@@ -425,6 +442,7 @@ impl Primary {
         self.heard = false;
         self.last_progress_ms = now_ms;
         self.need_full = true;
+        self.full_inflight = None;
         self.acked = None;
         self.sent = None;
         self.base = self.epoch;
@@ -725,6 +743,52 @@ mod tests {
         );
         assert_eq!(p.held(), 1);
         assert_eq!(p.mode(), PrimaryMode::Protected);
+    }
+
+    #[test]
+    fn a_slow_full_image_is_not_sent_again_while_the_secondary_talks() {
+        let c = cfg();
+        let mut p = Primary::new(c, LossPolicy::Hold, 1, 0);
+        let hb = |_t: u64| Msg::Heartbeat { generation: 1 };
+        assert!(matches!(
+            p.end_epoch(0)[..],
+            [PrimaryAction::Send(Msg::Checkpoint { full: true, .. })]
+        ));
+        // The image takes longer than a failure window; the secondary keeps talking.
+        let mut t = 0;
+        while t < c.attach_grace_ms - c.heartbeat_ms {
+            t += c.heartbeat_ms;
+            p.receive(hb(t), t);
+            p.tick(t);
+        }
+        assert!(
+            matches!(
+                p.end_epoch(t)[..],
+                [PrimaryAction::Send(Msg::Checkpoint { full: false, .. })]
+            ),
+            "no second full image within the attach grace"
+        );
+        assert!(
+            p.receive(
+                Msg::Ack {
+                    generation: 1,
+                    epoch: 1
+                },
+                t
+            )
+            .is_empty()
+        );
+        // Deltas in flight get the failure window: after it, a full image again.
+        let t0 = t;
+        while t < t0 + c.failure_ms + c.heartbeat_ms {
+            t += c.heartbeat_ms;
+            p.receive(hb(t), t);
+            p.tick(t);
+        }
+        assert!(matches!(
+            p.end_epoch(t)[..],
+            [PrimaryAction::Send(Msg::Checkpoint { full: true, .. })]
+        ));
     }
 
     #[test]

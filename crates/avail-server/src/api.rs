@@ -28,6 +28,7 @@ use sha2::{Digest, Sha256};
 use utoipa::{OpenApi, ToSchema};
 
 use crate::auth::{Claims, Role, TokenError};
+use crate::metrics::FtFigures;
 use crate::state::{AppState, NodeRecord, StateError};
 use crate::{keys, now_ms, now_s};
 
@@ -270,15 +271,26 @@ async fn readyz(State(state): State<AppStateRef>) -> ApiResult<&'static str> {
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text exposition")))]
 async fn metrics(State(state): State<AppStateRef>) -> Response {
     let node_states: Vec<&'static str> = state.nodes().iter().map(|n| n.state.as_str()).collect();
-    let phases: Vec<&'static str> = state
-        .view
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
+    let view = state.view.read().unwrap_or_else(|p| p.into_inner());
+    let phases: Vec<&'static str> = view
         .workloads
         .values()
         .map(|(w, _)| w.status.phase.as_str())
         .collect();
-    let text = state.metrics.scrape(&node_states, &phases);
+    let ft: Vec<FtFigures<'_>> = view
+        .workloads
+        .values()
+        .filter_map(|(w, _)| {
+            Some(FtFigures {
+                workload: &w.spec.name,
+                level_state: w.status.level_state.as_deref().unwrap_or(""),
+                generation: w.status.generation,
+                status: w.status.ft.as_ref()?,
+            })
+        })
+        .collect();
+    let text = state.metrics.scrape(&node_states, &phases, &ft);
+    drop(view);
     (
         [(
             header::CONTENT_TYPE,

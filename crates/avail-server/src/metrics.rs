@@ -8,6 +8,53 @@ use prometheus_client::registry::Registry;
 
 type Labels = Vec<(String, String)>;
 
+/// The ft gauges: name (under the `avail_` prefix) and help.
+const FT_GAUGES: &[(&str, &str)] = &[
+    (
+        "ft_protected",
+        "1 when the ft workload's secondary is in step (ft:protected)",
+    ),
+    (
+        "ft_generation",
+        "Pair generation (goes up on every failover)",
+    ),
+    (
+        "ft_acked_epoch",
+        "Last checkpoint epoch the secondary acknowledged",
+    ),
+    (
+        "ft_lag_ms",
+        "Age of the oldest reply held for its checkpoint's ack, ms",
+    ),
+    (
+        "ft_lag_bytes",
+        "Bytes of checkpoints sent and not acknowledged",
+    ),
+    ("ft_checkpoints", "Checkpoints sent in this generation"),
+    ("ft_reply_log_entries", "Replies kept in the reply log"),
+    ("ft_reply_log_bytes", "Bytes kept in the reply log"),
+    (
+        "ft_reply_log_early_evictions",
+        "Replies evicted from the log for space before their retention ran out",
+    ),
+    (
+        "ft_tracker",
+        "Dirty-page tracker of the primary (label tracker), 1",
+    ),
+];
+
+/// What the scrape shows of one ft workload.
+pub struct FtFigures<'a> {
+    /// Workload name.
+    pub workload: &'a str,
+    /// `ft:protected`, `ft:syncing`, ...
+    pub level_state: &'a str,
+    /// Pair generation.
+    pub generation: u64,
+    /// The primary's report.
+    pub status: &'a avail_model::FtStatus,
+}
+
 /// The server's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -21,6 +68,9 @@ pub struct Metrics {
     pub heartbeats: Counter,
     /// Requests refused by authentication.
     pub auth_failures: Counter,
+    /// Level `ft` figures per workload (and, for `ft_tracker`, dirty tracker), set at
+    /// scrape time from what the primaries report.
+    ft: Vec<(&'static str, Family<Labels, Gauge>)>,
     scrape_lock: std::sync::Mutex<()>,
 }
 
@@ -56,7 +106,16 @@ impl Metrics {
             "Requests refused by authentication",
             auth_failures.clone(),
         );
+        let ft: Vec<(&'static str, Family<Labels, Gauge>)> = FT_GAUGES
+            .iter()
+            .map(|(name, help)| {
+                let f = Family::<Labels, Gauge>::default();
+                registry.register(*name, *help, f.clone());
+                (*name, f)
+            })
+            .collect();
         Metrics {
+            ft,
             registry,
             http_requests,
             nodes,
@@ -67,10 +126,41 @@ impl Metrics {
         }
     }
 
-    /// Set the gauges from the current nodes' states and workloads' phases, and render;
-    /// one scrape at a time, and every known state and phase is set (zero included).
-    pub fn scrape(&self, node_states: &[&str], phases: &[&str]) -> String {
+    /// Set the gauges from the current nodes' states, workloads' phases and ft figures,
+    /// and render; one scrape at a time, and every known state and phase is set (zero
+    /// included). Workloads gone since the last scrape leave the ft gauges.
+    pub fn scrape(&self, node_states: &[&str], phases: &[&str], ft: &[FtFigures<'_>]) -> String {
         let _one_at_a_time = self.scrape_lock.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, f) in &self.ft {
+            f.clear();
+        }
+        for w in ft {
+            let labels: Labels = vec![("workload".into(), w.workload.to_string())];
+            let s = w.status;
+            let values = [
+                ("ft_protected", i64::from(w.level_state == "ft:protected")),
+                ("ft_generation", w.generation as i64),
+                ("ft_acked_epoch", s.acked_epoch as i64),
+                ("ft_lag_ms", s.lag_ms as i64),
+                ("ft_lag_bytes", s.lag_bytes as i64),
+                ("ft_checkpoints", s.checkpoints as i64),
+                ("ft_reply_log_entries", s.reply_log_entries as i64),
+                ("ft_reply_log_bytes", s.reply_log_bytes as i64),
+                (
+                    "ft_reply_log_early_evictions",
+                    s.reply_log_early_evictions as i64,
+                ),
+            ];
+            for (name, f) in &self.ft {
+                if let Some((_, v)) = values.iter().find(|(n, _)| n == name) {
+                    f.get_or_create(&labels).set(*v);
+                } else if *name == "ft_tracker" {
+                    let mut l = labels.clone();
+                    l.push(("tracker".into(), s.tracker.clone()));
+                    f.get_or_create(&l).set(1);
+                }
+            }
+        }
         let count = |all: &[&str], v: &str| all.iter().filter(|x| **x == v).count() as i64;
         for st in ["ready", "suspect", "down", "draining"] {
             self.nodes

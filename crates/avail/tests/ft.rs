@@ -251,4 +251,19 @@ async fn reply_log_is_trimmed_by_delivered_ingress_keys() {
         .unwrap();
     assert_eq!(r.status, 200);
     assert!(r.headers.contains_key("avail-replayed"));
+    // The same figures in Prometheus metrics.
+    let m = c
+        .client()
+        .raw(hyper::Method::GET, "/metrics", None, &[])
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&m.body);
+    for want in [
+        r#"avail_ft_protected{workload="bank"} 1"#,
+        r#"avail_ft_generation{workload="bank"} 1"#,
+        r#"avail_ft_reply_log_entries{workload="bank"} "#,
+        r#"avail_ft_tracker{workload="bank",tracker="#,
+    ] {
+        assert!(text.contains(want), "{want} not in\n{text}");
+    }
 }

@@ -223,6 +223,9 @@ fn default_timeout_ms() -> u32 {
 
 /// Largest memory a workload may ask for, MiB (wasm32 addresses 4 GiB).
 pub const MAX_MEMORY_MIB: u32 = 4096;
+/// Largest memory of an `ft` workload: a full image (memory, globals and a reply log of
+/// at most 32 MiB) must fit one checkpoint frame (1 GiB).
+pub const MAX_FT_MEMORY_MIB: u32 = 960;
 
 /// Whether `s` is a DNS label: 1-63 of `[a-z0-9-]`, not starting or ending with `-`.
 pub fn is_dns_label(s: &str) -> bool {
@@ -330,6 +333,16 @@ impl WorkloadSpec {
                 "resources.memory_mib",
                 format!(
                     "must be 1..={MAX_MEMORY_MIB}, got {}",
+                    self.resources.memory_mib
+                ),
+            ));
+        }
+        if self.level == Level::Ft && self.resources.memory_mib > MAX_FT_MEMORY_MIB {
+            return Err(ValidationError::new(
+                "resources.memory_mib",
+                format!(
+                    "level ft replicates the whole memory in checkpoint frames of at most 1 GiB: \
+                     must be 1..={MAX_FT_MEMORY_MIB}, got {}",
                     self.resources.memory_mib
                 ),
             ));

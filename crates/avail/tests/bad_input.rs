@@ -40,6 +40,7 @@ async fn invalid_specs_are_refused_with_the_field_named() {
         (format!(r#"{{"name":"a","driver":"wasm","artifact":"{counter}","level":"gold"}}"#), "level"),
         (format!(r#"{{"name":"Not_A_Label","driver":"wasm","artifact":"{counter}"}}"#), "name"),
         (format!(r#"{{"name":"a","driver":"wasm","artifact":"{counter}","resources":{{"memory_mib":0}}}}"#), "resources.memory_mib"),
+        (format!(r#"{{"name":"a","driver":"wasm","artifact":"{counter}","level":"ft","resources":{{"memory_mib":2048}}}}"#), "resources.memory_mib"),
         (format!(r#"{{"name":"a","driver":"wasm","artifact":"{counter}","colour":"red"}}"#), "colour"),
         (r#"{"name":"a","driver":"wasm"}"#.to_string(), "artifact"),
         (r#"{"name":"a","driver":"wasm","artifact":"sha256:1111111111111111111111111111111111111111111111111111111111111111"}"#.to_string(), "artifact"),

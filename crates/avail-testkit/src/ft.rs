@@ -72,7 +72,7 @@ pub fn index(node: &str) -> usize {
 
 /// Send one transfer until it is acknowledged (the ingress retries across a failover;
 /// the client retries on top, with the same key). Returns the reply's JSON with
-/// `_status` and `_replayed` added, or an error after 30 s of failures.
+/// `_status`, `_replayed` and `_node` (the node that answered) added, or an error after 30 s of failures.
 pub async fn transfer(
     ingress: &Client,
     key: &str,
@@ -97,6 +97,12 @@ pub async fn transfer(
                     serde_json::from_slice(&r.body).map_err(|e| format!("reply: {e}"))?;
                 v["_status"] = r.status.as_u16().into();
                 v["_replayed"] = r.headers.contains_key("avail-replayed").into();
+                v["_node"] = r
+                    .headers
+                    .get("avail-node")
+                    .and_then(|n| n.to_str().ok())
+                    .unwrap_or_default()
+                    .into();
                 return Ok(v);
             }
             Ok(r) => format!("{} {}", r.status, String::from_utf8_lossy(&r.body)),

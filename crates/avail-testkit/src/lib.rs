@@ -441,3 +441,45 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// A network cut between two loopback addresses, made with iptables (both directions
+/// dropped) and removed on drop. Needs root and iptables (`.ci/run` installs it).
+pub struct LinkCut {
+    rules: Vec<Vec<String>>,
+}
+
+impl LinkCut {
+    /// Drop every packet between `a` and `b`, both ways.
+    pub fn new(a: &str, b: &str) -> LinkCut {
+        let rules: Vec<Vec<String>> = [(a, b), (b, a)]
+            .iter()
+            .map(|(s, d)| {
+                ["INPUT", "-s", s, "-d", d, "-j", "DROP"]
+                    .iter()
+                    .map(|x| x.to_string())
+                    .collect()
+            })
+            .collect();
+        for r in &rules {
+            let out =
+                Command::new("iptables").arg("-I").args(r).output().expect(
+                    "iptables must be installed (apt-get install iptables) and run as root",
+                );
+            assert!(
+                out.status.success(),
+                "iptables -I {}: {}",
+                r.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        LinkCut { rules }
+    }
+}
+
+impl Drop for LinkCut {
+    fn drop(&mut self) {
+        for r in &self.rules {
+            let _ = Command::new("iptables").arg("-D").args(r).output();
+        }
+    }
+}

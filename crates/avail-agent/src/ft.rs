@@ -34,7 +34,8 @@ use avail_model::spec::SecondaryLoss;
 use avail_model::{FtStatus, WorkloadSpec};
 use avail_statepoint::frame::{self, Frame};
 use avail_statepoint::pair::{
-    LossPolicy, Msg, OutputId, PairConfig, Primary, PrimaryAction, Secondary, SecondaryAction,
+    LossPolicy, Msg, OutputId, PairConfig, Primary, PrimaryAction, PrimaryMode, Secondary,
+    SecondaryAction,
 };
 use avail_statepoint::state::StateImage;
 use serde::{Deserialize, Serialize};
@@ -200,6 +201,57 @@ pub struct FtContext {
     pub addr: IpAddr,
     /// The server client with the node token.
     pub client: Client,
+    /// Memory the node's secondaries may hold in checkpoint images, shared by them.
+    pub budget: Arc<ImageBudget>,
+}
+
+/// The memory a node lets its secondaries' checkpoint images take (they live in memory,
+/// not on disk). A secondary whose image would pass it refuses the checkpoint and
+/// fails: its primary then takes the next generation and the control plane places a
+/// new secondary elsewhere. Nothing the primary released is lost.
+#[derive(Debug)]
+pub struct ImageBudget {
+    limit: u64,
+    used: std::sync::atomic::AtomicU64,
+}
+
+impl ImageBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: u64) -> ImageBudget {
+        ImageBudget {
+            limit,
+            used: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> u64 {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Change a holder's share from `from` to `to` bytes; growing past the limit is
+    /// refused (nothing changes) with what the node would then hold.
+    pub fn resize(&self, from: u64, to: u64) -> Result<(), String> {
+        use std::sync::atomic::Ordering;
+        if to <= from {
+            self.used.fetch_sub(from - to, Ordering::Relaxed);
+            return Ok(());
+        }
+        let grow = to - from;
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                (u + grow <= self.limit).then_some(u + grow)
+            })
+            .map(|_| ())
+            .map_err(|u| {
+                format!(
+                    "out of memory for checkpoint images: {} MiB held on this node, {} MiB more needed, budget {} MiB",
+                    u >> 20,
+                    grow.div_ceil(1 << 20),
+                    self.limit >> 20
+                )
+            })
+    }
 }
 
 impl FtReplica {
@@ -245,6 +297,8 @@ impl FtReplica {
                 image: StateImage::default(),
                 log: ReplyLog::default(),
                 clock_ms: 0,
+                budget: ctx.budget.clone(),
+                reserved: 0,
             })),
         };
         let actor = Actor {
@@ -393,6 +447,15 @@ struct SecondaryState {
     log: ReplyLog,
     /// The primary's guest clock floor at the applied checkpoint.
     clock_ms: i64,
+    budget: Arc<ImageBudget>,
+    /// Bytes of the budget this image holds.
+    reserved: u64,
+}
+
+impl Drop for SecondaryState {
+    fn drop(&mut self) {
+        let _ = self.budget.resize(self.reserved, 0);
+    }
 }
 
 enum Role {
@@ -531,6 +594,7 @@ impl Actor {
             && changed
             && peer.is_some()
             && generation == p.machine.generation()
+            && !matches!(p.machine.mode(), PrimaryMode::Suspect | PrimaryMode::Fenced)
         {
             // The pair machine asks for a full image next; the capture resets.
             tracing::info!(workload = %self.spec.name, generation, peer = ?peer, "attaching a secondary");
@@ -829,11 +893,22 @@ impl Actor {
                     };
                     let actions = s.machine.receive(msg, now);
                     let mut out = Vec::new();
+                    let mut out_of_memory = None;
                     for a in actions {
                         if let SecondaryAction::Apply { epoch, full } = a {
+                            // The node's budget for checkpoint images first: past it the
+                            // checkpoint is refused and this secondary fails (never acks
+                            // what it cannot hold).
+                            let host = &f.delta.host;
+                            let memory: u64 = f.delta.memories.iter().map(|m| m.size_bytes).sum();
+                            let need = memory + host.len() as u64 + s.log.bytes() as u64;
+                            if let Err(e) = s.budget.resize(s.reserved, need) {
+                                out_of_memory = Some(e);
+                                break;
+                            }
+                            s.reserved = need;
                             // All or nothing: the reply log is checked first, then the
                             // image (whose apply checks before it changes anything).
-                            let host = &f.delta.host;
                             let parsed = host
                                 .get(..8)
                                 .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
@@ -854,6 +929,12 @@ impl Actor {
                         } else {
                             out.push(a);
                         }
+                    }
+                    if let Some(e) = out_of_memory {
+                        tracing::error!(workload = %self.spec.name, "secondary fails: {e}");
+                        self.report.lock().unwrap_or_else(|p| p.into_inner()).failed = Some(e);
+                        self.state = Role::Done;
+                        return;
                     }
                     self.secondary_actions(out);
                 }
@@ -963,7 +1044,7 @@ impl Actor {
     }
 
     fn promote(&mut self, generation: u64, epoch: u64) {
-        let Role::Secondary(s) = std::mem::replace(&mut self.state, Role::Done) else {
+        let Role::Secondary(mut s) = std::mem::replace(&mut self.state, Role::Done) else {
             return;
         };
         match self.module.restored(&s.image, s.clock_ms) {
@@ -973,7 +1054,7 @@ impl Actor {
                     Primary::promoted(self.cfg, self.policy, generation, now_ms()),
                     guest,
                 );
-                p.log = s.log;
+                p.log = std::mem::take(&mut s.log);
                 self.state = Role::Primary(Box::new(p));
                 self.link = None;
                 // The control plane may already have named the next secondary (for the

@@ -51,6 +51,8 @@ pub struct AgentConfig {
     pub tags: BTreeMap<String, String>,
     /// Capacity offered.
     pub capacity: Resources,
+    /// Memory the node's `ft` secondaries may hold in checkpoint images, MiB.
+    pub ft_secondary_memory_mib: u64,
     /// Data directory (artifact cache).
     pub data_dir: PathBuf,
     /// This run of the agent (see [`new_boot_id`]).

@@ -111,6 +111,8 @@ pub struct Supervisor {
     /// Whether the first desired state has been applied (before it, the ingress cannot
     /// tell an unknown workload from one it has not heard of yet).
     synced: AtomicBool,
+    /// Memory the node's ft secondaries may hold in checkpoint images.
+    image_budget: Arc<crate::ft::ImageBudget>,
 }
 
 fn now_ms() -> u64 {
@@ -124,6 +126,9 @@ impl Supervisor {
     /// A supervisor talking to the server with `client` (node token set).
     pub fn new(cfg: AgentConfig, client: Client) -> Result<Supervisor, String> {
         Ok(Supervisor {
+            image_budget: Arc::new(crate::ft::ImageBudget::new(
+                cfg.ft_secondary_memory_mib << 20,
+            )),
             process: ProcessDriver::with_shim(cfg.process_shim.clone()),
             cfg,
             client: RwLock::new(client),
@@ -246,6 +251,7 @@ impl Supervisor {
                     restarts,
                     message,
                     role,
+                    generation: s.assignment.generation,
                     ft,
                 }
             })
@@ -396,6 +402,7 @@ impl Supervisor {
             let ctx = FtContext {
                 addr: self.cfg.addr,
                 client: self.client(),
+                budget: self.image_budget.clone(),
             };
             let r = FtReplica::start(
                 ctx,

@@ -159,6 +159,9 @@ pub struct InstanceStatus {
     /// Which replica.
     #[serde(default)]
     pub role: ReplicaRole,
+    /// Level `ft`: the pair generation of the assignment this replica runs.
+    #[serde(default)]
+    pub generation: u64,
     /// Level `ft` primary: replication figures.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ft: Option<crate::status::FtStatus>,

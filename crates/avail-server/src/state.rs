@@ -551,6 +551,50 @@ impl AppState {
         }
     }
 
+    /// The secondary of `name` on `node` (at `generation`) reported failure (out of
+    /// memory for its image, a start that failed). Its node is kept out of the next
+    /// secondary placement. A live primary notices the silence and takes the next
+    /// generation (the pair protocol; a new secondary is placed then). A primary whose
+    /// node is down too cannot: the pair is taken to have no secondary, so the workload
+    /// is reported failed instead of staying "running" on a dead node.
+    async fn secondary_failed(&self, name: &str, node: &str, generation: u64, why: Option<&str>) {
+        let first = self
+            .lost_nodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node.to_string(), Instant::now())
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(1));
+        let primary_down = {
+            let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+            v.workloads
+                .get(name)
+                .and_then(|(w, _)| w.status.node.clone())
+                .is_some_and(|n| self.node_state(&n, &v) == NodeState::Down)
+        };
+        if primary_down {
+            let _ = self
+                .update_status(name, |s| {
+                    if s.secondary.as_deref() == Some(node) && s.generation == generation {
+                        s.secondary = None;
+                    }
+                })
+                .await;
+        }
+        if first {
+            self.events
+                .emit(
+                    "workload.secondary_failed",
+                    Some(name),
+                    Some(node),
+                    format!(
+                        "secondary on {node} failed: {}",
+                        why.unwrap_or("no reason given")
+                    ),
+                )
+                .await;
+        }
+    }
+
     /// Move the pair lease of an `ft` workload from generation `from` to `to` for
     /// `node` (its primary or its secondary), by compare-and-swap on the workload: one
     /// asker at most wins a generation. A winning secondary becomes the active replica
@@ -686,9 +730,22 @@ impl AppState {
             let Some((w, _)) = self.workload(&inst.workload) else {
                 continue;
             };
-            // The active replica speaks for the workload; a secondary's report says
-            // nothing the primary does not.
+            // The active replica speaks for the workload; a secondary's report matters
+            // only when it failed (out of memory for its image, a start that failed):
+            // it is replaced, and its node avoided for a while.
             if inst.role == ReplicaRole::Secondary {
+                if inst.state == InstanceState::Failed
+                    && w.status.secondary.as_deref() == Some(node)
+                    && w.status.generation == inst.generation
+                {
+                    self.secondary_failed(
+                        &inst.workload,
+                        node,
+                        inst.generation,
+                        inst.message.as_deref(),
+                    )
+                    .await;
+                }
                 continue;
             }
             // A report about another run (a stale copy, a moved workload) is ignored.

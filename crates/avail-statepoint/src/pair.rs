@@ -435,7 +435,9 @@ impl Primary {
     /// The control plane attached a new secondary (at this primary's generation): it
     /// gets a full image next, then deltas; held outputs wait for its first ack.
     pub fn attach_secondary(&mut self, now_ms: u64) {
-        if self.mode == PrimaryMode::Fenced {
+        // Fenced: done. Suspect: a lease request is out; whatever its answer, the
+        // control plane names the secondary again for the generation that follows.
+        if matches!(self.mode, PrimaryMode::Fenced | PrimaryMode::Suspect) {
             return;
         }
         self.has_secondary = true;

@@ -159,11 +159,18 @@ pub struct Cluster {
     pub agents: Vec<Option<Proc>>,
     /// Admin token.
     pub admin_token: String,
+    /// Extra command-line arguments of agent `i` (none when absent).
+    pub agent_args: Vec<Vec<String>>,
 }
 
 impl Cluster {
     /// Start a server and `nodes` agents and wait until every node is ready.
     pub async fn start(bin: &Path, nodes: usize) -> Cluster {
+        Cluster::start_with(bin, nodes, Vec::new()).await
+    }
+
+    /// [`Cluster::start`], agent `i` getting the extra arguments `agent_args[i]`.
+    pub async fn start_with(bin: &Path, nodes: usize, agent_args: Vec<Vec<String>>) -> Cluster {
         let mut c = Cluster {
             bin: bin.to_path_buf(),
             net: free_net(),
@@ -171,6 +178,7 @@ impl Cluster {
             server: None,
             agents: Vec::new(),
             admin_token: String::new(),
+            agent_args,
         };
         c.start_server().await;
         for i in 0..nodes {
@@ -265,7 +273,7 @@ impl Cluster {
     /// Spawn agent `i` with a join token (not waiting).
     pub fn spawn_agent(&self, i: usize, join_token: &str) -> Proc {
         let name = Self::agent_name(i);
-        let args = vec![
+        let mut args: Vec<String> = vec![
             "agent".into(),
             "--server".into(),
             self.server_url(),
@@ -280,6 +288,7 @@ impl Cluster {
             "--data-dir".into(),
             self.dir.path().join(&name).display().to_string(),
         ];
+        args.extend(self.agent_args.get(i).cloned().unwrap_or_default());
         Proc::spawn(
             &self.bin,
             &args,

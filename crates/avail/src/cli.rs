@@ -182,6 +182,10 @@ struct AgentArgs {
     /// Memory offered, MiB.
     #[arg(long, default_value_t = 4096)]
     memory_mib: u32,
+    /// Memory the node's ft secondaries may hold in checkpoint images, MiB (default:
+    /// the memory offered). A secondary that would pass it fails and is replaced.
+    #[arg(long)]
+    ft_secondary_memory_mib: Option<u64>,
     /// Data directory (artifact cache).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -466,6 +470,7 @@ async fn agent(a: AgentArgs) -> CliResult {
         tags,
         boot_id: avail_agent::new_boot_id(),
         process_shim: std::env::current_exe().ok(),
+        ft_secondary_memory_mib: a.ft_secondary_memory_mib.unwrap_or(u64::from(a.memory_mib)),
         capacity: Resources {
             cpu_millis: a.cpu_millis,
             memory_mib: a.memory_mib,

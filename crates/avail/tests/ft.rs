@@ -344,3 +344,73 @@ async fn link_cut_between_live_replicas_leaves_exactly_one_going_on() {
     let seqs: std::collections::BTreeSet<u64> = applied.iter().copied().collect();
     assert_eq!(seqs, (1..=applied.len() as u64).collect(), "{applied:?}");
 }
+
+/// A secondary whose node cannot hold its checkpoint image (the node's budget for
+/// images, `--ft-secondary-memory-mib`, is 1 MiB; the bank guest's image is larger)
+/// refuses it and fails instead of acking; the primary takes the next generation, the
+/// control plane places a secondary elsewhere, and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secondary_out_of_memory_is_replaced_elsewhere() {
+    use avail_testkit::ft::{protected, transfer};
+    let tiny = vec!["--ft-secondary-memory-mib".to_string(), "1".to_string()];
+    let c = Cluster::start_with(BIN.as_ref(), 3, vec![vec![], tiny]).await;
+    let out = c.cli(&[
+        "workload",
+        "run",
+        "--detach",
+        "--name",
+        "bank",
+        "--driver",
+        "wasm",
+        "--artifact",
+        &avail_testkit::guest("bank"),
+        "--level",
+        "ft",
+        "--memory-mib",
+        "16",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Placement is deterministic (ties go to the name that sorts first): the primary
+    // on node-1, the first secondary on node-2, the node with the tiny budget.
+    let api = c.client();
+    wait_until(
+        "the secondary on node-2 fails for memory",
+        Duration::from_secs(30),
+        || {
+            let api = api.clone();
+            async move {
+                let ev: serde_json::Value = api
+                    .get("/v1/workloads/bank/events")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let text = ev.to_string();
+                if text.contains("workload.secondary_failed") && text.contains("out of memory") {
+                    Ok(())
+                } else {
+                    Err(text)
+                }
+            }
+        },
+    )
+    .await;
+    let w = protected(&c, "bank").await;
+    assert_eq!(w.status.node.as_deref(), Some("node-1"), "{:?}", w.status);
+    assert_eq!(
+        w.status.secondary.as_deref(),
+        Some("node-3"),
+        "{:?}",
+        w.status
+    );
+    assert!(w.status.generation >= 2, "{:?}", w.status);
+    let ingress = avail_client::Client::new(&c.ingress(2), None, None);
+    for n in 0..10u64 {
+        let v = transfer(&ingress, &format!("oom-{n}"), n, n + 1, 1)
+            .await
+            .unwrap();
+        assert_eq!(v["seq"].as_u64(), Some(n + 1));
+    }
+}

@@ -127,6 +127,14 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
+    // Closed-loop clients per throughput run (`AVAIL_BENCH_CLIENTS`, default 8 and 64):
+    // few clients measure latency as much as throughput (each waits out its reply's
+    // round trip); many keep the node busy.
+    let clients: Vec<usize> = std::env::var("AVAIL_BENCH_CLIENTS")
+        .unwrap_or_else(|_| "8,64".into())
+        .split(',')
+        .filter_map(|c| c.trim().parse().ok())
+        .collect();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -148,19 +156,21 @@ fn main() {
             let out = c.cli(&["workload", "run", "--name", &format!("{kind}-none"), "--driver", "wasm", "--artifact", &guest(kind), "--memory-mib", "64", "--constraint", &rack]);
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
             let base = c.ingress(i);
+            for &conc in &clients {
             let (mut none, mut ft, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..rounds {
-                let n = throughput(&base, &format!("{kind}-none"), kind, 8, Duration::from_secs(3)).await;
-                let f = throughput(&base, &format!("{kind}-ft"), kind, 8, Duration::from_secs(3)).await;
+                let n = throughput(&base, &format!("{kind}-none"), kind, conc, Duration::from_secs(3)).await;
+                let f = throughput(&base, &format!("{kind}-ft"), kind, conc, Duration::from_secs(3)).await;
                 none.push(n);
                 ft.push(f);
                 ratios.push(f / n);
             }
             let (n, f, r) = (median(none), median(ft), median(ratios));
+            println!("{kind}: {conc} clients: throughput none {n:.0}/s, ft {f:.0}/s (medians of {rounds} rounds); ft/none per round, median {:.1}%", 100.0 * r);
+            }
             let ln = latencies(&base, &format!("{kind}-none"), kind, 1000).await;
             let lf = latencies(&base, &format!("{kind}-ft"), kind, 1000).await;
             let ms = |d: Duration| d.as_secs_f64() * 1e3;
-            println!("{kind}: throughput none {n:.0}/s, ft {f:.0}/s (medians of {rounds} rounds); ft/none per round, median {:.1}%", 100.0 * r);
             println!(
                 "{kind}: latency none p50 {:.2} ms p99 {:.2} ms; ft p50 {:.2} ms p99 {:.2} ms; added p50 {:.2} ms p99 {:.2} ms",
                 ms(percentile(&ln, 0.5)), ms(percentile(&ln, 0.99)), ms(percentile(&lf, 0.5)), ms(percentile(&lf, 0.99)),

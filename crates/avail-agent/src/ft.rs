@@ -167,6 +167,8 @@ enum Cmd {
     FromPeer(Wire),
     /// The link with this number went down.
     LinkDown(u64),
+    /// Bytes of a frame of this generation are arriving (liveness only).
+    PeerAlive(u64),
     /// A dial (with its number) connected.
     Dialled(TcpStream, u64),
     Lease(bool),
@@ -317,18 +319,27 @@ impl FtReplica {
             link_gen: 0,
             dial_gen: 0,
             redials: 0,
+            dial_task: None,
             state,
         };
         // The replica runs on a thread of its own with a single-threaded runtime: the
         // guest's calls and captures run there directly (no hand-off of a shared worker
         // per request), and the link's reader and writer are tasks on the same thread.
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("replica runtime: {e}"))?;
+        let failed = report.clone();
         std::thread::Builder::new()
             .name(format!("ft-{}", spec.name))
-            .spawn(move || rt.block_on(actor.run(requests_rx, control_rx, peer, generation)))
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(actor.run(requests_rx, control_rx, peer, generation)),
+                    Err(e) => {
+                        failed.lock().unwrap_or_else(|p| p.into_inner()).failed =
+                            Some(format!("replica runtime: {e}"))
+                    }
+                }
+            })
             .map_err(|e| format!("replica thread: {e}"))?;
         Ok(Arc::new(FtReplica {
             requests,
@@ -486,6 +497,8 @@ struct Actor {
     dial_gen: u64,
     /// Dials since the peer last spoke (the pause before the next grows with it).
     redials: u32,
+    /// The dial under way (aborted when a newer one starts).
+    dial_task: Option<tokio::task::JoinHandle<()>>,
     state: Role,
 }
 
@@ -518,7 +531,23 @@ impl Actor {
                         break;
                     }
                 }
-                _ = tick.tick() => self.tick(),
+                _ = tick.tick() => {
+                    // This thread may have been busy (a long guest call, capture or
+                    // apply) while the peer's messages arrived: let the link's reader
+                    // deliver them before judging the peer silent.
+                    tokio::task::yield_now().await;
+                    let mut more = true;
+                    while let Ok(cmd) = control.try_recv() {
+                        if !self.command(cmd).await {
+                            more = false;
+                            break;
+                        }
+                    }
+                    if !more {
+                        break;
+                    }
+                    self.tick();
+                }
                 _ = epoch_timer.tick() => self.end_epoch(),
                 cmd = requests.recv() => {
                     let Some(cmd) = cmd else { break };
@@ -573,7 +602,7 @@ impl Actor {
                     tracker: p.guest.tracker().to_string(),
                     reply_log_entries: p.log.len() as u64,
                     reply_log_bytes: p.log.bytes() as u64,
-                    reply_log_early_evictions: p.log.early_evictions(),
+                    reply_log_refusals: p.log.refusals(),
                 };
             }
             Role::Secondary(s) => {
@@ -599,7 +628,7 @@ impl Actor {
             // The pair machine asks for a full image next; the capture resets.
             tracing::info!(workload = %self.spec.name, generation, peer = ?peer, "attaching a secondary");
             p.machine.attach_secondary(now_ms());
-            self.link = None;
+            self.drop_link();
             self.redials = 0;
             self.dial();
         }
@@ -627,7 +656,10 @@ impl Actor {
             .then(|| Duration::from_millis((25u64 << self.redials.min(5)).min(1000)));
         self.redials += 1;
         let (addr_local, tx) = (self.ctx.addr, self.tx.clone());
-        tokio::spawn(async move {
+        if let Some(old) = self.dial_task.take() {
+            old.abort();
+        }
+        self.dial_task = Some(tokio::spawn(async move {
             let Ok(target) = peer.replication_addr.parse::<SocketAddr>() else {
                 return;
             };
@@ -669,13 +701,17 @@ impl Actor {
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-        });
+        }));
     }
 
     /// Start the reader and writer of a link.
     fn attach_link(&mut self, stream: TcpStream) {
         // Accepted on the agent's runtime: move it to this replica's.
         let Ok(stream) = stream.into_std().and_then(TcpStream::from_std) else {
+            tracing::warn!(workload = %self.spec.name, "replication link lost while moving it to the replica");
+            if matches!(self.state, Role::Primary(_)) {
+                self.dial();
+            }
             return;
         };
         let _ = stream.set_nodelay(true);
@@ -703,7 +739,7 @@ impl Actor {
         tokio::spawn(async move {
             loop {
                 let alive = |generation| {
-                    let _ = tx.try_send(Cmd::FromPeer(Wire::Msg(Msg::Heartbeat { generation })));
+                    let _ = tx.try_send(Cmd::PeerAlive(generation));
                 };
                 match read_wire(&mut r, alive).await {
                     Ok(Wire::Hello(_)) => continue,
@@ -721,6 +757,12 @@ impl Actor {
         });
     }
 
+    /// Forget the current link (its writer ends; its "down", when it comes, is stale).
+    fn drop_link(&mut self) {
+        self.link = None;
+        self.link_gen += 1;
+    }
+
     fn send(&mut self, w: Wire) {
         self.send_bytes(encode_wire(&w));
     }
@@ -734,7 +776,7 @@ impl Actor {
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::debug!(workload = %self.spec.name, "replication link congested: message dropped");
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => self.link = None,
+            Err(mpsc::error::TrySendError::Closed(_)) => self.drop_link(),
         }
     }
 
@@ -762,9 +804,14 @@ impl Actor {
                     // An older link's end: the current one is fine.
                     return true;
                 }
-                self.link = None;
+                self.drop_link();
                 if matches!(self.state, Role::Primary(_)) && self.peer.is_some() {
                     self.dial();
+                }
+            }
+            Cmd::PeerAlive(generation) => {
+                if let Role::Secondary(s) = &mut self.state {
+                    s.machine.touch(generation, now_ms());
                 }
             }
             Cmd::Request(req, reply) => self.request(req, reply),
@@ -802,6 +849,19 @@ impl Actor {
         }
         let key = idempotency_key(&req);
         let logged = !matches!(req.method.as_str(), "GET" | "HEAD");
+        if logged
+            && key.as_ref().is_some_and(|k| p.log.get(k).is_none())
+            && !p.log.has_room(now_ms())
+        {
+            let mut r = HttpResponse::error(
+                503,
+                "busy",
+                "the reply log is full of replies not yet delivered; retry",
+            );
+            r.headers.push(("retry-after".into(), "1".into()));
+            let _ = reply.send(r);
+            return;
+        }
         let resp = match key.as_ref().and_then(|k| p.log.get(k)) {
             Some(e) => {
                 let mut headers = e.headers.clone();
@@ -1056,7 +1116,7 @@ impl Actor {
                 );
                 p.log = std::mem::take(&mut s.log);
                 self.state = Role::Primary(Box::new(p));
-                self.link = None;
+                self.drop_link();
                 // The control plane may already have named the next secondary (for the
                 // new generation) while this replica was still promoting.
                 let next = self.peer.take().filter(|_| self.peer_gen == generation);
@@ -1118,7 +1178,7 @@ impl Actor {
                 if granted {
                     // The old secondary is gone. The control plane may already have named
                     // the next one (for the new generation) before this answer came.
-                    self.link = None;
+                    self.drop_link();
                     let next = self.peer.take().filter(|_| self.peer_gen == generation);
                     self.set_peer(next, generation);
                 }

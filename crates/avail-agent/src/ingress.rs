@@ -211,6 +211,18 @@ async fn handle(State(ing): State<Arc<Ingress>>, req: Request) -> Response {
     if !inc.forwarded {
         // Only an ingress reports deliveries.
         inc.headers.remove(DELIVERED_HEADER);
+        // A client's key never passes for one the ingress assigned (those are trimmed
+        // on delivery and kept for less time): the reserved prefix gets another.
+        if let Some(k) = inc
+            .headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .filter(|k| k.starts_with(INGRESS_KEY_PREFIX))
+            .map(|k| format!("client-{k}"))
+            && let Ok(v) = HeaderValue::from_str(&k)
+        {
+            inc.headers.insert("idempotency-key", v);
+        }
     }
     let mut assigned = None;
     if ft && !inc.headers.contains_key("idempotency-key") {

@@ -10,8 +10,10 @@
 //!   never retry it, so the log holds only replies still in flight;
 //! - **age**: ingress keys after [`RETAIN_INGRESS_MS`] (four times the ingress's retry
 //!   window), client keys after [`RETAIN_CLIENT_MS`];
-//! - **bytes**: at most [`MAX_BYTES`]; an entry evicted for bytes before its age is up
-//!   is counted (`early_evictions`): a retry of it could run twice.
+//! - **bytes**: never by evicting an entry before its age is up (a retry of it would run
+//!   twice): when the log holds [`MAX_BYTES`] of young entries, the replica refuses new
+//!   logged requests (503, counted in `refusals`) until deliveries and age free room.
+//!   It can pass the bound by one reply at most.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -71,8 +73,8 @@ pub struct ReplyLog {
     fresh: Vec<String>,
     /// Keys removed since the last capture.
     removed: Vec<String>,
-    /// Entries evicted for bytes before their retention ran out.
-    early_evictions: u64,
+    /// Requests refused because the log was full.
+    refusals: u64,
 }
 
 impl ReplyLog {
@@ -96,12 +98,27 @@ impl ReplyLog {
         self.bytes
     }
 
-    /// Entries evicted for bytes before their retention ran out, so far.
-    pub fn early_evictions(&self) -> u64 {
-        self.early_evictions
+    /// Requests refused so far because the log was full.
+    pub fn refusals(&self) -> u64 {
+        self.refusals
     }
 
-    /// Log a reply (a key already logged keeps its first reply).
+    /// Whether a new reply may be logged at `now_ms` (entries past their age are
+    /// dropped first). `false` is counted as a refusal.
+    pub fn has_room(&mut self, now_ms: u64) -> bool {
+        if self.bytes < MAX_BYTES {
+            return true;
+        }
+        self.expire(now_ms);
+        let room = self.bytes < MAX_BYTES;
+        if !room {
+            self.refusals += 1;
+        }
+        room
+    }
+
+    /// Log a reply (a key already logged keeps its first reply). Nothing is evicted:
+    /// callers ask [`ReplyLog::has_room`] first.
     pub fn insert(&mut self, key: String, e: Entry) {
         if self.entries.contains_key(&key) {
             return;
@@ -111,28 +128,6 @@ impl ReplyLog {
         self.order.push_back((self.seq, key.clone()));
         self.entries.insert(key.clone(), (self.seq, e));
         self.fresh.push(key);
-        while self.bytes > MAX_BYTES {
-            let Some(at) = self.front_at() else { break };
-            if at.1 {
-                self.early_evictions += 1;
-            }
-            self.pop_front();
-        }
-    }
-
-    /// The oldest live entry's time, and whether it is still within its retention
-    /// (judged by the newest entry's time).
-    fn front_at(&mut self) -> Option<(u64, bool)> {
-        self.skip_dead();
-        let (_, key) = self.order.front()?;
-        let now = self
-            .order
-            .back()
-            .and_then(|(_, k)| self.entries.get(k))
-            .map(|(_, e)| e.at_ms)
-            .unwrap_or(0);
-        let (_, e) = self.entries.get(key)?;
-        Some((e.at_ms, now.saturating_sub(e.at_ms) < retention(key)))
     }
 
     fn skip_dead(&mut self) {
@@ -145,6 +140,7 @@ impl ReplyLog {
     }
 
     fn pop_front(&mut self) {
+        debug_assert!(!self.order.is_empty() || self.entries.is_empty());
         self.skip_dead();
         if let Some((_, key)) = self.order.pop_front() {
             self.remove(&key);
@@ -312,9 +308,9 @@ impl ReplyLog {
     /// Apply a parsed checkpoint's log (a full checkpoint's replaces the log).
     pub fn apply(&mut self, parsed: Parsed, full: bool) {
         if full {
-            let early = self.early_evictions;
+            let refusals = self.refusals;
             *self = ReplyLog::default();
-            self.early_evictions = early;
+            self.refusals = refusals;
         }
         for k in &parsed.removed {
             self.remove(k);
@@ -377,15 +373,31 @@ mod tests {
     }
 
     #[test]
-    fn bytes_bound_evicts_oldest_and_counts_the_young() {
+    fn a_full_log_refuses_instead_of_evicting_young_replies() {
         let mut l = ReplyLog::default();
         let big = "x".repeat(1 << 20);
+        let mut logged = 0;
         for i in 0..40u64 {
-            l.insert(format!("k{i}"), entry(&big, 1000 + i));
+            if l.has_room(1000 + i) {
+                l.insert(format!("avail-{i}"), entry(&big, 1000 + i));
+                logged += 1;
+            }
         }
-        assert!(l.bytes() <= MAX_BYTES);
-        assert!(l.get("k0").is_none() && l.get("k39").is_some());
-        assert_eq!(l.early_evictions(), 40 - l.len() as u64);
+        assert!(logged < 40 && l.bytes() < MAX_BYTES + (2 << 20));
+        assert_eq!(l.refusals(), 40 - logged);
+        assert!(l.get("avail-0").is_some(), "nothing young evicted");
+        // Deliveries free room.
+        l.delivered(["avail-0", "avail-1"]);
+        assert!(l.has_room(2000));
+        // So does age.
+        let mut l2 = ReplyLog::default();
+        for i in 0..40u64 {
+            if l2.has_room(0) {
+                l2.insert(format!("avail-{i}"), entry(&big, 0));
+            }
+        }
+        assert!(l2.has_room(RETAIN_INGRESS_MS));
+        assert_eq!(l2.len(), 0);
     }
 
     #[test]

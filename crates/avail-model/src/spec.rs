@@ -224,8 +224,8 @@ fn default_timeout_ms() -> u32 {
 /// Largest memory a workload may ask for, MiB (wasm32 addresses 4 GiB).
 pub const MAX_MEMORY_MIB: u32 = 4096;
 /// Largest memory of an `ft` workload: a full image (memory, globals and a reply log of
-/// at most 32 MiB) must fit one checkpoint frame (1 GiB).
-pub const MAX_FT_MEMORY_MIB: u32 = 960;
+/// at most 32 MiB plus one reply of up to 64 MiB) must fit one checkpoint frame (1 GiB).
+pub const MAX_FT_MEMORY_MIB: u32 = 900;
 
 /// Whether `s` is a DNS label: 1-63 of `[a-z0-9-]`, not starting or ending with `-`.
 pub fn is_dns_label(s: &str) -> bool {

@@ -86,9 +86,9 @@ pub struct FtStatus {
     /// Bytes the reply log keeps.
     #[serde(default)]
     pub reply_log_bytes: u64,
-    /// Replies evicted from the log for space before their retention ran out.
+    /// Requests refused (503) because the reply log was full of undelivered replies.
     #[serde(default)]
-    pub reply_log_early_evictions: u64,
+    pub reply_log_refusals: u64,
 }
 
 /// A workload: its spec and its status.

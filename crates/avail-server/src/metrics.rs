@@ -34,8 +34,8 @@ const FT_GAUGES: &[(&str, &str)] = &[
     ("ft_reply_log_entries", "Replies kept in the reply log"),
     ("ft_reply_log_bytes", "Bytes kept in the reply log"),
     (
-        "ft_reply_log_early_evictions",
-        "Replies evicted from the log for space before their retention ran out",
+        "ft_reply_log_refusals",
+        "Requests refused because the reply log was full of undelivered replies",
     ),
     (
         "ft_tracker",
@@ -146,10 +146,7 @@ impl Metrics {
                 ("ft_checkpoints", s.checkpoints as i64),
                 ("ft_reply_log_entries", s.reply_log_entries as i64),
                 ("ft_reply_log_bytes", s.reply_log_bytes as i64),
-                (
-                    "ft_reply_log_early_evictions",
-                    s.reply_log_early_evictions as i64,
-                ),
+                ("ft_reply_log_refusals", s.reply_log_refusals as i64),
             ];
             for (name, f) in &self.ft {
                 if let Some((_, v)) = values.iter().find(|(n, _)| n == name) {

@@ -572,10 +572,18 @@ impl AppState {
                 .is_some_and(|n| self.node_state(&n, &v) == NodeState::Down)
         };
         if primary_down {
+            // Failed in the same write: no later placement may give the dead primary a
+            // secondary that would count as a survivor.
+            let why = why.unwrap_or("no reason given").to_string();
             let _ = self
                 .update_status(name, |s| {
                     if s.secondary.as_deref() == Some(node) && s.generation == generation {
                         s.secondary = None;
+                        s.phase = Phase::Failed;
+                        s.message = Some(format!(
+                            "node {} is down and the secondary on {node} failed: {why}",
+                            s.node.clone().unwrap_or_default()
+                        ));
                     }
                 })
                 .await;

@@ -347,6 +347,11 @@ impl Primary {
                     vec![PrimaryAction::Release(out)]
                 }
             }
+            // While a full image is on its way, a request for one is the secondary
+            // still waiting for it (it asks at every heartbeat until it has an image):
+            // sending another would only queue it behind the first. A full image that
+            // never arrives is sent again after the progress window (see `tick`).
+            Msg::NeedFull { .. } if self.full_inflight.is_some() => vec![],
             Msg::NeedFull { .. } => {
                 self.need_full = true;
                 self.mode = PrimaryMode::Syncing;
@@ -536,6 +541,17 @@ impl Secondary {
     /// Last applied epoch.
     pub fn applied_epoch(&self) -> Option<Epoch> {
         self.applied
+    }
+
+    /// Bytes of a frame of `generation` are arriving from the primary (a large frame is
+    /// read in pieces): the primary is alive. Only liveness: no request for an image.
+    pub fn touch(&mut self, generation: Generation, now_ms: u64) {
+        if generation == self.generation
+            && matches!(self.mode, SecondaryMode::Syncing | SecondaryMode::Synced)
+        {
+            self.last_heard_ms = now_ms;
+            self.heard = true;
+        }
     }
 
     /// A message from the primary.

@@ -205,11 +205,38 @@ impl Driver for WasmDriver {
                 .map_err(|e| StartError::Start(format!("instantiate task: {e}")))?
                 .map_err(StartError::Start)?
         };
+        // The instance runs on a thread of its own: a request is one queue hop there and
+        // one back (no hand-off to the blocking pool per request).
+        let (jobs, rx) = std::sync::mpsc::channel::<Job>();
+        let worker_cfg = cfg.clone();
+        let stopped = Arc::new(AtomicBool::new(false));
+        let worker_stopped = stopped.clone();
+        std::thread::Builder::new()
+            .name(format!("wasm-{}", start.spec.name))
+            .spawn(move || {
+                let mut live = Some(live);
+                while let Ok((encoded, reply)) = rx.recv() {
+                    // Stopped: what is still queued is answered 503 (its sender dropped).
+                    if worker_stopped.load(Ordering::Acquire) {
+                        break;
+                    }
+                    let result = match live.as_mut() {
+                        Some(l) => l.call(&encoded, worker_cfg.deadline_ticks),
+                        None => Err(CallFault::Trap("instance missing".into())),
+                    };
+                    if result.is_err() {
+                        // The guest's state is not trusted after a fault: start afresh.
+                        live = worker_cfg.instantiate().ok();
+                    }
+                    let _ = reply.send(result);
+                }
+            })
+            .map_err(|e| StartError::Start(format!("instance thread: {e}")))?;
         Ok(Arc::new(WasmInstance {
             cfg,
-            live: Arc::new(tokio::sync::Mutex::new(Some(live))),
+            jobs: Mutex::new(Some(jobs)),
             restarts: AtomicU32::new(0),
-            stopped: AtomicBool::new(false),
+            stopped,
             last_error: Mutex::new(None),
             queued: AtomicUsize::new(0),
         }))
@@ -320,12 +347,19 @@ impl Live {
     }
 }
 
-/// One workload's wasm instance.
+/// A request for the instance's thread: the encoded request, and where the answer goes.
+type Job = (
+    Vec<u8>,
+    tokio::sync::oneshot::Sender<Result<HttpResponse, CallFault>>,
+);
+
+/// One workload's wasm instance (the guest lives on its own thread; see `start`).
 pub struct WasmInstance {
     cfg: InstanceConfig,
-    live: Arc<tokio::sync::Mutex<Option<Live>>>,
+    /// The instance thread's queue (`None` once stopped: the thread then ends).
+    jobs: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
     restarts: AtomicU32,
-    stopped: AtomicBool,
+    stopped: Arc<AtomicBool>,
     last_error: Mutex<Option<String>>,
     queued: AtomicUsize,
 }
@@ -350,27 +384,22 @@ impl Instance for WasmInstance {
                 &format!("{MAX_QUEUED_REQUESTS} requests already waiting for this instance"),
             );
         }
-        let mut guard = self.live.clone().lock_owned().await;
+        let stopped = || HttpResponse::error(503, "stopped", "the workload instance is stopped");
         if self.stopped.load(Ordering::Acquire) {
-            return HttpResponse::error(503, "stopped", "the workload instance is stopped");
+            return stopped();
         }
-        let encoded = abi::encode_request(&req);
-        let cfg = self.cfg.clone();
-        let joined = tokio::task::spawn_blocking(move || {
-            let result = match guard.as_mut() {
-                Some(live) => live.call(&encoded, cfg.deadline_ticks),
-                None => Err(CallFault::Trap("instance missing".into())),
-            };
-            if result.is_err() {
-                // The guest's state is not trusted after a fault: start afresh.
-                *guard = cfg.instantiate().ok();
-            }
-            (result, guard.is_some())
-        })
-        .await;
-        let (result, _alive) = match joined {
-            Ok(r) => r,
-            Err(e) => return HttpResponse::error(500, "internal", &format!("handler task: {e}")),
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|j| j.send((abi::encode_request(&req), tx)).is_ok());
+        if !sent {
+            return stopped();
+        }
+        let Ok(result) = rx.await else {
+            return stopped();
         };
         match result {
             Ok(resp) => resp,
@@ -414,7 +443,7 @@ impl Instance for WasmInstance {
 
     async fn stop(&self) {
         self.stopped.store(true, Ordering::Release);
-        let mut guard = self.live.lock().await;
-        *guard = None;
+        // The thread ends (dropping the instance) at its next request or now.
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 }

@@ -11,13 +11,15 @@
 //! Tables are not captured: modules that could change a table at run time (`table.set`,
 //! `table.grow`, `table.fill`, `table.copy`, `table.init`, `elem.drop`) are refused, so a
 //! table is always what instantiation makes it. Also refused, with the reason: shared
-//! memories, mutable globals of reference type, tables of anything but `funcref`,
+//! memories, GC types (structs and arrays live on a heap outside linear memory), mutable
+//! globals of reference type, tables of anything but `funcref`,
 //! imported memories, tables or globals (state that lives outside the instance), and
 //! function imports outside the `avail` host ABI.
 
 use wasm_encoder::{ExportKind, ExportSection, RawSection};
 use wasmparser::{
-    ExternalKind, Operator, Parser, Payload, RefType, TypeRef, ValType, Validator, WasmFeatures,
+    CompositeInnerType, ExternalKind, Operator, Parser, Payload, RefType, TypeRef, ValType,
+    Validator, WasmFeatures,
 };
 
 /// Prefix of the names the rewrite adds; a module may not use it.
@@ -97,6 +99,17 @@ pub fn rewrite(module: &[u8]) -> Result<Rewritten, Refused> {
             sections.push(s);
         }
         match payload {
+            Payload::TypeSection(r) => {
+                for group in r {
+                    for ty in group.map_err(bad)?.types() {
+                        if !matches!(ty.composite_type.inner, CompositeInnerType::Func(_)) {
+                            return refuse(
+                                "declares GC types (struct or array): objects on the GC heap are not captured",
+                            );
+                        }
+                    }
+                }
+            }
             Payload::ImportSection(r) => {
                 for imp in r.into_imports() {
                     let imp = imp.map_err(bad)?;
@@ -359,6 +372,19 @@ mod tests {
             inst.get_func(&mut store, "run").is_some(),
             "original exports kept"
         );
+    }
+
+    #[test]
+    fn refuses_gc_types() {
+        let mut m = Module::new();
+        let mut types = TypeSection::new();
+        types.ty().struct_(vec![wasm_encoder::FieldType {
+            element_type: wasm_encoder::StorageType::Val(EVal::I32),
+            mutable: true,
+        }]);
+        m.section(&types);
+        let err = rewrite(&m.finish()).unwrap_err().0;
+        assert!(err.contains("GC types"), "{err}");
     }
 
     #[test]

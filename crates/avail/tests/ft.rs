@@ -76,9 +76,19 @@ async fn both_hosts_dead_is_reported_failed_not_lost() {
     .await;
 }
 
-/// A module that implements the guest ABI but changes a table at run time: fine at level
-/// none, refused at level ft with the reason.
-fn table_mutating_module() -> Vec<u8> {
+/// What makes a test module's state impossible to capture.
+#[derive(Clone, Copy, PartialEq)]
+enum Uncapturable {
+    /// Its handler changes a table (`table.set`).
+    TableSet,
+    /// It has a mutable `externref` global.
+    ExternrefGlobal,
+    /// Its memory is shared.
+    SharedMemory,
+}
+
+/// A module that implements the guest ABI but whose state cannot be captured.
+fn uncapturable_module(kind: Uncapturable) -> Vec<u8> {
     use wasm_encoder::*;
     let mut m = Module::new();
     let mut types = TypeSection::new();
@@ -101,14 +111,27 @@ fn table_mutating_module() -> Vec<u8> {
     });
     m.section(&tables);
     let mut mems = MemorySection::new();
+    let shared = kind == Uncapturable::SharedMemory;
     mems.memory(MemoryType {
         minimum: 1,
-        maximum: None,
+        maximum: shared.then_some(1),
         memory64: false,
-        shared: false,
+        shared,
         page_size_log2: None,
     });
     m.section(&mems);
+    if kind == Uncapturable::ExternrefGlobal {
+        let mut globals = GlobalSection::new();
+        globals.global(
+            GlobalType {
+                val_type: ValType::Ref(RefType::EXTERNREF),
+                mutable: true,
+                shared: false,
+            },
+            &ConstExpr::ref_null(HeapType::EXTERN),
+        );
+        m.section(&globals);
+    }
     let mut exports = ExportSection::new();
     exports.export("memory", ExportKind::Memory, 0);
     exports.export("avail_alloc", ExportKind::Func, 0);
@@ -121,10 +144,13 @@ fn table_mutating_module() -> Vec<u8> {
         .instruction(&Instruction::End);
     code.function(&alloc);
     let mut handle = Function::new([]);
+    if kind == Uncapturable::TableSet {
+        handle
+            .instruction(&Instruction::I32Const(0))
+            .instruction(&Instruction::RefNull(HeapType::FUNC))
+            .instruction(&Instruction::TableSet(0));
+    }
     handle
-        .instruction(&Instruction::I32Const(0))
-        .instruction(&Instruction::RefNull(HeapType::FUNC))
-        .instruction(&Instruction::TableSet(0))
         .instruction(&Instruction::I64Const(0))
         .instruction(&Instruction::End);
     code.function(&handle);
@@ -135,15 +161,25 @@ fn table_mutating_module() -> Vec<u8> {
 #[tokio::test]
 async fn modules_whose_state_cannot_be_captured_are_refused_for_ft_only() {
     let c = Cluster::start(BIN.as_ref(), 2).await;
-    let path = c.dir.path().join("tables.wasm");
-    std::fs::write(&path, table_mutating_module()).unwrap();
+    for (kind, name, reason) in [
+        (Uncapturable::TableSet, "tables", "table.set"),
+        (Uncapturable::ExternrefGlobal, "externref", "global"),
+        (Uncapturable::SharedMemory, "shared", "shared"),
+    ] {
+        refused_for_ft_only(&c, kind, name, reason).await;
+    }
+}
+
+async fn refused_for_ft_only(c: &Cluster, kind: Uncapturable, name: &str, reason: &str) {
+    let path = c.dir.path().join(format!("{name}.wasm"));
+    std::fs::write(&path, uncapturable_module(kind)).unwrap();
     let p = path.to_str().unwrap();
     let out = c.cli(&[
         "workload",
         "run",
         "--detach",
         "--name",
-        "t-ft",
+        &format!("{name}-ft"),
         "--driver",
         "wasm",
         "--artifact",
@@ -155,16 +191,16 @@ async fn modules_whose_state_cannot_be_captured_are_refused_for_ft_only() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("cannot run at level ft")
-            && err.contains("table.set")
+            && err.contains(reason)
             && err.contains("field: artifact"),
-        "{err}"
+        "{name}: {err}"
     );
     let out = c.cli(&[
         "workload",
         "run",
         "--detach",
         "--name",
-        "t-none",
+        &format!("{name}-none"),
         "--driver",
         "wasm",
         "--artifact",
@@ -172,7 +208,7 @@ async fn modules_whose_state_cannot_be_captured_are_refused_for_ft_only() {
     ]);
     assert!(
         out.status.success(),
-        "{}",
+        "{name} at level none: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }

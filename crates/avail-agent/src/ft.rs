@@ -991,9 +991,7 @@ impl Actor {
                         }
                     }
                     if let Some(e) = out_of_memory {
-                        tracing::error!(workload = %self.spec.name, "secondary fails: {e}");
-                        self.report.lock().unwrap_or_else(|p| p.into_inner()).failed = Some(e);
-                        self.state = Role::Done;
+                        self.secondary_fails(e);
                         return;
                     }
                     self.secondary_actions(out);
@@ -1132,6 +1130,32 @@ impl Actor {
                     Some(format!("promotion failed: {e}"));
             }
         }
+    }
+
+    /// This secondary cannot go on: stop, and tell the control plane at once (with the
+    /// reason) rather than with the next heartbeat.
+    fn secondary_fails(&mut self, reason: String) {
+        tracing::error!(workload = %self.spec.name, "secondary fails: {reason}");
+        let generation = {
+            let mut r = self.report.lock().unwrap_or_else(|p| p.into_inner());
+            r.failed = Some(reason.clone());
+            r.generation
+        };
+        self.state = Role::Done;
+        let (client, name) = (self.ctx.client.clone(), self.spec.name.clone());
+        self.main.spawn(async move {
+            let path = format!("/v1/agent/pairs/{name}/failed");
+            let body = avail_model::agent::SecondaryFailure { generation, reason };
+            for _ in 0..10 {
+                match client.post::<_, serde_json::Value>(&path, &body).await {
+                    Ok(_) | Err(avail_client::ClientError::Api { .. }) => return,
+                    Err(e) => {
+                        tracing::warn!(workload = %name, "reporting the failure: {e}; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        });
     }
 
     fn request_lease(&self, from: u64, to: u64) {

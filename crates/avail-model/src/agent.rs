@@ -91,6 +91,19 @@ pub struct LeaseRequest {
     pub to: u64,
 }
 
+/// An `ft` secondary reports that it failed (it cannot hold the pair's image, or it could
+/// not start): `POST /v1/agent/pairs/<workload>/failed`. Sent at once, not with the next
+/// heartbeat, so the reason is recorded even when the primary takes the next
+/// generation first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecondaryFailure {
+    /// The pair generation the secondary was assigned at.
+    pub generation: u64,
+    /// Why.
+    pub reason: String,
+}
+
 /// The answer to a [`LeaseRequest`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LeaseReply {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use avail_model::agent::{
     DesiredState, Heartbeat, JoinRequest, JoinResponse, LeaseReply, LeaseRequest, LogLine,
+    SecondaryFailure,
 };
 use avail_model::spec::is_digest;
 use avail_model::{
@@ -234,6 +235,7 @@ pub fn router(state: AppStateRef) -> Router {
         .route("/v1/agent/heartbeat", post(heartbeat))
         .route("/v1/agent/desired", get(desired))
         .route("/v1/agent/pairs/{name}/lease", post(pair_lease))
+        .route("/v1/agent/pairs/{name}/failed", post(pair_secondary_failed))
         .fallback(|| async { ApiErr::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -905,12 +907,31 @@ async fn pair_lease(
     }))
 }
 
+#[utoipa::path(post, path = "/v1/agent/pairs/{name}/failed", params(("name" = String, Path)), request_body = SecondaryFailure,
+    responses((status = 200, description = "Recorded: `{\"recorded\": true}`")), security(("bearer" = [])))]
+async fn pair_secondary_failed(
+    AgentNode(node): AgentNode,
+    State(state): State<AppStateRef>,
+    Path(name): Path<String>,
+    body: Body,
+) -> ApiResult<Json<serde_json::Value>> {
+    let req: SecondaryFailure = read_json(body).await?;
+    if req.reason.len() > 4096 {
+        return Err(ApiErr::invalid("reason", "at most 4096 bytes"));
+    }
+    state
+        .secondary_failed(&name, &node, req.generation, Some(&req.reason))
+        .await;
+    Ok(Json(serde_json::json!({ "recorded": true })))
+}
+
 /// The OpenAPI document, generated from the handlers and the model types.
 #[derive(OpenApi)]
 #[openapi(
     info(title = "avail API", description = "Control plane of avail. Errors are `{\"error\": {\"code\", \"message\", \"field\"}}`."),
     paths(livez, readyz, metrics, create_workload, list_workloads, get_workload, delete_workload, workload_events, workload_logs,
-          list_nodes, get_node, events, put_artifact, get_artifact, join, heartbeat, desired, pair_lease),
+          list_nodes, get_node, events, put_artifact, get_artifact, join, heartbeat, desired, pair_lease,
+          pair_secondary_failed),
     components(schemas(Deleted, ArtifactRef, HeartbeatReply)),
     modifiers(&BearerAuth)
 )]

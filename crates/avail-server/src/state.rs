@@ -5,7 +5,7 @@
 //! view has caught up with its revision before answering, so a client reads its own
 //! writes.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -102,6 +102,8 @@ pub struct AppState {
     /// Nodes an ft pair reported lost, and when: not candidates for a secondary for
     /// [`LOST_NODE_AVOID`] (they may still look ready for a heartbeat window).
     lost_nodes: Mutex<HashMap<String, Instant>>,
+    /// Secondary failures already recorded: (workload, node, generation).
+    failed_secondaries: Mutex<HashSet<(String, String, u64)>>,
     /// Serialises placement decisions so two never use the same capacity.
     pub placement: tokio::sync::Mutex<()>,
 }
@@ -141,6 +143,7 @@ impl AppState {
             metrics: Metrics::new(),
             placement: tokio::sync::Mutex::new(()),
             lost_nodes: Mutex::new(HashMap::new()),
+            failed_secondaries: Mutex::new(HashSet::new()),
         });
         let rev = state.load().await?;
         let watch = state.store.watch("/", rev).await?;
@@ -552,18 +555,44 @@ impl AppState {
     }
 
     /// The secondary of `name` on `node` (at `generation`) reported failure (out of
-    /// memory for its image, a start that failed). Its node is kept out of the next
-    /// secondary placement. A live primary notices the silence and takes the next
+    /// memory for its image, a start that failed), at once or in a heartbeat. Recorded
+    /// once per (workload, node, generation) as an event, even when the primary already
+    /// took the next generation. For the current secondary: its node is kept out of the
+    /// next secondary placement; a live primary notices the silence and takes the next
     /// generation (the pair protocol; a new secondary is placed then). A primary whose
     /// node is down too cannot: the pair is taken to have no secondary, so the workload
     /// is reported failed instead of staying "running" on a dead node.
-    async fn secondary_failed(&self, name: &str, node: &str, generation: u64, why: Option<&str>) {
-        let first = self
-            .lost_nodes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(node.to_string(), Instant::now())
-            .is_none_or(|t| t.elapsed() > Duration::from_secs(1));
+    pub async fn secondary_failed(
+        &self,
+        name: &str,
+        node: &str,
+        generation: u64,
+        why: Option<&str>,
+    ) {
+        let Some((w, _)) = self.workload(name) else {
+            return;
+        };
+        if w.spec.level != Level::Ft || generation > w.status.generation {
+            return;
+        }
+        let first = {
+            let mut seen = self
+                .failed_secondaries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if seen.len() > 10_000 {
+                seen.clear();
+            }
+            seen.insert((name.to_string(), node.to_string(), generation))
+        };
+        let current =
+            w.status.secondary.as_deref() == Some(node) && w.status.generation == generation;
+        if current {
+            self.lost_nodes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(node.to_string(), Instant::now());
+        }
         let primary_down = {
             let v = self.view.read().unwrap_or_else(|p| p.into_inner());
             v.workloads
@@ -571,7 +600,7 @@ impl AppState {
                 .and_then(|(w, _)| w.status.node.clone())
                 .is_some_and(|n| self.node_state(&n, &v) == NodeState::Down)
         };
-        if primary_down {
+        if current && primary_down {
             // Failed in the same write: no later placement may give the dead primary a
             // secondary that would count as a survivor.
             let why = why.unwrap_or("no reason given").to_string();
@@ -595,7 +624,7 @@ impl AppState {
                     Some(name),
                     Some(node),
                     format!(
-                        "secondary on {node} failed: {}",
+                        "secondary on {node} (generation {generation}) failed: {}",
                         why.unwrap_or("no reason given")
                     ),
                 )
@@ -742,10 +771,7 @@ impl AppState {
             // only when it failed (out of memory for its image, a start that failed):
             // it is replaced, and its node avoided for a while.
             if inst.role == ReplicaRole::Secondary {
-                if inst.state == InstanceState::Failed
-                    && w.status.secondary.as_deref() == Some(node)
-                    && w.status.generation == inst.generation
-                {
+                if inst.state == InstanceState::Failed {
                     self.secondary_failed(
                         &inst.workload,
                         node,

@@ -21,6 +21,38 @@ pub enum ConstraintOp {
     NotIn,
     /// The tag is present, whatever its value.
     Exists,
+    /// `key > v`: integers and versions compared part by part ("1.10" > "1.9").
+    Gt,
+    /// `key >= v`.
+    Ge,
+    /// `key < v`.
+    Lt,
+    /// `key <= v`.
+    Le,
+}
+
+/// Compare two tag values as versions: dot-separated parts, numeric parts compared as
+/// numbers, others as text ("1.10" > "1.9", "16" > "8"; decimals are not numbers here:
+/// "2.25" > "2.5").
+pub fn compare_values(a: &str, b: &str) -> std::cmp::Ordering {
+    let mut pa = a.split('.');
+    let mut pb = b.split('.');
+    loop {
+        match (pa.next(), pb.next()) {
+            (None, None) => return std::cmp::Ordering::Equal,
+            (None, Some(_)) => return std::cmp::Ordering::Less,
+            (Some(_), None) => return std::cmp::Ordering::Greater,
+            (Some(x), Some(y)) => {
+                let o = match (x.parse::<u64>(), y.parse::<u64>()) {
+                    (Ok(x), Ok(y)) => x.cmp(&y),
+                    _ => x.cmp(y),
+                };
+                if o != std::cmp::Ordering::Equal {
+                    return o;
+                }
+            }
+        }
+    }
 }
 
 /// A parsed hard constraint on a node's tags.
@@ -47,7 +79,7 @@ impl Constraint {
         let expr = expr.trim();
         let bad = || {
             format!(
-                "cannot parse constraint {expr:?}: expected `key == v`, `key != v`, `key in [a, b]`, `key not in [a, b]` or `key exists`"
+                "cannot parse constraint {expr:?}: expected `key == v`, `key != v`, `key in [a, b]`, `key not in [a, b]`, `key exists`, or `key >= v` (also >, <, <=; numbers or versions)"
             )
         };
         let (key, rest) = expr.split_once(char::is_whitespace).ok_or_else(bad)?;
@@ -62,6 +94,14 @@ impl Constraint {
             (ConstraintOp::In, r)
         } else if rest == "exists" {
             (ConstraintOp::Exists, "")
+        } else if let Some(r) = rest.strip_prefix(">=") {
+            (ConstraintOp::Ge, r)
+        } else if let Some(r) = rest.strip_prefix("<=") {
+            (ConstraintOp::Le, r)
+        } else if let Some(r) = rest.strip_prefix('>') {
+            (ConstraintOp::Gt, r)
+        } else if let Some(r) = rest.strip_prefix('<') {
+            (ConstraintOp::Lt, r)
         } else {
             return Err(bad());
         };
@@ -71,7 +111,12 @@ impl Constraint {
         let rhs = rhs.trim();
         let values: Vec<String> = match op {
             ConstraintOp::Exists => vec![],
-            ConstraintOp::Eq | ConstraintOp::Ne => vec![rhs.to_string()],
+            ConstraintOp::Eq
+            | ConstraintOp::Ne
+            | ConstraintOp::Gt
+            | ConstraintOp::Ge
+            | ConstraintOp::Lt
+            | ConstraintOp::Le => vec![rhs.to_string()],
             ConstraintOp::In | ConstraintOp::NotIn => {
                 let inner = rhs
                     .strip_prefix('[')
@@ -106,7 +151,33 @@ impl Constraint {
             ConstraintOp::In => v.is_some_and(|v| self.values.contains(v)),
             ConstraintOp::NotIn => !v.is_some_and(|v| self.values.contains(v)),
             ConstraintOp::Exists => v.is_some(),
+            ConstraintOp::Gt | ConstraintOp::Ge | ConstraintOp::Lt | ConstraintOp::Le => {
+                v.is_some_and(|v| self.holds_for(v))
+            }
         }
+    }
+
+    /// Whether a node whose tag `key` has `value` satisfies this constraint (for a node
+    /// without the tag, see [`Constraint::matches`]).
+    pub fn holds_for(&self, value: &str) -> bool {
+        use std::cmp::Ordering::*;
+        let c = || compare_values(value, &self.values[0]);
+        match self.op {
+            ConstraintOp::Eq => value == self.values[0],
+            ConstraintOp::Ne => value != self.values[0],
+            ConstraintOp::In => self.values.iter().any(|x| x == value),
+            ConstraintOp::NotIn => !self.values.iter().any(|x| x == value),
+            ConstraintOp::Exists => true,
+            ConstraintOp::Gt => c() == Greater,
+            ConstraintOp::Ge => c() != Less,
+            ConstraintOp::Lt => c() == Less,
+            ConstraintOp::Le => c() != Greater,
+        }
+    }
+
+    /// Whether a node without the tag satisfies this constraint (`!=` and `not in` do).
+    pub fn holds_without_tag(&self) -> bool {
+        matches!(self.op, ConstraintOp::Ne | ConstraintOp::NotIn)
     }
 }
 
@@ -118,6 +189,10 @@ impl fmt::Display for Constraint {
             ConstraintOp::In => write!(f, "{} in [{}]", self.key, self.values.join(", ")),
             ConstraintOp::NotIn => write!(f, "{} not in [{}]", self.key, self.values.join(", ")),
             ConstraintOp::Exists => write!(f, "{} exists", self.key),
+            ConstraintOp::Gt => write!(f, "{} > {}", self.key, self.values[0]),
+            ConstraintOp::Ge => write!(f, "{} >= {}", self.key, self.values[0]),
+            ConstraintOp::Lt => write!(f, "{} < {}", self.key, self.values[0]),
+            ConstraintOp::Le => write!(f, "{} <= {}", self.key, self.values[0]),
         }
     }
 }
@@ -150,7 +225,12 @@ mod tests {
 
     #[test]
     fn parses_and_matches_every_form() {
-        let t = tags(&[("zone", "tokyo"), ("compliance", "pci")]);
+        let t = tags(&[
+            ("zone", "tokyo"),
+            ("compliance", "pci"),
+            ("cores", "16"),
+            ("kernel", "6.10"),
+        ]);
         for (e, want) in [
             ("zone == tokyo", true),
             ("zone != tokyo", false),
@@ -160,6 +240,15 @@ mod tests {
             ("rack not in [r1]", true),
             ("zone exists", true),
             ("gpu exists", false),
+            ("cores >= 8", true),
+            ("cores > 16", false),
+            ("cores < 17", true),
+            ("cores < 16", false),
+            ("kernel >= 6.10", true),
+            ("kernel > 6.9", true),
+            ("kernel < 6.2", false),
+            ("kernel <= 6.10", true),
+            ("gpu > 1", false),
         ] {
             let c = Constraint::parse(e).unwrap();
             assert_eq!(c.matches(&t), want, "{e}");

@@ -10,6 +10,7 @@ pub mod constraint;
 pub mod error;
 pub mod event;
 pub mod node;
+pub mod rng;
 pub mod spec;
 pub mod status;
 

@@ -1,19 +1,47 @@
 //! avail-sched: placement as a pure function.
 //!
-//! [`plan`] takes a read-only [`ClusterView`] and a batch of [`Request`]s and returns a
-//! [`Plan`]: a node for each request, or an explanation of why none fits. It never
-//! reads a clock, a socket or a file, so it is tested with property tests and reused by
-//! simulations. It owns filtering (node state, tag constraints, capacity), scoring
-//! (least allocated plus soft affinities) and explanations; it does not own what happens
-//! to a plan (the server writes it to the store).
+//! [`plan`] takes a read-only [`ClusterView`], a batch of [`Request`]s and a random
+//! source, and returns a [`Plan`]: a node (two for an `ft` pair) for each request, or an
+//! explanation with counts per reason ("10000 nodes: 9700 filtered by constraint zone ==
+//! tokyo, 280 short of memory, 20 hold another replica or share its fault domain"). It
+//! never reads a clock, a socket or a file.
+//!
+//! Cost. The view keeps an index maintained as nodes change: per tag value a bitset of
+//! nodes, and the schedulable nodes. A request's hard rules are bitset operations (one
+//! AND per constraint over `nodes / 64` words); then the feasible nodes are visited
+//! from a random point and the first [`SAMPLE`] with room are scored (least or most
+//! allocated, plus soft affinities): the best of a random sample of feasible nodes, as
+//! Nomad and kube-scheduler do at scale. Only an unplaceable request pays a full pass,
+//! to explain itself exactly. Small clusters (at most [`SAMPLE`] feasible nodes) are
+//! scored whole, and ties go to the name that sorts first, so there the plan is
+//! deterministic whatever the random source.
 //!
 //! Within one batch the plan accounts for what it has already placed, so a batch never
-//! over-commits a node.
+//! over-commits a node; [`plan_all`] is the all-or-nothing form (a template).
 
-use std::collections::BTreeMap;
+mod bitset;
+
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
-use avail_model::{Constraint, Resources};
+pub use bitset::Bitset;
+
+use avail_model::{Constraint, ConstraintOp, Resources};
+
+/// Feasible nodes with room scored per replica, at most.
+pub const SAMPLE: usize = 16;
+
+/// A random source (the caller's: the plan is reproducible from its seed).
+pub trait Rng {
+    /// The next 64 random bits.
+    fn next_u64(&mut self) -> u64;
+}
+
+impl Rng for avail_model::rng::SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        avail_model::rng::SplitMix64::next_u64(self)
+    }
+}
 
 /// A node as the scheduler sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,11 +58,177 @@ pub struct NodeView {
     pub schedulable: bool,
 }
 
-/// A consistent snapshot of the cluster.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+impl NodeView {
+    fn free(&self) -> Resources {
+        self.capacity.saturating_sub(self.allocated)
+    }
+}
+
+/// The cluster, indexed: nodes in slots, a bitset of slots per tag value, the
+/// schedulable slots. Changed in place as nodes come, go and change ([`ClusterView::upsert`],
+/// [`ClusterView::remove`], [`ClusterView::allocate`]); every change bumps
+/// [`ClusterView::revision`].
+#[derive(Clone, Debug, Default)]
 pub struct ClusterView {
-    /// The nodes.
-    pub nodes: Vec<NodeView>,
+    slots: Vec<Option<NodeView>>,
+    free_slots: Vec<usize>,
+    by_name: HashMap<String, usize>,
+    live: Bitset,
+    schedulable: Bitset,
+    /// tag key -> value -> slots.
+    index: HashMap<String, HashMap<String, Bitset>>,
+    revision: u64,
+}
+
+impl ClusterView {
+    /// An empty cluster.
+    pub fn new() -> ClusterView {
+        ClusterView::default()
+    }
+
+    /// A cluster of these nodes.
+    pub fn from_nodes(nodes: impl IntoIterator<Item = NodeView>) -> ClusterView {
+        let mut v = ClusterView::new();
+        for n in nodes {
+            v.upsert(n);
+        }
+        v
+    }
+
+    /// Changes so far (each upsert, removal or allocation counts one).
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// Nodes.
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    /// Whether there are no nodes.
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    /// The node named `name`.
+    pub fn node(&self, name: &str) -> Option<&NodeView> {
+        self.by_name.get(name).and_then(|i| self.slots[*i].as_ref())
+    }
+
+    /// Every node, in slot order.
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeView> {
+        self.slots.iter().flatten()
+    }
+
+    fn unindex(&mut self, i: usize) {
+        if let Some(n) = &self.slots[i] {
+            for (k, v) in &n.tags {
+                if let Some(b) = self.index.get_mut(k).and_then(|m| m.get_mut(v)) {
+                    b.clear(i);
+                }
+            }
+        }
+        self.live.clear(i);
+        self.schedulable.clear(i);
+    }
+
+    fn reindex(&mut self, i: usize) {
+        let Some(n) = &self.slots[i] else { return };
+        for (k, v) in &n.tags {
+            self.index
+                .entry(k.clone())
+                .or_default()
+                .entry(v.clone())
+                .or_default()
+                .set(i);
+        }
+        self.live.set(i);
+        if n.schedulable {
+            self.schedulable.set(i);
+        }
+    }
+
+    /// Add a node, or replace the one of the same name (tags, capacity, state).
+    pub fn upsert(&mut self, n: NodeView) {
+        self.revision += 1;
+        let i = match self.by_name.get(&n.name) {
+            Some(i) => {
+                let i = *i;
+                self.unindex(i);
+                i
+            }
+            None => {
+                let i = self.free_slots.pop().unwrap_or(self.slots.len());
+                if i == self.slots.len() {
+                    self.slots.push(None);
+                }
+                self.by_name.insert(n.name.clone(), i);
+                i
+            }
+        };
+        self.slots[i] = Some(n);
+        self.reindex(i);
+    }
+
+    /// Remove a node.
+    pub fn remove(&mut self, name: &str) -> Option<NodeView> {
+        let i = self.by_name.remove(name)?;
+        self.revision += 1;
+        self.unindex(i);
+        self.free_slots.push(i);
+        self.slots[i].take()
+    }
+
+    /// Add `r` to a node's allocation (a placement applied). `false`: no such node.
+    pub fn allocate(&mut self, name: &str, r: Resources) -> bool {
+        let Some(n) = self.by_name.get(name).and_then(|i| self.slots[*i].as_mut()) else {
+            return false;
+        };
+        n.allocated = n.allocated.saturating_add(r);
+        self.revision += 1;
+        true
+    }
+
+    /// Take `r` off a node's allocation (a workload gone).
+    pub fn release(&mut self, name: &str, r: Resources) {
+        if let Some(n) = self.by_name.get(name).and_then(|i| self.slots[*i].as_mut()) {
+            n.allocated = n.allocated.saturating_sub(r);
+            self.revision += 1;
+        }
+    }
+
+    /// Live nodes whose tags satisfy `c`.
+    fn matching(&self, c: &Constraint) -> Bitset {
+        let values = self.index.get(&c.key);
+        let mut with: Bitset = Bitset::default();
+        if let Some(values) = values {
+            for (v, nodes) in values {
+                let positive = match c.op {
+                    ConstraintOp::Ne => v == &c.values[0],
+                    ConstraintOp::NotIn => c.values.contains(v),
+                    _ => c.holds_for(v),
+                };
+                if positive {
+                    with.or(nodes);
+                }
+            }
+        }
+        if matches!(c.op, ConstraintOp::Ne | ConstraintOp::NotIn) {
+            // The complement: nodes without the tag satisfy `!=` and `not in`.
+            let mut all = self.live.clone();
+            all.and_not(&with);
+            all
+        } else {
+            with
+        }
+    }
+
+    /// Whether any node has tag `key`.
+    fn has_key(&self, key: &str) -> bool {
+        self.index
+            .get(key)
+            .is_some_and(|m| m.values().any(|b| !b.is_empty()))
+    }
 }
 
 /// A soft preference: matching nodes get `weight` added to their score.
@@ -46,19 +240,34 @@ pub struct Preference {
     pub weight: i32,
 }
 
+/// How to choose among the nodes that fit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Policy {
+    /// The least allocated node (spread the load).
+    #[default]
+    Spread,
+    /// The most allocated node that fits (keep whole nodes free).
+    Pack,
+}
+
 /// One workload to place.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Request {
     /// Workload name (for the plan and explanations).
     pub workload: String,
-    /// Resources it needs.
+    /// Resources it needs (each replica).
     pub resources: Resources,
     /// Hard constraints.
     pub constraints: Vec<Constraint>,
     /// Soft preferences.
     pub preferences: Vec<Preference>,
-    /// Anti-affinity with the workload's other replicas.
+    /// Where it must not go (other replicas).
     pub avoid: Avoid,
+    /// Spread or pack.
+    pub policy: Policy,
+    /// An `ft` pair: two replicas, on different values of this tag (the fault domain;
+    /// hard anti-affinity).
+    pub pair: Option<String>,
 }
 
 /// Where a replica must not go.
@@ -73,10 +282,12 @@ pub struct Avoid {
 /// The outcome for one request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
-    /// Run it on this node.
+    /// Run it on `node` (and, for a pair, its secondary on `secondary`).
     Place {
         /// The chosen node.
         node: String,
+        /// A pair's secondary.
+        secondary: Option<String>,
     },
     /// No node fits.
     Unplaceable {
@@ -90,14 +301,17 @@ pub enum Decision {
 pub struct Plan {
     /// One decision per request, in the order of the requests.
     pub decisions: Vec<(String, Decision)>,
+    /// The view's revision the plan was made on: the server applies a plan only while
+    /// the view is still at it (compare-and-swap), so two plans never over-commit.
+    pub revision: u64,
 }
 
 /// Why a node was filtered out, in the order filters run.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Filtered {
     NotSchedulable,
-    AntiAffinity,
     Constraint(String),
+    AntiAffinity,
     ShortOfCpu,
     ShortOfMemory,
 }
@@ -114,132 +328,316 @@ impl Filtered {
     }
 }
 
-fn filter(node: &NodeView, free: Resources, req: &Request) -> Result<(), Filtered> {
-    if !node.schedulable {
-        return Err(Filtered::NotSchedulable);
-    }
-    let same_domain = req
-        .avoid
-        .fault_domain
-        .as_ref()
-        .is_some_and(|(tag, values)| node.tags.get(tag).is_some_and(|v| values.contains(v)));
-    if req.avoid.nodes.contains(&node.name) || same_domain {
-        return Err(Filtered::AntiAffinity);
-    }
-    if let Some(c) = req.constraints.iter().find(|c| !c.matches(&node.tags)) {
-        return Err(Filtered::Constraint(c.to_string()));
-    }
-    if req.resources.cpu_millis > free.cpu_millis {
-        return Err(Filtered::ShortOfCpu);
-    }
-    if req.resources.memory_mib > free.memory_mib {
-        return Err(Filtered::ShortOfMemory);
-    }
-    Ok(())
+/// One batch's working state: what it placed so far, per slot.
+struct Batch<'a> {
+    view: &'a ClusterView,
+    used: HashMap<usize, Resources>,
 }
 
-/// Score of a feasible node: higher is better. Least-allocated (mean free fraction of
-/// cpu and memory after placing, in thousandths) plus the affinity weights times 10.
-fn score(node: &NodeView, free: Resources, req: &Request) -> i64 {
-    let frac = |free: u32, need: u32, cap: u32| -> i64 {
-        if cap == 0 {
-            0
-        } else {
-            (i64::from(free - need) * 1000) / i64::from(cap)
-        }
-    };
-    let base = (frac(
-        free.cpu_millis,
-        req.resources.cpu_millis,
-        node.capacity.cpu_millis,
-    ) + frac(
-        free.memory_mib,
-        req.resources.memory_mib,
-        node.capacity.memory_mib,
-    )) / 2;
-    let prefs: i64 = req
-        .preferences
-        .iter()
-        .filter(|p| p.rule.matches(&node.tags))
-        .map(|p| i64::from(p.weight) * 10)
-        .sum();
-    base + prefs
-}
+impl Batch<'_> {
+    fn free(&self, i: usize, n: &NodeView) -> Resources {
+        let used = self.used.get(&i).copied().unwrap_or(Resources {
+            cpu_millis: 0,
+            memory_mib: 0,
+        });
+        n.free().saturating_sub(used)
+    }
 
-/// Place a batch of requests on a cluster. Deterministic: ties go to the node whose
-/// name sorts first.
-pub fn plan(view: &ClusterView, requests: &[Request]) -> Plan {
-    let mut free: Vec<Resources> = view
-        .nodes
-        .iter()
-        .map(|n| n.capacity.saturating_sub(n.allocated))
-        .collect();
-    let mut decisions = Vec::with_capacity(requests.len());
-    for req in requests {
-        let mut best: Option<(i64, usize)> = None;
-        let mut reasons: BTreeMap<Filtered, usize> = BTreeMap::new();
-        for (i, node) in view.nodes.iter().enumerate() {
-            match filter(node, free[i], req) {
-                Ok(()) => {
-                    let s = score(node, free[i], req);
-                    let better = match best {
-                        None => true,
-                        Some((bs, bi)) => s > bs || (s == bs && node.name < view.nodes[bi].name),
-                    };
-                    if better {
-                        best = Some((s, i));
-                    }
-                }
-                Err(why) => *reasons.entry(why).or_default() += 1,
+    fn take(&mut self, i: usize, r: Resources) {
+        let u = self.used.entry(i).or_insert(Resources {
+            cpu_millis: 0,
+            memory_mib: 0,
+        });
+        *u = u.saturating_add(r);
+    }
+
+    fn give_back(&mut self, i: usize, r: Resources) {
+        if let Some(u) = self.used.get_mut(&i) {
+            *u = u.saturating_sub(r);
+        }
+    }
+
+    /// The slots the hard rules allow (before capacity), and the avoid set.
+    fn feasible(&self, req: &Request, avoid: &Avoid) -> (Bitset, Bitset) {
+        let v = self.view;
+        let mut f = v.schedulable.clone();
+        for c in &req.constraints {
+            f.and(&v.matching(c));
+        }
+        let mut avoided = Bitset::default();
+        for name in &avoid.nodes {
+            if let Some(i) = v.by_name.get(name) {
+                avoided.set(*i);
             }
         }
-        let decision = match best {
-            Some((_, i)) => {
-                free[i] = free[i].saturating_sub(req.resources);
-                Decision::Place {
-                    node: view.nodes[i].name.clone(),
+        if let Some((tag, values)) = &avoid.fault_domain
+            && let Some(m) = v.index.get(tag)
+        {
+            for val in values {
+                if let Some(b) = m.get(val) {
+                    avoided.or(b);
                 }
             }
-            None => Decision::Unplaceable {
-                explanation: explain(view.nodes.len(), &reasons),
-            },
+        }
+        f.and_not(&avoided);
+        (f, avoided)
+    }
+
+    fn score(&self, n: &NodeView, free: Resources, req: &Request) -> i64 {
+        let frac = |free: u32, need: u32, cap: u32| -> i64 {
+            if cap == 0 {
+                0
+            } else {
+                (i64::from(free.saturating_sub(need)) * 1000) / i64::from(cap)
+            }
         };
-        decisions.push((req.workload.clone(), decision));
+        let least = (frac(
+            free.cpu_millis,
+            req.resources.cpu_millis,
+            n.capacity.cpu_millis,
+        ) + frac(
+            free.memory_mib,
+            req.resources.memory_mib,
+            n.capacity.memory_mib,
+        )) / 2;
+        let base = match req.policy {
+            Policy::Spread => least,
+            Policy::Pack => 1000 - least,
+        };
+        let prefs: i64 = req
+            .preferences
+            .iter()
+            .filter(|p| p.rule.matches(&n.tags))
+            .map(|p| i64::from(p.weight) * 10)
+            .sum();
+        base + prefs
     }
-    Plan { decisions }
+
+    /// Place one replica: the best of a random sample of the feasible nodes with room.
+    fn place_one(
+        &mut self,
+        req: &Request,
+        avoid: &Avoid,
+        rng: &mut impl Rng,
+    ) -> Result<usize, String> {
+        let (feasible, avoided) = self.feasible(req, avoid);
+        let start = rng.next_u64() as usize;
+        let mut best: Option<(i64, usize)> = None;
+        let mut seen = 0;
+        for i in feasible.iter_from(start) {
+            let Some(n) = self.view.slots[i].as_ref() else {
+                continue;
+            };
+            let free = self.free(i, n);
+            if !free.fits(req.resources) {
+                continue;
+            }
+            let s = self.score(n, free, req);
+            let better = match best {
+                None => true,
+                Some((bs, bi)) => {
+                    s > bs || (s == bs && n.name < self.view.slots[bi].as_ref().expect("live").name)
+                }
+            };
+            if better {
+                best = Some((s, i));
+            }
+            seen += 1;
+            if seen >= SAMPLE {
+                break;
+            }
+        }
+        match best {
+            Some((_, i)) => {
+                self.take(i, req.resources);
+                Ok(i)
+            }
+            None => Err(self.explain(req, &avoided)),
+        }
+    }
+
+    /// Count, for every node, the first filter that rules it out.
+    fn explain(&self, req: &Request, avoided: &Bitset) -> String {
+        let v = self.view;
+        let total = v.live.count();
+        if total == 0 {
+            return "no nodes in the cluster".into();
+        }
+        let mut reasons: Vec<(Filtered, usize)> = Vec::new();
+        let mut remaining = v.schedulable.clone();
+        let not_ready = total - remaining.count();
+        if not_ready > 0 {
+            reasons.push((Filtered::NotSchedulable, not_ready));
+        }
+        let mut notes = Vec::new();
+        for c in &req.constraints {
+            let m = v.matching(c);
+            let before = remaining.count();
+            remaining.and(&m);
+            let out = before - remaining.count();
+            if out > 0 {
+                reasons.push((Filtered::Constraint(c.to_string()), out));
+            }
+            if !v.has_key(&c.key) && !c.holds_without_tag() {
+                notes.push(format!("no node has the tag {:?}", c.key));
+            }
+        }
+        let before = remaining.count();
+        remaining.and_not(avoided);
+        let out = before - remaining.count();
+        if out > 0 {
+            reasons.push((Filtered::AntiAffinity, out));
+        }
+        let (mut cpu, mut mem) = (0, 0);
+        for i in remaining.iter_from(0) {
+            if let Some(n) = v.slots[i].as_ref() {
+                let free = self.free(i, n);
+                if req.resources.cpu_millis > free.cpu_millis {
+                    cpu += 1;
+                } else if req.resources.memory_mib > free.memory_mib {
+                    mem += 1;
+                }
+            }
+        }
+        if cpu > 0 {
+            reasons.push((Filtered::ShortOfCpu, cpu));
+        }
+        if mem > 0 {
+            reasons.push((Filtered::ShortOfMemory, mem));
+        }
+        let mut s = format!("{total} node{}: ", if total == 1 { "" } else { "s" });
+        for (i, (why, n)) in reasons.iter().enumerate() {
+            if i > 0 {
+                s.push_str(", ");
+            }
+            let _ = write!(s, "{n} {}", why.describe());
+        }
+        for n in notes {
+            let _ = write!(s, " ({n})");
+        }
+        s
+    }
+
+    fn decide(&mut self, req: &Request, rng: &mut impl Rng) -> Decision {
+        let primary = match self.place_one(req, &req.avoid, rng) {
+            Ok(i) => i,
+            Err(explanation) => return Decision::Unplaceable { explanation },
+        };
+        let node = self.view.slots[primary]
+            .as_ref()
+            .expect("placed on a live node")
+            .name
+            .clone();
+        let Some(tag) = &req.pair else {
+            return Decision::Place {
+                node,
+                secondary: None,
+            };
+        };
+        // The secondary: not on the primary's node nor in its fault domain.
+        let mut avoid = req.avoid.clone();
+        avoid.nodes.push(node.clone());
+        let domain = self.view.slots[primary]
+            .as_ref()
+            .and_then(|n| n.tags.get(tag).cloned());
+        match (&mut avoid.fault_domain, domain) {
+            (Some((t, values)), Some(d)) if t == tag => values.push(d),
+            (fd, Some(d)) => *fd = Some((tag.clone(), vec![d])),
+            _ => {}
+        }
+        match self.place_one(req, &avoid, rng) {
+            Ok(s) => Decision::Place {
+                node,
+                secondary: Some(
+                    self.view.slots[s]
+                        .as_ref()
+                        .expect("placed on a live node")
+                        .name
+                        .clone(),
+                ),
+            },
+            Err(e) => {
+                self.give_back(primary, req.resources);
+                Decision::Unplaceable {
+                    explanation: format!(
+                        "no node for the secondary on another {tag} than {node}'s: {e}"
+                    ),
+                }
+            }
+        }
+    }
 }
 
-fn explain(total: usize, reasons: &BTreeMap<Filtered, usize>) -> String {
-    if total == 0 {
-        return "no nodes in the cluster".into();
+/// Place a batch of requests, each on its own: a request that does not fit is
+/// explained and the others are placed.
+pub fn plan(view: &ClusterView, requests: &[Request], rng: &mut impl Rng) -> Plan {
+    let mut batch = Batch {
+        view,
+        used: HashMap::new(),
+    };
+    let decisions = requests
+        .iter()
+        .map(|r| (r.workload.clone(), batch.decide(r, rng)))
+        .collect();
+    Plan {
+        decisions,
+        revision: view.revision,
     }
-    let mut s = format!("{total} node{}: ", if total == 1 { "" } else { "s" });
-    for (i, (why, n)) in reasons.iter().enumerate() {
-        if i > 0 {
-            s.push_str(", ");
+}
+
+/// Place a batch all or nothing (a template): the plan when every request fits, else
+/// the first that does not, named, with its explanation.
+pub fn plan_all(
+    view: &ClusterView,
+    requests: &[Request],
+    rng: &mut impl Rng,
+) -> Result<Plan, String> {
+    let mut batch = Batch {
+        view,
+        used: HashMap::new(),
+    };
+    let mut decisions = Vec::with_capacity(requests.len());
+    for r in requests {
+        match batch.decide(r, rng) {
+            Decision::Unplaceable { explanation } => {
+                return Err(format!(
+                    "{} of {} placed before {:?} did not fit: {explanation}",
+                    decisions.len(),
+                    requests.len(),
+                    r.workload
+                ));
+            }
+            d => decisions.push((r.workload.clone(), d)),
         }
-        let _ = write!(s, "{n} {}", why.describe());
     }
-    s
+    Ok(Plan {
+        decisions,
+        revision: view.revision,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use avail_model::rng::SplitMix64;
     use proptest::prelude::*;
 
-    fn node(name: &str, zone: &str, cpu: u32, mem: u32) -> NodeView {
+    fn res(cpu: u32, mem: u32) -> Resources {
+        Resources {
+            cpu_millis: cpu,
+            memory_mib: mem,
+        }
+    }
+
+    fn node(name: &str, tags: &[(&str, &str)], cpu: u32, mem: u32) -> NodeView {
         NodeView {
             name: name.into(),
-            tags: [("zone".to_string(), zone.to_string())].into(),
-            capacity: Resources {
-                cpu_millis: cpu,
-                memory_mib: mem,
-            },
-            allocated: Resources {
-                cpu_millis: 0,
-                memory_mib: 0,
-            },
+            tags: tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            capacity: res(cpu, mem),
+            allocated: res(0, 0),
             schedulable: true,
         }
     }
@@ -247,53 +645,81 @@ mod tests {
     fn req(name: &str, cpu: u32, mem: u32, constraints: &[&str]) -> Request {
         Request {
             workload: name.into(),
-            resources: Resources {
-                cpu_millis: cpu,
-                memory_mib: mem,
-            },
+            resources: res(cpu, mem),
             constraints: constraints
                 .iter()
                 .map(|c| Constraint::parse(c).unwrap())
                 .collect(),
-            preferences: vec![],
-            avoid: Avoid::default(),
+            ..Request::default()
+        }
+    }
+
+    fn place(node: &str) -> Decision {
+        Decision::Place {
+            node: node.into(),
+            secondary: None,
         }
     }
 
     #[test]
     fn least_allocated_and_constraints() {
-        let mut a = node("a", "tokyo", 1000, 1000);
+        let mut a = node("a", &[("zone", "tokyo")], 1000, 1000);
         a.allocated.memory_mib = 500;
-        let view = ClusterView {
-            nodes: vec![
-                a,
-                node("b", "tokyo", 1000, 1000),
-                node("c", "osaka", 1000, 1000),
-            ],
-        };
-        let p = plan(&view, &[req("w", 100, 100, &["zone == tokyo"])]);
-        assert_eq!(p.decisions[0].1, Decision::Place { node: "b".into() });
+        let view = ClusterView::from_nodes([
+            a,
+            node("b", &[("zone", "tokyo")], 1000, 1000),
+            node("c", &[("zone", "osaka")], 1000, 1000),
+        ]);
+        let p = plan(
+            &view,
+            &[req("w", 100, 100, &["zone == tokyo"])],
+            &mut SplitMix64(1),
+        );
+        assert_eq!(p.decisions[0].1, place("b"));
+        // Pack picks the fuller node.
+        let mut r = req("w", 100, 100, &["zone == tokyo"]);
+        r.policy = Policy::Pack;
+        assert_eq!(
+            plan(&view, &[r], &mut SplitMix64(1)).decisions[0].1,
+            place("a")
+        );
     }
 
     #[test]
-    fn explains_unplaceable() {
-        let mut down = node("d", "tokyo", 1000, 1000);
+    fn explains_unplaceable_with_counts() {
+        let mut down = node("d", &[("zone", "tokyo")], 1000, 1000);
         down.schedulable = false;
-        let view = ClusterView {
-            nodes: vec![
-                node("a", "tokyo", 1000, 10),
-                node("b", "osaka", 1000, 1000),
-                down,
-            ],
-        };
-        let p = plan(&view, &[req("w", 100, 100, &["zone == tokyo"])]);
+        let view = ClusterView::from_nodes([
+            node("a", &[("zone", "tokyo")], 1000, 10),
+            node("b", &[("zone", "osaka")], 1000, 1000),
+            down,
+        ]);
+        let p = plan(
+            &view,
+            &[req("w", 100, 100, &["zone == tokyo"])],
+            &mut SplitMix64(1),
+        );
         assert_eq!(
             p.decisions[0].1,
             Decision::Unplaceable {
                 explanation: "3 nodes: 1 not ready, 1 filtered by constraint zone == tokyo, 1 short of memory".into()
             }
         );
-        let p = plan(&ClusterView::default(), &[req("w", 1, 1, &[])]);
+        let p = plan(
+            &view,
+            &[req("w", 1, 1, &["gpu exists"])],
+            &mut SplitMix64(1),
+        );
+        assert!(
+            matches!(&p.decisions[0].1, Decision::Unplaceable { explanation } if explanation.contains("no node has the tag \"gpu\"")),
+            "{:?}",
+            p.decisions[0].1
+        );
+        let p = plan(
+            &ClusterView::new(),
+            &[req("w", 1, 1, &[])],
+            &mut SplitMix64(1),
+        );
         assert!(
             matches!(&p.decisions[0].1, Decision::Unplaceable { explanation } if explanation == "no nodes in the cluster")
         );
@@ -301,48 +727,135 @@ mod tests {
 
     #[test]
     fn affinity_moves_the_choice() {
-        let view = ClusterView {
-            nodes: vec![
-                node("a", "tokyo", 1000, 1000),
-                node("b", "osaka", 1000, 1000),
-            ],
-        };
+        let view = ClusterView::from_nodes([
+            node("a", &[("zone", "tokyo")], 1000, 1000),
+            node("b", &[("zone", "osaka")], 1000, 1000),
+        ]);
         let mut r = req("w", 100, 100, &[]);
         r.preferences.push(Preference {
             rule: Constraint::parse("zone == osaka").unwrap(),
             weight: 50,
         });
         assert_eq!(
-            plan(&view, &[r]).decisions[0].1,
-            Decision::Place { node: "b".into() }
+            plan(&view, &[r], &mut SplitMix64(1)).decisions[0].1,
+            place("b")
         );
+    }
+
+    #[test]
+    fn pairs_never_share_a_fault_domain_and_tags_change_in_place() {
+        let mut view = ClusterView::from_nodes([
+            node("a", &[("rack", "r1")], 1000, 1000),
+            node("b", &[("rack", "r1")], 1000, 1000),
+            node("c", &[("rack", "r2")], 1000, 1000),
+        ]);
+        let mut r = req("w", 100, 100, &[]);
+        r.pair = Some("rack".into());
+        let d = plan(&view, std::slice::from_ref(&r), &mut SplitMix64(1)).decisions[0]
+            .1
+            .clone();
+        assert_eq!(
+            d,
+            Decision::Place {
+                node: "a".into(),
+                secondary: Some("c".into())
+            }
+        );
+        // c moves into r1: no second fault domain left.
+        let rev = view.revision();
+        view.upsert(node("c", &[("rack", "r1")], 1000, 1000));
+        assert!(view.revision() > rev);
+        let d = plan(&view, &[r], &mut SplitMix64(1)).decisions[0].1.clone();
+        assert!(
+            matches!(&d, Decision::Unplaceable { explanation } if explanation.contains("secondary") && explanation.contains("3 hold another replica")),
+            "{d:?}"
+        );
+        assert!(view.remove("c").is_some());
+        assert_eq!(view.len(), 2);
+        assert!(view.node("c").is_none());
+    }
+
+    #[test]
+    fn all_or_nothing() {
+        let view = ClusterView::from_nodes([node("a", &[], 1000, 1000)]);
+        let ok = [req("x", 400, 10, &[]), req("y", 400, 10, &[])];
+        let p = plan_all(&view, &ok, &mut SplitMix64(1)).unwrap();
+        assert_eq!(p.decisions.len(), 2);
+        let too_much = [req("x", 600, 10, &[]), req("y", 600, 10, &[])];
+        let e = plan_all(&view, &too_much, &mut SplitMix64(1)).unwrap_err();
+        assert!(e.contains("1 of 2 placed before \"y\""), "{e}");
+    }
+
+    /// Brute force: does any node satisfy the request on its own (batch usage given)?
+    fn feasible_somewhere(
+        view: &ClusterView,
+        used: &HashMap<String, Resources>,
+        r: &Request,
+        avoid: &Avoid,
+    ) -> bool {
+        view.nodes().any(|n| {
+            let u = used.get(&n.name).copied().unwrap_or(res(0, 0));
+            n.schedulable
+                && r.constraints.iter().all(|c| c.matches(&n.tags))
+                && !avoid.nodes.contains(&n.name)
+                && !avoid
+                    .fault_domain
+                    .as_ref()
+                    .is_some_and(|(t, vs)| n.tags.get(t).is_some_and(|v| vs.contains(v)))
+                && n.free().saturating_sub(u).fits(r.resources)
+        })
     }
 
     proptest! {
         #[test]
-        fn never_overcommits_and_constraints_hold(
-            nodes in prop::collection::vec((0u8..3, 0u32..4000, 0u32..4000), 0..8),
-            reqs in prop::collection::vec((0u8..4, 1u32..2000, 1u32..2000), 0..30),
+        fn plans_hold_every_rule_and_unplaceable_is_really_infeasible(
+            nodes in prop::collection::vec((0u8..3, 0u8..3, 0u32..4000, 0u32..4000, any::<bool>(), 0u8..20), 0..10),
+            reqs in prop::collection::vec((0u8..6, 1u32..2000, 1u32..2000, any::<bool>()), 0..30),
+            seed in any::<u64>(),
         ) {
             let zones = ["a", "b", "c"];
-            let view = ClusterView {
-                nodes: nodes.iter().enumerate().map(|(i, (z, c, m))| node(&format!("n{i}"), zones[*z as usize], *c, *m)).collect(),
-            };
-            let requests: Vec<Request> = reqs.iter().enumerate().map(|(i, (z, c, m))| {
-                let cons: Vec<&str> = match z { 0 => vec![], 1 => vec!["zone == a"], 2 => vec!["zone in [b, c]"], _ => vec!["zone != a"] };
-                req(&format!("w{i}"), *c, *m, &cons)
+            let view = ClusterView::from_nodes(nodes.iter().enumerate().map(|(i, (z, rack, c, m, up, ver))| {
+                let mut n = node(&format!("n{i}"), &[("zone", zones[*z as usize]), ("rack", &format!("r{rack}")), ("ver", &format!("1.{ver}"))], *c, *m);
+                n.schedulable = *up;
+                n
+            }));
+            let requests: Vec<Request> = reqs.iter().enumerate().map(|(i, (z, c, m, pair))| {
+                let cons: Vec<&str> = match z { 0 => vec![], 1 => vec!["zone == a"], 2 => vec!["zone in [b, c]"], 3 => vec!["zone != a"], 4 => vec!["ver >= 1.10"], _ => vec!["zone not in [b]", "ver < 1.5"] };
+                let mut r = req(&format!("w{i}"), *c, *m, &cons);
+                if *pair { r.pair = Some("rack".into()); }
+                r
             }).collect();
-            let p = plan(&view, &requests);
+            let p = plan(&view, &requests, &mut SplitMix64(seed));
             prop_assert_eq!(p.decisions.len(), requests.len());
-            let mut used: BTreeMap<String, Resources> = BTreeMap::new();
+            let mut used: HashMap<String, Resources> = HashMap::new();
             for ((name, d), r) in p.decisions.iter().zip(&requests) {
                 prop_assert_eq!(name, &r.workload);
-                if let Decision::Place { node } = d {
-                    let n = view.nodes.iter().find(|n| &n.name == node).unwrap();
-                    prop_assert!(r.constraints.iter().all(|c| c.matches(&n.tags)));
-                    let u = used.entry(node.clone()).or_insert(Resources { cpu_millis: 0, memory_mib: 0 });
-                    *u = u.saturating_add(r.resources);
-                    prop_assert!(n.capacity.fits(*u), "over-committed {}", node);
+                match d {
+                    Decision::Place { node, secondary } => {
+                        let mut replicas = vec![node.clone()];
+                        replicas.extend(secondary.clone());
+                        prop_assert_eq!(replicas.len(), if r.pair.is_some() { 2 } else { 1 });
+                        for n in &replicas {
+                            let nv = view.node(n).unwrap();
+                            prop_assert!(nv.schedulable);
+                            prop_assert!(r.constraints.iter().all(|c| c.matches(&nv.tags)));
+                            let u = used.entry(n.clone()).or_insert(res(0, 0));
+                            *u = u.saturating_add(r.resources);
+                            prop_assert!(nv.free().fits(*u), "over-committed {}", n);
+                        }
+                        if let Some(s) = secondary {
+                            let (a, b) = (view.node(node).unwrap(), view.node(s).unwrap());
+                            prop_assert_ne!(node, s);
+                            prop_assert_ne!(a.tags.get("rack"), b.tags.get("rack"), "pair shares a fault domain");
+                        }
+                    }
+                    Decision::Unplaceable { .. } => {
+                        // Single replicas: no node could have taken it. (A pair may fail
+                        // on its second replica after a greedy first choice.)
+                        if r.pair.is_none() {
+                            prop_assert!(!feasible_somewhere(&view, &used, r, &r.avoid), "{} was placeable", r.workload);
+                        }
+                    }
                 }
             }
         }

@@ -372,7 +372,7 @@ async fn create_workload(
     };
     let decision = state.decide(&w);
     match &decision {
-        Decision::Place { node } => {
+        Decision::Place { node, .. } => {
             w.status.phase = Phase::Placed;
             w.status.node = Some(node.clone());
             w.status.incarnation = 1;
@@ -414,7 +414,7 @@ async fn create_workload(
         )
         .await;
     match decision {
-        Decision::Place { node } => {
+        Decision::Place { node, .. } => {
             state
                 .events
                 .emit(

@@ -104,6 +104,8 @@ pub struct AppState {
     lost_nodes: Mutex<HashMap<String, Instant>>,
     /// Secondary failures already recorded: (workload, node, generation).
     failed_secondaries: Mutex<HashSet<(String, String, u64)>>,
+    /// Placements decided so far: the seed of each plan's random sample.
+    placements: std::sync::atomic::AtomicU64,
     /// Serialises placement decisions so two never use the same capacity.
     pub placement: tokio::sync::Mutex<()>,
 }
@@ -144,6 +146,7 @@ impl AppState {
             placement: tokio::sync::Mutex::new(()),
             lost_nodes: Mutex::new(HashMap::new()),
             failed_secondaries: Mutex::new(HashSet::new()),
+            placements: std::sync::atomic::AtomicU64::new(0),
         });
         let rev = state.load().await?;
         let watch = state.store.watch("/", rev).await?;
@@ -306,19 +309,13 @@ impl AppState {
 
     /// The scheduler's view of the cluster.
     pub fn sched_view(&self) -> ClusterView {
-        let nodes = self.nodes();
-        ClusterView {
-            nodes: nodes
-                .into_iter()
-                .map(|n| NodeView {
-                    schedulable: n.state == NodeState::Ready,
-                    name: n.name,
-                    tags: n.tags,
-                    capacity: n.capacity,
-                    allocated: n.allocated,
-                })
-                .collect(),
-        }
+        ClusterView::from_nodes(self.nodes().into_iter().map(|n| NodeView {
+            schedulable: n.state == NodeState::Ready,
+            name: n.name,
+            tags: n.tags,
+            capacity: n.capacity,
+            allocated: n.allocated,
+        }))
     }
 
     /// Decide where a workload goes, given the current view (caller holds `placement`).
@@ -384,8 +381,16 @@ impl AppState {
                 })
                 .collect(),
             avoid: avoid.unwrap_or_default(),
+            ..Request::default()
         };
-        let plan = avail_sched::plan(&self.sched_view(), &[req]);
+        let seed = self
+            .placements
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let plan = avail_sched::plan(
+            &self.sched_view(),
+            &[req],
+            &mut avail_model::rng::SplitMix64(seed),
+        );
         plan.decisions
             .into_iter()
             .next()
@@ -471,7 +476,7 @@ impl AppState {
             let Some((mut w, rev)) = self.workload(&name) else {
                 continue;
             };
-            if let Decision::Place { node } = self.decide(&w) {
+            if let Decision::Place { node, .. } = self.decide(&w) {
                 w.status.phase = Phase::Placed;
                 w.status.node = Some(node.clone());
                 w.status.incarnation += 1;
@@ -527,7 +532,7 @@ impl AppState {
                 .filter(|(w, _)| *w == name)
                 .map(|(_, n)| n.to_string());
             match self.decide_secondary(&w, skip) {
-                Decision::Place { node } => {
+                Decision::Place { node, .. } => {
                     w.status.secondary = Some(node.clone());
                     w.status.level_state = Some("ft:syncing".into());
                     w.status.updated_ms = now_ms();

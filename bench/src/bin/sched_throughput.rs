@@ -23,12 +23,24 @@ fn cluster(n: usize, rng: &mut SplitMix64) -> Vec<NodeView> {
             let mut t = |k: &str, v: String| {
                 tags.insert(k.to_string(), v);
             };
-            t("zone", ["tokyo", "osaka", "nagoya", "sapporo"][i % 4].into());
+            t(
+                "zone",
+                ["tokyo", "osaka", "nagoya", "sapporo"][i % 4].into(),
+            );
             t("dc", format!("dc{}", i % 8));
             t("rack", format!("r{}", i / 20));
-            t("perf", ["high", "standard", "low"][rng.below(3) as usize].into());
-            t("compliance", ["pci", "hipaa", "none", "none"][rng.below(4) as usize].into());
-            t("cores", ["8", "16", "32", "64"][rng.below(4) as usize].into());
+            t(
+                "perf",
+                ["high", "standard", "low"][rng.below(3) as usize].into(),
+            );
+            t(
+                "compliance",
+                ["pci", "hipaa", "none", "none"][rng.below(4) as usize].into(),
+            );
+            t(
+                "cores",
+                ["8", "16", "32", "64"][rng.below(4) as usize].into(),
+            );
             t("kernel", format!("6.{}", rng.below(12)));
             if rng.chance(10) {
                 t("gpu", "a100".into());
@@ -70,7 +82,10 @@ fn requests(n: usize, rng: &mut SplitMix64) -> Vec<Request> {
                     cpu_millis: 100 + rng.below(900) as u32,
                     memory_mib: 128 + rng.below(2048) as u32,
                 },
-                constraints: rules.iter().map(|r| Constraint::parse(r).unwrap()).collect(),
+                constraints: rules
+                    .iter()
+                    .map(|r| Constraint::parse(r).unwrap())
+                    .collect(),
                 pair: (i % 5 == 0).then(|| "rack".to_string()),
                 ..Request::default()
             }
@@ -80,7 +95,13 @@ fn requests(n: usize, rng: &mut SplitMix64) -> Vec<Request> {
 
 /// The first scheduler's way: every node, every rule, one by one.
 fn naive(nodes: &[NodeView], reqs: &[Request]) -> usize {
-    let mut used = vec![Resources { cpu_millis: 0, memory_mib: 0 }; nodes.len()];
+    let mut used = vec![
+        Resources {
+            cpu_millis: 0,
+            memory_mib: 0
+        };
+        nodes.len()
+    ];
     let mut placed = 0;
     for r in reqs {
         let replicas = if r.pair.is_some() { 2 } else { 1 };
@@ -99,7 +120,10 @@ fn naive(nodes: &[NodeView], reqs: &[Request]) -> usize {
                 if !r.constraints.iter().all(|c| c.matches(&n.tags)) {
                     continue;
                 }
-                let free = n.capacity.saturating_sub(n.allocated).saturating_sub(used[i]);
+                let free = n
+                    .capacity
+                    .saturating_sub(n.allocated)
+                    .saturating_sub(used[i]);
                 if !free.fits(r.resources) {
                     continue;
                 }

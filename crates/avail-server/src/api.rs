@@ -1,5 +1,6 @@
 //! The HTTP API: routes, authentication extractors, handlers and the OpenAPI document.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -228,6 +229,10 @@ pub fn router(state: AppStateRef) -> Router {
         .route("/v1/workloads/{name}/logs", get(workload_logs))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{name}", get(get_node))
+        .route(
+            "/v1/nodes/{name}/tags",
+            axum::routing::patch(patch_node_tags),
+        )
         .route("/v1/events", get(events))
         .route("/v1/artifacts", put(put_artifact))
         .route("/v1/artifacts/{digest}", get(get_artifact))
@@ -307,15 +312,43 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
 
-#[utoipa::path(post, path = "/v1/workloads", request_body = WorkloadSpec,
+/// What `POST /v1/workloads?dry_run=true` answers: where the workload would go now.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PlanPreview {
+    /// Workload name.
+    pub workload: String,
+    /// Whether it fits now.
+    pub placeable: bool,
+    /// Its node (the primary, for `ft`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// `ft`: its secondary's node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secondary: Option<String>,
+    /// Why it does not fit, with counts per reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub explanation: Option<String>,
+}
+
+/// Query of `POST /v1/workloads`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+pub struct CreateQuery {
+    /// Validate and plan only: answer a [`PlanPreview`], create nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+#[utoipa::path(post, path = "/v1/workloads", request_body = WorkloadSpec, params(CreateQuery),
     responses((status = 201, body = Workload, description = "created; `status.phase` is `pending` with an explanation when no node fits"),
+              (status = 200, body = PlanPreview, description = "with `dry_run=true`: where it would go now; nothing is created"),
               (status = 400, body = ApiErrorBody), (status = 401, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 413, body = ApiErrorBody)),
     security(("bearer" = [])))]
 async fn create_workload(
     _: Admin,
     State(state): State<AppStateRef>,
+    Query(q): Query<CreateQuery>,
     body: Body,
-) -> ApiResult<(StatusCode, Json<Workload>)> {
+) -> ApiResult<Response> {
     let bytes = read_body(body, MAX_JSON_BYTES).await?;
     let text = std::str::from_utf8(&bytes).map_err(|_| ApiErr::invalid("body", "not UTF-8"))?;
     let spec = WorkloadSpec::parse(text).map_err(|e| ApiErr(StatusCode::BAD_REQUEST, e.into()))?;
@@ -370,6 +403,26 @@ async fn create_workload(
         },
         created_ms: now_ms(),
     };
+    if q.dry_run {
+        drop(_guard);
+        let preview = match state.preview(&w) {
+            Decision::Place { node, secondary } => PlanPreview {
+                workload: name,
+                placeable: true,
+                node: Some(node),
+                secondary,
+                explanation: None,
+            },
+            Decision::Unplaceable { explanation } => PlanPreview {
+                workload: name,
+                placeable: false,
+                node: None,
+                secondary: None,
+                explanation: Some(explanation),
+            },
+        };
+        return Ok(Json(preview).into_response());
+    }
     let decision = state.decide(&w);
     match &decision {
         Decision::Place { node, .. } => {
@@ -432,7 +485,7 @@ async fn create_workload(
                 .await
         }
     }
-    Ok((StatusCode::CREATED, Json(w)))
+    Ok((StatusCode::CREATED, Json(w)).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/workloads", responses((status = 200, body = [Workload])), security(("bearer" = [])))]
@@ -585,6 +638,83 @@ async fn get_node(
         .find(|n| n.name == name)
         .map(Json)
         .ok_or_else(|| ApiErr::not_found("node", &name))
+}
+
+/// A change of a node's tags: `set` adds or replaces, `remove` deletes (also a tag the
+/// agent declared). Applied over the agent's own tags and kept across its rejoins.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TagChange {
+    /// Tags to set.
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    /// Tag keys to remove.
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+#[utoipa::path(patch, path = "/v1/nodes/{name}/tags", params(("name" = String, Path)), request_body = TagChange,
+    responses((status = 200, body = Node), (status = 400, description = "a bad tag, named"), (status = 404)),
+    security(("bearer" = [])))]
+async fn patch_node_tags(
+    _: Admin,
+    State(state): State<AppStateRef>,
+    Path(name): Path<String>,
+    body: Body,
+) -> ApiResult<Json<Node>> {
+    let change: TagChange = read_json(body).await?;
+    for (k, v) in &change.set {
+        avail_model::constraint::parse_tag(&format!("{k}={v}"))
+            .map_err(|e| ApiErr::invalid(&format!("set.{k}"), e.message))?;
+    }
+    for k in &change.remove {
+        avail_model::constraint::parse_tag(&format!("{k}=x"))
+            .map_err(|e| ApiErr::invalid("remove", e.message))?;
+    }
+    // Compare-and-swap on the record: a concurrent rejoin is not overwritten.
+    for _ in 0..10 {
+        let Some(kv) = state.store.get(&keys::node(&name)).await? else {
+            return Err(ApiErr::not_found("node", &name));
+        };
+        let mut rec: NodeRecord = serde_json::from_slice(&kv.value).map_err(|e| {
+            ApiErr::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })?;
+        for (k, v) in &change.set {
+            rec.tag_overrides.insert(k.clone(), Some(v.clone()));
+        }
+        for k in &change.remove {
+            rec.tag_overrides.insert(k.clone(), None);
+        }
+        rec.tags = rec.tags_in_force();
+        let value = serde_json::to_vec(&rec).expect("node serialises");
+        if let Some(rev) = state
+            .store
+            .compare_and_swap(&keys::node(&name), kv.mod_rev, value)
+            .await?
+        {
+            state.wait_view(rev).await;
+            state
+                .events
+                .emit(
+                    "node.tagged",
+                    None,
+                    Some(&name),
+                    format!("tags now {:?}", rec.tags),
+                )
+                .await;
+            return state
+                .nodes()
+                .into_iter()
+                .find(|n| n.name == name)
+                .map(Json)
+                .ok_or_else(|| ApiErr::not_found("node", &name));
+        }
+    }
+    Err(ApiErr::new(
+        StatusCode::CONFLICT,
+        "conflict",
+        "the node record kept changing; try again",
+    ))
 }
 
 #[utoipa::path(get, path = "/v1/events", params(EventsQuery),
@@ -785,11 +915,17 @@ async fn join(
             ));
         }
     }
-    let rec = NodeRecord {
+    let mut rec = NodeRecord {
         name: req.name.clone(),
         address: req.address,
         ingress_url: req.ingress_url,
-        tags: req.tags,
+        tags: BTreeMap::new(),
+        agent_tags: req.tags,
+        // The operator's tag changes outlive the agent's rejoins.
+        tag_overrides: existing
+            .as_ref()
+            .map(|o| o.tag_overrides.clone())
+            .unwrap_or_default(),
         capacity: req.capacity,
         joined_ms: existing
             .as_ref()
@@ -799,6 +935,7 @@ async fn join(
         replication_addr: req.replication_addr,
         boot_id: req.boot_id,
     };
+    rec.tags = rec.tags_in_force();
     let rev = state
         .store
         .put(
@@ -931,8 +1068,8 @@ async fn pair_secondary_failed(
     info(title = "avail API", description = "Control plane of avail. Errors are `{\"error\": {\"code\", \"message\", \"field\"}}`."),
     paths(livez, readyz, metrics, create_workload, list_workloads, get_workload, delete_workload, workload_events, workload_logs,
           list_nodes, get_node, events, put_artifact, get_artifact, join, heartbeat, desired, pair_lease,
-          pair_secondary_failed),
-    components(schemas(Deleted, ArtifactRef, HeartbeatReply)),
+          pair_secondary_failed, patch_node_tags),
+    components(schemas(Deleted, ArtifactRef, HeartbeatReply, TagChange, PlanPreview)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -33,8 +33,15 @@ pub struct NodeRecord {
     pub address: String,
     /// Ingress base URL.
     pub ingress_url: String,
-    /// Tags.
+    /// Tags in force: the agent's, with the operator's changes applied.
     pub tags: BTreeMap<String, String>,
+    /// Tags the agent declared when it joined.
+    #[serde(default)]
+    pub agent_tags: BTreeMap<String, String>,
+    /// The operator's changes (`avail node tag`): a value sets the tag, `None` removes
+    /// it. They outlive the agent's restarts and rejoins.
+    #[serde(default)]
+    pub tag_overrides: BTreeMap<String, Option<String>>,
     /// Capacity.
     pub capacity: Resources,
     /// First join.
@@ -47,6 +54,24 @@ pub struct NodeRecord {
     /// The agent run that last joined.
     #[serde(default)]
     pub boot_id: String,
+}
+
+impl NodeRecord {
+    /// The agent's tags with the operator's changes applied.
+    pub fn tags_in_force(&self) -> BTreeMap<String, String> {
+        let mut t = self.agent_tags.clone();
+        for (k, v) in &self.tag_overrides {
+            match v {
+                Some(v) => {
+                    t.insert(k.clone(), v.clone());
+                }
+                None => {
+                    t.remove(k);
+                }
+            }
+        }
+        t
+    }
 }
 
 /// The cluster as last read from the store.
@@ -320,7 +345,20 @@ impl AppState {
 
     /// Decide where a workload goes, given the current view (caller holds `placement`).
     pub fn decide(&self, w: &Workload) -> Decision {
-        self.decide_avoiding(w, None)
+        self.decide_avoiding(w, None, None)
+    }
+
+    /// Where `w` would go now, both replicas for an `ft` workload (its secondary on
+    /// another value of its spread tag): the `--dry-run` answer. Changes nothing.
+    pub fn preview(&self, w: &Workload) -> Decision {
+        let pair = (w.spec.level == Level::Ft).then(|| {
+            w.spec
+                .placement
+                .spread
+                .clone()
+                .unwrap_or_else(|| "rack".into())
+        });
+        self.decide_avoiding(w, None, pair)
     }
 
     /// Where the `ft` secondary of `w` goes: not on the primary's node, nor in its fault
@@ -353,6 +391,7 @@ impl AppState {
                     .collect(),
                 fault_domain: domain.map(|d| (tag, vec![d])),
             }),
+            None,
         )
     }
 
@@ -363,7 +402,12 @@ impl AppState {
         lost.keys().cloned().collect()
     }
 
-    fn decide_avoiding(&self, w: &Workload, avoid: Option<avail_sched::Avoid>) -> Decision {
+    fn decide_avoiding(
+        &self,
+        w: &Workload,
+        avoid: Option<avail_sched::Avoid>,
+        pair: Option<String>,
+    ) -> Decision {
         let req = Request {
             workload: w.spec.name.clone(),
             resources: w.spec.resources,
@@ -381,6 +425,7 @@ impl AppState {
                 })
                 .collect(),
             avoid: avoid.unwrap_or_default(),
+            pair,
             ..Request::default()
         };
         let seed = self

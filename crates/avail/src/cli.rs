@@ -254,6 +254,10 @@ struct RunArgs {
     /// Return once accepted; do not wait for the workload to run.
     #[arg(long)]
     detach: bool,
+    /// Show where it would go now (both replicas for ft) and create nothing; exits 2
+    /// when it does not fit, with the explanation.
+    #[arg(long)]
+    dry_run: bool,
     /// How long to wait for it to run, seconds.
     #[arg(long, default_value_t = 60)]
     timeout_s: u64,
@@ -267,6 +271,15 @@ enum NodeCmd {
     Show {
         /// Name.
         name: String,
+    },
+    /// Change a node's tags: `key=value` sets, `key-` removes. Kept across the agent's
+    /// restarts; placements follow them from now on.
+    Tag {
+        /// Node name.
+        name: String,
+        /// `key=value` or `key-`, one or more.
+        #[arg(required = true)]
+        changes: Vec<String>,
     },
 }
 
@@ -358,6 +371,25 @@ pub async fn run(cli: Cli) -> CliResult {
                 }
                 NodeCmd::Show { name } => {
                     let n: Node = c.get(&format!("/v1/nodes/{name}")).await?;
+                    match fmt {
+                        Format::Json => output::json(&n),
+                        Format::Table => print_nodes(std::slice::from_ref(&n), fmt),
+                    }
+                }
+                NodeCmd::Tag { name, changes } => {
+                    let mut set = serde_json::Map::new();
+                    let mut remove = Vec::new();
+                    for ch in &changes {
+                        if let Some(k) = ch.strip_suffix('-').filter(|k| !k.contains('=')) {
+                            remove.push(k.to_string());
+                        } else {
+                            let (k, v) = avail_model::constraint::parse_tag(ch)
+                                .map_err(|e| CliError::invalid(e.to_string()))?;
+                            set.insert(k, v.into());
+                        }
+                    }
+                    let body = serde_json::json!({ "set": set, "remove": remove });
+                    let n: Node = c.patch(&format!("/v1/nodes/{name}/tags"), &body).await?;
                     match fmt {
                         Format::Json => output::json(&n),
                         Format::Table => print_nodes(std::slice::from_ref(&n), fmt),
@@ -540,6 +572,36 @@ async fn build_spec(c: &Client, a: &RunArgs) -> Result<WorkloadSpec, CliError> {
 async fn workload_run(c: &Client, a: RunArgs, fmt: Format) -> CliResult {
     let spec = build_spec(c, &a).await?;
     let body = serde_json::to_vec(&spec).expect("spec serialises");
+    if a.dry_run {
+        let p: serde_json::Value = c
+            .post_raw("/v1/workloads?dry_run=true", body.into())
+            .await?;
+        if fmt == Format::Json {
+            output::json(&p);
+        }
+        if p["placeable"] != true {
+            return Err(CliError::invalid(format!(
+                "workload {} would not be placed: {}",
+                spec.name,
+                p["explanation"].as_str().unwrap_or_default()
+            )));
+        }
+        if fmt == Format::Table {
+            match p["secondary"].as_str() {
+                Some(s) => println!(
+                    "workload {} would run on {}, its secondary on {s} (dry run: nothing created)",
+                    spec.name,
+                    p["node"].as_str().unwrap_or_default()
+                ),
+                None => println!(
+                    "workload {} would run on {} (dry run: nothing created)",
+                    spec.name,
+                    p["node"].as_str().unwrap_or_default()
+                ),
+            }
+        }
+        return Ok(());
+    }
     let w: Workload = c.post_raw("/v1/workloads", body.into()).await?;
     if w.status.phase == Phase::Pending {
         if fmt == Format::Json {

@@ -189,6 +189,25 @@ impl ClusterView {
         true
     }
 
+    /// Whether a node takes new work (ready, not draining).
+    pub fn set_schedulable(&mut self, name: &str, schedulable: bool) {
+        let Some(&i) = self.by_name.get(name) else {
+            return;
+        };
+        let Some(n) = self.slots[i].as_mut() else {
+            return;
+        };
+        if n.schedulable != schedulable {
+            n.schedulable = schedulable;
+            if schedulable {
+                self.schedulable.set(i);
+            } else {
+                self.schedulable.clear(i);
+            }
+            self.revision += 1;
+        }
+    }
+
     /// Take `r` off a node's allocation (a workload gone).
     pub fn release(&mut self, name: &str, r: Resources) {
         if let Some(n) = self.by_name.get(name).and_then(|i| self.slots[*i].as_mut()) {

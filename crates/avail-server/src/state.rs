@@ -85,6 +85,66 @@ pub struct View {
     pub nodes: BTreeMap<String, NodeRecord>,
     /// Nodes whose liveness key exists.
     pub alive: BTreeSet<String>,
+    /// Resources placed on each node (primaries and ft secondaries), kept up to date as
+    /// workloads change: no scan of the workloads per node.
+    pub allocated: HashMap<String, Resources>,
+    /// The scheduler's indexed view, kept up to date as nodes, their tags, their
+    /// allocations and (from the liveness tick) their readiness change.
+    pub sched: ClusterView,
+}
+
+impl View {
+    /// Add (`add`) or take away a workload's resources on the nodes it occupies.
+    fn account(&mut self, w: &Workload, add: bool) {
+        let nodes = [w.status.node.as_deref(), w.status.secondary.as_deref()];
+        for n in nodes.into_iter().flatten() {
+            let a = self.allocated.entry(n.to_string()).or_insert(Resources {
+                cpu_millis: 0,
+                memory_mib: 0,
+            });
+            if add {
+                *a = a.saturating_add(w.spec.resources);
+                self.sched.allocate(n, w.spec.resources);
+            } else {
+                *a = a.saturating_sub(w.spec.resources);
+                self.sched.release(n, w.spec.resources);
+            }
+        }
+    }
+
+    fn put_workload(&mut self, name: &str, w: Workload, mod_rev: u64) {
+        if let Some((old, _)) = self.workloads.remove(name) {
+            self.account(&old, false);
+        }
+        self.account(&w, true);
+        self.workloads.insert(name.to_string(), (w, mod_rev));
+    }
+
+    fn delete_workload(&mut self, name: &str) {
+        if let Some((old, _)) = self.workloads.remove(name) {
+            self.account(&old, false);
+        }
+    }
+
+    fn put_node(&mut self, rec: NodeRecord) {
+        let schedulable = self.sched.node(&rec.name).is_some_and(|n| n.schedulable);
+        self.sched.upsert(NodeView {
+            name: rec.name.clone(),
+            tags: rec.tags.clone(),
+            capacity: rec.capacity,
+            allocated: self.allocated.get(&rec.name).copied().unwrap_or(Resources {
+                cpu_millis: 0,
+                memory_mib: 0,
+            }),
+            schedulable,
+        });
+        self.nodes.insert(rec.name.clone(), rec);
+    }
+
+    fn delete_node(&mut self, name: &str) {
+        self.nodes.remove(name);
+        self.sched.remove(name);
+    }
 }
 
 /// Liveness seen by this server (memory only).
@@ -188,7 +248,8 @@ impl AppState {
         for kv in wl {
             match serde_json::from_slice::<Workload>(&kv.value) {
                 Ok(w) => {
-                    v.workloads.insert(w.spec.name.clone(), (w, kv.mod_rev));
+                    let name = w.spec.name.clone();
+                    v.put_workload(&name, w, kv.mod_rev);
                 }
                 Err(e) => tracing::error!("skipping unreadable {}: {e}", kv.key),
             }
@@ -197,7 +258,7 @@ impl AppState {
         // anything after `rev`, so a later-revision read here is corrected by the watch.
         for kv in self.store.range(keys::NODES).await?.0 {
             if let Ok(n) = serde_json::from_slice::<NodeRecord>(&kv.value) {
-                v.nodes.insert(n.name.clone(), n);
+                v.put_node(n);
             }
         }
         for kv in self.store.range(keys::ALIVE).await?.0 {
@@ -220,26 +281,20 @@ impl AppState {
                 desired = true;
                 match ev {
                     Event::Put(kv) => match serde_json::from_slice::<Workload>(&kv.value) {
-                        Ok(w) => {
-                            v.workloads.insert(name.to_string(), (w, kv.mod_rev));
-                        }
+                        Ok(w) => v.put_workload(name, w, kv.mod_rev),
                         Err(e) => tracing::error!("unreadable {key}: {e}"),
                     },
-                    Event::Delete { .. } => {
-                        v.workloads.remove(name);
-                    }
+                    Event::Delete { .. } => v.delete_workload(name),
                 }
             } else if let Some(name) = key.strip_prefix(keys::NODES) {
                 desired = true;
                 match ev {
                     Event::Put(kv) => {
                         if let Ok(n) = serde_json::from_slice::<NodeRecord>(&kv.value) {
-                            v.nodes.insert(name.to_string(), n);
+                            v.put_node(n);
                         }
                     }
-                    Event::Delete { .. } => {
-                        v.nodes.remove(name);
-                    }
+                    Event::Delete { .. } => v.delete_node(name),
                 }
             } else if let Some(name) = key.strip_prefix(keys::ALIVE) {
                 desired = true;
@@ -290,20 +345,10 @@ impl AppState {
 
     /// A node as the API shows it.
     pub fn node(&self, rec: &NodeRecord, view: &View) -> Node {
-        let allocated = view
-            .workloads
-            .values()
-            .filter(|(w, _)| {
-                w.status.node.as_deref() == Some(rec.name.as_str())
-                    || w.status.secondary.as_deref() == Some(rec.name.as_str())
-            })
-            .fold(
-                Resources {
-                    cpu_millis: 0,
-                    memory_mib: 0,
-                },
-                |a, (w, _)| a.saturating_add(w.spec.resources),
-            );
+        let allocated = view.allocated.get(&rec.name).copied().unwrap_or(Resources {
+            cpu_millis: 0,
+            memory_mib: 0,
+        });
         let last = self
             .live
             .lock()
@@ -330,17 +375,6 @@ impl AppState {
     pub fn nodes(&self) -> Vec<Node> {
         let v = self.view.read().unwrap_or_else(|p| p.into_inner());
         v.nodes.values().map(|r| self.node(r, &v)).collect()
-    }
-
-    /// The scheduler's view of the cluster.
-    pub fn sched_view(&self) -> ClusterView {
-        ClusterView::from_nodes(self.nodes().into_iter().map(|n| NodeView {
-            schedulable: n.state == NodeState::Ready,
-            name: n.name,
-            tags: n.tags,
-            capacity: n.capacity,
-            allocated: n.allocated,
-        }))
     }
 
     /// Decide where a workload goes, given the current view (caller holds `placement`).
@@ -431,8 +465,10 @@ impl AppState {
         let seed = self
             .placements
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Planned on the indexed view kept up to date as the store changes: no copy,
+        // no scan of the workloads.
         let plan = avail_sched::plan(
-            &self.sched_view(),
+            &self.view.read().unwrap_or_else(|p| p.into_inner()).sched,
             &[req],
             &mut avail_model::rng::SplitMix64(seed),
         );
@@ -808,6 +844,20 @@ impl AppState {
             }
             self.wait_view(rev).await;
         }
+        // Heard and alive: ready, so schedulable from now on (the liveness tick takes
+        // it away again when the heartbeats stop).
+        let ready = {
+            let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+            let schedulable = v.sched.node(node).is_some_and(|n| n.schedulable);
+            (!schedulable && self.node_state(node, &v) == NodeState::Ready).then_some(())
+        };
+        if ready.is_some() {
+            self.view
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .sched
+                .set_schedulable(node, true);
+        }
         for inst in instances {
             let phase = match inst.state {
                 InstanceState::Starting => Phase::Placed,
@@ -944,6 +994,13 @@ impl AppState {
             .into_iter()
             .map(|n| (n.name, n.state))
             .collect();
+        // The scheduler's view follows readiness (a clock matter, not a store event).
+        {
+            let mut v = self.view.write().unwrap_or_else(|p| p.into_inner());
+            for (name, st) in &states {
+                v.sched.set_schedulable(name, *st == NodeState::Ready);
+            }
+        }
         let mut changed = Vec::new();
         {
             let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
@@ -1083,5 +1140,92 @@ async fn follow(state: std::sync::Weak<AppState>, mut watch: avail_store::Watch)
         };
         let Some(s) = state.upgrade() else { return };
         s.apply(&ev);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workload(name: &str, node: Option<&str>, secondary: Option<&str>, mem: u32) -> Workload {
+        let mut spec = avail_model::WorkloadSpec::parse(&format!(
+            r#"{{"name":"{name}","driver":"wasm","artifact":"x","resources":{{"memory_mib":{mem},"cpu_millis":10}}}}"#
+        ))
+        .unwrap();
+        spec.resources.memory_mib = mem;
+        Workload {
+            uid: name.into(),
+            spec,
+            status: WorkloadStatus {
+                phase: Phase::Placed,
+                level_state: None,
+                node: node.map(String::from),
+                incarnation: 1,
+                restarts: 0,
+                message: None,
+                updated_ms: 0,
+                secondary: secondary.map(String::from),
+                generation: 0,
+                ft: None,
+            },
+            created_ms: 0,
+        }
+    }
+
+    fn record(name: &str) -> NodeRecord {
+        NodeRecord {
+            name: name.into(),
+            address: String::new(),
+            ingress_url: String::new(),
+            tags: [("rack".to_string(), name.to_string())].into(),
+            agent_tags: BTreeMap::new(),
+            tag_overrides: BTreeMap::new(),
+            capacity: Resources {
+                cpu_millis: 1000,
+                memory_mib: 1000,
+            },
+            joined_ms: 0,
+            agent_version: String::new(),
+            replication_addr: String::new(),
+            boot_id: String::new(),
+        }
+    }
+
+    /// The incremental allocation and the scheduler's view agree with a fresh scan
+    /// through puts, moves, secondaries, deletes and a node that arrives late.
+    #[test]
+    fn allocations_follow_workloads_and_nodes() {
+        let mut v = View::default();
+        v.put_node(record("a"));
+        v.put_workload("w1", workload("w1", Some("a"), None, 100), 1);
+        v.put_workload("w2", workload("w2", Some("a"), Some("b"), 200), 2);
+        v.put_node(record("b")); // after its workload: picks up the allocation
+        v.put_workload("w1", workload("w1", Some("b"), None, 100), 3); // moved
+        v.delete_workload("w2");
+        v.put_workload("w3", workload("w3", None, None, 50), 4); // pending: nowhere
+        let scan = |node: &str| -> u32 {
+            v.workloads
+                .values()
+                .filter(|(w, _)| {
+                    w.status.node.as_deref() == Some(node)
+                        || w.status.secondary.as_deref() == Some(node)
+                })
+                .map(|(w, _)| w.spec.resources.memory_mib)
+                .sum()
+        };
+        for n in ["a", "b"] {
+            assert_eq!(
+                v.allocated.get(n).map(|r| r.memory_mib).unwrap_or(0),
+                scan(n),
+                "{n}"
+            );
+            assert_eq!(
+                v.sched.node(n).unwrap().allocated.memory_mib,
+                scan(n),
+                "{n}"
+            );
+        }
+        v.delete_node("a");
+        assert!(v.sched.node("a").is_none());
     }
 }

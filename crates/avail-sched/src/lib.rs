@@ -287,6 +287,56 @@ pub struct Request {
     /// An `ft` pair: two replicas, on different values of this tag (the fault domain;
     /// hard anti-affinity).
     pub pair: Option<String>,
+    /// The group it belongs to (a template's workloads, a service's instances), with
+    /// where the group's members already run.
+    pub group: Option<Group>,
+}
+
+/// A group of workloads placed together: spread across a tag, kept apart by node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Group {
+    /// Group name (members of one batch with the same name count together).
+    pub name: String,
+    /// Nodes the group's members already run on (one entry per member).
+    pub existing: Vec<String>,
+    /// Never two members on one node (hard).
+    pub anti_affinity: bool,
+    /// Spread the members across the values of a tag.
+    pub spread: Option<Spread>,
+}
+
+/// Spread across a tag's values: with `targets`, each listed value gets its share
+/// (percent); without, the values the feasible nodes have share evenly. Soft: when the
+/// value that is most behind its share has no room, the next one is used.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Spread {
+    /// The tag (`zone`, `rack`).
+    pub tag: String,
+    /// Value and percent; at most 100 in all.
+    pub targets: Vec<(String, u32)>,
+}
+
+impl Spread {
+    /// Check the targets: each 1..=100, at most 100 in all, no value twice.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut sum = 0;
+        for (i, (v, pct)) in self.targets.iter().enumerate() {
+            if *pct == 0 || *pct > 100 {
+                return Err(format!("spread target {v:?}: {pct}% is not 1..=100"));
+            }
+            if self.targets[..i].iter().any(|(w, _)| w == v) {
+                return Err(format!("spread target {v:?} is listed twice"));
+            }
+            sum += pct;
+        }
+        if sum > 100 {
+            return Err(format!(
+                "spread targets of {:?} add up to {sum}%, more than 100%",
+                self.tag
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Where a replica must not go.
@@ -347,10 +397,12 @@ impl Filtered {
     }
 }
 
-/// One batch's working state: what it placed so far, per slot.
+/// One batch's working state: what it placed so far, per slot, and per group.
 struct Batch<'a> {
     view: &'a ClusterView,
     used: HashMap<usize, Resources>,
+    /// Group -> slots its members were placed on in this batch.
+    placed: HashMap<String, Vec<usize>>,
 }
 
 impl Batch<'_> {
@@ -432,18 +484,104 @@ impl Batch<'_> {
         base + prefs
     }
 
-    /// Place one replica: the best of a random sample of the feasible nodes with room.
+    /// Place one replica. With a spread rule, the tag values are tried from the one
+    /// most behind its share; within the candidates, the best of a random sample.
     fn place_one(
         &mut self,
         req: &Request,
         avoid: &Avoid,
         rng: &mut impl Rng,
     ) -> Result<usize, String> {
-        let (feasible, avoided) = self.feasible(req, avoid);
+        let mut avoid = avoid.clone();
+        let mut counts: HashMap<String, u32> = HashMap::new();
+        if let Some(g) = &req.group {
+            let here: Vec<String> = self
+                .placed
+                .get(&g.name)
+                .into_iter()
+                .flatten()
+                .filter_map(|i| self.view.slots[*i].as_ref().map(|n| n.name.clone()))
+                .collect();
+            let members: Vec<&String> = g.existing.iter().chain(here.iter()).collect();
+            if g.anti_affinity {
+                avoid.nodes.extend(members.iter().map(|m| (*m).clone()));
+            }
+            if let Some(sp) = &g.spread {
+                for m in &members {
+                    if let Some(v) = self.view.node(m).and_then(|n| n.tags.get(&sp.tag)) {
+                        *counts.entry(v.clone()).or_default() += 1;
+                    }
+                }
+            }
+        }
+        let (feasible, avoided) = self.feasible(req, &avoid);
+        if let Some(sp) = req.group.as_ref().and_then(|g| g.spread.as_ref()) {
+            // Shares: the targets, or even over the values the feasible nodes have.
+            let shares: Vec<(String, f64)> = if sp.targets.is_empty() {
+                let values: Vec<String> = self
+                    .view
+                    .index
+                    .get(&sp.tag)
+                    .map(|m| {
+                        m.iter()
+                            .filter(|(_, b)| {
+                                let mut x = (*b).clone();
+                                x.and(&feasible);
+                                !x.is_empty()
+                            })
+                            .map(|(v, _)| v.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let n = values.len().max(1) as f64;
+                values.into_iter().map(|v| (v, 1.0 / n)).collect()
+            } else {
+                sp.targets
+                    .iter()
+                    .map(|(v, p)| (v.clone(), f64::from(*p) / 100.0))
+                    .collect()
+            };
+            let total = counts.values().sum::<u32>() as f64 + 1.0;
+            let mut order: Vec<(f64, String)> = shares
+                .into_iter()
+                .map(|(v, share)| {
+                    let have = f64::from(counts.get(&v).copied().unwrap_or(0));
+                    (share * total - have, v)
+                })
+                .collect();
+            order.sort_by(|a, b| b.0.total_cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+            for (_, value) in &order {
+                let Some(nodes) = self.view.index.get(&sp.tag).and_then(|m| m.get(value)) else {
+                    continue;
+                };
+                let mut candidates = feasible.clone();
+                candidates.and(nodes);
+                if let Some(i) = self.sample(&candidates, req, rng) {
+                    return Ok(self.commit(i, req));
+                }
+            }
+            // No value with a share has room: anywhere feasible (the spread is soft).
+        }
+        match self.sample(&feasible, req, rng) {
+            Some(i) => Ok(self.commit(i, req)),
+            None => Err(self.explain(req, &avoided)),
+        }
+    }
+
+    fn commit(&mut self, i: usize, req: &Request) -> usize {
+        self.take(i, req.resources);
+        if let Some(g) = &req.group {
+            self.placed.entry(g.name.clone()).or_default().push(i);
+        }
+        i
+    }
+
+    /// The best of a random sample of `candidates` with room.
+    fn sample(&self, candidates: &Bitset, req: &Request, rng: &mut impl Rng) -> Option<usize> {
         let start = rng.next_u64() as usize;
         let mut best: Option<(i64, usize)> = None;
         let mut seen = 0;
-        for i in feasible.iter_from(start) {
+        for i in candidates.iter_from(start) {
             let Some(n) = self.view.slots[i].as_ref() else {
                 continue;
             };
@@ -466,13 +604,7 @@ impl Batch<'_> {
                 break;
             }
         }
-        match best {
-            Some((_, i)) => {
-                self.take(i, req.resources);
-                Ok(i)
-            }
-            None => Err(self.explain(req, &avoided)),
-        }
+        best.map(|(_, i)| i)
     }
 
     /// Count, for every node, the first filter that rules it out.
@@ -538,6 +670,14 @@ impl Batch<'_> {
     }
 
     fn decide(&mut self, req: &Request, rng: &mut impl Rng) -> Decision {
+        if let Some(Err(e)) = req
+            .group
+            .as_ref()
+            .and_then(|g| g.spread.as_ref())
+            .map(Spread::validate)
+        {
+            return Decision::Unplaceable { explanation: e };
+        }
         let primary = match self.place_one(req, &req.avoid, rng) {
             Ok(i) => i,
             Err(explanation) => return Decision::Unplaceable { explanation },
@@ -577,6 +717,12 @@ impl Batch<'_> {
             },
             Err(e) => {
                 self.give_back(primary, req.resources);
+                if let Some(g) = &req.group
+                    && let Some(v) = self.placed.get_mut(&g.name)
+                    && let Some(at) = v.iter().rposition(|x| *x == primary)
+                {
+                    v.remove(at);
+                }
                 Decision::Unplaceable {
                     explanation: format!(
                         "no node for the secondary on another {tag} than {node}'s: {e}"
@@ -593,6 +739,7 @@ pub fn plan(view: &ClusterView, requests: &[Request], rng: &mut impl Rng) -> Pla
     let mut batch = Batch {
         view,
         used: HashMap::new(),
+        placed: HashMap::new(),
     };
     let decisions = requests
         .iter()
@@ -614,6 +761,7 @@ pub fn plan_all(
     let mut batch = Batch {
         view,
         used: HashMap::new(),
+        placed: HashMap::new(),
     };
     let mut decisions = Vec::with_capacity(requests.len());
     for r in requests {
@@ -805,6 +953,100 @@ mod tests {
         assert!(e.contains("1 of 2 placed before \"y\""), "{e}");
     }
 
+    fn group_req(name: &str, g: &Group) -> Request {
+        let mut r = req(name, 10, 10, &[]);
+        r.group = Some(g.clone());
+        r
+    }
+
+    fn nodes_of(p: &Plan) -> Vec<String> {
+        p.decisions
+            .iter()
+            .filter_map(|(_, d)| match d {
+                Decision::Place { node, .. } => Some(node.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn groups_spread_by_share_and_keep_apart() {
+        let view = ClusterView::from_nodes([
+            node("t1", &[("zone", "tokyo")], 1000, 1000),
+            node("t2", &[("zone", "tokyo")], 1000, 1000),
+            node("o1", &[("zone", "osaka")], 1000, 1000),
+            node("o2", &[("zone", "osaka")], 1000, 1000),
+        ]);
+        let zone = |p: &Plan| -> (usize, usize) {
+            let ns = nodes_of(p);
+            (
+                ns.iter().filter(|n| n.starts_with('t')).count(),
+                ns.iter().filter(|n| n.starts_with('o')).count(),
+            )
+        };
+        // Even: 2 and 2, whatever the sample.
+        let even = Group {
+            name: "g".into(),
+            spread: Some(Spread {
+                tag: "zone".into(),
+                targets: vec![],
+            }),
+            ..Group::default()
+        };
+        let reqs: Vec<Request> = (0..4).map(|i| group_req(&format!("w{i}"), &even)).collect();
+        for seed in 0..20 {
+            assert_eq!(zone(&plan(&view, &reqs, &mut SplitMix64(seed))), (2, 2));
+        }
+        // 75/25 of 8.
+        let mut weighted = even.clone();
+        weighted.spread.as_mut().unwrap().targets =
+            vec![("tokyo".into(), 75), ("osaka".into(), 25)];
+        let reqs: Vec<Request> = (0..8)
+            .map(|i| group_req(&format!("w{i}"), &weighted))
+            .collect();
+        assert_eq!(zone(&plan(&view, &reqs, &mut SplitMix64(3))), (6, 2));
+        // Members already running count: two in Tokyo, so the next two go to Osaka.
+        let mut running = even.clone();
+        running.existing = vec!["t1".into(), "t2".into()];
+        let reqs: Vec<Request> = (0..2)
+            .map(|i| group_req(&format!("w{i}"), &running))
+            .collect();
+        assert_eq!(zone(&plan(&view, &reqs, &mut SplitMix64(3))), (0, 2));
+        // Anti-affinity: four nodes, five members: the fifth is explained.
+        let apart = Group {
+            name: "a".into(),
+            anti_affinity: true,
+            ..Group::default()
+        };
+        let reqs: Vec<Request> = (0..5)
+            .map(|i| group_req(&format!("w{i}"), &apart))
+            .collect();
+        let p = plan(&view, &reqs, &mut SplitMix64(1));
+        let mut ns = nodes_of(&p);
+        ns.sort();
+        ns.dedup();
+        assert_eq!(ns.len(), 4);
+        assert!(
+            matches!(&p.decisions[4].1, Decision::Unplaceable { explanation } if explanation.contains("4 hold another replica")),
+            "{:?}",
+            p.decisions[4]
+        );
+        // Contradictory targets: a clear explanation, no panic.
+        let mut bad = weighted.clone();
+        bad.spread.as_mut().unwrap().targets = vec![("tokyo".into(), 80), ("osaka".into(), 40)];
+        let p = plan(&view, &[group_req("x", &bad)], &mut SplitMix64(1));
+        assert!(
+            matches!(&p.decisions[0].1, Decision::Unplaceable { explanation } if explanation.contains("add up to 120%")),
+            "{:?}",
+            p.decisions[0]
+        );
+        // A target on a value no node has: soft, placed elsewhere.
+        let mut mars = weighted.clone();
+        mars.spread.as_mut().unwrap().targets = vec![("mars".into(), 100)];
+        let p = plan(&view, &[group_req("x", &mars)], &mut SplitMix64(1));
+        assert!(matches!(p.decisions[0].1, Decision::Place { .. }));
+    }
+
     /// Brute force: does any node satisfy the request on its own (batch usage given)?
     fn feasible_somewhere(
         view: &ClusterView,
@@ -829,7 +1071,7 @@ mod tests {
         #[test]
         fn plans_hold_every_rule_and_unplaceable_is_really_infeasible(
             nodes in prop::collection::vec((0u8..3, 0u8..3, 0u32..4000, 0u32..4000, any::<bool>(), 0u8..20), 0..10),
-            reqs in prop::collection::vec((0u8..6, 1u32..2000, 1u32..2000, any::<bool>()), 0..30),
+            reqs in prop::collection::vec((0u8..6, 1u32..2000, 1u32..2000, any::<bool>(), any::<bool>()), 0..30),
             seed in any::<u64>(),
         ) {
             let zones = ["a", "b", "c"];
@@ -838,15 +1080,19 @@ mod tests {
                 n.schedulable = *up;
                 n
             }));
-            let requests: Vec<Request> = reqs.iter().enumerate().map(|(i, (z, c, m, pair))| {
+            let requests: Vec<Request> = reqs.iter().enumerate().map(|(i, (z, c, m, pair, grouped))| {
                 let cons: Vec<&str> = match z { 0 => vec![], 1 => vec!["zone == a"], 2 => vec!["zone in [b, c]"], 3 => vec!["zone != a"], 4 => vec!["ver >= 1.10"], _ => vec!["zone not in [b]", "ver < 1.5"] };
                 let mut r = req(&format!("w{i}"), *c, *m, &cons);
                 if *pair { r.pair = Some("rack".into()); }
+                if *grouped {
+                    r.group = Some(Group { name: "g".into(), anti_affinity: true, ..Group::default() });
+                }
                 r
             }).collect();
             let p = plan(&view, &requests, &mut SplitMix64(seed));
             prop_assert_eq!(p.decisions.len(), requests.len());
             let mut used: HashMap<String, Resources> = HashMap::new();
+            let mut group_nodes: Vec<String> = Vec::new();
             for ((name, d), r) in p.decisions.iter().zip(&requests) {
                 prop_assert_eq!(name, &r.workload);
                 match d {
@@ -862,6 +1108,12 @@ mod tests {
                             *u = u.saturating_add(r.resources);
                             prop_assert!(nv.free().fits(*u), "over-committed {}", n);
                         }
+                        if r.group.is_some() {
+                            for n in &replicas {
+                                prop_assert!(!group_nodes.contains(n), "two members of the group on {}", n);
+                            }
+                            group_nodes.extend(replicas.clone());
+                        }
                         if let Some(s) = secondary {
                             let (a, b) = (view.node(node).unwrap(), view.node(s).unwrap());
                             prop_assert_ne!(node, s);
@@ -872,7 +1124,11 @@ mod tests {
                         // Single replicas: no node could have taken it. (A pair may fail
                         // on its second replica after a greedy first choice.)
                         if r.pair.is_none() {
-                            prop_assert!(!feasible_somewhere(&view, &used, r, &r.avoid), "{} was placeable", r.workload);
+                            let mut avoid = r.avoid.clone();
+                            if r.group.is_some() {
+                                avoid.nodes.extend(group_nodes.clone());
+                            }
+                            prop_assert!(!feasible_somewhere(&view, &used, r, &avoid), "{} was placeable", r.workload);
                         }
                     }
                 }

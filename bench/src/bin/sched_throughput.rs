@@ -1,6 +1,7 @@
 //! Placements per second of `avail-sched` at 1,000 and 10,000 nodes with 20 tag keys,
 //! on one core: a mix of requests (no rule, zone ==, compliance in, cores >=, kernel
-//! version and zone !=, ft pairs on racks), planned in batches of 1,000 (the plan
+//! version and zone !=; ft pairs on racks, a service spread across zones, ha
+//! reservations on another rack, three priorities), planned in batches of 1,000 (the plan
 //! accounts for its own placements), against a baseline in the same run: the same
 //! requests through a plain scan that checks every node's tags one by one (the
 //! first scheduler's algorithm). Then the latency of one all-or-nothing batch of 1,000
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use avail_bench::machine;
 use avail_model::rng::SplitMix64;
 use avail_model::{Constraint, Resources};
-use avail_sched::{ClusterView, Decision, NodeView, Request, plan, plan_all};
+use avail_sched::{ClusterView, Decision, Group, NodeView, Request, Spread, plan, plan_all};
 
 fn cluster(n: usize, rng: &mut SplitMix64) -> Vec<NodeView> {
     (0..n)
@@ -60,6 +61,7 @@ fn cluster(n: usize, rng: &mut SplitMix64) -> Vec<NodeView> {
                     memory_mib: rng.below(131_072) as u32,
                 },
                 schedulable: !rng.chance(3),
+                reserved: vec![],
             }
         })
         .collect()
@@ -87,6 +89,18 @@ fn requests(n: usize, rng: &mut SplitMix64) -> Vec<Request> {
                     .map(|r| Constraint::parse(r).unwrap())
                     .collect(),
                 pair: (i % 5 == 0).then(|| "rack".to_string()),
+                // Every 7th a member of a service spread evenly across zones; every
+                // 11th at level ha, with its restart capacity reserved on another rack.
+                group: (i % 7 == 0).then(|| Group {
+                    name: "svc".into(),
+                    spread: Some(Spread {
+                        tag: "zone".into(),
+                        targets: vec![],
+                    }),
+                    ..Group::default()
+                }),
+                reserve: (i % 11 == 0).then(|| "rack".to_string()),
+                priority: (i % 3) as i32,
                 ..Request::default()
             }
         })

@@ -50,6 +50,11 @@ impl Bitset {
         self.words.iter().all(|w| *w == 0)
     }
 
+    /// Whether a bit is set in both.
+    pub fn intersects(&self, other: &Bitset) -> bool {
+        self.words.iter().zip(&other.words).any(|(a, b)| a & b != 0)
+    }
+
     /// `self &= other`.
     pub fn and(&mut self, other: &Bitset) {
         for (i, w) in self.words.iter_mut().enumerate() {
@@ -116,6 +121,7 @@ mod tests {
         a.clear(3);
         assert_eq!(a.iter_from(0).collect::<Vec<_>>(), vec![0, 64, 130]);
         assert!(Bitset::full(0).is_empty());
+        assert!(a.intersects(&b) && !Bitset::full(0).intersects(&b));
         assert_eq!(Bitset::full(64).count(), 64);
     }
 }

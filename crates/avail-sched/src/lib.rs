@@ -56,12 +56,26 @@ pub struct NodeView {
     pub allocated: Resources,
     /// Whether the node takes new work (ready, not draining).
     pub schedulable: bool,
+    /// Capacity held for workloads that would restart here (HA soft reservations).
+    pub reserved: Vec<Reservation>,
 }
 
 impl NodeView {
     fn free(&self) -> Resources {
         self.capacity.saturating_sub(self.allocated)
     }
+}
+
+/// Capacity held on a node for a workload's restart (level `ha`). Soft: a request of a
+/// higher priority may use it, and the plan names the reservations it displaced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    /// The workload it is held for.
+    pub workload: String,
+    /// That workload's priority.
+    pub priority: i32,
+    /// How much.
+    pub resources: Resources,
 }
 
 /// The cluster, indexed: nodes in slots, a bitset of slots per tag value, the
@@ -189,6 +203,25 @@ impl ClusterView {
         true
     }
 
+    /// Hold capacity on a node for a workload's restart (replacing its earlier one there).
+    pub fn reserve(&mut self, name: &str, r: Reservation) -> bool {
+        let Some(n) = self.by_name.get(name).and_then(|i| self.slots[*i].as_mut()) else {
+            return false;
+        };
+        n.reserved.retain(|x| x.workload != r.workload);
+        n.reserved.push(r);
+        self.revision += 1;
+        true
+    }
+
+    /// Drop a workload's reservation on a node.
+    pub fn unreserve(&mut self, name: &str, workload: &str) {
+        if let Some(n) = self.by_name.get(name).and_then(|i| self.slots[*i].as_mut()) {
+            n.reserved.retain(|x| x.workload != workload);
+            self.revision += 1;
+        }
+    }
+
     /// Whether a node takes new work (ready, not draining).
     pub fn set_schedulable(&mut self, name: &str, schedulable: bool) {
         let Some(&i) = self.by_name.get(name) else {
@@ -290,6 +323,12 @@ pub struct Request {
     /// The group it belongs to (a template's workloads, a service's instances), with
     /// where the group's members already run.
     pub group: Option<Group>,
+    /// Priority: it may use capacity reserved for lower priorities (never for equal or
+    /// higher ones), and its own reservation.
+    pub priority: i32,
+    /// Level `ha`: also hold a reservation for its restart on another value of this tag
+    /// (soft: the workload is placed even when no reservation fits).
+    pub reserve: Option<String>,
 }
 
 /// A group of workloads placed together: spread across a tag, kept apart by node.
@@ -357,6 +396,11 @@ pub enum Decision {
         node: String,
         /// A pair's secondary.
         secondary: Option<String>,
+        /// Where its restart capacity is held (a request with `reserve`), if it fits.
+        reservation: Option<String>,
+        /// Lower-priority workloads whose reservations it uses ("uses capacity reserved
+        /// for ..."): the caller re-creates those elsewhere.
+        displaced: Vec<String>,
     },
     /// No node fits.
     Unplaceable {
@@ -401,17 +445,69 @@ impl Filtered {
 struct Batch<'a> {
     view: &'a ClusterView,
     used: HashMap<usize, Resources>,
-    /// Group -> slots its members were placed on in this batch.
-    placed: HashMap<String, Vec<usize>>,
+    /// Reservations made by this batch, per slot.
+    reserved: HashMap<usize, Vec<Reservation>>,
+    /// Per group: its members so far.
+    groups: HashMap<String, GroupState>,
+}
+
+/// A group's members as a batch goes: running ones and the batch's own.
+#[derive(Default)]
+struct GroupState {
+    /// Slots with a member.
+    nodes: Bitset,
+    /// Slots the batch placed members on (in order; repeats allowed).
+    placed: Vec<usize>,
+    /// Members per value of the spread tag.
+    counts: HashMap<String, u32>,
 }
 
 impl Batch<'_> {
-    fn free(&self, i: usize, n: &NodeView) -> Resources {
+    fn reservations<'b>(
+        &'b self,
+        i: usize,
+        n: &'b NodeView,
+    ) -> impl Iterator<Item = &'b Reservation> {
+        n.reserved
+            .iter()
+            .chain(self.reserved.get(&i).into_iter().flatten())
+    }
+
+    /// What `req` may use on node `i`: capacity less allocations, this batch's
+    /// placements, and reservations of other workloads of its priority or higher.
+    fn free(&self, i: usize, n: &NodeView, req: &Request) -> Resources {
         let used = self.used.get(&i).copied().unwrap_or(Resources {
             cpu_millis: 0,
             memory_mib: 0,
         });
-        n.free().saturating_sub(used)
+        let held = self
+            .reservations(i, n)
+            .filter(|r| r.workload != req.workload && r.priority >= req.priority)
+            .fold(used, |a, r| a.saturating_add(r.resources));
+        n.free().saturating_sub(held)
+    }
+
+    /// The lower-priority reservations `req` needs on node `i` (none when it fits
+    /// without them).
+    fn displaced(&self, i: usize, n: &NodeView, req: &Request) -> Vec<String> {
+        // With every other reservation counted, does it still fit?
+        let all = self
+            .reservations(i, n)
+            .filter(|r| r.workload != req.workload)
+            .fold(
+                self.used.get(&i).copied().unwrap_or(Resources {
+                    cpu_millis: 0,
+                    memory_mib: 0,
+                }),
+                |a, r| a.saturating_add(r.resources),
+            );
+        if n.free().saturating_sub(all).fits(req.resources) {
+            return vec![];
+        }
+        self.reservations(i, n)
+            .filter(|r| r.workload != req.workload && r.priority < req.priority)
+            .map(|r| r.workload.clone())
+            .collect()
     }
 
     fn take(&mut self, i: usize, r: Resources) {
@@ -491,30 +587,19 @@ impl Batch<'_> {
         req: &Request,
         avoid: &Avoid,
         rng: &mut impl Rng,
-    ) -> Result<usize, String> {
-        let mut avoid = avoid.clone();
+    ) -> Result<(usize, Vec<String>), String> {
         let mut counts: HashMap<String, u32> = HashMap::new();
+        let mut members = Bitset::default();
         if let Some(g) = &req.group {
-            let here: Vec<String> = self
-                .placed
-                .get(&g.name)
-                .into_iter()
-                .flatten()
-                .filter_map(|i| self.view.slots[*i].as_ref().map(|n| n.name.clone()))
-                .collect();
-            let members: Vec<&String> = g.existing.iter().chain(here.iter()).collect();
+            let state = self.group(g);
             if g.anti_affinity {
-                avoid.nodes.extend(members.iter().map(|m| (*m).clone()));
+                members = state.nodes.clone();
             }
-            if let Some(sp) = &g.spread {
-                for m in &members {
-                    if let Some(v) = self.view.node(m).and_then(|n| n.tags.get(&sp.tag)) {
-                        *counts.entry(v.clone()).or_default() += 1;
-                    }
-                }
-            }
+            counts = state.counts.clone();
         }
-        let (feasible, avoided) = self.feasible(req, &avoid);
+        let (mut feasible, mut avoided) = self.feasible(req, avoid);
+        feasible.and_not(&members);
+        avoided.or(&members);
         if let Some(sp) = req.group.as_ref().and_then(|g| g.spread.as_ref()) {
             // Shares: the targets, or even over the values the feasible nodes have.
             let shares: Vec<(String, f64)> = if sp.targets.is_empty() {
@@ -524,11 +609,7 @@ impl Batch<'_> {
                     .get(&sp.tag)
                     .map(|m| {
                         m.iter()
-                            .filter(|(_, b)| {
-                                let mut x = (*b).clone();
-                                x.and(&feasible);
-                                !x.is_empty()
-                            })
+                            .filter(|(_, b)| b.intersects(&feasible))
                             .map(|(v, _)| v.clone())
                             .collect()
                     })
@@ -568,12 +649,109 @@ impl Batch<'_> {
         }
     }
 
-    fn commit(&mut self, i: usize, req: &Request) -> usize {
+    /// Take the capacity; returns the slot and the lower-priority reservations used.
+    fn commit(&mut self, i: usize, req: &Request) -> (usize, Vec<String>) {
+        let displaced = self.view.slots[i]
+            .as_ref()
+            .map(|n| self.displaced(i, n, req))
+            .unwrap_or_default();
         self.take(i, req.resources);
         if let Some(g) = &req.group {
-            self.placed.entry(g.name.clone()).or_default().push(i);
+            let value = g.spread.as_ref().and_then(|sp| {
+                self.view.slots[i]
+                    .as_ref()
+                    .and_then(|n| n.tags.get(&sp.tag).cloned())
+            });
+            let state = self.group(g);
+            state.nodes.set(i);
+            state.placed.push(i);
+            if let Some(v) = value {
+                *state.counts.entry(v).or_default() += 1;
+            }
         }
-        i
+        (i, displaced)
+    }
+
+    /// A group's members so far (running and placed by this batch), built on first use.
+    fn group(&mut self, g: &Group) -> &mut GroupState {
+        let view = self.view;
+        self.groups.entry(g.name.clone()).or_insert_with(|| {
+            let mut st = GroupState::default();
+            for m in &g.existing {
+                if let Some(&i) = view.by_name.get(m) {
+                    st.nodes.set(i);
+                    if let Some(v) = g
+                        .spread
+                        .as_ref()
+                        .and_then(|sp| view.slots[i].as_ref().and_then(|n| n.tags.get(&sp.tag)))
+                    {
+                        *st.counts.entry(v.clone()).or_default() += 1;
+                    }
+                }
+            }
+            st
+        })
+    }
+
+    /// Undo a group placement (a pair whose secondary did not fit).
+    fn forget(&mut self, g: &Group, i: usize) {
+        let value = g.spread.as_ref().and_then(|sp| {
+            self.view.slots[i]
+                .as_ref()
+                .and_then(|n| n.tags.get(&sp.tag).cloned())
+        });
+        let st = self.group(g);
+        if let Some(at) = st.placed.iter().rposition(|x| *x == i) {
+            st.placed.remove(at);
+        }
+        if !st.placed.contains(&i) {
+            st.nodes.clear(i);
+        }
+        if let Some(c) = value.and_then(|v| st.counts.get_mut(&v)) {
+            *c = c.saturating_sub(1);
+        }
+    }
+
+    fn name(&self, i: usize) -> String {
+        self.view.slots[i]
+            .as_ref()
+            .expect("placed on a live node")
+            .name
+            .clone()
+    }
+
+    /// `base`, plus the node of slot `i` and its value of `tag`.
+    fn away_from(&self, base: &Avoid, i: usize, tag: &str) -> Avoid {
+        let mut avoid = base.clone();
+        avoid.nodes.push(self.name(i));
+        let domain = self.view.slots[i]
+            .as_ref()
+            .and_then(|n| n.tags.get(tag).cloned());
+        match (&mut avoid.fault_domain, domain) {
+            (Some((t, values)), Some(d)) if t == tag => values.push(d),
+            (fd, Some(d)) => *fd = Some((tag.to_string(), vec![d])),
+            _ => {}
+        }
+        avoid
+    }
+
+    /// Hold `req`'s restart capacity on a node away from slot `primary` (soft).
+    fn reserve(
+        &mut self,
+        req: &Request,
+        primary: usize,
+        tag: &str,
+        rng: &mut impl Rng,
+    ) -> Option<String> {
+        let avoid = self.away_from(&req.avoid, primary, tag);
+        let (feasible, _) = self.feasible(req, &avoid);
+        let i = self.sample(&feasible, req, rng)?;
+        self.reserved.entry(i).or_default().push(Reservation {
+            workload: req.workload.clone(),
+            priority: req.priority,
+            resources: req.resources,
+        });
+        Some(self.name(i))
     }
 
     /// The best of a random sample of `candidates` with room.
@@ -585,7 +763,7 @@ impl Batch<'_> {
             let Some(n) = self.view.slots[i].as_ref() else {
                 continue;
             };
-            let free = self.free(i, n);
+            let free = self.free(i, n, req);
             if !free.fits(req.resources) {
                 continue;
             }
@@ -642,7 +820,7 @@ impl Batch<'_> {
         let (mut cpu, mut mem) = (0, 0);
         for i in remaining.iter_from(0) {
             if let Some(n) = v.slots[i].as_ref() {
-                let free = self.free(i, n);
+                let free = self.free(i, n, req);
                 if req.resources.cpu_millis > free.cpu_millis {
                     cpu += 1;
                 } else if req.resources.memory_mib > free.memory_mib {
@@ -678,57 +856,44 @@ impl Batch<'_> {
         {
             return Decision::Unplaceable { explanation: e };
         }
-        let primary = match self.place_one(req, &req.avoid, rng) {
-            Ok(i) => i,
+        let (primary, mut displaced) = match self.place_one(req, &req.avoid, rng) {
+            Ok(p) => p,
             Err(explanation) => return Decision::Unplaceable { explanation },
         };
-        let node = self.view.slots[primary]
-            .as_ref()
-            .expect("placed on a live node")
-            .name
-            .clone();
-        let Some(tag) = &req.pair else {
-            return Decision::Place {
-                node,
-                secondary: None,
-            };
-        };
-        // The secondary: not on the primary's node nor in its fault domain.
-        let mut avoid = req.avoid.clone();
-        avoid.nodes.push(node.clone());
-        let domain = self.view.slots[primary]
-            .as_ref()
-            .and_then(|n| n.tags.get(tag).cloned());
-        match (&mut avoid.fault_domain, domain) {
-            (Some((t, values)), Some(d)) if t == tag => values.push(d),
-            (fd, Some(d)) => *fd = Some((tag.clone(), vec![d])),
-            _ => {}
-        }
-        match self.place_one(req, &avoid, rng) {
-            Ok(s) => Decision::Place {
-                node,
-                secondary: Some(
-                    self.view.slots[s]
-                        .as_ref()
-                        .expect("placed on a live node")
-                        .name
-                        .clone(),
-                ),
-            },
-            Err(e) => {
-                self.give_back(primary, req.resources);
-                if let Some(g) = &req.group
-                    && let Some(v) = self.placed.get_mut(&g.name)
-                    && let Some(at) = v.iter().rposition(|x| *x == primary)
-                {
-                    v.remove(at);
+        let node = self.name(primary);
+        let mut secondary = None;
+        if let Some(tag) = &req.pair {
+            // The secondary: not on the primary's node nor in its fault domain.
+            let avoid = self.away_from(&req.avoid, primary, tag);
+            match self.place_one(req, &avoid, rng) {
+                Ok((s, d)) => {
+                    secondary = Some(self.name(s));
+                    displaced.extend(d);
                 }
-                Decision::Unplaceable {
-                    explanation: format!(
-                        "no node for the secondary on another {tag} than {node}'s: {e}"
-                    ),
+                Err(e) => {
+                    self.give_back(primary, req.resources);
+                    if let Some(g) = &req.group {
+                        self.forget(g, primary);
+                    }
+                    return Decision::Unplaceable {
+                        explanation: format!(
+                            "no node for the secondary on another {tag} than {node}'s: {e}"
+                        ),
+                    };
                 }
             }
+        }
+        let reservation = req
+            .reserve
+            .as_ref()
+            .and_then(|tag| self.reserve(req, primary, tag, rng));
+        displaced.sort();
+        displaced.dedup();
+        Decision::Place {
+            node,
+            secondary,
+            reservation,
+            displaced,
         }
     }
 }
@@ -739,7 +904,8 @@ pub fn plan(view: &ClusterView, requests: &[Request], rng: &mut impl Rng) -> Pla
     let mut batch = Batch {
         view,
         used: HashMap::new(),
-        placed: HashMap::new(),
+        reserved: HashMap::new(),
+        groups: HashMap::new(),
     };
     let decisions = requests
         .iter()
@@ -761,7 +927,8 @@ pub fn plan_all(
     let mut batch = Batch {
         view,
         used: HashMap::new(),
-        placed: HashMap::new(),
+        reserved: HashMap::new(),
+        groups: HashMap::new(),
     };
     let mut decisions = Vec::with_capacity(requests.len());
     for r in requests {
@@ -806,6 +973,7 @@ mod tests {
             capacity: res(cpu, mem),
             allocated: res(0, 0),
             schedulable: true,
+            reserved: vec![],
         }
     }
 
@@ -825,6 +993,8 @@ mod tests {
         Decision::Place {
             node: node.into(),
             secondary: None,
+            reservation: None,
+            displaced: vec![],
         }
     }
 
@@ -925,7 +1095,9 @@ mod tests {
             d,
             Decision::Place {
                 node: "a".into(),
-                secondary: Some("c".into())
+                secondary: Some("c".into()),
+                reservation: None,
+                displaced: vec![],
             }
         );
         // c moves into r1: no second fault domain left.
@@ -1047,7 +1219,89 @@ mod tests {
         assert!(matches!(p.decisions[0].1, Decision::Place { .. }));
     }
 
+    #[test]
+    fn reservations_hold_capacity_for_lower_priorities_only() {
+        let mut view = ClusterView::from_nodes([
+            node("a", &[("rack", "r1")], 1000, 1000),
+            node("b", &[("rack", "r2")], 1000, 1000),
+        ]);
+        // An ha workload: placed, and its restart capacity held on the other rack.
+        let mut ha = req("db", 600, 600, &[]);
+        ha.reserve = Some("rack".into());
+        ha.priority = 5;
+        let d = plan(&view, std::slice::from_ref(&ha), &mut SplitMix64(1)).decisions[0]
+            .1
+            .clone();
+        let Decision::Place {
+            node: n,
+            reservation: Some(r),
+            ..
+        } = d
+        else {
+            panic!("{d:?}")
+        };
+        assert_ne!(n, r);
+        view.allocate(&n, ha.resources);
+        view.reserve(
+            &r,
+            Reservation {
+                workload: "db".into(),
+                priority: 5,
+                resources: ha.resources,
+            },
+        );
+        // Equal priority may not use it: only the other node, which is full.
+        let mut same = req("web", 600, 600, &[]);
+        same.priority = 5;
+        let d = plan(&view, std::slice::from_ref(&same), &mut SplitMix64(1)).decisions[0]
+            .1
+            .clone();
+        assert!(
+            matches!(&d, Decision::Unplaceable { explanation } if explanation.contains("2 short of cpu")),
+            "{d:?}"
+        );
+        // The workload itself (its restart) uses its own reservation.
+        let d = plan(&view, std::slice::from_ref(&ha), &mut SplitMix64(1)).decisions[0]
+            .1
+            .clone();
+        assert!(
+            matches!(&d, Decision::Place { node, displaced, .. } if *node == r && displaced.is_empty()),
+            "{d:?}"
+        );
+        // A higher priority may, and says whose reservation it took.
+        let mut urgent = req("pay", 600, 600, &[]);
+        urgent.priority = 9;
+        let d = plan(&view, &[urgent], &mut SplitMix64(1)).decisions[0]
+            .1
+            .clone();
+        assert_eq!(
+            d,
+            Decision::Place {
+                node: r.clone(),
+                secondary: None,
+                reservation: None,
+                displaced: vec!["db".into()],
+            }
+        );
+        view.unreserve(&r, "db");
+        let d = plan(&view, &[same], &mut SplitMix64(1)).decisions[0]
+            .1
+            .clone();
+        assert!(
+            matches!(&d, Decision::Place { displaced, .. } if displaced.is_empty()),
+            "{d:?}"
+        );
+    }
+
     /// Brute force: does any node satisfy the request on its own (batch usage given)?
+    /// `used` plus the reservations on `n` that `r` may not use.
+    fn blocked(n: &NodeView, r: &Request, used: Resources) -> Resources {
+        n.reserved
+            .iter()
+            .filter(|x| x.workload != r.workload && x.priority >= r.priority)
+            .fold(used, |a, x| a.saturating_add(x.resources))
+    }
+
     fn feasible_somewhere(
         view: &ClusterView,
         used: &HashMap<String, Resources>,
@@ -1055,7 +1309,7 @@ mod tests {
         avoid: &Avoid,
     ) -> bool {
         view.nodes().any(|n| {
-            let u = used.get(&n.name).copied().unwrap_or(res(0, 0));
+            let u = blocked(n, r, used.get(&n.name).copied().unwrap_or(res(0, 0)));
             n.schedulable
                 && r.constraints.iter().all(|c| c.matches(&n.tags))
                 && !avoid.nodes.contains(&n.name)
@@ -1070,20 +1324,22 @@ mod tests {
     proptest! {
         #[test]
         fn plans_hold_every_rule_and_unplaceable_is_really_infeasible(
-            nodes in prop::collection::vec((0u8..3, 0u8..3, 0u32..4000, 0u32..4000, any::<bool>(), 0u8..20), 0..10),
-            reqs in prop::collection::vec((0u8..6, 1u32..2000, 1u32..2000, any::<bool>(), any::<bool>()), 0..30),
+            nodes in prop::collection::vec((0u8..3, 0u8..3, 0u32..4000, 0u32..4000, any::<bool>(), 0u8..20, prop::collection::vec((0i32..4, 0u32..1500), 0..3)), 0..10),
+            reqs in prop::collection::vec((0u8..6, 1u32..2000, 1u32..2000, any::<bool>(), any::<bool>(), 0i32..4), 0..30),
             seed in any::<u64>(),
         ) {
             let zones = ["a", "b", "c"];
-            let view = ClusterView::from_nodes(nodes.iter().enumerate().map(|(i, (z, rack, c, m, up, ver))| {
+            let view = ClusterView::from_nodes(nodes.iter().enumerate().map(|(i, (z, rack, c, m, up, ver, held))| {
                 let mut n = node(&format!("n{i}"), &[("zone", zones[*z as usize]), ("rack", &format!("r{rack}")), ("ver", &format!("1.{ver}"))], *c, *m);
                 n.schedulable = *up;
+                n.reserved = held.iter().enumerate().map(|(k, (p, size))| Reservation { workload: format!("held{k}"), priority: *p, resources: res(*size, *size) }).collect();
                 n
             }));
-            let requests: Vec<Request> = reqs.iter().enumerate().map(|(i, (z, c, m, pair, grouped))| {
+            let requests: Vec<Request> = reqs.iter().enumerate().map(|(i, (z, c, m, pair, grouped, prio))| {
                 let cons: Vec<&str> = match z { 0 => vec![], 1 => vec!["zone == a"], 2 => vec!["zone in [b, c]"], 3 => vec!["zone != a"], 4 => vec!["ver >= 1.10"], _ => vec!["zone not in [b]", "ver < 1.5"] };
                 let mut r = req(&format!("w{i}"), *c, *m, &cons);
                 if *pair { r.pair = Some("rack".into()); }
+                r.priority = *prio;
                 if *grouped {
                     r.group = Some(Group { name: "g".into(), anti_affinity: true, ..Group::default() });
                 }
@@ -1096,7 +1352,7 @@ mod tests {
             for ((name, d), r) in p.decisions.iter().zip(&requests) {
                 prop_assert_eq!(name, &r.workload);
                 match d {
-                    Decision::Place { node, secondary } => {
+                    Decision::Place { node, secondary, .. } => {
                         let mut replicas = vec![node.clone()];
                         replicas.extend(secondary.clone());
                         prop_assert_eq!(replicas.len(), if r.pair.is_some() { 2 } else { 1 });
@@ -1106,7 +1362,9 @@ mod tests {
                             prop_assert!(r.constraints.iter().all(|c| c.matches(&nv.tags)));
                             let u = used.entry(n.clone()).or_insert(res(0, 0));
                             *u = u.saturating_add(r.resources);
-                            prop_assert!(nv.free().fits(*u), "over-committed {}", n);
+                            // Allocations, the plan's placements and the reservations this
+                            // request may not use all fit.
+                            prop_assert!(nv.free().fits(blocked(nv, r, *u)), "over-committed {}", n);
                         }
                         if r.group.is_some() {
                             for n in &replicas {

@@ -406,7 +406,9 @@ async fn create_workload(
     if q.dry_run {
         drop(_guard);
         let preview = match state.preview(&w) {
-            Decision::Place { node, secondary } => PlanPreview {
+            Decision::Place {
+                node, secondary, ..
+            } => PlanPreview {
                 workload: name,
                 placeable: true,
                 node: Some(node),

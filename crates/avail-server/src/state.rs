@@ -137,6 +137,11 @@ impl View {
                 memory_mib: 0,
             }),
             schedulable,
+            reserved: self
+                .sched
+                .node(&rec.name)
+                .map(|n| n.reserved.clone())
+                .unwrap_or_default(),
         });
         self.nodes.insert(rec.name.clone(), rec);
     }

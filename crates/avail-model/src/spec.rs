@@ -126,6 +126,21 @@ pub struct Placement {
     /// Soft preferences.
     #[serde(default)]
     pub affinity: Vec<Affinity>,
+    /// `spread` (default: the least allocated node) or `pack` (the most allocated that
+    /// fits, keeping whole nodes free).
+    #[serde(default)]
+    pub policy: PlacementPolicy,
+}
+
+/// How the scheduler chooses among the nodes that fit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PlacementPolicy {
+    /// The least allocated node.
+    #[default]
+    Spread,
+    /// The most allocated node that fits.
+    Pack,
 }
 
 /// Options of level `ha`.

@@ -465,6 +465,11 @@ impl AppState {
                 .collect(),
             avoid: avoid.unwrap_or_default(),
             pair,
+            policy: match w.spec.placement.policy {
+                avail_model::spec::PlacementPolicy::Spread => avail_sched::Policy::Spread,
+                avail_model::spec::PlacementPolicy::Pack => avail_sched::Policy::Pack,
+            },
+            priority: w.spec.ha.priority,
             ..Request::default()
         };
         let seed = self

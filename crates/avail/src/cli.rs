@@ -251,6 +251,9 @@ struct RunArgs {
     /// Placement constraint (repeat), e.g. "zone == tokyo".
     #[arg(long = "constraint")]
     constraints: Vec<String>,
+    /// Placement policy: spread (the least allocated node, default) or pack.
+    #[arg(long)]
+    policy: Option<String>,
     /// Return once accepted; do not wait for the workload to run.
     #[arg(long)]
     detach: bool,
@@ -553,6 +556,14 @@ async fn build_spec(c: &Client, a: &RunArgs) -> Result<WorkloadSpec, CliError> {
     spec.placement
         .constraints
         .extend(a.constraints.iter().cloned());
+    if let Some(p) = &a.policy {
+        spec.placement.policy = serde_json::from_value(serde_json::Value::String(p.clone()))
+            .map_err(|_| {
+                CliError::invalid(format!(
+                    "placement.policy: {p:?} is not one of spread, pack"
+                ))
+            })?;
+    }
     if spec.driver == DriverKind::Wasm && !is_digest(&spec.artifact) {
         let path = base.join(&spec.artifact);
         let bytes = std::fs::read(&path)

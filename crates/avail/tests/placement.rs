@@ -87,6 +87,27 @@ async fn node_tags_steer_placements_and_dry_run_changes_nothing() {
     ));
     assert!(out.contains("would run on node-2"), "{out}");
 
+    // Spread takes the empty node-2; pack one of the two that run a workload (node-1
+    // and node-3 tie; the name that sorts first wins).
+    let out = ok(&run(&c, "q", &["--dry-run"]));
+    assert!(out.contains("would run on node-2"), "{out}");
+    let out = ok(&run(&c, "q", &["--policy", "pack", "--dry-run"]));
+    assert!(out.contains("would run on node-1"), "{out}");
+    let out = c.cli(&[
+        "workload",
+        "run",
+        "--name",
+        "q",
+        "--driver",
+        "wasm",
+        "--artifact",
+        &guest("counter"),
+        "--policy",
+        "tight",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("placement.policy"));
+
     // Bad input: a bad tag, an unknown node, an unknown operator.
     let out = c.cli(&["node", "tag", "node-1", "bad key=x"]);
     assert_eq!(

@@ -536,14 +536,7 @@ impl Actor {
                     // apply) while the peer's messages arrived: let the link's reader
                     // deliver them before judging the peer silent.
                     tokio::task::yield_now().await;
-                    let mut more = true;
-                    while let Ok(cmd) = control.try_recv() {
-                        if !self.command(cmd).await {
-                            more = false;
-                            break;
-                        }
-                    }
-                    if !more {
+                    if !self.drain(&mut control, MAX_CONTROL_QUEUED).await {
                         break;
                     }
                     self.tick();
@@ -555,15 +548,7 @@ impl Actor {
                         break;
                     }
                     // Take the requests already queued into this epoch before ending it.
-                    let mut more = true;
-                    for _ in 0..MAX_BATCH {
-                        let Ok(cmd) = requests.try_recv() else { break };
-                        if !self.command(cmd).await {
-                            more = false;
-                            break;
-                        }
-                    }
-                    if !more {
+                    if !self.drain(&mut requests, MAX_BATCH).await {
                         break;
                     }
                 }
@@ -584,6 +569,17 @@ impl Actor {
             }
         }
         tracing::info!(workload = %self.spec.name, "ft replica stopped");
+    }
+
+    /// Serve up to `max` commands already queued on `rx`; `false` when one says stop.
+    async fn drain(&mut self, rx: &mut mpsc::Receiver<Cmd>, max: usize) -> bool {
+        for _ in 0..max {
+            let Ok(cmd) = rx.try_recv() else { return true };
+            if !self.command(cmd).await {
+                return false;
+            }
+        }
+        true
     }
 
     fn publish(&self) {

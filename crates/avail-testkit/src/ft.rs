@@ -41,9 +41,11 @@ pub async fn protected(c: &Cluster, name: &str) -> Workload {
     .await
 }
 
-/// Run the bank guest as `bank` at level ft and wait until it is protected.
-pub async fn deploy_bank_ft(c: &Cluster) -> Workload {
-    let out = c.cli(&[
+/// `avail workload run` of the bank guest as `bank` at level ft (16 MiB), with `extra`
+/// arguments; asserts it was accepted.
+pub fn run_bank_ft(c: &Cluster, extra: &[&str]) {
+    let bank = guest("bank");
+    let mut args = vec![
         "workload",
         "run",
         "--name",
@@ -51,18 +53,34 @@ pub async fn deploy_bank_ft(c: &Cluster) -> Workload {
         "--driver",
         "wasm",
         "--artifact",
-        &guest("bank"),
+        &bank,
         "--level",
         "ft",
         "--memory-mib",
         "16",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let out = c.cli(&args);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Run the bank guest as `bank` at level ft and wait until it is protected.
+pub async fn deploy_bank_ft(c: &Cluster) -> Workload {
+    run_bank_ft(c, &[]);
     protected(c, "bank").await
+}
+
+/// The index of an agent that holds neither replica of `w` (a client's entry point
+/// that is never a victim).
+pub fn bystander(c: &Cluster, w: &Workload) -> usize {
+    let pair = [w.status.node.as_deref(), w.status.secondary.as_deref()];
+    (0..c.agents.len())
+        .find(|i| !pair.contains(&Some(Cluster::agent_name(*i).as_str())))
+        .expect("a node outside the pair")
 }
 
 /// The agent index of a node name (`node-2` -> 1).
@@ -133,11 +151,7 @@ pub async fn bank_trial(bin: &Path, seed: u64, deaths: usize) -> Result<TrialRep
     let w = deploy_bank_ft(&c).await;
     // The client's ingress: a node that is neither of the first pair, and never killed
     // (only active replicas are).
-    let pair = [
-        index(w.status.node.as_deref().unwrap()),
-        index(w.status.secondary.as_deref().unwrap()),
-    ];
-    let entry = (0..2 + deaths).find(|i| !pair.contains(i)).unwrap();
+    let entry = bystander(&c, &w);
     let ingress = Client::new(&c.ingress(entry), None, None).with_timeout(Duration::from_secs(20));
     let fail = |m: String| format!("seed {seed}: {m}");
 

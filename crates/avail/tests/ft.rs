@@ -220,12 +220,7 @@ async fn refused_for_ft_only(c: &Cluster, kind: Uncapturable, name: &str, reason
 async fn reply_log_is_trimmed_by_delivered_ingress_keys() {
     let c = Cluster::start(BIN.as_ref(), 3).await;
     let w = deploy_bank_ft(&c).await;
-    let entry = (0..3)
-        .find(|i| {
-            ![w.status.node.as_deref(), w.status.secondary.as_deref()]
-                .contains(&Some(Cluster::agent_name(*i).as_str()))
-        })
-        .unwrap();
+    let entry = avail_testkit::ft::bystander(&c, &w);
     let ingress = avail_client::Client::new(&c.ingress(entry), None, None);
     for i in 0..300u64 {
         let body = format!(
@@ -318,7 +313,7 @@ async fn link_cut_between_live_replicas_leaves_exactly_one_going_on() {
         index(w.status.node.as_deref().unwrap()),
         index(w.status.secondary.as_deref().unwrap()),
     );
-    let entry = (0..3).find(|i| *i != p && *i != s).unwrap();
+    let entry = avail_testkit::ft::bystander(&c, &w);
     let ingress = avail_client::Client::new(&c.ingress(entry), None, None)
         .with_timeout(Duration::from_secs(20));
     let mut applied = Vec::new();
@@ -390,26 +385,7 @@ async fn secondary_out_of_memory_is_replaced_elsewhere() {
     use avail_testkit::ft::{protected, transfer};
     let tiny = vec!["--ft-secondary-memory-mib".to_string(), "1".to_string()];
     let c = Cluster::start_with(BIN.as_ref(), 3, vec![vec![], tiny]).await;
-    let out = c.cli(&[
-        "workload",
-        "run",
-        "--detach",
-        "--name",
-        "bank",
-        "--driver",
-        "wasm",
-        "--artifact",
-        &avail_testkit::guest("bank"),
-        "--level",
-        "ft",
-        "--memory-mib",
-        "16",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    avail_testkit::ft::run_bank_ft(&c, &["--detach"]);
     // Placement is deterministic (ties go to the name that sorts first): the primary
     // on node-1, the first secondary on node-2, the node with the tiny budget.
     let api = c.client();
@@ -510,12 +486,7 @@ async fn bad_frames_on_the_replication_link_are_refused_whole() {
 
     let c = Cluster::start(BIN.as_ref(), 3).await;
     let w = deploy_bank_ft(&c).await;
-    let entry = (0..3)
-        .find(|i| {
-            ![w.status.node.as_deref(), w.status.secondary.as_deref()]
-                .contains(&Some(Cluster::agent_name(*i).as_str()))
-        })
-        .unwrap();
+    let entry = avail_testkit::ft::bystander(&c, &w);
     let ingress = avail_client::Client::new(&c.ingress(entry), None, None)
         .with_timeout(Duration::from_secs(20));
     for n in 0..5u64 {

@@ -81,6 +81,9 @@ impl From<StateError> for ApiErr {
     fn from(e: StateError) -> ApiErr {
         match e {
             StateError::Conflict(m) => ApiErr::new(StatusCode::CONFLICT, "conflict", m),
+            e @ StateError::StalePlan => {
+                ApiErr::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
             StateError::Store(e) => ApiErr::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -425,29 +428,43 @@ async fn create_workload(
         };
         return Ok(Json(preview).into_response());
     }
-    let decision = state.decide(&w);
-    match &decision {
-        Decision::Place { node, .. } => {
-            w.status.phase = Phase::Placed;
-            w.status.node = Some(node.clone());
-            w.status.incarnation = 1;
-            if w.spec.level == avail_model::Level::Ft {
-                w.status.generation = 1;
-                w.status.level_state = Some("ft:unprotected".into());
+    // Plan, and write the placement by compare-and-swap on the placement revision the
+    // plan was made at; a plan made stale by another placement is made again.
+    let pending = w.clone();
+    let mut attempts = 0;
+    let decision = loop {
+        attempts += 1;
+        w = pending.clone();
+        let (decision, at) = state.decide(&w);
+        let written = match &decision {
+            Decision::Place { node, .. } => {
+                w.status.phase = Phase::Placed;
+                w.status.node = Some(node.clone());
+                w.status.incarnation = 1;
+                if w.spec.level == avail_model::Level::Ft {
+                    w.status.generation = 1;
+                    w.status.level_state = Some("ft:unprotected".into());
+                }
+                state.write_placement(&w, 0, at).await
             }
+            Decision::Unplaceable { explanation } => {
+                w.status.message = Some(format!("unplaceable: {explanation}"));
+                state.write_workload(&w, 0).await
+            }
+        };
+        match written {
+            Ok(_) => break decision,
+            Err(StateError::StalePlan) if attempts < 5 => continue,
+            Err(StateError::Conflict(_)) => {
+                return Err(ApiErr::new(
+                    StatusCode::CONFLICT,
+                    "conflict",
+                    format!("workload {name:?} already exists"),
+                ));
+            }
+            Err(e) => return Err(e.into()),
         }
-        Decision::Unplaceable { explanation } => {
-            w.status.message = Some(format!("unplaceable: {explanation}"))
-        }
-    }
-    state.write_workload(&w, 0).await.map_err(|e| match e {
-        StateError::Conflict(_) => ApiErr::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            format!("workload {name:?} already exists"),
-        ),
-        e => e.into(),
-    })?;
+    };
     drop(_guard);
     if w.spec.level == avail_model::Level::Ft && w.status.node.is_some() {
         state.place_secondaries().await;

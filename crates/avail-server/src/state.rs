@@ -91,6 +91,8 @@ pub struct View {
     /// The scheduler's indexed view, kept up to date as nodes, their tags, their
     /// allocations and (from the liveness tick) their readiness change.
     pub sched: ClusterView,
+    /// `mod_rev` of the placement key: the revision a plan is made at.
+    pub placement_rev: u64,
 }
 
 impl View {
@@ -209,6 +211,10 @@ pub enum StateError {
     /// Concurrent modification; retry.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// A placement was made on a view that another placement has changed since: plan
+    /// again.
+    #[error("the plan is stale: another placement came first")]
+    StalePlan,
 }
 
 impl AppState {
@@ -269,6 +275,12 @@ impl AppState {
         for kv in self.store.range(keys::ALIVE).await?.0 {
             v.alive.insert(kv.key[keys::ALIVE.len()..].to_string());
         }
+        v.placement_rev = self
+            .store
+            .get(keys::PLACEMENT)
+            .await?
+            .map(|kv| kv.mod_rev)
+            .unwrap_or(0);
         *self.view.write().unwrap_or_else(|p| p.into_inner()) = v;
         self.view_rev.send_replace(rev);
         self.desired_rev.send_replace(rev);
@@ -301,6 +313,11 @@ impl AppState {
                     }
                     Event::Delete { .. } => v.delete_node(name),
                 }
+            } else if key == keys::PLACEMENT {
+                v.placement_rev = match ev {
+                    Event::Put(kv) => kv.mod_rev,
+                    Event::Delete { .. } => 0,
+                };
             } else if let Some(name) = key.strip_prefix(keys::ALIVE) {
                 desired = true;
                 match ev {
@@ -382,8 +399,9 @@ impl AppState {
         v.nodes.values().map(|r| self.node(r, &v)).collect()
     }
 
-    /// Decide where a workload goes, given the current view (caller holds `placement`).
-    pub fn decide(&self, w: &Workload) -> Decision {
+    /// Decide where a workload goes, given the current view (caller holds `placement`),
+    /// and the placement revision the plan was made at (for [`AppState::write_placement`]).
+    pub fn decide(&self, w: &Workload) -> (Decision, u64) {
         self.decide_avoiding(w, None, None)
     }
 
@@ -397,16 +415,19 @@ impl AppState {
                 .clone()
                 .unwrap_or_else(|| "rack".into())
         });
-        self.decide_avoiding(w, None, pair)
+        self.decide_avoiding(w, None, pair).0
     }
 
     /// Where the `ft` secondary of `w` goes: not on the primary's node, nor in its fault
     /// domain (the tag named by `placement.spread`, default `rack`).
-    pub fn decide_secondary(&self, w: &Workload, also_avoid: Option<String>) -> Decision {
+    pub fn decide_secondary(&self, w: &Workload, also_avoid: Option<String>) -> (Decision, u64) {
         let Some(primary) = w.status.node.clone() else {
-            return Decision::Unplaceable {
-                explanation: "no primary yet".into(),
-            };
+            return (
+                Decision::Unplaceable {
+                    explanation: "no primary yet".into(),
+                },
+                0,
+            );
         };
         let tag = w
             .spec
@@ -446,7 +467,7 @@ impl AppState {
         w: &Workload,
         avoid: Option<avail_sched::Avoid>,
         pair: Option<String>,
-    ) -> Decision {
+    ) -> (Decision, u64) {
         let req = Request {
             workload: w.spec.name.clone(),
             resources: w.spec.resources,
@@ -477,18 +498,20 @@ impl AppState {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Planned on the indexed view kept up to date as the store changes: no copy,
         // no scan of the workloads.
-        let plan = avail_sched::plan(
-            &self.view.read().unwrap_or_else(|p| p.into_inner()).sched,
-            &[req],
-            &mut avail_model::rng::SplitMix64(seed),
-        );
-        plan.decisions
-            .into_iter()
-            .next()
-            .map(|(_, d)| d)
-            .unwrap_or(Decision::Unplaceable {
-                explanation: "no decision".into(),
-            })
+        let (plan, at) = {
+            let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+            let plan = avail_sched::plan(&v.sched, &[req], &mut avail_model::rng::SplitMix64(seed));
+            (plan, v.placement_rev)
+        };
+        let d =
+            plan.decisions
+                .into_iter()
+                .next()
+                .map(|(_, d)| d)
+                .unwrap_or(Decision::Unplaceable {
+                    explanation: "no decision".into(),
+                });
+        (d, at)
     }
 
     /// Write a workload if its `mod_rev` is still `expected` (0: create). Returns the
@@ -508,6 +531,54 @@ impl AppState {
                 "workload {} changed concurrently",
                 w.spec.name
             ))),
+        }
+    }
+
+    /// Write a placement: the workload if its `mod_rev` is still `expected` (0: create),
+    /// and only if no other placement was written since the plan was made at
+    /// `placement_rev` (compare-and-swap on the placement key, in one transaction): two
+    /// plans, from one server or several, can never both take the same capacity.
+    pub async fn write_placement(
+        &self,
+        w: &Workload,
+        expected: u64,
+        placement_rev: u64,
+    ) -> Result<u64, StateError> {
+        let key = keys::workload(&w.spec.name);
+        let r = self
+            .store
+            .txn(avail_store::Txn {
+                compares: vec![
+                    avail_store::Compare::ModRev(key.clone(), expected),
+                    avail_store::Compare::ModRev(keys::PLACEMENT.into(), placement_rev),
+                ],
+                success: vec![
+                    avail_store::Op::Put {
+                        key,
+                        value: serde_json::to_vec(w).expect("workload serialises"),
+                        lease: None,
+                    },
+                    avail_store::Op::Put {
+                        key: keys::PLACEMENT.into(),
+                        value: w.spec.name.clone().into_bytes(),
+                        lease: None,
+                    },
+                ],
+                failure: vec![],
+            })
+            .await?;
+        if r.succeeded {
+            self.wait_view(r.revision).await;
+            return Ok(r.revision);
+        }
+        let now = self.store.get(keys::PLACEMENT).await?.map(|kv| kv.mod_rev);
+        if now.unwrap_or(0) != placement_rev {
+            Err(StateError::StalePlan)
+        } else {
+            Err(StateError::Conflict(format!(
+                "workload {} changed concurrently",
+                w.spec.name
+            )))
         }
     }
 
@@ -567,7 +638,7 @@ impl AppState {
             let Some((mut w, rev)) = self.workload(&name) else {
                 continue;
             };
-            if let Decision::Place { node, .. } = self.decide(&w) {
+            if let (Decision::Place { node, .. }, at) = self.decide(&w) {
                 w.status.phase = Phase::Placed;
                 w.status.node = Some(node.clone());
                 w.status.incarnation += 1;
@@ -577,7 +648,8 @@ impl AppState {
                     w.status.generation = w.status.generation.max(1);
                     w.status.level_state = Some("ft:unprotected".into());
                 }
-                if self.write_workload(&w, rev).await.is_ok() {
+                // A stale plan is tried again at the next pass (every second).
+                if self.write_placement(&w, rev, at).await.is_ok() {
                     self.events
                         .emit(
                             "workload.placed",
@@ -623,11 +695,11 @@ impl AppState {
                 .filter(|(w, _)| *w == name)
                 .map(|(_, n)| n.to_string());
             match self.decide_secondary(&w, skip) {
-                Decision::Place { node, .. } => {
+                (Decision::Place { node, .. }, at) => {
                     w.status.secondary = Some(node.clone());
                     w.status.level_state = Some("ft:syncing".into());
                     w.status.updated_ms = now_ms();
-                    if self.write_workload(&w, rev).await.is_ok() {
+                    if self.write_placement(&w, rev, at).await.is_ok() {
                         self.events
                             .emit(
                                 "workload.secondary_placed",
@@ -638,7 +710,7 @@ impl AppState {
                             .await;
                     }
                 }
-                Decision::Unplaceable { explanation } => {
+                (Decision::Unplaceable { explanation }, _) => {
                     let msg = format!("no node for the secondary: {explanation}");
                     if w.status.message.as_deref() != Some(msg.as_str()) {
                         w.status.message = Some(msg);
@@ -1199,6 +1271,36 @@ mod tests {
             replication_addr: String::new(),
             boot_id: String::new(),
         }
+    }
+
+    /// A placement planned before another placement was written is refused (stale),
+    /// and goes through when planned again.
+    #[tokio::test]
+    async fn a_stale_plan_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn avail_store::Store> =
+            Arc::new(avail_store::RedbStore::open(&dir.path().join("s.redb")).unwrap());
+        let auth = crate::auth::Auth::load_or_create(dir.path()).unwrap();
+        let cfg = crate::ServerConfig::new(dir.path().into(), "127.0.0.1:0".parse().unwrap());
+        let state = AppState::open(store, auth, cfg).await.unwrap();
+        let first = workload("first", None, None, 10);
+        let second = workload("second", None, None, 10);
+        let at = state.view.read().unwrap().placement_rev;
+        state.write_placement(&first, 0, at).await.unwrap();
+        assert!(matches!(
+            state.write_placement(&second, 0, at).await,
+            Err(StateError::StalePlan)
+        ));
+        assert!(state.workload("second").is_none(), "nothing half-written");
+        let now = state.view.read().unwrap().placement_rev;
+        assert!(now > at);
+        state.write_placement(&second, 0, now).await.unwrap();
+        // A workload that exists is a conflict, not a stale plan.
+        let now = state.view.read().unwrap().placement_rev;
+        assert!(matches!(
+            state.write_placement(&second, 0, now).await,
+            Err(StateError::Conflict(_))
+        ));
     }
 
     /// The incremental allocation and the scheduler's view agree with a fresh scan

@@ -266,8 +266,23 @@ impl WorkloadSpec {
     /// fields are refused.
     pub fn parse(text: &str) -> Result<WorkloadSpec, ValidationError> {
         if text.trim_start().starts_with('{') {
-            serde_json::from_str(text)
-                .map_err(|e| ValidationError::new(json_field(&e), e.to_string()))
+            // The path of the offending field, e.g. `resources.cpu_millis`.
+            let de = &mut serde_json::Deserializer::from_str(text);
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                let named = field_in_message(&inner.to_string());
+                // The path ends at an unknown field; a missing one names itself.
+                let missing = inner.to_string().contains("missing field `");
+                let field = match (path.as_str(), named) {
+                    // At the top, or nowhere (a syntax error).
+                    ("." | "?", Some(f)) => f,
+                    ("." | "?", None) => json_field(&inner),
+                    (p, Some(f)) if missing => format!("{p}.{f}"),
+                    (p, _) => p.to_string(),
+                };
+                ValidationError::new(field, inner.to_string())
+            })
         } else {
             toml::from_str(text).map_err(|e| {
                 let msg = e.message().to_string();
@@ -500,7 +515,12 @@ mod tests {
         let e = WorkloadSpec::parse(r#"{"name": "a", "driver": "wasm"}"#).unwrap_err();
         assert_eq!(e.field, "artifact", "{e}");
         let e = WorkloadSpec::parse(r#"{"name": "a", "driver": "wasm", "artifact": "x", "resources": {"memory_mib": 1, "gpus": 1}}"#).unwrap_err();
-        assert_eq!(e.field, "gpus", "{e}");
+        assert_eq!(e.field, "resources.gpus", "{e}");
+        let e = WorkloadSpec::parse(
+            r#"{"name": "a", "driver": "wasm", "artifact": "x", "resources": {"cpu_millis": -5}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "resources.cpu_millis", "{e}");
     }
 
     #[test]

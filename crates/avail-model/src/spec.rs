@@ -352,12 +352,6 @@ impl WorkloadSpec {
                 ));
             }
         }
-        if self.level == Level::Ha {
-            return Err(ValidationError::new(
-                "level",
-                "level ha is not available yet in this version; use ft or none",
-            ));
-        }
         if self.resources.memory_mib == 0 || self.resources.memory_mib > MAX_MEMORY_MIB {
             return Err(ValidationError::new(
                 "resources.memory_mib",
@@ -487,7 +481,6 @@ mod tests {
                 Box::new(|s| s.placement.constraints = vec!["zone ~ x".into()]),
             ),
             ("driver", Box::new(|s| s.driver = DriverKind::Qemu)),
-            ("level", Box::new(|s| s.level = Level::Ha)),
             ("timeout_ms", Box::new(|s| s.timeout_ms = 0)),
         ];
         for (field, f) in cases {

@@ -1129,6 +1129,22 @@ impl AppState {
                 .map(|(w, _)| w.spec.name.clone())
                 .collect()
         };
+        // Level ha: restarted elsewhere, the highest priority first (capacity may be
+        // short); the rest of the affected workloads fail.
+        let (mut ha, affected): (Vec<String>, Vec<String>) = affected.into_iter().partition(|n| {
+            self.workload(n)
+                .is_some_and(|(w, _)| w.spec.level == Level::Ha)
+        });
+        ha.sort_by_key(|n| {
+            std::cmp::Reverse(
+                self.workload(n)
+                    .map(|(w, _)| w.spec.ha.priority)
+                    .unwrap_or(0),
+            )
+        });
+        for name in ha {
+            self.restart_elsewhere(&name, &down).await;
+        }
         for name in affected {
             let res = self
                 .update_status(&name, |s| {
@@ -1143,6 +1159,68 @@ impl AppState {
                 self.events
                     .emit("workload.failed", Some(&name), None, "its node is down")
                     .await;
+            }
+        }
+    }
+
+    /// Restart an `ha` workload whose node is down on another node: a new incarnation
+    /// (a late report from the old copy is ignored), placed by the scheduler away from
+    /// the down nodes, written by compare-and-swap. Without room it waits `pending` with
+    /// the explanation and is placed by the pending pass when room appears.
+    async fn restart_elsewhere(&self, name: &str, down: &[String]) {
+        let _guard = self.placement.lock().await;
+        for _ in 0..5 {
+            let Some((mut w, rev)) = self.workload(name) else {
+                return;
+            };
+            let Some(lost) = w.status.node.clone().filter(|n| down.contains(n)) else {
+                return;
+            };
+            let avoid = avail_sched::Avoid {
+                nodes: down.to_vec(),
+                fault_domain: None,
+            };
+            let (decision, at) = self.decide_avoiding(&w, Some(avoid), None);
+            w.status.incarnation += 1;
+            w.status.restarts += 1;
+            w.status.updated_ms = now_ms();
+            let (kind, node, what) = match decision {
+                Decision::Place { node, .. } => {
+                    w.status.phase = Phase::Placed;
+                    w.status.node = Some(node.clone());
+                    w.status.message = Some(format!("restarted: node {lost} is down"));
+                    let what = format!(
+                        "node {lost} is down: restarting on {node} (incarnation {})",
+                        w.status.incarnation
+                    );
+                    ("workload.restarted", Some(node), what)
+                }
+                Decision::Unplaceable { explanation } => {
+                    w.status.phase = Phase::Pending;
+                    w.status.node = None;
+                    let what =
+                        format!("node {lost} is down and no node can take it: {explanation}");
+                    w.status.message = Some(format!("unplaceable: {what}"));
+                    ("workload.unplaceable", None, what)
+                }
+            };
+            let written = if node.is_some() {
+                self.write_placement(&w, rev, at).await
+            } else {
+                self.write_workload(&w, rev).await
+            };
+            match written {
+                Ok(_) => {
+                    self.events
+                        .emit(kind, Some(name), node.as_deref(), what)
+                        .await;
+                    return;
+                }
+                Err(StateError::StalePlan | StateError::Conflict(_)) => continue,
+                Err(e) => {
+                    tracing::warn!(workload = %name, "restart not recorded: {e}");
+                    return;
+                }
             }
         }
     }

@@ -254,6 +254,9 @@ struct RunArgs {
     /// Placement policy: spread (the least allocated node, default) or pack.
     #[arg(long)]
     policy: Option<String>,
+    /// Priority (level ha: restart order when capacity is short; higher first).
+    #[arg(long, allow_hyphen_values = true)]
+    priority: Option<i32>,
     /// Return once accepted; do not wait for the workload to run.
     #[arg(long)]
     detach: bool,
@@ -556,6 +559,9 @@ async fn build_spec(c: &Client, a: &RunArgs) -> Result<WorkloadSpec, CliError> {
     spec.placement
         .constraints
         .extend(a.constraints.iter().cloned());
+    if let Some(p) = a.priority {
+        spec.ha.priority = p;
+    }
     if let Some(p) = &a.policy {
         spec.placement.policy = serde_json::from_value(serde_json::Value::String(p.clone()))
             .map_err(|_| {

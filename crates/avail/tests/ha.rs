@@ -1,0 +1,246 @@
+//! Level `ha` (first increment of issue 6): when a node dies, its `ha` workloads are
+//! restarted on another node as a new incarnation, the highest priority first; other
+//! workloads on it are reported failed.
+
+use std::time::{Duration, Instant};
+
+use avail_model::{Phase, Workload};
+use avail_testkit::{Cluster, guest, wait_until};
+use hyper::Method;
+
+const BIN: &str = env!("CARGO_BIN_EXE_avail");
+
+fn ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn running_elsewhere(c: &Cluster, name: &str, not: &str) -> Workload {
+    let api = c.client();
+    let path = format!("/v1/workloads/{name}");
+    let not = not.to_string();
+    wait_until(
+        &format!("{name} running off {not}"),
+        Duration::from_secs(30),
+        || {
+            let (api, path, not) = (api.clone(), path.clone(), not.clone());
+            async move {
+                let w: Workload = api.get(&path).await.map_err(|e| e.to_string())?;
+                if w.status.phase == Phase::Running
+                    && w.status.node.as_deref() != Some(not.as_str())
+                {
+                    Ok(w)
+                } else {
+                    Err(format!("{:?}", w.status))
+                }
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_workloads_restart_elsewhere_when_their_node_dies() {
+    let mut c = Cluster::start(BIN.as_ref(), 3).await;
+    let counter = guest("counter");
+    // Both on node-1 (rack r1), at level ha: a wasm guest and a process; a none
+    // workload beside them for contrast.
+    ok(&c.cli(&[
+        "workload",
+        "run",
+        "--name",
+        "count",
+        "--driver",
+        "wasm",
+        "--artifact",
+        &counter,
+        "--level",
+        "ha",
+        "--constraint",
+        "zone == tokyo",
+        "--policy",
+        "pack",
+    ]));
+    ok(&c.cli(&[
+        "workload",
+        "run",
+        "--name",
+        "web",
+        "--driver",
+        "process",
+        "--artifact",
+        "sh",
+        "--arg",
+        "-c",
+        "--arg",
+        "python3 -m http.server $PORT --bind 127.0.0.1; true",
+        "--level",
+        "ha",
+        "--constraint",
+        "zone == tokyo",
+        "--policy",
+        "pack",
+    ]));
+    ok(&c.cli(&[
+        "workload",
+        "run",
+        "--name",
+        "plain",
+        "--driver",
+        "wasm",
+        "--artifact",
+        &counter,
+        "--constraint",
+        "zone == tokyo",
+        "--policy",
+        "pack",
+    ]));
+    let api = c.client();
+    let w: Workload = api.get("/v1/workloads/count").await.unwrap();
+    let victim = w.status.node.clone().unwrap();
+    for n in ["web", "plain"] {
+        let x: Workload = api.get(&format!("/v1/workloads/{n}")).await.unwrap();
+        assert_eq!(
+            x.status.node.as_deref(),
+            Some(victim.as_str()),
+            "pack puts {n} beside count"
+        );
+    }
+    let entry = avail_testkit::Cluster::agent_name(1);
+    assert_ne!(entry, victim);
+    let ingress = avail_client::Client::new(&c.ingress(1), None, None);
+    let r = ingress
+        .raw(Method::POST, "/w/count/incr", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+
+    let killed = Instant::now();
+    let i = victim.trim_start_matches("node-").parse::<usize>().unwrap() - 1;
+    c.kill_agent(i);
+    for name in ["count", "web"] {
+        let w = running_elsewhere(&c, name, &victim).await;
+        assert_eq!(
+            w.status.incarnation, 2,
+            "{name}: a new incarnation: {:?}",
+            w.status
+        );
+        // zone == tokyo: node-3 is the other tokyo node.
+        assert_eq!(
+            w.status.node.as_deref(),
+            Some("node-3"),
+            "{name}: {:?}",
+            w.status
+        );
+    }
+    eprintln!(
+        "ha restarts running {:.1} s after the SIGKILL",
+        killed.elapsed().as_secs_f64()
+    );
+    // It answers from the new node, as the new incarnation (a wasm guest restarts from
+    // its initial state: no checkpoint yet in this increment).
+    let r = ingress
+        .raw(Method::GET, "/w/count/value", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.headers.get("avail-node").unwrap(), "node-3");
+    assert_eq!(r.headers.get("avail-incarnation").unwrap(), "2");
+    let r = ingress
+        .raw(Method::GET, "/w/web/", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    // The none workload is reported failed, not moved.
+    let p: Workload = api.get("/v1/workloads/plain").await.unwrap();
+    assert_eq!(p.status.phase, Phase::Failed, "{:?}", p.status);
+    assert_eq!(p.status.node.as_deref(), Some(victim.as_str()));
+    // The restart is an event naming the lost node.
+    let evs: serde_json::Value = api.get("/v1/workloads/count/events").await.unwrap();
+    assert!(
+        evs.to_string().contains("workload.restarted")
+            && evs.to_string().contains(&format!("node {victim} is down")),
+        "{evs}"
+    );
+}
+
+/// Two ha workloads on a node that dies, room for only one on the other node their
+/// constraint allows: the higher priority takes it; the other waits pending with the
+/// explanation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_go_in_priority_order_when_capacity_is_short() {
+    let mut c = Cluster::start(BIN.as_ref(), 3).await;
+    let counter = guest("counter");
+    let run = |name: &str, extra: &[&str]| {
+        let mut args = vec![
+            "workload",
+            "run",
+            "--name",
+            name,
+            "--driver",
+            "wasm",
+            "--artifact",
+            &counter,
+        ];
+        args.extend_from_slice(extra);
+        ok(&c.cli(&args));
+    };
+    // Both on node-1 (pack; tokyo is node-1 and node-3), 1500 of 4000 cpu millis each.
+    for (name, prio) in [("low", "1"), ("high", "9")] {
+        run(
+            name,
+            &[
+                "--level",
+                "ha",
+                "--priority",
+                prio,
+                "--constraint",
+                "zone == tokyo",
+                "--policy",
+                "pack",
+                "--cpu-millis",
+                "1500",
+            ],
+        );
+    }
+    let api = c.client();
+    for name in ["low", "high"] {
+        let w: Workload = api.get(&format!("/v1/workloads/{name}")).await.unwrap();
+        assert_eq!(w.status.node.as_deref(), Some("node-1"), "{name}");
+    }
+    // node-3 keeps room for one of them only.
+    run(
+        "fill",
+        &["--constraint", "rack == r3", "--cpu-millis", "2500"],
+    );
+    c.kill_agent(0);
+    let _ = running_elsewhere(&c, "high", "node-1").await;
+    wait_until(
+        "low pending with an explanation",
+        Duration::from_secs(30),
+        || {
+            let api = api.clone();
+            async move {
+                let w: Workload = api
+                    .get("/v1/workloads/low")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if w.status.phase == Phase::Pending
+                    && w.status
+                        .message
+                        .as_deref()
+                        .is_some_and(|m| m.contains("short of cpu"))
+                {
+                    Ok(())
+                } else {
+                    Err(format!("{:?}", w.status))
+                }
+            }
+        },
+    )
+    .await;
+}

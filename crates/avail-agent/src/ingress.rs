@@ -87,6 +87,7 @@ pub async fn serve(listener: tokio::net::TcpListener, sup: Arc<Supervisor>) {
     });
     let app = Router::new()
         .route("/livez", get(|| async { "ok\n" }))
+        .route("/_avail/contact", get(contact))
         .route("/w/{*rest}", any(handle))
         .fallback(|| async {
             error(
@@ -265,6 +266,13 @@ async fn handle(State(ing): State<Arc<Ingress>>, req: Request) -> Response {
     }
 }
 
+/// How long since this node last heard the control plane (peers ask, to tell an
+/// isolated node from a control plane that is away).
+async fn contact(State(ing): State<Arc<Ingress>>) -> Response {
+    let age = ing.sup.contact_age().as_millis() as u64;
+    axum::Json(serde_json::json!({ "contact_age_ms": age })).into_response()
+}
+
 /// One try: `Ok` is final, `Err` a reply that a retry might improve (503, unreachable).
 async fn attempt(ing: &Ingress, inc: &Incoming) -> Result<Response, Response> {
     let name = &inc.name;
@@ -279,6 +287,14 @@ async fn attempt(ing: &Ingress, inc: &Incoming) -> Result<Response, Response> {
         .as_ref()
         .is_some_and(|r| r.node.as_deref() == Some(me));
     if let Some(slot) = ing.sup.slot(name).filter(|_| is_local_active) {
+        // A node cut off from the control plane serves no ha workload: the server may be
+        // restarting it elsewhere (a paused or partitioned node must not answer as a
+        // second copy).
+        if slot.assignment.spec.level == avail_model::Level::Ha && ing.sup.isolated() {
+            return Err(unavailable(&format!(
+                "workload {name}: this node has lost the control plane (fenced)"
+            )));
+        }
         return match slot.state {
             SlotState::Running(inst) => {
                 let headers = inc

@@ -188,12 +188,46 @@ pub async fn run(
     Ok(())
 }
 
+/// Fencing of level ha: every 200 ms, when the server has not answered for the
+/// isolation window, ask the other nodes whether they still hear it. If one does, this
+/// node is the one cut off; if none answers, this node is isolated: either way its ha
+/// workloads stop before the server declares it down and restarts them elsewhere. If
+/// every node that answers has lost the server too, the control plane is away: nothing
+/// is restarted elsewhere meanwhile, so nothing stops.
+async fn fence_watch(sup: Arc<Supervisor>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if !sup.isolated() || sup.is_fenced() {
+            continue;
+        }
+        let mut answered = 0;
+        let mut server_heard_by_peer = false;
+        for url in sup.peer_ingresses() {
+            // From this node's own address, like every connection of the agent.
+            let peer =
+                Client::new(&url, None, Some(sup.addr())).with_timeout(Duration::from_millis(300));
+            if let Ok(v) = peer.get::<serde_json::Value>("/_avail/contact").await {
+                answered += 1;
+                let age = v["contact_age_ms"].as_u64().unwrap_or(u64::MAX);
+                if age < 1500 {
+                    server_heard_by_peer = true;
+                }
+            }
+        }
+        if answered == 0 || server_heard_by_peer {
+            sup.fence().await;
+        }
+    }
+}
+
 async fn heartbeat_loop(
     cfg: AgentConfig,
     client: Client,
     sup: Arc<Supervisor>,
     mut joined: JoinResponse,
 ) {
+    sup.set_lease_ttl(Duration::from_millis(joined.lease_ttl_ms));
+    tokio::spawn(fence_watch(sup.clone()));
     loop {
         let interval = Duration::from_millis(joined.heartbeat_interval_ms.clamp(50, 10_000));
         let hb = Heartbeat {
@@ -207,7 +241,14 @@ async fn heartbeat_loop(
             .post::<_, serde_json::Value>("/v1/agent/heartbeat", &hb)
             .await
         {
-            Ok(_) => {}
+            Ok(_) => {
+                // Back from an isolation (a pause, a partition): stop the ha workloads
+                // first; the fresh desired state says which still belong here.
+                if sup.isolated() {
+                    sup.fence().await;
+                }
+                sup.contact();
+            }
             Err(ClientError::Api {
                 status: 401 | 404, ..
             }) => {

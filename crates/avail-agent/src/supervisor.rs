@@ -31,6 +31,8 @@ pub const MAX_LOG_LINE_BYTES: usize = 4096;
 pub const RETRY_FAILED_AFTER: Duration = Duration::from_secs(5);
 /// Long-poll wait for desired state, ms.
 pub const DESIRED_WAIT_MS: u64 = 10_000;
+/// Isolation window before the server's lease TTL is known (a 3 s TTL less 1 s).
+pub const DEFAULT_FENCE_AFTER: Duration = Duration::from_secs(2);
 
 /// What a slot holds.
 #[derive(Clone)]
@@ -111,6 +113,13 @@ pub struct Supervisor {
     /// Whether the first desired state has been applied (before it, the ingress cannot
     /// tell an unknown workload from one it has not heard of yet).
     synced: AtomicBool,
+    /// Fencing (level ha): when the server last answered a heartbeat.
+    last_contact: Mutex<Instant>,
+    /// Isolated this long, the agent stops its ha workloads (set from the lease TTL
+    /// less a margin).
+    fence_after: Mutex<Duration>,
+    /// Whether the ha workloads are stopped for isolation.
+    fenced: AtomicBool,
     /// Memory the node's ft secondaries may hold in checkpoint images.
     image_budget: Arc<crate::ft::ImageBudget>,
 }
@@ -137,6 +146,9 @@ impl Supervisor {
             routes: RwLock::new(HashMap::new()),
             logs: Arc::new(Mutex::new(VecDeque::new())),
             synced: AtomicBool::new(false),
+            last_contact: Mutex::new(Instant::now()),
+            fence_after: Mutex::new(DEFAULT_FENCE_AFTER),
+            fenced: AtomicBool::new(false),
         })
     }
 
@@ -260,6 +272,7 @@ impl Supervisor {
 
     /// Bring the node to `desired`.
     pub fn apply(self: &Arc<Self>, desired: &DesiredState) {
+        let fenced = self.fenced.load(Ordering::Acquire);
         {
             let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
             *routes = desired
@@ -299,6 +312,10 @@ impl Supervisor {
                 keep
             });
             for a in &desired.assignments {
+                // Fenced: ha workloads stay stopped until the server is heard again.
+                if fenced && a.spec.level == avail_model::Level::Ha {
+                    continue;
+                }
                 let retry = match slots.get(&a.spec.name) {
                     None => true,
                     Some(Slot {
@@ -482,6 +499,103 @@ impl Supervisor {
             tracing::warn!("cannot cache {digest}: {e}");
         }
         Ok(bytes.to_vec().into())
+    }
+
+    /// The server answered a heartbeat. After a fence, the desired state is fetched
+    /// afresh (never the one from before the isolation: the server may have moved the
+    /// workloads meanwhile), and the ha workloads still assigned here start again.
+    pub fn contact(self: &Arc<Self>) {
+        *self.last_contact.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        if self.fenced.load(Ordering::Acquire) {
+            let this = self.clone();
+            tokio::spawn(async move {
+                let fresh = this
+                    .client()
+                    .with_timeout(Duration::from_secs(5))
+                    .get::<DesiredState>("/v1/agent/desired?revision=0&wait_ms=0")
+                    .await;
+                match fresh {
+                    Ok(d) => {
+                        tracing::warn!("the server is reachable again: ha workloads may start");
+                        this.fenced.store(false, Ordering::Release);
+                        this.apply(&d);
+                    }
+                    Err(e) => tracing::warn!("desired state after a fence: {e}"),
+                }
+            });
+        }
+    }
+
+    /// Set the isolation window from the server's lease TTL: a margin of a third of it
+    /// (at least 500 ms) before the server may declare the node down.
+    pub fn set_lease_ttl(&self, ttl: Duration) {
+        if !ttl.is_zero() {
+            let margin = (ttl / 3).max(Duration::from_millis(500));
+            *self.fence_after.lock().unwrap_or_else(|p| p.into_inner()) =
+                ttl.saturating_sub(margin);
+        }
+    }
+
+    /// How long since the server last answered.
+    pub fn contact_age(&self) -> Duration {
+        self.last_contact
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+    }
+
+    /// Whether the server has not answered for the isolation window: this node's ha
+    /// workloads must not serve (the server may be about to restart them elsewhere).
+    pub fn isolated(&self) -> bool {
+        self.contact_age() > *self.fence_after.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the ha workloads are stopped for isolation.
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::Acquire)
+    }
+
+    /// Stop every ha workload: this node is cut off and the server will restart them
+    /// elsewhere once its lease expires.
+    pub async fn fence(&self) {
+        if self.fenced.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let gone: Vec<(String, Slot)> = {
+            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            let names: Vec<String> = slots
+                .iter()
+                .filter(|(_, s)| s.assignment.spec.level == avail_model::Level::Ha)
+                .map(|(n, _)| n.clone())
+                .collect();
+            names
+                .into_iter()
+                .filter_map(|n| slots.remove(&n).map(|s| (n, s)))
+                .collect()
+        };
+        tracing::warn!(
+            workloads = gone.len(),
+            "isolated from the control plane: stopping ha workloads (fenced)"
+        );
+        for (_, s) in gone {
+            if let SlotState::Running(i) = s.state {
+                i.stop().await;
+            }
+        }
+    }
+
+    /// The ingress URLs of the other nodes (from the route table).
+    pub fn peer_ingresses(&self) -> Vec<String> {
+        let me = self.node();
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        let mut urls: Vec<String> = routes
+            .values()
+            .filter(|r| r.node.as_deref() != Some(me))
+            .filter_map(|r| r.ingress_url.clone())
+            .collect();
+        urls.sort();
+        urls.dedup();
+        urls
     }
 
     /// Stop everything (agent shutdown).

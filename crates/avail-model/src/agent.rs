@@ -38,6 +38,11 @@ pub struct JoinResponse {
     pub node_token: String,
     /// How often to heartbeat, ms.
     pub heartbeat_interval_ms: u64,
+    /// TTL of the node's liveness lease, ms: the server declares the node down (and
+    /// restarts its `ha` workloads elsewhere) this long after its last heartbeat, so an
+    /// isolated agent stops them itself before that.
+    #[serde(default)]
+    pub lease_ttl_ms: u64,
 }
 
 /// One workload an agent must run.

@@ -244,3 +244,129 @@ async fn restarts_go_in_priority_order_when_capacity_is_short() {
     )
     .await;
 }
+
+/// SIGSTOP of the agent running an ha workload for longer than its lease: the server
+/// restarts the workload elsewhere; after SIGCONT the stale copy never answers (the
+/// woken node refuses while its last contact is older than the isolation window, and
+/// the desired state that waited for it moves the workload away), and its late reports
+/// do not move the workload back. The partition test below is the one that needs
+/// fencing proper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_node_does_not_serve_its_stale_copy() {
+    let c = Cluster::start(BIN.as_ref(), 3).await;
+    let counter = guest("counter");
+    ok(&c.cli(&[
+        "workload",
+        "run",
+        "--name",
+        "count",
+        "--driver",
+        "wasm",
+        "--artifact",
+        &counter,
+        "--level",
+        "ha",
+        "--constraint",
+        "zone == tokyo",
+        "--policy",
+        "pack",
+    ]));
+    let api = c.client();
+    let w: Workload = api.get("/v1/workloads/count").await.unwrap();
+    assert_eq!(w.status.node.as_deref(), Some("node-1"));
+    let stopped = c.agents[0].as_ref().unwrap();
+    stopped.signal(libc::SIGSTOP);
+    let moved = running_elsewhere(&c, "count", "node-1").await;
+    assert_eq!(moved.status.node.as_deref(), Some("node-3"));
+    stopped.signal(libc::SIGCONT);
+    // For 4 s after waking, node-1 never answers as the workload.
+    let at_node1 =
+        avail_client::Client::new(&c.ingress(0), None, None).with_timeout(Duration::from_secs(3));
+    let end = Instant::now() + Duration::from_secs(4);
+    let mut served_elsewhere = 0;
+    while Instant::now() < end {
+        if let Ok(r) = at_node1.raw(Method::GET, "/w/count/value", None, &[]).await {
+            let node = r
+                .headers
+                .get("avail-node")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            assert_ne!(node, "node-1", "the stale copy answered: {}", r.status);
+            if r.status == 200 {
+                served_elsewhere += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        served_elsewhere > 0,
+        "node-1 forwards to the new copy once it has caught up"
+    );
+    let w: Workload = api.get("/v1/workloads/count").await.unwrap();
+    assert_eq!(w.status.node.as_deref(), Some("node-3"), "{:?}", w.status);
+    assert_eq!(w.status.incarnation, 2);
+}
+
+/// A node cut off from the server and every peer (iptables on its loopback address):
+/// it fences its ha workloads before its lease runs out, the server restarts them
+/// elsewhere, and while the cut lasts the cut-off node never answers as the workload
+/// (two copies never serve at once). After the cut heals, the node serves nothing stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_node_fences_its_ha_workloads() {
+    use avail_testkit::LinkCut;
+    let c = Cluster::start(BIN.as_ref(), 3).await;
+    let counter = guest("counter");
+    ok(&c.cli(&[
+        "workload",
+        "run",
+        "--name",
+        "count",
+        "--driver",
+        "wasm",
+        "--artifact",
+        &counter,
+        "--level",
+        "ha",
+        "--constraint",
+        "zone == tokyo",
+        "--policy",
+        "pack",
+    ]));
+    let api = c.client();
+    let w: Workload = api.get("/v1/workloads/count").await.unwrap();
+    assert_eq!(w.status.node.as_deref(), Some("node-1"));
+    let me = c.agent_addr(0);
+    let server = format!("{}.1", c.net);
+    let cuts: Vec<LinkCut> = [server, c.agent_addr(1), c.agent_addr(2)]
+        .iter()
+        .map(|other| LinkCut::new(&me, other))
+        .collect();
+    let moved = running_elsewhere(&c, "count", "node-1").await;
+    assert_eq!(moved.status.node.as_deref(), Some("node-3"));
+    // The test reaches node-1 from 127.0.0.1, which is not cut: it must refuse.
+    let at_node1 =
+        avail_client::Client::new(&c.ingress(0), None, None).with_timeout(Duration::from_secs(2));
+    let end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < end {
+        if let Ok(r) = at_node1.raw(Method::GET, "/w/count/value", None, &[]).await {
+            assert_ne!(
+                r.status, 200,
+                "the cut-off node served the workload while it runs on node-3"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(cuts);
+    // Healed: node-1 forwards to the live copy; nothing stale answers.
+    let end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < end {
+        if let Ok(r) = at_node1.raw(Method::GET, "/w/count/value", None, &[]).await
+            && r.status == 200
+        {
+            assert_eq!(r.headers.get("avail-node").unwrap(), "node-3");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let w: Workload = api.get("/v1/workloads/count").await.unwrap();
+    assert_eq!(w.status.node.as_deref(), Some("node-3"), "{:?}", w.status);
+}

@@ -290,7 +290,7 @@ async fn attempt(ing: &Ingress, inc: &Incoming) -> Result<Response, Response> {
         // A node cut off from the control plane serves no ha workload: the server may be
         // restarting it elsewhere (a paused or partitioned node must not answer as a
         // second copy).
-        if slot.assignment.spec.level == avail_model::Level::Ha && ing.sup.isolated() {
+        if slot.assignment.spec.level == avail_model::Level::Ha && ing.sup.must_not_serve_ha() {
             return Err(unavailable(&format!(
                 "workload {name}: this node has lost the control plane (fenced)"
             )));

@@ -214,6 +214,7 @@ async fn fence_watch(sup: Arc<Supervisor>) {
                 }
             }
         }
+        sup.set_control_plane_away(answered > 0 && !server_heard_by_peer);
         if answered == 0 || server_heard_by_peer {
             sup.fence().await;
         }
@@ -242,9 +243,11 @@ async fn heartbeat_loop(
             .await
         {
             Ok(_) => {
-                // Back from an isolation (a pause, a partition): stop the ha workloads
-                // first; the fresh desired state says which still belong here.
-                if sup.isolated() {
+                // Back from an isolation (a pause, a partition) that the peers did not
+                // show to be the control plane's: stop the ha workloads first; the fresh
+                // desired state says which still belong here. After a control-plane
+                // outage they simply go on.
+                if sup.must_not_serve_ha() {
                     sup.fence().await;
                 }
                 sup.contact();

@@ -120,6 +120,9 @@ pub struct Supervisor {
     fence_after: Mutex<Duration>,
     /// Whether the ha workloads are stopped for isolation.
     fenced: AtomicBool,
+    /// Whether the peers, asked while the server was silent, have lost it too (the
+    /// control plane is away, not this node): ha workloads go on serving.
+    control_plane_away: AtomicBool,
     /// Memory the node's ft secondaries may hold in checkpoint images.
     image_budget: Arc<crate::ft::ImageBudget>,
 }
@@ -149,6 +152,7 @@ impl Supervisor {
             last_contact: Mutex::new(Instant::now()),
             fence_after: Mutex::new(DEFAULT_FENCE_AFTER),
             fenced: AtomicBool::new(false),
+            control_plane_away: AtomicBool::new(false),
         })
     }
 
@@ -506,6 +510,7 @@ impl Supervisor {
     /// workloads meanwhile), and the ha workloads still assigned here start again.
     pub fn contact(self: &Arc<Self>) {
         *self.last_contact.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.control_plane_away.store(false, Ordering::Release);
         if self.fenced.load(Ordering::Acquire) {
             let this = self.clone();
             tokio::spawn(async move {
@@ -548,6 +553,18 @@ impl Supervisor {
     /// workloads must not serve (the server may be about to restart them elsewhere).
     pub fn isolated(&self) -> bool {
         self.contact_age() > *self.fence_after.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Record what the peers said while the server was silent: `true` when those that
+    /// answered have all lost it too.
+    pub fn set_control_plane_away(&self, away: bool) {
+        self.control_plane_away.store(away, Ordering::Release);
+    }
+
+    /// Whether this node's ha workloads must not serve: the server has been silent for
+    /// the isolation window, and the peers have not shown that it is silent for all.
+    pub fn must_not_serve_ha(&self) -> bool {
+        self.is_fenced() || (self.isolated() && !self.control_plane_away.load(Ordering::Acquire))
     }
 
     /// Whether the ha workloads are stopped for isolation.

@@ -370,3 +370,71 @@ async fn a_partitioned_node_fences_its_ha_workloads() {
     let w: Workload = api.get("/v1/workloads/count").await.unwrap();
     assert_eq!(w.status.node.as_deref(), Some("node-3"), "{:?}", w.status);
 }
+
+/// The control plane away is not a partition: with the server down longer than the
+/// lease, the agents see that their peers lost it too, so the ha workload keeps serving
+/// and is not stopped; when the server comes back, nothing is restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_outage_restarts_nothing() {
+    let mut c = Cluster::start(BIN.as_ref(), 3).await;
+    let counter = guest("counter");
+    ok(&c.cli(&[
+        "workload",
+        "run",
+        "--name",
+        "count",
+        "--driver",
+        "wasm",
+        "--artifact",
+        &counter,
+        "--level",
+        "ha",
+        "--constraint",
+        "zone == tokyo",
+        "--policy",
+        "pack",
+    ]));
+    // A second workload on another node, so the agents know each other as peers.
+    ok(&c.cli(&[
+        "workload",
+        "run",
+        "--name",
+        "other",
+        "--driver",
+        "wasm",
+        "--artifact",
+        &counter,
+        "--constraint",
+        "rack == r2",
+    ]));
+    let at_node1 = avail_client::Client::new(&c.ingress(0), None, None);
+    let r = at_node1
+        .raw(Method::POST, "/w/count/incr", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    c.kill_server();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Still served, from the same copy (the counter kept its value).
+    let r = at_node1
+        .raw(Method::GET, "/w/count/value", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.headers.get("avail-incarnation").unwrap(), "1");
+    assert_eq!(String::from_utf8_lossy(&r.body), r#"{"value":1}"#);
+    c.start_server().await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let w: Workload = c.client().get("/v1/workloads/count").await.unwrap();
+    assert_eq!(w.status.node.as_deref(), Some("node-1"), "{:?}", w.status);
+    assert_eq!(w.status.incarnation, 1, "{:?}", w.status);
+    let r = at_node1
+        .raw(Method::GET, "/w/count/value", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&r.body),
+        r#"{"value":1}"#,
+        "not restarted"
+    );
+}

@@ -451,6 +451,16 @@ impl Drop for Cluster {
     }
 }
 
+/// The stdout of a command that must have succeeded (else its stderr in the panic).
+pub fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A network cut between two loopback addresses, made with iptables (both directions
 /// dropped) and removed on drop. Needs root and iptables (`.ci/run` installs it).
 pub struct LinkCut {

@@ -5,18 +5,30 @@
 use std::time::{Duration, Instant};
 
 use avail_model::{Phase, Workload};
-use avail_testkit::{Cluster, guest, wait_until};
+use avail_testkit::{Cluster, guest, ok, wait_until};
 use hyper::Method;
 
 const BIN: &str = env!("CARGO_BIN_EXE_avail");
 
-fn ok(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// The counter guest as `count` at level ha, on node-1 (tokyo is node-1 and node-3;
+/// pack with ties to the first name): its restarts go to node-3.
+fn run_count_ha(c: &Cluster, counter: &str) {
+    ok(&c.cli(&[
+        "workload",
+        "run",
+        "--name",
+        "count",
+        "--driver",
+        "wasm",
+        "--artifact",
+        counter,
+        "--level",
+        "ha",
+        "--constraint",
+        "zone == tokyo",
+        "--policy",
+        "pack",
+    ]));
 }
 
 async fn running_elsewhere(c: &Cluster, name: &str, not: &str) -> Workload {
@@ -49,22 +61,7 @@ async fn ha_workloads_restart_elsewhere_when_their_node_dies() {
     let counter = guest("counter");
     // Both on node-1 (rack r1), at level ha: a wasm guest and a process; a none
     // workload beside them for contrast.
-    ok(&c.cli(&[
-        "workload",
-        "run",
-        "--name",
-        "count",
-        "--driver",
-        "wasm",
-        "--artifact",
-        &counter,
-        "--level",
-        "ha",
-        "--constraint",
-        "zone == tokyo",
-        "--policy",
-        "pack",
-    ]));
+    run_count_ha(&c, &counter);
     ok(&c.cli(&[
         "workload",
         "run",
@@ -255,22 +252,7 @@ async fn restarts_go_in_priority_order_when_capacity_is_short() {
 async fn a_paused_node_does_not_serve_its_stale_copy() {
     let c = Cluster::start(BIN.as_ref(), 3).await;
     let counter = guest("counter");
-    ok(&c.cli(&[
-        "workload",
-        "run",
-        "--name",
-        "count",
-        "--driver",
-        "wasm",
-        "--artifact",
-        &counter,
-        "--level",
-        "ha",
-        "--constraint",
-        "zone == tokyo",
-        "--policy",
-        "pack",
-    ]));
+    run_count_ha(&c, &counter);
     let api = c.client();
     let w: Workload = api.get("/v1/workloads/count").await.unwrap();
     assert_eq!(w.status.node.as_deref(), Some("node-1"));
@@ -316,22 +298,7 @@ async fn a_partitioned_node_fences_its_ha_workloads() {
     use avail_testkit::LinkCut;
     let c = Cluster::start(BIN.as_ref(), 3).await;
     let counter = guest("counter");
-    ok(&c.cli(&[
-        "workload",
-        "run",
-        "--name",
-        "count",
-        "--driver",
-        "wasm",
-        "--artifact",
-        &counter,
-        "--level",
-        "ha",
-        "--constraint",
-        "zone == tokyo",
-        "--policy",
-        "pack",
-    ]));
+    run_count_ha(&c, &counter);
     let api = c.client();
     let w: Workload = api.get("/v1/workloads/count").await.unwrap();
     assert_eq!(w.status.node.as_deref(), Some("node-1"));
@@ -378,22 +345,7 @@ async fn a_partitioned_node_fences_its_ha_workloads() {
 async fn a_server_outage_restarts_nothing() {
     let mut c = Cluster::start(BIN.as_ref(), 3).await;
     let counter = guest("counter");
-    ok(&c.cli(&[
-        "workload",
-        "run",
-        "--name",
-        "count",
-        "--driver",
-        "wasm",
-        "--artifact",
-        &counter,
-        "--level",
-        "ha",
-        "--constraint",
-        "zone == tokyo",
-        "--policy",
-        "pack",
-    ]));
+    run_count_ha(&c, &counter);
     // A second workload on another node, so the agents know each other as peers.
     ok(&c.cli(&[
         "workload",

@@ -6,18 +6,9 @@
 use std::time::Duration;
 
 use avail_model::{Node, Workload};
-use avail_testkit::{Cluster, guest, wait_until};
+use avail_testkit::{Cluster, guest, ok, wait_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_avail");
-
-fn ok(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn run(c: &Cluster, name: &str, extra: &[&str]) -> std::process::Output {
     let counter = guest("counter");

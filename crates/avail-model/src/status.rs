@@ -60,6 +60,9 @@ pub struct WorkloadStatus {
     /// Level `ft`: the pair generation (fencing token); goes up on every failover.
     #[serde(default)]
     pub generation: u64,
+    /// Level `ha`: the node holding capacity for its restart (another fault domain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reservation: Option<String>,
     /// Level `ft`: replication figures reported by the primary.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ft: Option<FtStatus>,

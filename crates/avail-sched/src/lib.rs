@@ -249,6 +249,23 @@ impl ClusterView {
         }
     }
 
+    /// Whether `req` fits on node `name` now: schedulable, its hard constraints hold, and
+    /// room besides allocations and the reservations it may not use (those of other
+    /// workloads of its priority or higher).
+    pub fn fits(&self, name: &str, req: &Request) -> bool {
+        let Some(n) = self.node(name) else {
+            return false;
+        };
+        let held = n
+            .reserved
+            .iter()
+            .filter(|r| r.workload != req.workload && r.priority >= req.priority)
+            .fold(n.allocated, |a, r| a.saturating_add(r.resources));
+        n.schedulable
+            && req.constraints.iter().all(|c| c.matches(&n.tags))
+            && n.capacity.saturating_sub(held).fits(req.resources)
+    }
+
     /// Live nodes whose tags satisfy `c`.
     fn matching(&self, c: &Constraint) -> Bitset {
         let values = self.index.get(&c.key);

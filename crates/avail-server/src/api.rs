@@ -402,6 +402,7 @@ async fn create_workload(
             updated_ms: now_ms(),
             secondary: None,
             generation: 0,
+            reservation: None,
             ft: None,
         },
         created_ms: now_ms(),
@@ -466,8 +467,18 @@ async fn create_workload(
         }
     };
     drop(_guard);
-    if w.spec.level == avail_model::Level::Ft && w.status.node.is_some() {
-        state.place_secondaries().await;
+    if let Decision::Place {
+        node, displaced, ..
+    } = &decision
+    {
+        state.release_displaced(displaced, node).await;
+    }
+    if w.status.node.is_some() {
+        match w.spec.level {
+            avail_model::Level::Ft => state.place_secondaries().await,
+            avail_model::Level::Ha => state.place_reservations().await,
+            avail_model::Level::None => {}
+        }
         if let Some((now, _)) = state.workload(&name) {
             w = now;
         }

@@ -96,8 +96,23 @@ pub struct View {
 }
 
 impl View {
-    /// Add (`add`) or take away a workload's resources on the nodes it occupies.
+    /// Add (`add`) or take away a workload's resources on the nodes it occupies, and
+    /// its `ha` reservation.
     fn account(&mut self, w: &Workload, add: bool) {
+        if let Some(r) = &w.status.reservation {
+            if add {
+                self.sched.reserve(
+                    r,
+                    avail_sched::Reservation {
+                        workload: w.spec.name.clone(),
+                        priority: w.spec.ha.priority,
+                        resources: w.spec.resources,
+                    },
+                );
+            } else {
+                self.sched.unreserve(r, &w.spec.name);
+            }
+        }
         let nodes = [w.status.node.as_deref(), w.status.secondary.as_deref()];
         for n in nodes.into_iter().flatten() {
             let a = self.allocated.entry(n.to_string()).or_insert(Resources {
@@ -130,6 +145,20 @@ impl View {
 
     fn put_node(&mut self, rec: NodeRecord) {
         let schedulable = self.sched.node(&rec.name).is_some_and(|n| n.schedulable);
+        // A node seen for the first time: the reservations already held on it.
+        let reserved = match self.sched.node(&rec.name) {
+            Some(n) => n.reserved.clone(),
+            None => self
+                .workloads
+                .values()
+                .filter(|(w, _)| w.status.reservation.as_deref() == Some(rec.name.as_str()))
+                .map(|(w, _)| avail_sched::Reservation {
+                    workload: w.spec.name.clone(),
+                    priority: w.spec.ha.priority,
+                    resources: w.spec.resources,
+                })
+                .collect(),
+        };
         self.sched.upsert(NodeView {
             name: rec.name.clone(),
             tags: rec.tags.clone(),
@@ -139,11 +168,7 @@ impl View {
                 memory_mib: 0,
             }),
             schedulable,
-            reserved: self
-                .sched
-                .node(&rec.name)
-                .map(|n| n.reserved.clone())
-                .unwrap_or_default(),
+            reserved,
         });
         self.nodes.insert(rec.name.clone(), rec);
     }
@@ -468,31 +493,7 @@ impl AppState {
         avoid: Option<avail_sched::Avoid>,
         pair: Option<String>,
     ) -> (Decision, u64) {
-        let req = Request {
-            workload: w.spec.name.clone(),
-            resources: w.spec.resources,
-            constraints: w.spec.constraints(),
-            preferences: w
-                .spec
-                .placement
-                .affinity
-                .iter()
-                .filter_map(|a| {
-                    Some(Preference {
-                        rule: avail_model::Constraint::parse(&a.rule).ok()?,
-                        weight: a.weight,
-                    })
-                })
-                .collect(),
-            avoid: avoid.unwrap_or_default(),
-            pair,
-            policy: match w.spec.placement.policy {
-                avail_model::spec::PlacementPolicy::Spread => avail_sched::Policy::Spread,
-                avail_model::spec::PlacementPolicy::Pack => avail_sched::Policy::Pack,
-            },
-            priority: w.spec.ha.priority,
-            ..Request::default()
-        };
+        let req = self.request(w, avoid.unwrap_or_default(), pair);
         let seed = self
             .placements
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -512,6 +513,35 @@ impl AppState {
                     explanation: "no decision".into(),
                 });
         (d, at)
+    }
+
+    /// The scheduler's request for `w`.
+    fn request(&self, w: &Workload, avoid: avail_sched::Avoid, pair: Option<String>) -> Request {
+        Request {
+            workload: w.spec.name.clone(),
+            resources: w.spec.resources,
+            constraints: w.spec.constraints(),
+            preferences: w
+                .spec
+                .placement
+                .affinity
+                .iter()
+                .filter_map(|a| {
+                    Some(Preference {
+                        rule: avail_model::Constraint::parse(&a.rule).ok()?,
+                        weight: a.weight,
+                    })
+                })
+                .collect(),
+            avoid,
+            pair,
+            policy: match w.spec.placement.policy {
+                avail_model::spec::PlacementPolicy::Spread => avail_sched::Policy::Spread,
+                avail_model::spec::PlacementPolicy::Pack => avail_sched::Policy::Pack,
+            },
+            priority: w.spec.ha.priority,
+            ..Request::default()
+        }
     }
 
     /// Write a workload if its `mod_rev` is still `expected` (0: create). Returns the
@@ -663,6 +693,91 @@ impl AppState {
         }
         drop(_guard);
         self.place_secondaries().await;
+        self.place_reservations().await;
+    }
+
+    /// Give every placed `ha` workload that has none a soft reservation for its restart:
+    /// its resources held on a node of another fault domain (the tag named by
+    /// `placement.spread`, default `rack`) that its constraints allow. Lower priorities
+    /// cannot use it; a higher-priority placement may, and the reservation is then made
+    /// again elsewhere.
+    pub async fn place_reservations(&self) {
+        let _guard = self.placement.lock().await;
+        let lacking: Vec<String> = {
+            let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+            v.workloads
+                .values()
+                .filter(|(w, _)| {
+                    w.spec.level == Level::Ha
+                        && w.status.node.is_some()
+                        && w.status.reservation.is_none()
+                        && matches!(w.status.phase, Phase::Placed | Phase::Running)
+                })
+                .map(|(w, _)| w.spec.name.clone())
+                .collect()
+        };
+        for name in lacking {
+            let Some((mut w, rev)) = self.workload(&name) else {
+                continue;
+            };
+            let Some(node) = w.status.node.clone() else {
+                continue;
+            };
+            let tag = w
+                .spec
+                .placement
+                .spread
+                .clone()
+                .unwrap_or_else(|| "rack".into());
+            let domain = self
+                .view
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .nodes
+                .get(&node)
+                .and_then(|n| n.tags.get(&tag).cloned());
+            let avoid = avail_sched::Avoid {
+                nodes: vec![node],
+                fault_domain: domain.map(|d| (tag, vec![d])),
+            };
+            if let (Decision::Place { node: r, .. }, at) =
+                self.decide_avoiding(&w, Some(avoid), None)
+            {
+                w.status.reservation = Some(r.clone());
+                if self.write_placement(&w, rev, at).await.is_ok() {
+                    self.events
+                        .emit(
+                            "workload.reserved",
+                            Some(&name),
+                            Some(&r),
+                            format!("restart capacity held on {r}"),
+                        )
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Reservations a higher-priority placement took: the workloads they were held for
+    /// get new ones from the next pass.
+    pub async fn release_displaced(&self, displaced: &[String], on: &str) {
+        for name in displaced {
+            let _ = self
+                .update_status(name, |s| {
+                    if s.reservation.as_deref() == Some(on) {
+                        s.reservation = None;
+                    }
+                })
+                .await;
+            self.events
+                .emit(
+                    "workload.reservation_displaced",
+                    Some(name),
+                    Some(on),
+                    format!("its reservation on {on} was taken by a higher priority"),
+                )
+                .await;
+        }
     }
 
     /// Give every running `ft` workload that has none a secondary on another fault domain.
@@ -1180,12 +1295,40 @@ impl AppState {
                 nodes: down.to_vec(),
                 fault_domain: None,
             };
-            let (decision, at) = self.decide_avoiding(&w, Some(avoid), None);
+            // The node holding its reservation first, when it still fits there.
+            let reserved = w.status.reservation.clone().filter(|r| {
+                !down.contains(r) && {
+                    let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+                    v.sched
+                        .fits(r, &self.request(&w, avail_sched::Avoid::default(), None))
+                }
+            });
+            let (decision, at) = match reserved {
+                Some(r) => (
+                    Decision::Place {
+                        node: r,
+                        secondary: None,
+                        reservation: None,
+                        displaced: vec![],
+                    },
+                    self.view
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .placement_rev,
+                ),
+                None => self.decide_avoiding(&w, Some(avoid), None),
+            };
+            // The reservation is used (or void): a new one is made by the next pass.
+            w.status.reservation = None;
             w.status.incarnation += 1;
             w.status.restarts += 1;
             w.status.updated_ms = now_ms();
+            let mut displaced = Vec::new();
             let (kind, node, what) = match decision {
-                Decision::Place { node, .. } => {
+                Decision::Place {
+                    node, displaced: d, ..
+                } => {
+                    displaced = d;
                     w.status.phase = Phase::Placed;
                     w.status.node = Some(node.clone());
                     w.status.message = Some(format!("restarted: node {lost} is down"));
@@ -1214,6 +1357,9 @@ impl AppState {
                     self.events
                         .emit(kind, Some(name), node.as_deref(), what)
                         .await;
+                    if let Some(n) = &node {
+                        self.release_displaced(&displaced, n).await;
+                    }
                     return;
                 }
                 Err(StateError::StalePlan | StateError::Conflict(_)) => continue,
@@ -1326,6 +1472,7 @@ mod tests {
                 updated_ms: 0,
                 secondary: secondary.map(String::from),
                 generation: 0,
+                reservation: None,
                 ft: None,
             },
             created_ms: 0,

@@ -731,6 +731,9 @@ fn show_workload(w: &Workload, fmt: Format) {
     println!("phase:       {}", w.status.phase.as_str());
     println!("node:        {}", w.status.node.as_deref().unwrap_or("-"));
     println!("incarnation: {}", w.status.incarnation);
+    if let Some(r) = &w.status.reservation {
+        println!("reservation: {r} (restart capacity)");
+    }
     if s.level == Level::Ft {
         println!(
             "secondary:   {}",

@@ -116,6 +116,22 @@ async fn ha_workloads_restart_elsewhere_when_their_node_dies() {
         .unwrap();
     assert_eq!(r.status, 200);
 
+    // Its restart capacity is held on the other tokyo node (another rack).
+    let api2 = api.clone();
+    wait_until("count holds a reservation", Duration::from_secs(10), || {
+        let api = api2.clone();
+        async move {
+            let w: Workload = api
+                .get("/v1/workloads/count")
+                .await
+                .map_err(|e| e.to_string())?;
+            match w.status.reservation.as_deref() {
+                Some("node-3") => Ok(()),
+                _ => Err(format!("{:?}", w.status)),
+            }
+        }
+    })
+    .await;
     let killed = Instant::now();
     let i = victim.trim_start_matches("node-").parse::<usize>().unwrap() - 1;
     c.kill_agent(i);
@@ -156,6 +172,9 @@ async fn ha_workloads_restart_elsewhere_when_their_node_dies() {
     let p: Workload = api.get("/v1/workloads/plain").await.unwrap();
     assert_eq!(p.status.phase, Phase::Failed, "{:?}", p.status);
     assert_eq!(p.status.node.as_deref(), Some(victim.as_str()));
+    // The reservation was used; no other tokyo node is left for a new one.
+    let w: Workload = api.get("/v1/workloads/count").await.unwrap();
+    assert_eq!(w.status.reservation, None, "{:?}", w.status);
     // The restart is an event naming the lost node.
     let evs: serde_json::Value = api.get("/v1/workloads/count/events").await.unwrap();
     assert!(
@@ -388,5 +407,93 @@ async fn a_server_outage_restarts_nothing() {
         String::from_utf8_lossy(&r.body),
         r#"{"value":1}"#,
         "not restarted"
+    );
+}
+
+/// The restart goes to the node holding the reservation, even when another node is
+/// less loaded; equal priorities do not take reserved capacity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_go_to_the_reserved_node_first() {
+    let mut c = Cluster::start(BIN.as_ref(), 3).await;
+    let counter = guest("counter");
+    ok(&c.cli(&[
+        "workload",
+        "run",
+        "--name",
+        "count",
+        "--driver",
+        "wasm",
+        "--artifact",
+        &counter,
+        "--level",
+        "ha",
+        "--cpu-millis",
+        "1000",
+    ]));
+    let api = c.client();
+    let w: Workload = api.get("/v1/workloads/count").await.unwrap();
+    let home = w.status.node.clone().unwrap();
+    let api2 = api.clone();
+    let reserved: String = wait_until("a reservation", Duration::from_secs(10), || {
+        let api = api2.clone();
+        async move {
+            let w: Workload = api
+                .get("/v1/workloads/count")
+                .await
+                .map_err(|e| e.to_string())?;
+            w.status
+                .reservation
+                .clone()
+                .ok_or(format!("{:?}", w.status))
+        }
+    })
+    .await;
+    assert_ne!(reserved, home);
+    // Load the reserved node so that a plain plan (spread: the least allocated) would
+    // prefer the third node; the
+    // load (same priority) must leave the reserved capacity alone: 4000 - 1000 held.
+    let rack = format!("rack == r{}", reserved.trim_start_matches("node-"));
+    ok(&c.cli(&[
+        "workload",
+        "run",
+        "--name",
+        "load",
+        "--driver",
+        "wasm",
+        "--artifact",
+        &counter,
+        "--constraint",
+        &rack,
+        "--cpu-millis",
+        "3000",
+    ]));
+    let out = c.cli(&[
+        "workload",
+        "run",
+        "--name",
+        "more",
+        "--driver",
+        "wasm",
+        "--artifact",
+        &counter,
+        "--constraint",
+        &rack,
+        "--cpu-millis",
+        "500",
+        "--dry-run",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "the reserved capacity is not for an equal priority"
+    );
+    let i = home.trim_start_matches("node-").parse::<usize>().unwrap() - 1;
+    c.kill_agent(i);
+    let w = running_elsewhere(&c, "count", &home).await;
+    assert_eq!(
+        w.status.node.as_deref(),
+        Some(reserved.as_str()),
+        "{:?}",
+        w.status
     );
 }

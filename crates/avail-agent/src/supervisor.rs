@@ -120,6 +120,8 @@ pub struct Supervisor {
     fence_after: Mutex<Duration>,
     /// Whether the ha workloads are stopped for isolation.
     fenced: AtomicBool,
+    /// The other nodes' ingress URLs.
+    peers: Mutex<Vec<String>>,
     /// Whether the peers, asked while the server was silent, have lost it too (the
     /// control plane is away, not this node): ha workloads go on serving.
     control_plane_away: AtomicBool,
@@ -152,6 +154,7 @@ impl Supervisor {
             last_contact: Mutex::new(Instant::now()),
             fence_after: Mutex::new(DEFAULT_FENCE_AFTER),
             fenced: AtomicBool::new(false),
+            peers: Mutex::new(Vec::new()),
             control_plane_away: AtomicBool::new(false),
         })
     }
@@ -276,6 +279,7 @@ impl Supervisor {
 
     /// Bring the node to `desired`.
     pub fn apply(self: &Arc<Self>, desired: &DesiredState) {
+        *self.peers.lock().unwrap_or_else(|p| p.into_inner()) = desired.peers.clone();
         let fenced = self.fenced.load(Ordering::Acquire);
         {
             let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
@@ -601,18 +605,16 @@ impl Supervisor {
         }
     }
 
-    /// The ingress URLs of the other nodes (from the route table).
+    /// The ingress URLs of the other nodes (from the last desired state).
     pub fn peer_ingresses(&self) -> Vec<String> {
-        let me = self.node();
-        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
-        let mut urls: Vec<String> = routes
-            .values()
-            .filter(|r| r.node.as_deref() != Some(me))
-            .filter_map(|r| r.ingress_url.clone())
-            .collect();
-        urls.sort();
-        urls.dedup();
-        urls
+        let mine = format!("http://{}:", self.cfg.addr);
+        self.peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|u| !u.starts_with(&mine))
+            .cloned()
+            .collect()
     }
 
     /// Stop everything (agent shutdown).

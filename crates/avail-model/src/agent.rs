@@ -144,6 +144,10 @@ pub struct DesiredState {
     pub assignments: Vec<Assignment>,
     /// Every workload's route, for the ingress.
     pub routes: Vec<Route>,
+    /// The ingress URL of every node: whom an agent asks, when the server is silent,
+    /// whether the others still hear it (fencing).
+    #[serde(default)]
+    pub peers: Vec<String>,
 }
 
 /// State of one instance on a node.

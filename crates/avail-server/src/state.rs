@@ -1376,6 +1376,7 @@ impl AppState {
         let v = self.view.read().unwrap_or_else(|p| p.into_inner());
         let mut out = DesiredState {
             revision,
+            peers: v.nodes.values().map(|n| n.ingress_url.clone()).collect(),
             ..DesiredState::default()
         };
         for (w, _) in v.workloads.values() {

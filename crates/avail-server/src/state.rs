@@ -703,46 +703,12 @@ impl AppState {
     /// again elsewhere.
     pub async fn place_reservations(&self) {
         let _guard = self.placement.lock().await;
-        let lacking: Vec<String> = {
-            let v = self.view.read().unwrap_or_else(|p| p.into_inner());
-            v.workloads
-                .values()
-                .filter(|(w, _)| {
-                    w.spec.level == Level::Ha
-                        && w.status.node.is_some()
-                        && w.status.reservation.is_none()
-                        && matches!(w.status.phase, Phase::Placed | Phase::Running)
-                })
-                .map(|(w, _)| w.spec.name.clone())
-                .collect()
-        };
-        for name in lacking {
+        for name in self.placed_lacking(Level::Ha, |s| s.reservation.is_none()) {
             let Some((mut w, rev)) = self.workload(&name) else {
                 continue;
             };
-            let Some(node) = w.status.node.clone() else {
-                continue;
-            };
-            let tag = w
-                .spec
-                .placement
-                .spread
-                .clone()
-                .unwrap_or_else(|| "rack".into());
-            let domain = self
-                .view
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .nodes
-                .get(&node)
-                .and_then(|n| n.tags.get(&tag).cloned());
-            let avoid = avail_sched::Avoid {
-                nodes: vec![node],
-                fault_domain: domain.map(|d| (tag, vec![d])),
-            };
-            if let (Decision::Place { node: r, .. }, at) =
-                self.decide_avoiding(&w, Some(avoid), None)
-            {
+            // Where a secondary would go: not the node, nor its fault domain.
+            if let (Decision::Place { node: r, .. }, at) = self.decide_secondary(&w, None) {
                 w.status.reservation = Some(r.clone());
                 if self.write_placement(&w, rev, at).await.is_ok() {
                     self.events
@@ -756,6 +722,21 @@ impl AppState {
                 }
             }
         }
+    }
+
+    /// Placed or running workloads of `level` whose status `lacks` something.
+    fn placed_lacking(&self, level: Level, lacks: impl Fn(&WorkloadStatus) -> bool) -> Vec<String> {
+        let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+        v.workloads
+            .values()
+            .filter(|(w, _)| {
+                w.spec.level == level
+                    && w.status.node.is_some()
+                    && lacks(&w.status)
+                    && matches!(w.status.phase, Phase::Placed | Phase::Running)
+            })
+            .map(|(w, _)| w.spec.name.clone())
+            .collect()
     }
 
     /// Reservations a higher-priority placement took: the workloads they were held for
@@ -789,20 +770,7 @@ impl AppState {
     /// a pair: it may still look ready for a heartbeat window).
     pub async fn place_secondaries_avoiding(&self, avoid: Option<(&str, &str)>) {
         let _guard = self.placement.lock().await;
-        let lacking: Vec<String> = {
-            let v = self.view.read().unwrap_or_else(|p| p.into_inner());
-            v.workloads
-                .values()
-                .filter(|(w, _)| {
-                    w.spec.level == Level::Ft
-                        && w.status.node.is_some()
-                        && w.status.secondary.is_none()
-                        && matches!(w.status.phase, Phase::Placed | Phase::Running)
-                })
-                .map(|(w, _)| w.spec.name.clone())
-                .collect()
-        };
-        for name in lacking {
+        for name in self.placed_lacking(Level::Ft, |s| s.secondary.is_none()) {
             let Some((mut w, rev)) = self.workload(&name) else {
                 continue;
             };

@@ -88,6 +88,21 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
 
+/// The `avail` binary built beside the running bench (`cargo build --release -p avail
+/// -p avail-bench`); panics with that hint when it is missing.
+pub fn avail_bin() -> std::path::PathBuf {
+    let bin = std::env::current_exe()
+        .expect("current exe")
+        .parent()
+        .expect("exe dir")
+        .join("avail");
+    assert!(
+        bin.exists(),
+        "build the avail binary first: cargo build --release -p avail"
+    );
+    bin
+}
+
 /// Machine description for the report: cores and model name.
 pub fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")

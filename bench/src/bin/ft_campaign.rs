@@ -16,11 +16,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let trials: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(1000);
     let first: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(1);
-    let bin = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("avail");
+    let bin = avail_bench::avail_bin();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

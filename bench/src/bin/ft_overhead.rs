@@ -117,11 +117,7 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(10);
-    let bin = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("avail");
+    let bin = avail_bench::avail_bin();
     // Alternating none/ft rounds of 3 s each; the ratio is the median of the rounds'.
     let rounds: usize = std::env::var("AVAIL_BENCH_ROUNDS")
         .ok()

@@ -22,11 +22,7 @@ fn main() {
         .next()
         .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect())
         .unwrap_or_else(|| vec![1, 10, 100]);
-    let bin = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("avail");
+    let bin = avail_bench::avail_bin();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -32,15 +32,7 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(2000);
-    let bin = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("avail");
-    assert!(
-        bin.exists(),
-        "build the avail binary first: cargo build --release -p avail"
-    );
+    let bin = avail_bench::avail_bin();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

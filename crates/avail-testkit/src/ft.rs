@@ -15,7 +15,7 @@ use avail_model::Workload;
 use avail_statepoint::rng::SplitMix64 as Rng;
 use hyper::Method;
 
-use crate::{Cluster, guest, wait_until};
+use crate::{Cluster, wait_until};
 
 /// The workload `name`, waited for until it is `ft:protected` with a secondary.
 pub async fn protected(c: &Cluster, name: &str) -> Workload {
@@ -44,23 +44,9 @@ pub async fn protected(c: &Cluster, name: &str) -> Workload {
 /// `avail workload run` of the bank guest as `bank` at level ft (16 MiB), with `extra`
 /// arguments; asserts it was accepted.
 pub fn run_bank_ft(c: &Cluster, extra: &[&str]) {
-    let bank = guest("bank");
-    let mut args = vec![
-        "workload",
-        "run",
-        "--name",
-        "bank",
-        "--driver",
-        "wasm",
-        "--artifact",
-        &bank,
-        "--level",
-        "ft",
-        "--memory-mib",
-        "16",
-    ];
+    let mut args = vec!["--level", "ft", "--memory-mib", "16"];
     args.extend_from_slice(extra);
-    let out = c.cli(&args);
+    let out = c.run_wasm("bank", "bank", &args);
     assert!(
         out.status.success(),
         "{}",

@@ -296,6 +296,24 @@ impl Cluster {
         )
     }
 
+    /// `avail workload run` of the example guest `guest_name` as a wasm workload named
+    /// `name`, with `extra` arguments.
+    pub fn run_wasm(&self, name: &str, guest_name: &str, extra: &[&str]) -> Output {
+        let artifact = guest(guest_name);
+        let mut args = vec![
+            "workload",
+            "run",
+            "--name",
+            name,
+            "--driver",
+            "wasm",
+            "--artifact",
+            &artifact,
+        ];
+        args.extend_from_slice(extra);
+        self.cli(&args)
+    }
+
     /// An admin client.
     pub fn client(&self) -> Client {
         Client::new(&self.server_url(), Some(self.admin_token.clone()), None)

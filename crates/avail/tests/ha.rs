@@ -5,30 +5,26 @@
 use std::time::{Duration, Instant};
 
 use avail_model::{Phase, Workload};
-use avail_testkit::{Cluster, guest, ok, wait_until};
+use avail_testkit::{Cluster, ok, wait_until};
 use hyper::Method;
 
 const BIN: &str = env!("CARGO_BIN_EXE_avail");
 
 /// The counter guest as `count` at level ha, on node-1 (tokyo is node-1 and node-3;
 /// pack with ties to the first name): its restarts go to node-3.
-fn run_count_ha(c: &Cluster, counter: &str) {
-    ok(&c.cli(&[
-        "workload",
-        "run",
-        "--name",
+fn run_count_ha(c: &Cluster) {
+    ok(&c.run_wasm(
         "count",
-        "--driver",
-        "wasm",
-        "--artifact",
-        counter,
-        "--level",
-        "ha",
-        "--constraint",
-        "zone == tokyo",
-        "--policy",
-        "pack",
-    ]));
+        "counter",
+        &[
+            "--level",
+            "ha",
+            "--constraint",
+            "zone == tokyo",
+            "--policy",
+            "pack",
+        ],
+    ));
 }
 
 async fn running_elsewhere(c: &Cluster, name: &str, not: &str) -> Workload {
@@ -58,10 +54,9 @@ async fn running_elsewhere(c: &Cluster, name: &str, not: &str) -> Workload {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ha_workloads_restart_elsewhere_when_their_node_dies() {
     let mut c = Cluster::start(BIN.as_ref(), 3).await;
-    let counter = guest("counter");
     // Both on node-1 (rack r1), at level ha: a wasm guest and a process; a none
     // workload beside them for contrast.
-    run_count_ha(&c, &counter);
+    run_count_ha(&c);
     ok(&c.cli(&[
         "workload",
         "run",
@@ -82,20 +77,11 @@ async fn ha_workloads_restart_elsewhere_when_their_node_dies() {
         "--policy",
         "pack",
     ]));
-    ok(&c.cli(&[
-        "workload",
-        "run",
-        "--name",
+    ok(&c.run_wasm(
         "plain",
-        "--driver",
-        "wasm",
-        "--artifact",
-        &counter,
-        "--constraint",
-        "zone == tokyo",
-        "--policy",
-        "pack",
-    ]));
+        "counter",
+        &["--constraint", "zone == tokyo", "--policy", "pack"],
+    ));
     let api = c.client();
     let w: Workload = api.get("/v1/workloads/count").await.unwrap();
     let victim = w.status.node.clone().unwrap();
@@ -190,21 +176,7 @@ async fn ha_workloads_restart_elsewhere_when_their_node_dies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarts_go_in_priority_order_when_capacity_is_short() {
     let mut c = Cluster::start(BIN.as_ref(), 3).await;
-    let counter = guest("counter");
-    let run = |name: &str, extra: &[&str]| {
-        let mut args = vec![
-            "workload",
-            "run",
-            "--name",
-            name,
-            "--driver",
-            "wasm",
-            "--artifact",
-            &counter,
-        ];
-        args.extend_from_slice(extra);
-        ok(&c.cli(&args));
-    };
+    let run = |name: &str, extra: &[&str]| ok(&c.run_wasm(name, "counter", extra));
     // Both on node-1 (pack; tokyo is node-1 and node-3), 1500 of 4000 cpu millis each.
     for (name, prio) in [("low", "1"), ("high", "9")] {
         run(
@@ -270,8 +242,7 @@ async fn restarts_go_in_priority_order_when_capacity_is_short() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_node_does_not_serve_its_stale_copy() {
     let c = Cluster::start(BIN.as_ref(), 3).await;
-    let counter = guest("counter");
-    run_count_ha(&c, &counter);
+    run_count_ha(&c);
     let api = c.client();
     let w: Workload = api.get("/v1/workloads/count").await.unwrap();
     assert_eq!(w.status.node.as_deref(), Some("node-1"));
@@ -316,8 +287,7 @@ async fn a_paused_node_does_not_serve_its_stale_copy() {
 async fn a_partitioned_node_fences_its_ha_workloads() {
     use avail_testkit::LinkCut;
     let c = Cluster::start(BIN.as_ref(), 3).await;
-    let counter = guest("counter");
-    run_count_ha(&c, &counter);
+    run_count_ha(&c);
     let api = c.client();
     let w: Workload = api.get("/v1/workloads/count").await.unwrap();
     assert_eq!(w.status.node.as_deref(), Some("node-1"));
@@ -363,8 +333,7 @@ async fn a_partitioned_node_fences_its_ha_workloads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_outage_restarts_nothing() {
     let mut c = Cluster::start(BIN.as_ref(), 3).await;
-    let counter = guest("counter");
-    run_count_ha(&c, &counter);
+    run_count_ha(&c);
     // No other workload: the agents know each other from the node list.
     let at_node1 = avail_client::Client::new(&c.ingress(0), None, None);
     let r = at_node1
@@ -403,21 +372,11 @@ async fn a_server_outage_restarts_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarts_go_to_the_reserved_node_first() {
     let mut c = Cluster::start(BIN.as_ref(), 3).await;
-    let counter = guest("counter");
-    ok(&c.cli(&[
-        "workload",
-        "run",
-        "--name",
+    ok(&c.run_wasm(
         "count",
-        "--driver",
-        "wasm",
-        "--artifact",
-        &counter,
-        "--level",
-        "ha",
-        "--cpu-millis",
-        "1000",
-    ]));
+        "counter",
+        &["--level", "ha", "--cpu-millis", "1000"],
+    ));
     let api = c.client();
     let w: Workload = api.get("/v1/workloads/count").await.unwrap();
     let home = w.status.node.clone().unwrap();
@@ -438,38 +397,19 @@ async fn restarts_go_to_the_reserved_node_first() {
     .await;
     assert_ne!(reserved, home);
     // Load the reserved node so that a plain plan (spread: the least allocated) would
-    // prefer the third node; the
-    // load (same priority) must leave the reserved capacity alone: 4000 - 1000 held.
+    // prefer the third node; the load (same priority) must leave the reserved capacity
+    // alone: 4000 - 1000 held.
     let rack = format!("rack == r{}", reserved.trim_start_matches("node-"));
-    ok(&c.cli(&[
-        "workload",
-        "run",
-        "--name",
+    ok(&c.run_wasm(
         "load",
-        "--driver",
-        "wasm",
-        "--artifact",
-        &counter,
-        "--constraint",
-        &rack,
-        "--cpu-millis",
-        "3000",
-    ]));
-    let out = c.cli(&[
-        "workload",
-        "run",
-        "--name",
+        "counter",
+        &["--constraint", &rack, "--cpu-millis", "3000"],
+    ));
+    let out = c.run_wasm(
         "more",
-        "--driver",
-        "wasm",
-        "--artifact",
-        &counter,
-        "--constraint",
-        &rack,
-        "--cpu-millis",
-        "500",
-        "--dry-run",
-    ]);
+        "counter",
+        &["--constraint", &rack, "--cpu-millis", "500", "--dry-run"],
+    );
     assert_eq!(
         out.status.code(),
         Some(2),

@@ -6,25 +6,14 @@
 use std::time::Duration;
 
 use avail_model::{Node, Workload};
-use avail_testkit::{Cluster, guest, ok, wait_until};
+use avail_testkit::{Cluster, ok, wait_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_avail");
 
 fn run(c: &Cluster, name: &str, extra: &[&str]) -> std::process::Output {
-    let counter = guest("counter");
-    let mut args = vec![
-        "workload",
-        "run",
-        "--detach",
-        "--name",
-        name,
-        "--driver",
-        "wasm",
-        "--artifact",
-        &counter,
-    ];
+    let mut args = vec!["--detach"];
     args.extend_from_slice(extra);
-    c.cli(&args)
+    c.run_wasm(name, "counter", &args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,18 +73,7 @@ async fn node_tags_steer_placements_and_dry_run_changes_nothing() {
     assert!(out.contains("would run on node-2"), "{out}");
     let out = ok(&run(&c, "q", &["--policy", "pack", "--dry-run"]));
     assert!(out.contains("would run on node-1"), "{out}");
-    let out = c.cli(&[
-        "workload",
-        "run",
-        "--name",
-        "q",
-        "--driver",
-        "wasm",
-        "--artifact",
-        &guest("counter"),
-        "--policy",
-        "tight",
-    ]);
+    let out = c.run_wasm("q", "counter", &["--policy", "tight"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("placement.policy"));
 

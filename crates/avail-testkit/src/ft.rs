@@ -15,29 +15,17 @@ use avail_model::Workload;
 use avail_statepoint::rng::SplitMix64 as Rng;
 use hyper::Method;
 
-use crate::{Cluster, wait_until};
+use crate::Cluster;
 
 /// The workload `name`, waited for until it is `ft:protected` with a secondary.
 pub async fn protected(c: &Cluster, name: &str) -> Workload {
-    let api = c.client();
-    let path = format!("/v1/workloads/{name}");
-    wait_until(
-        &format!("{name} ft:protected"),
-        Duration::from_secs(30),
-        || {
-            let (api, path) = (api.clone(), path.clone());
-            async move {
-                let w: Workload = api.get(&path).await.map_err(|e| e.to_string())?;
-                if w.status.level_state.as_deref() == Some("ft:protected")
-                    && w.status.secondary.is_some()
-                {
-                    Ok(w)
-                } else {
-                    Err(format!("{:?}", w.status))
-                }
-            }
-        },
-    )
+    c.wait_workload(name, "ft:protected", Duration::from_secs(30), |w| {
+        if w.status.level_state.as_deref() == Some("ft:protected") && w.status.secondary.is_some() {
+            Ok(w.clone())
+        } else {
+            Err(format!("{:?}", w.status))
+        }
+    })
     .await
 }
 

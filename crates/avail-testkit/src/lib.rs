@@ -314,6 +314,28 @@ impl Cluster {
         self.cli(&args)
     }
 
+    /// Poll workload `name` until `check` accepts it (`Ok`), for up to `deadline`; a
+    /// timeout fails with `what` and the last status `check` described.
+    pub async fn wait_workload<T>(
+        &self,
+        name: &str,
+        what: &str,
+        deadline: Duration,
+        check: impl Fn(&avail_model::Workload) -> Result<T, String>,
+    ) -> T {
+        let api = self.client();
+        let path = format!("/v1/workloads/{name}");
+        let check = &check;
+        wait_until(&format!("{name}: {what}"), deadline, || {
+            let (api, path) = (api.clone(), path.clone());
+            async move {
+                let w: avail_model::Workload = api.get(&path).await.map_err(|e| e.to_string())?;
+                check(&w)
+            }
+        })
+        .await
+    }
+
     /// An admin client.
     pub fn client(&self) -> Client {
         Client::new(&self.server_url(), Some(self.admin_token.clone()), None)

@@ -58,19 +58,11 @@ async fn both_hosts_dead_is_reported_failed_not_lost() {
     let w = deploy_bank_ft(&c).await;
     c.kill_agent(index(w.status.node.as_deref().unwrap()));
     c.kill_agent(index(w.status.secondary.as_deref().unwrap()));
-    let api = c.client();
-    wait_until("bank reported failed", Duration::from_secs(30), || {
-        let api = api.clone();
-        async move {
-            let w: Workload = api
-                .get("/v1/workloads/bank")
-                .await
-                .map_err(|e| e.to_string())?;
-            if w.status.phase == avail_model::Phase::Failed {
-                Ok(())
-            } else {
-                Err(format!("{:?}", w.status))
-            }
+    c.wait_workload("bank", "reported failed", Duration::from_secs(30), |w| {
+        if w.status.phase == avail_model::Phase::Failed {
+            Ok(())
+        } else {
+            Err(format!("{:?}", w.status))
         }
     })
     .await;
@@ -251,24 +243,21 @@ async fn reply_log_is_trimmed_by_delivered_ingress_keys() {
             .unwrap();
         assert_eq!(r.status, 200);
     }
-    let api = c.client();
-    wait_until("the reply log trimmed", Duration::from_secs(20), || {
-        let api = api.clone();
-        async move {
-            let w: Workload = api
-                .get("/v1/workloads/bank")
-                .await
-                .map_err(|e| e.to_string())?;
+    c.wait_workload(
+        "bank",
+        "the reply log trimmed",
+        Duration::from_secs(20),
+        |w| {
             let ft = w.status.ft.clone().ok_or("no ft status")?;
-            // 305 replies logged; at most one request's worth of deliveries (64) is
-            // not reported yet, plus the 5 client keys.
+            // 305 replies logged; at most one request's worth of deliveries (64) is not
+            // reported yet, plus the 5 client keys.
             if ft.reply_log_entries >= 5 && ft.reply_log_entries <= 5 + 64 {
                 Ok(())
             } else {
                 Err(format!("{ft:?}"))
             }
-        }
-    })
+        },
+    )
     .await;
     // A client's key is still answered from the log.
     let r = ingress

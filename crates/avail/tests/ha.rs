@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use avail_model::{Phase, Workload};
-use avail_testkit::{Cluster, ok, wait_until};
+use avail_testkit::{Cluster, ok};
 use hyper::Method;
 
 const BIN: &str = env!("CARGO_BIN_EXE_avail");
@@ -28,23 +28,15 @@ fn run_count_ha(c: &Cluster) {
 }
 
 async fn running_elsewhere(c: &Cluster, name: &str, not: &str) -> Workload {
-    let api = c.client();
-    let path = format!("/v1/workloads/{name}");
-    let not = not.to_string();
-    wait_until(
-        &format!("{name} running off {not}"),
+    c.wait_workload(
+        name,
+        &format!("running off {not}"),
         Duration::from_secs(30),
-        || {
-            let (api, path, not) = (api.clone(), path.clone(), not.clone());
-            async move {
-                let w: Workload = api.get(&path).await.map_err(|e| e.to_string())?;
-                if w.status.phase == Phase::Running
-                    && w.status.node.as_deref() != Some(not.as_str())
-                {
-                    Ok(w)
-                } else {
-                    Err(format!("{:?}", w.status))
-                }
+        |w| {
+            if w.status.phase == Phase::Running && w.status.node.as_deref() != Some(not) {
+                Ok(w.clone())
+            } else {
+                Err(format!("{:?}", w.status))
             }
         },
     )
@@ -103,20 +95,15 @@ async fn ha_workloads_restart_elsewhere_when_their_node_dies() {
     assert_eq!(r.status, 200);
 
     // Its restart capacity is held on the other tokyo node (another rack).
-    let api2 = api.clone();
-    wait_until("count holds a reservation", Duration::from_secs(10), || {
-        let api = api2.clone();
-        async move {
-            let w: Workload = api
-                .get("/v1/workloads/count")
-                .await
-                .map_err(|e| e.to_string())?;
-            match w.status.reservation.as_deref() {
-                Some("node-3") => Ok(()),
-                _ => Err(format!("{:?}", w.status)),
-            }
-        }
-    })
+    c.wait_workload(
+        "count",
+        "a reservation on node-3",
+        Duration::from_secs(10),
+        |w| match w.status.reservation.as_deref() {
+            Some("node-3") => Ok(()),
+            _ => Err(format!("{:?}", w.status)),
+        },
+    )
     .await;
     let killed = Instant::now();
     let i = victim.trim_start_matches("node-").parse::<usize>().unwrap() - 1;
@@ -207,26 +194,20 @@ async fn restarts_go_in_priority_order_when_capacity_is_short() {
     );
     c.kill_agent(0);
     let _ = running_elsewhere(&c, "high", "node-1").await;
-    wait_until(
-        "low pending with an explanation",
+    c.wait_workload(
+        "low",
+        "pending with an explanation",
         Duration::from_secs(30),
-        || {
-            let api = api.clone();
-            async move {
-                let w: Workload = api
-                    .get("/v1/workloads/low")
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if w.status.phase == Phase::Pending
-                    && w.status
-                        .message
-                        .as_deref()
-                        .is_some_and(|m| m.contains("short of cpu"))
-                {
-                    Ok(())
-                } else {
-                    Err(format!("{:?}", w.status))
-                }
+        |w| {
+            let short = w
+                .status
+                .message
+                .as_deref()
+                .is_some_and(|m| m.contains("short of cpu"));
+            if w.status.phase == Phase::Pending && short {
+                Ok(())
+            } else {
+                Err(format!("{:?}", w.status))
             }
         },
     )
@@ -380,21 +361,14 @@ async fn restarts_go_to_the_reserved_node_first() {
     let api = c.client();
     let w: Workload = api.get("/v1/workloads/count").await.unwrap();
     let home = w.status.node.clone().unwrap();
-    let api2 = api.clone();
-    let reserved: String = wait_until("a reservation", Duration::from_secs(10), || {
-        let api = api2.clone();
-        async move {
-            let w: Workload = api
-                .get("/v1/workloads/count")
-                .await
-                .map_err(|e| e.to_string())?;
+    let reserved: String = c
+        .wait_workload("count", "a reservation", Duration::from_secs(10), |w| {
             w.status
                 .reservation
                 .clone()
                 .ok_or(format!("{:?}", w.status))
-        }
-    })
-    .await;
+        })
+        .await;
     assert_ne!(reserved, home);
     // Load the reserved node so that a plain plan (spread: the least allocated) would
     // prefer the third node; the load (same priority) must leave the reserved capacity

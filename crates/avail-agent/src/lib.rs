@@ -188,7 +188,7 @@ pub async fn run(
     Ok(())
 }
 
-/// Fencing of level ha: every 200 ms, when the server has not answered for the
+/// Fencing of level ha: every quarter of the isolation window (at most 200 ms), when the server has not answered for the
 /// isolation window, ask the other nodes whether they still hear it. If one does, this
 /// node is the one cut off; if none answers, this node is isolated: either way its ha
 /// workloads stop before the server declares it down and restarts them elsewhere. If
@@ -196,20 +196,35 @@ pub async fn run(
 /// is restarted elsewhere meanwhile, so nothing stops.
 async fn fence_watch(sup: Arc<Supervisor>) {
     loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(
+            (sup.fence_after() / 4).clamp(Duration::from_millis(25), Duration::from_millis(200)),
+        )
+        .await;
         if !sup.isolated() || sup.is_fenced() {
             continue;
         }
+        // Every peer at once (from this node's own address, like every connection of
+        // the agent), each given a third of the isolation window to answer: the
+        // verdict must come before the server's down window ends.
+        let window = sup.fence_after();
+        let timeout = (window / 3).clamp(Duration::from_millis(50), Duration::from_millis(300));
+        let mut asks = tokio::task::JoinSet::new();
+        for url in sup.peer_ingresses() {
+            let peer = Client::new(&url, None, Some(sup.addr())).with_timeout(timeout);
+            asks.spawn(async move {
+                peer.get::<serde_json::Value>("/_avail/contact")
+                    .await
+                    .ok()
+                    .map(|v| v["contact_age_ms"].as_u64().unwrap_or(u64::MAX))
+            });
+        }
         let mut answered = 0;
         let mut server_heard_by_peer = false;
-        for url in sup.peer_ingresses() {
-            // From this node's own address, like every connection of the agent.
-            let peer =
-                Client::new(&url, None, Some(sup.addr())).with_timeout(Duration::from_millis(300));
-            if let Ok(v) = peer.get::<serde_json::Value>("/_avail/contact").await {
+        while let Some(age) = asks.join_next().await {
+            if let Ok(Some(age)) = age {
                 answered += 1;
-                let age = v["contact_age_ms"].as_u64().unwrap_or(u64::MAX);
-                if age < 1500 {
+                // Heard within the isolation window: the peer still hears the server.
+                if u128::from(age) < window.as_millis() {
                     server_heard_by_peer = true;
                 }
             }

@@ -31,8 +31,17 @@ pub const MAX_LOG_LINE_BYTES: usize = 4096;
 pub const RETRY_FAILED_AFTER: Duration = Duration::from_secs(5);
 /// Long-poll wait for desired state, ms.
 pub const DESIRED_WAIT_MS: u64 = 10_000;
-/// Isolation window before the server's lease TTL is known (a 3 s TTL less 1 s).
-pub const DEFAULT_FENCE_AFTER: Duration = Duration::from_secs(2);
+/// Isolation window before the server's down window is known (that of the default
+/// 1 s window).
+pub const DEFAULT_FENCE_AFTER: Duration = Duration::from_millis(666);
+
+/// The isolation window for a down window `ttl`: `ttl` less a margin of a third of it,
+/// at least 250 ms (and never under 100 ms in all).
+pub fn isolation_window(ttl: Duration) -> Duration {
+    let ttl = ttl.as_millis() as u64;
+    let margin = ttl.div_ceil(3).max(250);
+    Duration::from_millis(ttl.saturating_sub(margin).max(100))
+}
 
 /// What a slot holds.
 #[derive(Clone)]
@@ -535,14 +544,19 @@ impl Supervisor {
         }
     }
 
-    /// Set the isolation window from the server's lease TTL: a margin of a third of it
-    /// (at least 500 ms) before the server may declare the node down.
+    /// Set the isolation window from the server's down window (the lease TTL): a
+    /// margin of a third of it (at least 250 ms) before the server may declare the node
+    /// down, so the node's ha workloads stop serving before they are restarted
+    /// elsewhere.
     pub fn set_lease_ttl(&self, ttl: Duration) {
         if !ttl.is_zero() {
-            let margin = (ttl / 3).max(Duration::from_millis(500));
-            *self.fence_after.lock().unwrap_or_else(|p| p.into_inner()) =
-                ttl.saturating_sub(margin);
+            *self.fence_after.lock().unwrap_or_else(|p| p.into_inner()) = isolation_window(ttl);
         }
+    }
+
+    /// The isolation window in force.
+    pub fn fence_after(&self) -> Duration {
+        *self.fence_after.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// How long since the server last answered.
@@ -655,6 +669,23 @@ pub async fn follow_desired(sup: Arc<Supervisor>) {
                 tracing::warn!("desired state: {e}");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_isolation_window_ends_before_the_down_window() {
+        let ms = Duration::from_millis;
+        assert_eq!(isolation_window(ms(3000)), ms(2000));
+        assert_eq!(isolation_window(ms(1000)), ms(666));
+        assert_eq!(isolation_window(ms(600)), ms(350));
+        assert_eq!(isolation_window(ms(200)), ms(100));
+        for t in (200..10_000).step_by(50) {
+            assert!(isolation_window(ms(t)) < ms(t));
         }
     }
 }

@@ -998,7 +998,7 @@ async fn join(
             .auth
             .issue(&rec.name, Role::Agent, now_s(), crate::TOKEN_TTL_S),
         heartbeat_interval_ms: state.config.heartbeat_interval.as_millis() as u64,
-        lease_ttl_ms: state.config.lease_ttl_s * 1000,
+        lease_ttl_ms: state.config.down_after.as_millis() as u64,
     }))
 }
 

@@ -56,22 +56,88 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// How often agents heartbeat.
     pub heartbeat_interval: Duration,
-    /// A node not heard from for this long is `suspect`.
+    /// A node not heard from for this long is `suspect` (not schedulable).
     pub suspect_after: Duration,
-    /// TTL of a node's liveness lease: without a heartbeat for this long it is `down`.
-    pub lease_ttl_s: u64,
+    /// A node not heard from for this long is `down`: its `ha` workloads are restarted
+    /// elsewhere. Its agent stops them itself before that when it is cut off (fencing:
+    /// the agent's isolation window is this less a margin).
+    pub down_after: Duration,
+    /// After this server starts, no node is declared down for this long unless it was
+    /// heard and then went silent (the agents need time to find a restarted or new
+    /// control plane: no mass restart because the control plane was away).
+    pub startup_grace: Duration,
+}
+
+/// Why a liveness configuration is refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{field}: {reason}")]
+pub struct ConfigError {
+    /// The flag or field.
+    pub field: &'static str,
+    /// What is wrong.
+    pub reason: String,
 }
 
 impl ServerConfig {
-    /// Defaults fit for a LAN: heartbeat 500 ms, suspect after 1.5 s, down after 3 s.
+    /// Defaults fit for a LAN: heartbeat 200 ms, suspect after 500 ms, down after 1 s,
+    /// a grace of 5 s after a start.
     pub fn new(data_dir: PathBuf, listen: SocketAddr) -> ServerConfig {
         ServerConfig {
             data_dir,
             listen,
-            heartbeat_interval: Duration::from_millis(500),
-            suspect_after: Duration::from_millis(1500),
-            lease_ttl_s: 3,
+            heartbeat_interval: Duration::from_millis(200),
+            suspect_after: Duration::from_millis(500),
+            down_after: Duration::from_millis(1000),
+            startup_grace: Duration::from_secs(5),
         }
+    }
+
+    /// Set the liveness windows (ms), checked: heartbeat < suspect < down, the down
+    /// window at least two heartbeats and a margin for the agent to fence itself.
+    pub fn with_windows(
+        mut self,
+        heartbeat_ms: u64,
+        suspect_after_ms: u64,
+        down_after_ms: u64,
+    ) -> Result<ServerConfig, ConfigError> {
+        let err = |field, reason: String| Err(ConfigError { field, reason });
+        if !(50..=10_000).contains(&heartbeat_ms) {
+            return err(
+                "heartbeat-ms",
+                format!("{heartbeat_ms} is out of range 50..=10000"),
+            );
+        }
+        if suspect_after_ms <= heartbeat_ms {
+            return err(
+                "suspect-after-ms",
+                format!("{suspect_after_ms} must be longer than the heartbeat ({heartbeat_ms})"),
+            );
+        }
+        if down_after_ms <= suspect_after_ms || down_after_ms < 2 * heartbeat_ms + 300 {
+            return err(
+                "down-after-ms",
+                format!(
+                    "{down_after_ms} must be longer than suspect-after-ms ({suspect_after_ms}) and at least two heartbeats plus 300 ms ({})",
+                    2 * heartbeat_ms + 300
+                ),
+            );
+        }
+        if down_after_ms > 600_000 {
+            return err("down-after-ms", format!("{down_after_ms} is over 600000"));
+        }
+        self.heartbeat_interval = Duration::from_millis(heartbeat_ms);
+        self.suspect_after = Duration::from_millis(suspect_after_ms);
+        self.down_after = Duration::from_millis(down_after_ms);
+        self.startup_grace = self.startup_grace.max(self.down_after * 2);
+        Ok(self)
+    }
+
+    /// TTL of a node's liveness lease in the store, whole seconds (the store's unit):
+    /// the down window rounded up. The server declares a node down from its own clock
+    /// after [`ServerConfig::down_after`] and revokes the lease; the TTL is the backstop
+    /// when the server that renews it is gone.
+    pub fn lease_ttl_s(&self) -> u64 {
+        self.down_after.as_millis().div_ceil(1000).max(1) as u64
     }
 }
 
@@ -156,15 +222,53 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
 }
 
 async fn background(state: std::sync::Weak<AppState>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
     let mut n: u64 = 0;
     loop {
         tick.tick().await;
         let Some(s) = state.upgrade() else { return };
         s.check_liveness().await;
-        if n.is_multiple_of(4) {
+        if n.is_multiple_of(20) {
             s.place_pending().await;
         }
         n += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> ServerConfig {
+        ServerConfig::new("d".into(), "127.0.0.1:0".parse().unwrap())
+    }
+
+    #[test]
+    fn windows_are_checked_and_name_the_flag() {
+        let c = base().with_windows(100, 300, 600).unwrap();
+        assert_eq!(c.down_after, Duration::from_millis(600));
+        assert_eq!(c.lease_ttl_s(), 1);
+        assert_eq!(
+            base().with_windows(200, 500, 2500).unwrap().lease_ttl_s(),
+            3
+        );
+        // The grace covers at least two down windows.
+        assert_eq!(
+            base()
+                .with_windows(1000, 5000, 10_000)
+                .unwrap()
+                .startup_grace,
+            Duration::from_secs(20)
+        );
+        for (hb, s, d, field) in [
+            (10, 500, 1000, "heartbeat-ms"),
+            (200, 200, 1000, "suspect-after-ms"),
+            (200, 500, 500, "down-after-ms"),
+            (400, 500, 900, "down-after-ms"),
+            (200, 500, 700_000, "down-after-ms"),
+        ] {
+            let e = base().with_windows(hb, s, d).unwrap_err();
+            assert_eq!(e.field, field, "{hb} {s} {d}: {e}");
+        }
     }
 }

@@ -4,6 +4,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 type Labels = Vec<(String, String)>;
@@ -68,6 +69,15 @@ pub struct Metrics {
     pub heartbeats: Counter,
     /// Requests refused by authentication.
     pub auth_failures: Counter,
+    /// Nodes declared down.
+    pub nodes_down: Counter,
+    /// How long a node had been silent when it was declared down, seconds.
+    pub detection_seconds: Histogram,
+    /// `ha` workloads restarted on another node.
+    pub restarts: Counter,
+    /// From a node declared down to the restart of each of its `ha` workloads written
+    /// (planned and recorded), seconds.
+    pub restart_seconds: Histogram,
     /// Level `ft` figures per workload (and, for `ft_tracker`, dirty tracker), set at
     /// scrape time from what the primaries report.
     ft: Vec<(&'static str, Family<Labels, Gauge>)>,
@@ -106,6 +116,26 @@ impl Metrics {
             "Requests refused by authentication",
             auth_failures.clone(),
         );
+        let nodes_down = Counter::default();
+        registry.register("nodes_down", "Nodes declared down", nodes_down.clone());
+        let detection_seconds = Histogram::new(exponential_buckets(0.1, 1.5, 14));
+        registry.register(
+            "node_detection_seconds",
+            "How long a node had been silent when it was declared down",
+            detection_seconds.clone(),
+        );
+        let restarts = Counter::default();
+        registry.register(
+            "ha_restarts",
+            "ha workloads restarted on another node after their node went down",
+            restarts.clone(),
+        );
+        let restart_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "ha_restart_seconds",
+            "From a node declared down to each of its ha workloads' restart written",
+            restart_seconds.clone(),
+        );
         let ft: Vec<(&'static str, Family<Labels, Gauge>)> = FT_GAUGES
             .iter()
             .map(|(name, help)| {
@@ -122,6 +152,10 @@ impl Metrics {
             workloads,
             heartbeats,
             auth_failures,
+            nodes_down,
+            detection_seconds,
+            restarts,
+            restart_seconds,
             scrape_lock: std::sync::Mutex::new(()),
         }
     }

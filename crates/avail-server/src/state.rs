@@ -186,6 +186,10 @@ struct Live {
     lease: Option<LeaseId>,
 }
 
+/// Most `ha` restarts written in one store transaction (etcd's default limit on the
+/// operations of a transaction is 128).
+pub const RESTART_BATCH: usize = 100;
+
 /// How long a node an ft pair lost is kept out of secondary placements.
 pub const LOST_NODE_AVOID: Duration = Duration::from_secs(10);
 
@@ -221,6 +225,10 @@ pub struct AppState {
     lost_nodes: Mutex<HashMap<String, Instant>>,
     /// Secondary failures already recorded: (workload, node, generation).
     failed_secondaries: Mutex<HashSet<(String, String, u64)>>,
+    /// When this server started (the startup grace runs from here).
+    started: Instant,
+    /// When each node was last declared down (restart timings run from here).
+    down_at: Mutex<HashMap<String, Instant>>,
     /// Placements decided so far: the seed of each plan's random sample.
     placements: std::sync::atomic::AtomicU64,
     /// Serialises placement decisions so two never use the same capacity.
@@ -267,6 +275,8 @@ impl AppState {
             placement: tokio::sync::Mutex::new(()),
             lost_nodes: Mutex::new(HashMap::new()),
             failed_secondaries: Mutex::new(HashSet::new()),
+            started: Instant::now(),
+            down_at: Mutex::new(HashMap::new()),
             placements: std::sync::atomic::AtomicU64::new(0),
         });
         let rev = state.load().await?;
@@ -376,17 +386,29 @@ impl AppState {
         *rx.borrow()
     }
 
-    /// Current liveness state of a node.
+    /// Current liveness state of a node, from this server's clock: heard within
+    /// `suspect_after` is ready, within `down_after` suspect, then down. A node this
+    /// server has not heard since it started is suspect while its store lease holds or
+    /// the startup grace lasts, then down.
     pub fn node_state(&self, name: &str, view: &View) -> NodeState {
-        if !view.alive.contains(name) {
-            return NodeState::Down;
-        }
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         match live.get(name) {
-            Some(l) if l.last_heartbeat.elapsed() <= self.config.suspect_after => NodeState::Ready,
-            // Alive in the store but not heard by this server (it just started): not
-            // schedulable until it heartbeats, not down while its lease holds.
-            _ => NodeState::Suspect,
+            Some(l) => {
+                let silent = l.last_heartbeat.elapsed();
+                if silent <= self.config.suspect_after {
+                    NodeState::Ready
+                } else if silent <= self.config.down_after {
+                    NodeState::Suspect
+                } else {
+                    NodeState::Down
+                }
+            }
+            None if view.alive.contains(name)
+                || self.started.elapsed() < self.config.startup_grace =>
+            {
+                NodeState::Suspect
+            }
+            None => NodeState::Down,
         }
     }
 
@@ -994,7 +1016,7 @@ impl AppState {
                 .alive
                 .contains(node)
         {
-            let id = self.store.grant_lease(self.config.lease_ttl_s).await?;
+            let id = self.store.grant_lease(self.config.lease_ttl_s()).await?;
             let rev = self
                 .store
                 .put(&keys::alive(node), Vec::new(), Some(id))
@@ -1176,13 +1198,29 @@ impl AppState {
             }
         }
         for (name, st) in changed {
+            let silent = self
+                .live
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&name)
+                .map(|l| l.last_heartbeat.elapsed());
+            let what = match (st, silent) {
+                (NodeState::Down, Some(d)) => {
+                    self.metrics.nodes_down.inc();
+                    self.metrics.detection_seconds.observe(d.as_secs_f64());
+                    self.down_at
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(name.clone(), Instant::now());
+                    format!("node {name} is down: silent for {} ms", d.as_millis())
+                }
+                (NodeState::Suspect, Some(d)) => {
+                    format!("node {name} is suspect: silent for {} ms", d.as_millis())
+                }
+                _ => format!("node {name} is {}", st.as_str()),
+            };
             self.events
-                .emit(
-                    &format!("node.{}", st.as_str()),
-                    None,
-                    Some(&name),
-                    format!("node {name} is {}", st.as_str()),
-                )
+                .emit(&format!("node.{}", st.as_str()), None, Some(&name), what)
                 .await;
         }
         let down: Vec<String> = states
@@ -1190,6 +1228,19 @@ impl AppState {
             .filter(|(_, s)| *s == NodeState::Down)
             .map(|(n, _)| n.clone())
             .collect();
+        // Down by this server's clock: end the node's store lease too, so the store
+        // (and every other reader) agrees at once rather than at the lease's TTL.
+        let revoke: Vec<avail_store::LeaseId> = {
+            let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+            down.iter()
+                .filter_map(|n| live.get_mut(n).and_then(|l| l.lease.take()))
+                .collect()
+        };
+        for id in revoke {
+            if let Err(e) = self.store.revoke_lease(id).await {
+                tracing::debug!("revoking a down node's lease: {e}");
+            }
+        }
         if down.is_empty() {
             return;
         }
@@ -1225,9 +1276,7 @@ impl AppState {
                     .unwrap_or(0),
             )
         });
-        for name in ha {
-            self.restart_elsewhere(&name, &down).await;
-        }
+        self.restart_elsewhere(&ha, &down).await;
         for name in affected {
             let res = self
                 .update_status(&name, |s| {
@@ -1246,93 +1295,173 @@ impl AppState {
         }
     }
 
-    /// Restart an `ha` workload whose node is down on another node: a new incarnation
-    /// (a late report from the old copy is ignored), placed by the scheduler away from
-    /// the down nodes, written by compare-and-swap. Without room it waits `pending` with
-    /// the explanation and is placed by the pending pass when room appears.
-    async fn restart_elsewhere(&self, name: &str, down: &[String]) {
+    /// Restart `ha` workloads whose node is down on other nodes, in the order given
+    /// (highest priority first): each a new incarnation (a late report from the old copy
+    /// is ignored), to the node holding its reservation when it still fits there, else
+    /// where the scheduler puts it away from the down nodes. The whole batch is planned
+    /// on one copy of the view (each decision takes its capacity before the next) and
+    /// written in one store transaction per [`RESTART_BATCH`] workloads, with a
+    /// compare-and-swap on every workload and on the placement key. Without room a
+    /// workload waits `pending` with the explanation and is placed by the pending pass
+    /// when room appears.
+    async fn restart_elsewhere(&self, names: &[String], down: &[String]) {
+        for chunk in names.chunks(RESTART_BATCH) {
+            self.restart_batch(chunk, down).await;
+        }
+    }
+
+    async fn restart_batch(&self, names: &[String], down: &[String]) {
         let _guard = self.placement.lock().await;
         for _ in 0..5 {
-            let Some((mut w, rev)) = self.workload(name) else {
-                return;
+            let (mut work, at) = {
+                let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+                (v.sched.clone(), v.placement_rev)
             };
-            let Some(lost) = w.status.node.clone().filter(|n| down.contains(n)) else {
-                return;
-            };
-            let avoid = avail_sched::Avoid {
-                nodes: down.to_vec(),
-                fault_domain: None,
-            };
-            // The node holding its reservation first, when it still fits there.
-            let reserved = w.status.reservation.clone().filter(|r| {
-                !down.contains(r) && {
-                    let v = self.view.read().unwrap_or_else(|p| p.into_inner());
-                    v.sched
-                        .fits(r, &self.request(&w, avail_sched::Avoid::default(), None))
-                }
-            });
-            let (decision, at) = match reserved {
-                Some(r) => (
-                    Decision::Place {
+            let mut seed = self
+                .placements
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let started = Instant::now();
+            // (workload, its mod_rev, event kind, node, what, displaced, lost node)
+            let mut planned = Vec::new();
+            for name in names {
+                let Some((mut w, rev)) = self.workload(name) else {
+                    continue;
+                };
+                let Some(lost) = w.status.node.clone().filter(|n| down.contains(n)) else {
+                    continue;
+                };
+                let req = self.request(
+                    &w,
+                    avail_sched::Avoid {
+                        nodes: down.to_vec(),
+                        fault_domain: None,
+                    },
+                    None,
+                );
+                // Its reservation is its own: the node holding it first.
+                let reserved = w
+                    .status
+                    .reservation
+                    .clone()
+                    .filter(|r| !down.contains(r) && work.fits(r, &req));
+                let decision = match reserved {
+                    Some(r) => Decision::Place {
                         node: r,
                         secondary: None,
                         reservation: None,
                         displaced: vec![],
                     },
-                    self.view
-                        .read()
+                    None => {
+                        seed = seed.wrapping_add(0x9e37_79b9);
+                        avail_sched::plan(
+                            &work,
+                            std::slice::from_ref(&req),
+                            &mut avail_model::rng::SplitMix64(seed),
+                        )
+                        .decisions
+                        .into_iter()
+                        .next()
+                        .map(|(_, d)| d)
+                        .unwrap_or(Decision::Unplaceable {
+                            explanation: "no decision".into(),
+                        })
+                    }
+                };
+                // The reservation is used (or void): a new one is made by the next pass.
+                if let Some(r) = w.status.reservation.take() {
+                    work.unreserve(&r, &w.spec.name);
+                }
+                w.status.incarnation += 1;
+                w.status.restarts += 1;
+                w.status.updated_ms = now_ms();
+                match decision {
+                    Decision::Place {
+                        node, displaced, ..
+                    } => {
+                        work.allocate(&node, w.spec.resources);
+                        for d in &displaced {
+                            work.unreserve(&node, d);
+                        }
+                        w.status.phase = Phase::Placed;
+                        w.status.node = Some(node.clone());
+                        w.status.message = Some(format!("restarted: node {lost} is down"));
+                        let what = format!(
+                            "node {lost} is down: restarting on {node} (incarnation {}), planned in {} us",
+                            w.status.incarnation,
+                            started.elapsed().as_micros()
+                        );
+                        planned.push((
+                            w,
+                            rev,
+                            "workload.restarted",
+                            Some(node),
+                            what,
+                            displaced,
+                            lost,
+                        ));
+                    }
+                    Decision::Unplaceable { explanation } => {
+                        w.status.phase = Phase::Pending;
+                        w.status.node = None;
+                        let what =
+                            format!("node {lost} is down and no node can take it: {explanation}");
+                        w.status.message = Some(format!("unplaceable: {what}"));
+                        planned.push((w, rev, "workload.unplaceable", None, what, vec![], lost));
+                    }
+                }
+            }
+            if planned.is_empty() {
+                return;
+            }
+            let mut txn = avail_store::Txn {
+                compares: vec![avail_store::Compare::ModRev(keys::PLACEMENT.into(), at)],
+                success: vec![avail_store::Op::Put {
+                    key: keys::PLACEMENT.into(),
+                    value: b"restart".to_vec(),
+                    lease: None,
+                }],
+                failure: vec![],
+            };
+            for (w, rev, ..) in &planned {
+                let key = keys::workload(&w.spec.name);
+                txn.compares
+                    .push(avail_store::Compare::ModRev(key.clone(), *rev));
+                txn.success.push(avail_store::Op::Put {
+                    key,
+                    value: serde_json::to_vec(w).expect("workload serialises"),
+                    lease: None,
+                });
+            }
+            match self.store.txn(txn).await {
+                Ok(r) if r.succeeded => {
+                    self.wait_view(r.revision).await;
+                    self.metrics.restarts.inc_by(planned.len() as u64);
+                    let down_at = self
+                        .down_at
+                        .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .placement_rev,
-                ),
-                None => self.decide_avoiding(&w, Some(avoid), None),
-            };
-            // The reservation is used (or void): a new one is made by the next pass.
-            w.status.reservation = None;
-            w.status.incarnation += 1;
-            w.status.restarts += 1;
-            w.status.updated_ms = now_ms();
-            let mut displaced = Vec::new();
-            let (kind, node, what) = match decision {
-                Decision::Place {
-                    node, displaced: d, ..
-                } => {
-                    displaced = d;
-                    w.status.phase = Phase::Placed;
-                    w.status.node = Some(node.clone());
-                    w.status.message = Some(format!("restarted: node {lost} is down"));
-                    let what = format!(
-                        "node {lost} is down: restarting on {node} (incarnation {})",
-                        w.status.incarnation
-                    );
-                    ("workload.restarted", Some(node), what)
-                }
-                Decision::Unplaceable { explanation } => {
-                    w.status.phase = Phase::Pending;
-                    w.status.node = None;
-                    let what =
-                        format!("node {lost} is down and no node can take it: {explanation}");
-                    w.status.message = Some(format!("unplaceable: {what}"));
-                    ("workload.unplaceable", None, what)
-                }
-            };
-            let written = if node.is_some() {
-                self.write_placement(&w, rev, at).await
-            } else {
-                self.write_workload(&w, rev).await
-            };
-            match written {
-                Ok(_) => {
-                    self.events
-                        .emit(kind, Some(name), node.as_deref(), what)
-                        .await;
-                    if let Some(n) = &node {
-                        self.release_displaced(&displaced, n).await;
+                        .clone();
+                    for p in planned.iter().filter(|p| p.3.is_some()) {
+                        if let Some(at) = down_at.get(&p.6) {
+                            self.metrics
+                                .restart_seconds
+                                .observe(at.elapsed().as_secs_f64());
+                        }
+                    }
+                    for (w, _, kind, node, what, displaced, _) in planned {
+                        self.events
+                            .emit(kind, Some(&w.spec.name), node.as_deref(), what)
+                            .await;
+                        if let Some(n) = &node {
+                            self.release_displaced(&displaced, n).await;
+                        }
                     }
                     return;
                 }
-                Err(StateError::StalePlan | StateError::Conflict(_)) => continue,
+                // Another placement or a status report came first: plan again.
+                Ok(_) => continue,
                 Err(e) => {
-                    tracing::warn!(workload = %name, "restart not recorded: {e}");
+                    tracing::warn!("restarts not recorded: {e}");
                     return;
                 }
             }

@@ -143,6 +143,16 @@ struct ServerArgs {
     /// Listen address.
     #[arg(long, default_value = "127.0.0.1:7400")]
     listen: SocketAddr,
+    /// How often agents heartbeat, ms.
+    #[arg(long, default_value_t = 200)]
+    heartbeat_ms: u64,
+    /// A node silent this long is `suspect` (no new placements), ms.
+    #[arg(long, default_value_t = 500)]
+    suspect_after_ms: u64,
+    /// A node silent this long is `down` and its `ha` workloads restart elsewhere, ms.
+    /// Its agent, if it is only cut off, stops them itself before that (fencing).
+    #[arg(long, default_value_t = 1000)]
+    down_after_ms: u64,
 }
 
 #[derive(Args, Debug)]
@@ -435,7 +445,9 @@ fn client(conn: ConnArgs) -> Result<Client, CliError> {
 }
 
 async fn server(a: ServerArgs) -> CliResult {
-    let config = avail_server::ServerConfig::new(a.data_dir.clone(), a.listen);
+    let config = avail_server::ServerConfig::new(a.data_dir.clone(), a.listen)
+        .with_windows(a.heartbeat_ms, a.suspect_after_ms, a.down_after_ms)
+        .map_err(|e| CliError::invalid(format!("--{e}")))?;
     let running = avail_server::start(config)
         .await
         .map_err(|e| CliError::fail(e.to_string()))?;

@@ -319,6 +319,34 @@ async fn corrupt_store_file_is_a_clear_error() {
 }
 
 #[test]
+fn bad_liveness_windows_are_refused_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    for (flag, value, named) in [
+        ("--down-after-ms", "400", "--down-after-ms"),
+        ("--heartbeat-ms", "5", "--heartbeat-ms"),
+        ("--suspect-after-ms", "100", "--suspect-after-ms"),
+    ] {
+        let out = std::process::Command::new(BIN)
+            .args([
+                "server",
+                "--data-dir",
+                dir.path().join("server").to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+                flag,
+                value,
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(named), "{flag} {value}: {err}");
+    }
+    // Nothing was created by a refused start.
+    assert!(!dir.path().join("server").join("store.redb").exists());
+}
+
+#[test]
 fn cli_basics_and_missing_context() {
     let home = tempfile::tempdir().unwrap();
     let run = |args: &[&str]| {

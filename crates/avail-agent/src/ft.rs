@@ -31,7 +31,7 @@ use avail_driver::wasm::ft::{FtGuest, FtModule};
 use avail_driver::{HttpRequest, HttpResponse, Instance, InstanceStatus};
 use avail_model::agent::{InstanceState, LeaseReply, LeaseRequest, Peer, ReplicaRole};
 use avail_model::spec::SecondaryLoss;
-use avail_model::{FtStatus, WorkloadSpec};
+use avail_model::{FtStatus, Level, WorkloadSpec};
 use avail_statepoint::frame::{self, Frame};
 use avail_statepoint::pair::{
     LossPolicy, Msg, OutputId, PairConfig, Primary, PrimaryAction, PrimaryMode, Secondary,
@@ -163,6 +163,8 @@ async fn read_wire(
 enum Cmd {
     Request(HttpRequest, oneshot::Sender<HttpResponse>),
     Peer(Option<Peer>, u64),
+    /// The control plane's assignment changed: level, role, peer, generation.
+    Assign(Level, ReplicaRole, Option<Peer>, u64),
     Link(TcpStream),
     FromPeer(Wire),
     /// The link with this number went down.
@@ -183,6 +185,10 @@ struct Report {
     ft: FtStatus,
     failed: Option<String>,
     promoted: bool,
+    /// A standby made active: the checkpoint epoch it resumed from (none: fresh).
+    resumed_epoch: Option<u64>,
+    /// Guests made afresh after a fault.
+    restarts: u32,
 }
 
 /// The handle of one replica: the slot's instance.
@@ -279,29 +285,32 @@ impl FtReplica {
             failure_ms: 150,
             ..PairConfig::default()
         };
-        let policy = match spec.ft.on_secondary_loss {
-            SecondaryLoss::Hold => LossPolicy::Hold,
-            SecondaryLoss::Release => LossPolicy::Release,
-        };
+        let level = spec.level;
+        let policy = policy_of(&spec);
         let now = now_ms();
         let state = match role {
             ReplicaRole::Active => {
                 let guest = tokio::task::block_in_place(|| module.fresh())?;
-                let machine = if peer.is_some() {
+                let mut machine = if peer.is_some() {
                     Primary::new(cfg, policy, generation, now)
                 } else {
                     Primary::promoted(cfg, policy, generation, now)
                 };
+                machine.set_commit(level == Level::Ft);
                 Role::Primary(Box::new(PrimaryState::new(machine, guest)))
             }
-            ReplicaRole::Secondary => Role::Secondary(Box::new(SecondaryState {
-                machine: Secondary::new(cfg, generation, now),
-                image: StateImage::default(),
-                log: ReplyLog::default(),
-                clock_ms: 0,
-                budget: ctx.budget.clone(),
-                reserved: 0,
-            })),
+            ReplicaRole::Secondary => {
+                let mut machine = Secondary::new(cfg, generation, now);
+                machine.set_promote(level == Level::Ft);
+                Role::Secondary(Box::new(SecondaryState {
+                    machine,
+                    image: StateImage::default(),
+                    log: ReplyLog::default(),
+                    clock_ms: 0,
+                    budget: ctx.budget.clone(),
+                    reserved: 0,
+                }))
+            }
         };
         let actor = Actor {
             main: tokio::runtime::Handle::current(),
@@ -311,6 +320,7 @@ impl FtReplica {
             module,
             cfg,
             policy,
+            level,
             tx: control.clone(),
             report: report.clone(),
             peer: None,
@@ -370,6 +380,20 @@ impl FtReplica {
         }
     }
 
+    /// The control plane's assignment changed while this replica runs: its level (a
+    /// live level change: output commit on or off, a standby that does or does not take
+    /// over on its own), its role (a standby made active: an `ha` restart onto the
+    /// node holding its checkpoint), its peer and generation.
+    pub fn assign(&self, level: Level, role: ReplicaRole, peer: Option<Peer>, generation: u64) {
+        if self
+            .control
+            .try_send(Cmd::Assign(level, role, peer, generation))
+            .is_err()
+        {
+            tracing::error!(workload = %self.workload, "replica control queue full: assignment lost");
+        }
+    }
+
     /// Hand an accepted link to this replica (a secondary).
     pub fn link(&self, stream: TcpStream) {
         let _ = self.control.try_send(Cmd::Link(stream));
@@ -401,7 +425,7 @@ impl Instance for FtReplica {
             } else {
                 InstanceState::Running
             },
-            restarts: 0,
+            restarts: r.restarts,
             message: r.failed.clone(),
         }
     }
@@ -420,6 +444,25 @@ impl FtReplica {
     }
 }
 
+/// What a primary does with held outputs when its secondary is lost: the spec's choice
+/// at level `ft`; nothing is held at the other levels.
+fn policy_of(spec: &WorkloadSpec) -> LossPolicy {
+    match (spec.level, spec.ft.on_secondary_loss) {
+        (Level::Ft, SecondaryLoss::Hold) => LossPolicy::Hold,
+        _ => LossPolicy::Release,
+    }
+}
+
+/// How often an epoch ends: every checkpoint epoch at `ft`, every checkpoint interval
+/// at `ha` (to the standby), and rarely at `none` (no peer: nothing is sent).
+fn epoch_period(level: Level, spec: &WorkloadSpec) -> Duration {
+    Duration::from_millis(match level {
+        Level::Ft => u64::from(spec.ft.epoch_ms.max(1)),
+        Level::Ha => u64::from(spec.ha.checkpoint_ms.max(1)),
+        Level::None => 60_000,
+    })
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -436,6 +479,8 @@ struct PrimaryState {
     next_output: OutputId,
     checkpoints: u64,
     inflight_bytes: BTreeMap<u64, u64>,
+    /// Guests made afresh after a fault (levels below ft).
+    restarts: u32,
 }
 
 impl PrimaryState {
@@ -448,6 +493,7 @@ impl PrimaryState {
             next_output: 1,
             checkpoints: 0,
             inflight_bytes: BTreeMap::new(),
+            restarts: 0,
         }
     }
 }
@@ -484,6 +530,8 @@ struct Actor {
     module: FtModule,
     cfg: PairConfig,
     policy: LossPolicy,
+    /// The level in force (changes live).
+    level: Level,
     tx: mpsc::Sender<Cmd>,
     report: Arc<Mutex<Report>>,
     peer: Option<Peer>,
@@ -518,8 +566,8 @@ impl Actor {
         generation: u64,
     ) {
         self.set_peer(peer, generation);
-        let epoch = Duration::from_millis(u64::from(self.spec.ft.epoch_ms.max(1)));
-        let mut epoch_timer = tokio::time::interval(epoch);
+        let mut period = epoch_period(self.level, &self.spec);
+        let mut epoch_timer = tokio::time::interval(period);
         epoch_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         loop {
@@ -558,6 +606,14 @@ impl Actor {
             if matches!(self.state, Role::Done) {
                 break;
             }
+            // A level change changes the epoch's length.
+            let now = epoch_period(self.level, &self.spec);
+            if now != period {
+                period = now;
+                epoch_timer =
+                    tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                epoch_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            }
         }
         if let Role::Primary(p) = &mut self.state {
             for (_, (tx, _, _)) in p.held.drain() {
@@ -588,6 +644,7 @@ impl Actor {
             Role::Primary(p) => {
                 r.role = ReplicaRole::Active;
                 r.generation = p.machine.generation();
+                r.restarts = p.restarts;
                 let oldest = p.held.values().map(|(_, _, t)| *t).min();
                 r.ft = FtStatus {
                     mode: format!("{:?}", p.machine.mode()).to_lowercase(),
@@ -780,6 +837,9 @@ impl Actor {
         match cmd {
             Cmd::Stop => return false,
             Cmd::Peer(peer, generation) => self.set_peer(peer, generation),
+            Cmd::Assign(level, role, peer, generation) => {
+                self.assign(level, role, peer, generation)
+            }
             Cmd::Link(stream) => {
                 self.attach_link(stream);
                 if let Role::Primary(p) = &mut self.state {
@@ -869,7 +929,27 @@ impl Actor {
                 }
             }
             None => {
-                let resp = p.guest.call(&req);
+                let resp = match p.guest.call(&req) {
+                    Ok(r) => r,
+                    // At ft the guest goes on from the state the fault left (the
+                    // checkpoints describe it). Below ft it is made afresh, like a plain
+                    // instance, and a standby gets a full image of the new one.
+                    Err(r) if self.level == Level::Ft => r,
+                    Err(r) => {
+                        match self.module.fresh() {
+                            Ok(g) => {
+                                p.guest = g;
+                                p.machine.resync();
+                                tracing::warn!(workload = %self.spec.name, "guest fault: instance made afresh");
+                            }
+                            Err(e) => {
+                                tracing::error!(workload = %self.spec.name, "guest fault, and a fresh instance failed: {e}")
+                            }
+                        }
+                        p.restarts += 1;
+                        r
+                    }
+                };
                 if let (Some(k), true) = (key, logged) {
                     p.log.insert(
                         k,
@@ -895,6 +975,7 @@ impl Actor {
     /// end the epoch now instead of at the timer.
     fn end_epoch_early(&mut self) {
         if let Role::Primary(p) = &self.state
+            && p.machine.commit()
             && p.machine.waiting()
             && p.machine.inflight() < LOW_LATENCY_INFLIGHT
         {
@@ -1097,6 +1178,88 @@ impl Actor {
         }
     }
 
+    /// The control plane's assignment changed (see [`FtReplica::assign`]).
+    fn assign(&mut self, level: Level, role: ReplicaRole, peer: Option<Peer>, generation: u64) {
+        if level != self.level {
+            tracing::info!(workload = %self.spec.name, from = self.level.as_str(), to = level.as_str(), "level changed live");
+            self.level = level;
+            self.spec.level = level;
+            self.policy = policy_of(&self.spec);
+        }
+        let ft = level == Level::Ft;
+        match &mut self.state {
+            Role::Primary(p) => {
+                p.machine.set_policy(self.policy);
+                let a = p.machine.set_commit(ft);
+                self.primary_actions(a);
+            }
+            Role::Secondary(s) => {
+                s.machine.set_promote(ft);
+                // An ha restart onto this standby's node: resume from its checkpoint.
+                if role == ReplicaRole::Active && !ft {
+                    self.activate(generation);
+                }
+            }
+            Role::Done => {}
+        }
+        if peer.is_none() && self.peer.is_some() {
+            // The secondary or standby was taken away (a lower level, a reservation
+            // moved): on alone, nothing held, no lease asked.
+            if let Role::Primary(p) = &mut self.state {
+                tracing::info!(workload = %self.spec.name, "peer taken away: running alone");
+                let a = p.machine.detach();
+                self.primary_actions(a);
+            }
+            self.drop_link();
+            if let Some(old) = self.dial_task.take() {
+                old.abort();
+            }
+        }
+        self.set_peer(peer, generation);
+    }
+
+    /// A standby made active (level `ha`: its primary's node is down and the control
+    /// plane restarted the workload here): the guest resumes from the last checkpoint
+    /// it applied, or starts fresh when it never had one.
+    fn activate(&mut self, generation: u64) {
+        let Role::Secondary(mut s) = std::mem::replace(&mut self.state, Role::Done) else {
+            return;
+        };
+        let epoch = s.machine.applied_epoch();
+        let guest = match epoch {
+            Some(_) => self.module.restored(&s.image, s.clock_ms),
+            None => self.module.fresh(),
+        };
+        match guest {
+            Ok(guest) => {
+                match epoch {
+                    Some(e) => {
+                        tracing::info!(workload = %self.spec.name, generation, epoch = e, "standby made active: resuming from its last checkpoint")
+                    }
+                    None => {
+                        tracing::warn!(workload = %self.spec.name, generation, "standby made active without a checkpoint: starting fresh")
+                    }
+                }
+                let mut machine = Primary::promoted(self.cfg, self.policy, generation, now_ms());
+                machine.set_commit(self.level == Level::Ft);
+                let mut p = PrimaryState::new(machine, guest);
+                p.log = std::mem::take(&mut s.log);
+                self.state = Role::Primary(Box::new(p));
+                self.drop_link();
+                let mut r = self.report.lock().unwrap_or_else(|p| p.into_inner());
+                r.promoted = true;
+                r.role = ReplicaRole::Active;
+                r.generation = generation;
+                r.resumed_epoch = epoch;
+            }
+            Err(e) => {
+                tracing::error!(workload = %self.spec.name, "activation failed: {e}");
+                self.report.lock().unwrap_or_else(|p| p.into_inner()).failed =
+                    Some(format!("activation failed: {e}"));
+            }
+        }
+    }
+
     fn promote(&mut self, generation: u64, epoch: u64) {
         let Role::Secondary(mut s) = std::mem::replace(&mut self.state, Role::Done) else {
             return;
@@ -1104,10 +1267,9 @@ impl Actor {
         match self.module.restored(&s.image, s.clock_ms) {
             Ok(guest) => {
                 tracing::info!(workload = %self.spec.name, generation, epoch, "promoted: resuming from the last applied checkpoint");
-                let mut p = PrimaryState::new(
-                    Primary::promoted(self.cfg, self.policy, generation, now_ms()),
-                    guest,
-                );
+                let mut machine = Primary::promoted(self.cfg, self.policy, generation, now_ms());
+                machine.set_commit(self.level == Level::Ft);
+                let mut p = PrimaryState::new(machine, guest);
                 p.log = std::mem::take(&mut s.log);
                 self.state = Role::Primary(Box::new(p));
                 self.drop_link();

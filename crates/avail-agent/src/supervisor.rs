@@ -80,30 +80,42 @@ enum Fit {
     Restart,
 }
 
-fn fit(slot: &Slot, a: &Assignment) -> Fit {
-    if slot.assignment.uid != a.uid || slot.assignment.spec != a.spec {
-        return Fit::Restart;
+/// Whether two specs describe the same run: equal but for the level, which changes
+/// live.
+fn same_run(a: &avail_model::WorkloadSpec, b: &avail_model::WorkloadSpec) -> bool {
+    a.level == b.level || {
+        let mut x = a.clone();
+        x.level = b.level;
+        x == *b
     }
-    if a.spec.level != Level::Ft {
-        return if slot.assignment == *a {
-            Fit::Same
-        } else {
-            Fit::Restart
-        };
+}
+
+fn fit(slot: &Slot, a: &Assignment) -> Fit {
+    if slot.assignment.uid != a.uid || !same_run(&slot.assignment.spec, &a.spec) {
+        return Fit::Restart;
     }
     if slot.assignment == *a {
         return Fit::Same;
     }
-    // An ft replica keeps running across peer changes and its own promotion.
-    let (role, generation) = match &slot.ft {
-        Some(r) => (r.role(), r.generation()),
-        None => (slot.assignment.role, slot.assignment.generation),
+    let Some(r) = &slot.ft else {
+        // A plain instance (a process, a wasm module the checkpoint rewrite refused, or
+        // one still starting): a change between none and ha keeps it; ft cannot run on
+        // it; another run or role is a new instance.
+        // Still starting: the start takes the newest assignment of the same run when
+        // it is done.
+        let same = a.role == slot.assignment.role && a.incarnation == slot.assignment.incarnation;
+        let keep = same && (a.spec.level != Level::Ft || matches!(slot.state, SlotState::Starting));
+        return if keep { Fit::Update } else { Fit::Restart };
     };
+    // A replica keeps running across level changes, peer changes, its own promotion
+    // (ft) and its activation (an ha standby restarted as the active copy).
+    let (role, generation) = (r.role(), r.generation());
     let ok = match (role, a.role) {
         (ReplicaRole::Active, ReplicaRole::Active) => a.generation >= generation,
         (ReplicaRole::Secondary, ReplicaRole::Secondary) => a.generation == generation,
-        // The server already recorded this secondary's takeover; the replica hears the
-        // lease answer on its own (or has just heard it).
+        // ft: the server already recorded this secondary's takeover; the replica hears
+        // the lease answer on its own (or has just heard it). ha: the server restarted
+        // the workload here, onto the standby's checkpoint.
         (ReplicaRole::Secondary, ReplicaRole::Active) => a.generation == generation + 1,
         (ReplicaRole::Active, ReplicaRole::Secondary) => false,
     };
@@ -312,9 +324,12 @@ impl Supervisor {
                 let keep = match wanted.get(name.as_str()).map(|a| (fit(slot, a), a)) {
                     Some((Fit::Same, _)) => true,
                     Some((Fit::Update, a)) => {
+                        if slot.assignment.spec.level != a.spec.level {
+                            tracing::info!(workload = %name, from = slot.assignment.spec.level.as_str(), to = a.spec.level.as_str(), "level change");
+                        }
                         slot.assignment = (*a).clone();
                         if let Some(r) = &slot.ft {
-                            updates.push((r.clone(), a.peer.clone(), a.generation));
+                            updates.push((r.clone(), (*a).clone()));
                         }
                         true
                     }
@@ -354,8 +369,8 @@ impl Supervisor {
                 }
             }
         }
-        for (r, peer, generation) in updates {
-            r.set_peer(peer, generation);
+        for (r, a) in updates {
+            r.assign(a.spec.level, a.role, a.peer, a.generation);
         }
         for i in to_stop {
             tokio::spawn(async move { i.stop().await });
@@ -376,13 +391,9 @@ impl Supervisor {
         // this run if uid, spec and role hold.
         let current = slots.get_mut(&spec.name).filter(|s| {
             s.assignment.uid == a.uid
-                && s.assignment.spec == a.spec
+                && same_run(&s.assignment.spec, &a.spec)
                 && s.assignment.role == a.role
-                && (if a.spec.level == Level::Ft {
-                    s.assignment.generation == a.generation
-                } else {
-                    s.assignment.incarnation == a.incarnation
-                })
+                && s.assignment.incarnation == a.incarnation
                 && matches!(s.state, SlotState::Starting)
         });
         match (current, result) {
@@ -390,7 +401,8 @@ impl Supervisor {
                 if let Some(r) = &ft
                     && slot.assignment != a
                 {
-                    r.set_peer(slot.assignment.peer.clone(), slot.assignment.generation);
+                    let now = &slot.assignment;
+                    r.assign(now.spec.level, now.role, now.peer.clone(), now.generation);
                 }
                 slot.state = SlotState::Running(inst);
                 slot.ft = ft;
@@ -417,22 +429,40 @@ impl Supervisor {
     ) -> Result<(Arc<dyn Instance>, Option<Arc<FtReplica>>), String> {
         let spec = &a.spec;
         let logs = self.log_sink(&spec.name);
-        if spec.level == Level::Ft {
-            // A fresh guest only for the first run of a pair: later generations exist
-            // only as a checkpoint chain, and starting from nothing would silently lose
-            // state that clients saw.
-            if a.role == ReplicaRole::Active && a.generation > 1 {
+        if spec.driver == DriverKind::Wasm {
+            // A fresh guest only for the first run of an ft pair: later generations
+            // exist only as a checkpoint chain, and starting from nothing would silently
+            // lose state that clients saw.
+            if spec.level == Level::Ft && a.role == ReplicaRole::Active && a.generation > 1 {
                 return Err(format!(
                     "no replica state to resume generation {} from: the pair's replicas are gone",
                     a.generation
                 ));
             }
             let bytes = self.fetch_module(&spec.artifact).await?;
-            let module = self
-                .wasm
-                .ft_module(spec, bytes, logs)
-                .await
-                .map_err(|e| e.to_string())?;
+            // Every wasm workload runs as a replica of the checkpointing engine, so its
+            // level can change live. A module the checkpoint rewrite refuses (shared
+            // memory, reference-typed state) runs as a plain instance at none or ha
+            // (restarted fresh), and cannot be made ft.
+            let module = match self.wasm.ft_module(spec, bytes.clone(), logs.clone()).await {
+                Ok(m) => m,
+                Err(e) if spec.level != Level::Ft && a.role == ReplicaRole::Active => {
+                    logs(format!(
+                        "avail: no checkpoints for this module ({e}): it runs without live level changes or ha checkpoints"
+                    ));
+                    return self
+                        .wasm
+                        .start(StartSpec {
+                            spec,
+                            module: Some(bytes),
+                            logs,
+                        })
+                        .await
+                        .map(|i| (i, None))
+                        .map_err(|e| e.to_string());
+                }
+                Err(e) => return Err(e.to_string()),
+            };
             let ctx = FtContext {
                 addr: self.cfg.addr,
                 client: self.client(),

@@ -234,6 +234,17 @@ impl Client {
             .await
     }
 
+    /// PUT a JSON body, read a JSON reply.
+    pub async fn put<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let bytes = Bytes::from(serde_json::to_vec(body).expect("request serialises"));
+        self.call(Method::PUT, path, Some((bytes, "application/json")))
+            .await
+    }
+
     /// PATCH a JSON body, read a JSON reply.
     pub async fn patch<B: Serialize, T: DeserializeOwned>(
         &self,

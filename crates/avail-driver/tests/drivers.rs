@@ -225,7 +225,7 @@ async fn ft_guest_resumes_from_an_image_and_its_clock_never_goes_back() {
     let m = d.ft_module(&s, module("faulty"), logs().0).await.unwrap();
     let mut primary = m.fresh().unwrap();
     for _ in 0..3 {
-        assert_eq!(primary.call(&get("/count")).status, 200);
+        assert_eq!(primary.call(&get("/count")).unwrap().status, 200);
     }
     let mut image = StateImage::default();
     image.apply(&primary.capture(vec![]).unwrap()).unwrap();
@@ -234,11 +234,12 @@ async fn ft_guest_resumes_from_an_image_and_its_clock_never_goes_back() {
     let ahead = primary.clock_ms().max(0) + 3_600_000;
     let mut restored = m.restored(&image, ahead).unwrap();
     assert_eq!(
-        &restored.call(&get("/count")).body[..],
+        &restored.call(&get("/count")).unwrap().body[..],
         br#"{"count":4}"#,
         "state carried over"
     );
-    let now: serde_json::Value = serde_json::from_slice(&restored.call(&get("/now")).body).unwrap();
+    let now: serde_json::Value =
+        serde_json::from_slice(&restored.call(&get("/now")).unwrap().body).unwrap();
     assert!(now["now_ms"].as_i64().unwrap() >= ahead, "{now}");
     assert!(restored.clock_ms() >= ahead);
 }

@@ -150,14 +150,23 @@ pub struct HaSpec {
     /// Restart order when capacity is short: higher first.
     #[serde(default = "default_priority")]
     pub priority: i32,
+    /// wasm: how often the running copy sends a checkpoint to the standby on its
+    /// reserved node, ms; a restart there resumes from the last one (the recovery point
+    /// is at most this old). 100..=60000.
+    #[serde(default = "default_checkpoint_ms")]
+    pub checkpoint_ms: u32,
 }
 fn default_priority() -> i32 {
     100
+}
+fn default_checkpoint_ms() -> u32 {
+    1000
 }
 impl Default for HaSpec {
     fn default() -> Self {
         HaSpec {
             priority: default_priority(),
+            checkpoint_ms: default_checkpoint_ms(),
         }
     }
 }
@@ -393,6 +402,12 @@ impl WorkloadSpec {
         }
         if self.ft.epoch_ms == 0 || self.ft.epoch_ms > 10_000 {
             return Err(ValidationError::new("ft.epoch_ms", "must be 1..=10000"));
+        }
+        if !(100..=60_000).contains(&self.ha.checkpoint_ms) {
+            return Err(ValidationError::new(
+                "ha.checkpoint_ms",
+                "must be 100..=60000",
+            ));
         }
         if self.timeout_ms < 10 || self.timeout_ms > 600_000 {
             return Err(ValidationError::new("timeout_ms", "must be 10..=600000"));

@@ -229,6 +229,7 @@ pub fn router(state: AppStateRef) -> Router {
             get(get_workload).delete(delete_workload),
         )
         .route("/v1/workloads/{name}/events", get(workload_events))
+        .route("/v1/workloads/{name}/level", put(set_workload_level))
         .route("/v1/workloads/{name}/logs", get(workload_logs))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{name}", get(get_node))
@@ -442,8 +443,8 @@ async fn create_workload(
                 w.status.phase = Phase::Placed;
                 w.status.node = Some(node.clone());
                 w.status.incarnation = 1;
+                w.status.generation = 1;
                 if w.spec.level == avail_model::Level::Ft {
-                    w.status.generation = 1;
                     w.status.level_state = Some("ft:unprotected".into());
                 }
                 state.write_placement(&w, 0, at).await
@@ -668,6 +669,47 @@ async fn get_node(
         .find(|n| n.name == name)
         .map(Json)
         .ok_or_else(|| ApiErr::not_found("node", &name))
+}
+
+/// A live level change: `PUT /v1/workloads/<name>/level`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LevelChange {
+    /// The new level.
+    pub level: avail_model::Level,
+}
+
+#[utoipa::path(put, path = "/v1/workloads/{name}/level", params(("name" = String, Path)), request_body = LevelChange,
+    responses((status = 200, body = Workload, description = "the workload with its new level (the new protection is set up in the background: watch level_state)"),
+        (status = 400, description = "a level the workload cannot have, the field named"), (status = 404)),
+    security(("bearer" = [])))]
+async fn set_workload_level(
+    _: Admin,
+    State(state): State<AppStateRef>,
+    Path(name): Path<String>,
+    body: Body,
+) -> ApiResult<Json<Workload>> {
+    let change: serde_json::Value = read_json(body).await?;
+    let change: LevelChange = serde_json::from_value(change).map_err(|e| {
+        let field = if e.to_string().contains("unknown field") {
+            "body"
+        } else {
+            "level"
+        };
+        ApiErr::invalid(field, e.to_string())
+    })?;
+    let Some((w, _)) = state.workload(&name) else {
+        return Err(ApiErr::not_found("workload", &name));
+    };
+    // The spec must hold at the new level (process: no ft; ft: memory bound).
+    let mut spec = w.spec.clone();
+    spec.level = change.level;
+    spec.validate()
+        .map_err(|e| ApiErr(StatusCode::BAD_REQUEST, e.into()))?;
+    match state.set_level(&name, change.level).await? {
+        Some((w, _)) => Ok(Json(w)),
+        None => Err(ApiErr::not_found("workload", &name)),
+    }
 }
 
 /// A change of a node's tags: `set` adds or replaces, `remove` deletes (also a tag the
@@ -1099,8 +1141,8 @@ async fn pair_secondary_failed(
     info(title = "avail API", description = "Control plane of avail. Errors are `{\"error\": {\"code\", \"message\", \"field\"}}`."),
     paths(livez, readyz, metrics, create_workload, list_workloads, get_workload, delete_workload, workload_events, workload_logs,
           list_nodes, get_node, events, put_artifact, get_artifact, join, heartbeat, desired, pair_lease,
-          pair_secondary_failed, patch_node_tags),
-    components(schemas(Deleted, ArtifactRef, HeartbeatReply, TagChange, PlanPreview)),
+          pair_secondary_failed, patch_node_tags, set_workload_level),
+    components(schemas(Deleted, ArtifactRef, HeartbeatReply, TagChange, PlanPreview, LevelChange)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -75,6 +75,8 @@ pub struct Metrics {
     pub detection_seconds: Histogram,
     /// `ha` workloads restarted on another node.
     pub restarts: Counter,
+    /// Live level changes.
+    pub level_changes: Counter,
     /// From a node declared down to the restart of each of its `ha` workloads written
     /// (planned and recorded), seconds.
     pub restart_seconds: Histogram,
@@ -130,6 +132,12 @@ impl Metrics {
             "ha workloads restarted on another node after their node went down",
             restarts.clone(),
         );
+        let level_changes = Counter::default();
+        registry.register(
+            "level_changes",
+            "Live level changes of workloads",
+            level_changes.clone(),
+        );
         let restart_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         registry.register(
             "ha_restart_seconds",
@@ -155,6 +163,7 @@ impl Metrics {
             nodes_down,
             detection_seconds,
             restarts,
+            level_changes,
             restart_seconds,
             scrape_lock: std::sync::Mutex::new(()),
         }

@@ -186,6 +186,16 @@ struct Live {
     lease: Option<LeaseId>,
 }
 
+/// The node of a workload's other replica: the `ft` secondary, or the standby of an
+/// `ha` wasm workload on the node holding its reservation.
+pub fn replica_node(w: &Workload) -> Option<&str> {
+    match (w.spec.level, w.spec.driver) {
+        (Level::Ft, _) => w.status.secondary.as_deref(),
+        (Level::Ha, avail_model::DriverKind::Wasm) => w.status.reservation.as_deref(),
+        _ => None,
+    }
+}
+
 /// Most `ha` restarts written in one store transaction (etcd's default limit on the
 /// operations of a transaction is 128).
 pub const RESTART_BATCH: usize = 100;
@@ -696,8 +706,8 @@ impl AppState {
                 w.status.incarnation += 1;
                 w.status.message = None;
                 w.status.updated_ms = now_ms();
+                w.status.generation = w.status.generation.max(1);
                 if w.spec.level == Level::Ft {
-                    w.status.generation = w.status.generation.max(1);
                     w.status.level_state = Some("ft:unprotected".into());
                 }
                 // A stale plan is tried again at the next pass (every second).
@@ -845,6 +855,33 @@ impl AppState {
         let Some((w, _)) = self.workload(name) else {
             return;
         };
+        if w.spec.level == Level::Ha && w.status.reservation.as_deref() == Some(node) {
+            // An ha standby that cannot hold the checkpoints: the reservation moves
+            // elsewhere (the next reservation pass), away from this node for a while.
+            self.lost_nodes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(node.to_string(), Instant::now());
+            let _ = self
+                .update_status(name, |s| {
+                    if s.reservation.as_deref() == Some(node) {
+                        s.reservation = None;
+                    }
+                })
+                .await;
+            self.events
+                .emit(
+                    "workload.standby_failed",
+                    Some(name),
+                    Some(node),
+                    format!(
+                        "standby on {node} failed: {}",
+                        why.unwrap_or("no reason given")
+                    ),
+                )
+                .await;
+            return;
+        }
         if w.spec.level != Level::Ft || generation > w.status.generation {
             return;
         }
@@ -1082,8 +1119,8 @@ impl AppState {
                         s.phase = phase;
                         s.restarts = inst.restarts;
                         s.message = inst.message.clone();
-                        if let Some(ft) = &inst.ft {
-                            s.level_state = Some(format!("ft:{}", ft.mode));
+                        if let (Some(ft), Level::Ft | Level::Ha) = (&inst.ft, w.spec.level) {
+                            s.level_state = Some(format!("{}:{}", w.spec.level.as_str(), ft.mode));
                             s.ft = Some(ft.clone());
                         }
                     }
@@ -1372,7 +1409,11 @@ impl AppState {
                     work.unreserve(&r, &w.spec.name);
                 }
                 w.status.incarnation += 1;
+                // A new generation too: the old copy's checkpoints (were it still alive)
+                // are refused by the next standby.
+                w.status.generation += 1;
                 w.status.restarts += 1;
+                w.status.ft = None;
                 w.status.updated_ms = now_ms();
                 match decision {
                     Decision::Place {
@@ -1468,6 +1509,71 @@ impl AppState {
         }
     }
 
+    /// Change a workload's level while it runs (no restart): the spec's level changes,
+    /// and the status loses what the old level held (an `ft` secondary, an `ha`
+    /// reservation and its standby); the placement passes then give it what the new
+    /// level needs (a reservation, a secondary). The agents follow: output commit goes
+    /// on or off, a standby or secondary is attached and synced from a full image, or
+    /// let go. `None` when there is no such workload.
+    pub async fn set_level(
+        &self,
+        name: &str,
+        level: Level,
+    ) -> Result<Option<(Workload, Level)>, StateError> {
+        let mut from = None;
+        for _ in 0..10 {
+            let Some((mut w, rev)) = self.workload(name) else {
+                return Ok(None);
+            };
+            let was = w.spec.level;
+            from = Some(was);
+            if was == level {
+                return Ok(Some((w, was)));
+            }
+            w.spec.level = level;
+            if was == Level::Ft {
+                w.status.secondary = None;
+            }
+            if was == Level::Ha {
+                w.status.reservation = None;
+            }
+            w.status.ft = None;
+            w.status.level_state = match level {
+                Level::Ft => Some("ft:unprotected".into()),
+                Level::Ha => Some("ha:unprotected".into()),
+                Level::None => None,
+            };
+            w.status.updated_ms = now_ms();
+            match self.write_workload(&w, rev).await {
+                Ok(_) => {
+                    self.metrics.level_changes.inc();
+                    self.events
+                        .emit(
+                            "workload.level_changed",
+                            Some(name),
+                            w.status.node.as_deref(),
+                            format!(
+                                "level {} -> {} (live, no restart)",
+                                was.as_str(),
+                                level.as_str()
+                            ),
+                        )
+                        .await;
+                    self.place_secondaries().await;
+                    self.place_reservations().await;
+                    return Ok(self.workload(name).map(|(w, _)| (w, was)));
+                }
+                Err(StateError::Conflict(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StateError::Conflict(format!(
+            "workload {name} kept changing (level {} wanted, was {:?}); try again",
+            level.as_str(),
+            from.map(Level::as_str)
+        )))
+    }
+
     /// The desired state of `node` and the route table.
     pub fn desired(&self, node: &str, revision: u64) -> DesiredState {
         let v = self.view.read().unwrap_or_else(|p| p.into_inner());
@@ -1485,9 +1591,13 @@ impl AppState {
                     replication_addr: rec.replication_addr.clone(),
                 })
             };
+            // The other replica: the ft secondary, or the standby of an ha wasm workload
+            // on the node holding its reservation (it takes periodic checkpoints, and a
+            // restart there resumes from the last one).
+            let other = replica_node(w);
             let role = if n == Some(node) {
-                Some((ReplicaRole::Active, peer(w.status.secondary.as_deref())))
-            } else if w.status.secondary.as_deref() == Some(node) {
+                Some((ReplicaRole::Active, peer(other)))
+            } else if other == Some(node) {
                 Some((ReplicaRole::Secondary, peer(n)))
             } else {
                 None

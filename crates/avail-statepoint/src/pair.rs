@@ -178,6 +178,11 @@ pub struct Primary {
     last_sent_ms: u64,
     mode: PrimaryMode,
     held: VecDeque<(Epoch, OutputId)>,
+    /// Output commit (level `ft`): outputs wait for the ack of their epoch, and a lost
+    /// secondary means taking the next generation's lease. Off (level `ha`'s periodic
+    /// checkpoints to a standby): outputs leave at once, and a silent standby only
+    /// makes the primary `degraded` (the control plane decides about standbys).
+    commit: bool,
 }
 
 impl Primary {
@@ -205,6 +210,7 @@ impl Primary {
             last_sent_ms: now_ms,
             mode: PrimaryMode::Syncing,
             held: VecDeque::new(),
+            commit: true,
         }
     }
 
@@ -265,10 +271,57 @@ impl Primary {
         self.mode != PrimaryMode::Fenced && self.held.len() < self.cfg.max_held
     }
 
+    /// Change what happens to held outputs when the secondary is lost (a level change).
+    pub fn set_policy(&mut self, policy: LossPolicy) {
+        self.policy = policy;
+    }
+
+    /// Whether outputs wait for acks (see [`Primary::set_commit`]).
+    pub fn commit(&self) -> bool {
+        self.commit
+    }
+
+    /// Turn output commit on (level `ft`) or off (level `ha`: checkpoints go to a
+    /// standby and outputs leave at once). Turning it off releases every held output.
+    /// Turning it on holds outputs from now until the secondary acknowledges an epoch
+    /// that contains them (a secondary attached afterwards gets a full image first).
+    pub fn set_commit(&mut self, commit: bool) -> Vec<PrimaryAction> {
+        self.commit = commit;
+        if commit || self.held.is_empty() {
+            return vec![];
+        }
+        vec![PrimaryAction::Release(
+            self.held.drain(..).map(|(_, id)| id).collect(),
+        )]
+    }
+
+    /// The control plane took the secondary (or standby) away on purpose (a lower
+    /// level): no secondary from now on, held outputs released, no lease asked.
+    pub fn detach(&mut self) -> Vec<PrimaryAction> {
+        if self.mode == PrimaryMode::Fenced {
+            return vec![];
+        }
+        self.has_secondary = false;
+        self.acked = None;
+        self.sent = None;
+        self.full_inflight = None;
+        self.need_full = false;
+        if self.mode != PrimaryMode::Suspect {
+            self.mode = PrimaryMode::Degraded;
+        }
+        if self.held.is_empty() {
+            return vec![];
+        }
+        vec![PrimaryAction::Release(
+            self.held.drain(..).map(|(_, id)| id).collect(),
+        )]
+    }
+
     fn releases_unprotected(&self) -> bool {
-        self.mode == PrimaryMode::Degraded
-            && self.policy == LossPolicy::Release
-            && !self.has_secondary
+        !self.commit
+            || self.mode == PrimaryMode::Degraded
+                && self.policy == LossPolicy::Release
+                && !self.has_secondary
     }
 
     /// The guest produced output `id` during the current epoch.
@@ -389,6 +442,18 @@ impl Primary {
             self.cfg.attach_grace_ms
         };
         if now_ms.saturating_sub(self.last_heard_ms) >= limit {
+            if !self.commit {
+                // A silent standby: degraded until it speaks again (the control plane
+                // replaces it); nothing is held, no lease is needed.
+                self.mode = PrimaryMode::Degraded;
+                if now_ms.saturating_sub(self.last_sent_ms) >= self.cfg.heartbeat_ms {
+                    self.last_sent_ms = now_ms;
+                    return vec![PrimaryAction::Send(Msg::Heartbeat {
+                        generation: self.generation,
+                    })];
+                }
+                return vec![];
+            }
             self.mode = PrimaryMode::Suspect;
             return vec![PrimaryAction::RequestLease {
                 from: self.generation,
@@ -516,6 +581,9 @@ pub struct Secondary {
     last_heard_ms: u64,
     last_sent_ms: u64,
     mode: SecondaryMode,
+    /// Takes over on its own when the primary falls silent (level `ft`). Off for a
+    /// standby (level `ha`): it keeps the last image and the control plane decides.
+    promote: bool,
 }
 
 impl Secondary {
@@ -530,7 +598,14 @@ impl Secondary {
             last_heard_ms: now_ms,
             last_sent_ms: now_ms,
             mode: SecondaryMode::Syncing,
+            promote: true,
         }
+    }
+
+    /// Whether this replica takes over on its own when the primary falls silent
+    /// (level `ft`), or is a standby that only keeps the image (level `ha`).
+    pub fn set_promote(&mut self, promote: bool) {
+        self.promote = promote;
     }
 
     /// Mode.
@@ -659,7 +734,7 @@ impl Secondary {
         } else {
             self.cfg.attach_grace_ms
         };
-        if now_ms.saturating_sub(self.last_heard_ms) >= limit {
+        if now_ms.saturating_sub(self.last_heard_ms) >= limit && self.promote {
             if self.mode == SecondaryMode::Synced && self.applying.is_none() {
                 self.mode = SecondaryMode::Promoting;
                 return vec![SecondaryAction::RequestLease {
@@ -975,5 +1050,86 @@ mod tests {
         // Granted instead: generation moves on, held outputs go out under `release`.
         assert_eq!(q.lease_result(true), vec![PrimaryAction::Release(vec![1])]);
         assert_eq!((q.generation(), q.mode()), (2, PrimaryMode::Degraded));
+    }
+
+    #[test]
+    fn without_commit_outputs_leave_at_once_and_silence_asks_no_lease() {
+        let mut p = Primary::new(cfg(), LossPolicy::Hold, 1, 0);
+        assert!(p.output(1).is_empty(), "held under output commit");
+        assert_eq!(p.set_commit(false), vec![PrimaryAction::Release(vec![1])]);
+        assert_eq!(p.output(2), vec![PrimaryAction::Release(vec![2])]);
+        // A checkpoint still goes to the standby when the driver ends an epoch.
+        assert!(matches!(
+            p.end_epoch(10).as_slice(),
+            [PrimaryAction::Send(Msg::Checkpoint { full: true, .. })]
+        ));
+        // A standby silent past every window: degraded, heartbeats, never a lease.
+        for t in (0..20_000).step_by(10) {
+            for a in p.tick(t) {
+                assert!(!matches!(a, PrimaryAction::RequestLease { .. }), "{a:?}");
+            }
+        }
+        assert_eq!(p.mode(), PrimaryMode::Degraded);
+        // It speaks again: protected.
+        assert!(
+            p.receive(
+                Msg::Ack {
+                    generation: 1,
+                    epoch: 1
+                },
+                20_000
+            )
+            .is_empty()
+        );
+        assert_eq!(p.mode(), PrimaryMode::Protected);
+        // Commit back on: outputs wait again for an epoch's ack.
+        assert!(p.set_commit(true).is_empty());
+        assert!(p.output(3).is_empty());
+        assert_eq!(p.held(), 1);
+        // Detached on purpose: what was held leaves, nothing more is sent.
+        assert_eq!(p.detach(), vec![PrimaryAction::Release(vec![3])]);
+        assert!(p.end_epoch(20_010).is_empty());
+        // Still under commit with policy hold, alone: held until commit goes off.
+        assert!(p.output(4).is_empty());
+        assert_eq!(p.set_commit(false), vec![PrimaryAction::Release(vec![4])]);
+        assert_eq!(p.output(5), vec![PrimaryAction::Release(vec![5])]);
+    }
+
+    #[test]
+    fn a_standby_never_takes_over_on_its_own() {
+        let mut s = Secondary::new(cfg(), 1, 0);
+        s.set_promote(false);
+        let a = s.receive(
+            Msg::Checkpoint {
+                generation: 1,
+                epoch: 1,
+                full: true,
+            },
+            1,
+        );
+        assert_eq!(
+            a,
+            vec![SecondaryAction::Apply {
+                epoch: 1,
+                full: true
+            }]
+        );
+        s.applied(1, true, 2);
+        for t in (0..60_000).step_by(10) {
+            for a in s.tick(t) {
+                assert!(
+                    matches!(a, SecondaryAction::Send(Msg::Heartbeat { .. })),
+                    "{a:?}"
+                );
+            }
+        }
+        assert_eq!(s.mode(), SecondaryMode::Synced);
+        assert_eq!(s.applied_epoch(), Some(1));
+        // Made a promoting secondary again (level ft), it does.
+        s.set_promote(true);
+        assert!(matches!(
+            s.tick(60_000).as_slice(),
+            [SecondaryAction::RequestLease { from: 1, to: 2 }]
+        ));
     }
 }

@@ -64,7 +64,7 @@ pub fn index(node: &str) -> usize {
 
 /// Send one transfer until it is acknowledged (the ingress retries across a failover;
 /// the client retries on top, with the same key). Returns the reply's JSON with
-/// `_status`, `_replayed` and `_node` (the node that answered) added, or an error after 30 s of failures.
+/// `_status`, `_replayed`, `_node` (the node that answered) and `_incarnation` added, or an error after 30 s of failures.
 pub async fn transfer(
     ingress: &Client,
     key: &str,
@@ -92,6 +92,12 @@ pub async fn transfer(
                 v["_node"] = r
                     .headers
                     .get("avail-node")
+                    .and_then(|n| n.to_str().ok())
+                    .unwrap_or_default()
+                    .into();
+                v["_incarnation"] = r
+                    .headers
+                    .get("avail-incarnation")
                     .and_then(|n| n.to_str().ok())
                     .unwrap_or_default()
                     .into();

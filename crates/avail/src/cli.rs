@@ -230,6 +230,21 @@ enum WorkloadCmd {
         /// Name.
         name: String,
     },
+    /// Change a workload's level while it runs (no restart): none, ha or ft. Waits
+    /// until the new level's protection is in place (a reservation, a standby or
+    /// secondary in step).
+    SetLevel {
+        /// Name.
+        name: String,
+        /// The new level: none, ha or ft.
+        level: String,
+        /// Return at once instead of waiting for the protection.
+        #[arg(long)]
+        no_wait: bool,
+        /// Longest wait, seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -370,6 +385,12 @@ pub async fn run(cli: Cli) -> CliResult {
                     }
                     Ok(())
                 }
+                WorkloadCmd::SetLevel {
+                    name,
+                    level,
+                    no_wait,
+                    timeout,
+                } => set_level(&c, fmt, &name, &level, no_wait, timeout).await,
                 WorkloadCmd::Events { name } => {
                     let evs: Vec<ClusterEvent> =
                         c.get(&format!("/v1/workloads/{name}/events")).await?;
@@ -442,6 +463,67 @@ fn client(conn: ConnArgs) -> Result<Client, CliError> {
         }
     };
     Ok(Client::new(&addr, Some(token), None))
+}
+
+/// `avail workload set-level`: change the level, then wait until the new level's
+/// protection is in place.
+async fn set_level(
+    c: &Client,
+    fmt: Format,
+    name: &str,
+    level: &str,
+    no_wait: bool,
+    timeout: u64,
+) -> CliResult {
+    let level: avail_model::Level = serde_json::from_value(serde_json::json!(level))
+        .map_err(|_| CliError::invalid(format!("level: {level:?} is not one of none, ha, ft")))?;
+    let before: Workload = c.get(&format!("/v1/workloads/{name}")).await?;
+    let mut w: Workload = c
+        .put(
+            &format!("/v1/workloads/{name}/level"),
+            &serde_json::json!({ "level": level }),
+        )
+        .await?;
+    if fmt == Format::Table {
+        println!(
+            "workload {name}: level {} -> {} (live, no restart)",
+            before.spec.level.as_str(),
+            level.as_str()
+        );
+    }
+    let protected = |w: &Workload| match w.spec.level {
+        avail_model::Level::None => true,
+        avail_model::Level::Ft => w.status.level_state.as_deref() == Some("ft:protected"),
+        avail_model::Level::Ha if w.spec.driver == avail_model::DriverKind::Wasm => {
+            w.status.level_state.as_deref() == Some("ha:protected")
+        }
+        avail_model::Level::Ha => w.status.reservation.is_some(),
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(timeout);
+    while !no_wait && !protected(&w) {
+        if std::time::Instant::now() >= deadline {
+            return Err(CliError::fail(format!(
+                "workload {name} is at level {} but not protected after {timeout} s: {}",
+                level.as_str(),
+                w.status
+                    .message
+                    .clone()
+                    .or(w.status.level_state.clone())
+                    .unwrap_or_default()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        w = c.get(&format!("/v1/workloads/{name}")).await?;
+    }
+    match fmt {
+        Format::Json => output::json(&w),
+        Format::Table if !no_wait => println!(
+            "workload {name}: {}",
+            w.status.level_state.as_deref().unwrap_or("level none")
+        ),
+        Format::Table => {}
+    }
+    Ok(())
 }
 
 async fn server(a: ServerArgs) -> CliResult {

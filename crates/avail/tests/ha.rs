@@ -94,13 +94,30 @@ async fn ha_workloads_restart_elsewhere_when_their_node_dies() {
         .unwrap();
     assert_eq!(r.status, 200);
 
-    // Its restart capacity is held on the other tokyo node (another rack).
+    // Its restart capacity is held on the other tokyo node (another rack), where its
+    // standby takes a checkpoint every second.
+    let acked = c
+        .wait_workload(
+            "count",
+            "a reservation on node-3 with a standby in step",
+            Duration::from_secs(10),
+            |w| match (
+                w.status.reservation.as_deref(),
+                w.status.level_state.as_deref(),
+                &w.status.ft,
+            ) {
+                (Some("node-3"), Some("ha:protected"), Some(ft)) => Ok(ft.acked_epoch),
+                _ => Err(format!("{:?}", w.status)),
+            },
+        )
+        .await;
+    // Two more checkpoints acknowledged: the increment is in one of them.
     c.wait_workload(
         "count",
-        "a reservation on node-3",
+        "two more checkpoints",
         Duration::from_secs(10),
-        |w| match w.status.reservation.as_deref() {
-            Some("node-3") => Ok(()),
+        |w| match &w.status.ft {
+            Some(ft) if ft.acked_epoch >= acked + 2 => Ok(()),
             _ => Err(format!("{:?}", w.status)),
         },
     )
@@ -127,13 +144,15 @@ async fn ha_workloads_restart_elsewhere_when_their_node_dies() {
         "ha restarts running {:.1} s after the SIGKILL",
         killed.elapsed().as_secs_f64()
     );
-    // It answers from the new node, as the new incarnation (a wasm guest restarts from
-    // its initial state: no checkpoint yet in this increment).
+    // It answers from the new node, as the new incarnation, resumed from its standby's
+    // last checkpoint: the increment is still there.
     let r = ingress
         .raw(Method::GET, "/w/count/value", None, &[])
         .await
         .unwrap();
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["value"], 1, "state from the checkpoint: {v}");
     assert_eq!(r.headers.get("avail-node").unwrap(), "node-3");
     assert_eq!(r.headers.get("avail-incarnation").unwrap(), "2");
     let r = ingress

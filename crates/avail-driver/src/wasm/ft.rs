@@ -6,9 +6,10 @@
 //! (the guest has no stack then), captures what changed since the last capture. Calls
 //! block: the agent makes them off the async threads.
 //!
-//! Unlike a plain instance, a guest that traps or runs past its deadline is **not**
-//! re-created: its replica's state must stay the one the checkpoints describe. The call
-//! is answered 500 or 504 and the guest goes on from the state the trap left.
+//! A guest that traps or runs past its deadline answers 500 or 504; the caller decides
+//! whether it goes on from the state the fault left (level `ft`: the replica's state must
+//! stay the one the checkpoints describe) or is made afresh (`none`, `ha`, like a plain
+//! instance).
 
 use std::sync::Arc;
 
@@ -99,17 +100,21 @@ pub struct FtGuest {
 }
 
 impl FtGuest {
-    /// Serve one request (blocking). Faults answer 500 or 504; the guest goes on.
-    pub fn call(&mut self, req: &HttpRequest) -> HttpResponse {
+    /// Serve one request (blocking). A fault (trap, deadline) is `Err` with its 500 or
+    /// 504 reply; the guest goes on from the state the fault left, and the caller decides
+    /// whether to keep it (level ft: the checkpoints describe it) or start afresh.
+    pub fn call(&mut self, req: &HttpRequest) -> Result<HttpResponse, HttpResponse> {
         match self
             .live
             .call(&abi::encode_request(req), self.deadline_ticks)
         {
-            Ok(r) => r,
-            Err(CallFault::Timeout) => {
-                HttpResponse::error(504, "guest_timeout", "handler ran past its deadline")
-            }
-            Err(CallFault::Trap(m)) => HttpResponse::error(500, "guest_trap", &m),
+            Ok(r) => Ok(r),
+            Err(CallFault::Timeout) => Err(HttpResponse::error(
+                504,
+                "guest_timeout",
+                "handler ran past its deadline",
+            )),
+            Err(CallFault::Trap(m)) => Err(HttpResponse::error(500, "guest_trap", &m)),
         }
     }
 

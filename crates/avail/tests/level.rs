@@ -1,0 +1,175 @@
+//! Live level changes (issue 6): a wasm workload moved none -> ha -> ft -> ha -> none
+//! keeps serving and keeps its state throughout, with a client sending requests the
+//! whole time, and is never restarted (one incarnation, one node).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use avail_client::Client;
+use avail_model::{Level, Workload};
+use avail_testkit::ft::transfer;
+use avail_testkit::{Cluster, ok};
+use hyper::Method;
+
+const BIN: &str = env!("CARGO_BIN_EXE_avail");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_changes_level_live_under_load() {
+    let c = Cluster::start(BIN.as_ref(), 3).await;
+    ok(&c.run_wasm("bank", "bank", &["--level", "none"]));
+    let api = c.client();
+    let w: Workload = api.get("/v1/workloads/bank").await.unwrap();
+    let home = w.status.node.clone().unwrap();
+    // The client goes through an ingress that is not the workload's node.
+    let entry = (0..3).find(|i| Cluster::agent_name(*i) != home).unwrap();
+    let ingress = Client::new(&c.ingress(entry), None, None).with_timeout(Duration::from_secs(20));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = {
+        let (stop, ingress) = (stop.clone(), ingress.clone());
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let (from, to) = (n % 100, (n * 7 + 1) % 100);
+                let to = if to == from { (to + 1) % 100 } else { to };
+                let v = transfer(&ingress, &format!("lv-{n}"), from, to, 1 + n % 20).await?;
+                acked.push(v);
+                n += 1;
+            }
+            Ok::<_, String>(acked)
+        })
+    };
+    let settle = || tokio::time::sleep(Duration::from_millis(700));
+    settle().await;
+    for level in ["ha", "ft", "ha", "none"] {
+        // The CLI waits until the new level's protection is in place.
+        let out = c.cli(&["workload", "set-level", "bank", level, "--timeout", "30"]);
+        ok(&out);
+        let w: Workload = api.get("/v1/workloads/bank").await.unwrap();
+        assert_eq!(w.spec.level.as_str(), level);
+        match w.spec.level {
+            Level::Ft => {
+                assert_eq!(w.status.level_state.as_deref(), Some("ft:protected"));
+                assert!(w.status.secondary.is_some());
+                assert_eq!(w.status.reservation, None);
+            }
+            Level::Ha => {
+                assert_eq!(w.status.level_state.as_deref(), Some("ha:protected"));
+                assert!(w.status.reservation.is_some());
+                assert_eq!(w.status.secondary, None);
+            }
+            Level::None => {
+                assert_eq!(w.status.secondary, None);
+                assert_eq!(w.status.reservation, None);
+            }
+        }
+        settle().await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let acked = client.await.unwrap().expect("every transfer acknowledged");
+    eprintln!(
+        "{} transfers acknowledged across the level changes",
+        acked.len()
+    );
+    assert!(acked.len() > 50, "the client kept sending: {}", acked.len());
+
+    // Served throughout by the same run on the same node: never restarted.
+    for v in &acked {
+        assert_eq!(v["_incarnation"], "1", "{v}");
+        assert_eq!(v["_node"], home.as_str(), "{v}");
+    }
+    // State kept: every acknowledged transfer applied once, in order, money conserved.
+    let seqs: Vec<u64> = acked
+        .iter()
+        .filter(|v| v["_status"] == 200)
+        .map(|v| v["seq"].as_u64().unwrap())
+        .collect();
+    let distinct: BTreeSet<u64> = seqs.iter().copied().collect();
+    assert_eq!(distinct.len(), seqs.len(), "a seq acknowledged twice");
+    assert_eq!(
+        distinct,
+        (1..=seqs.len() as u64).collect::<BTreeSet<_>>(),
+        "gap in seqs"
+    );
+    let r = ingress
+        .raw(Method::GET, "/w/bank/balances", None, &[])
+        .await
+        .unwrap();
+    let b: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(b["total"], 100000, "{b}");
+    assert_eq!(b["transfers"].as_u64(), Some(seqs.len() as u64), "{b}");
+    // Four level changes, each an event; the workload was never restarted or failed.
+    let evs: serde_json::Value = api.get("/v1/workloads/bank/events").await.unwrap();
+    let kinds: Vec<&str> = evs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|k| **k == "workload.level_changed")
+            .count(),
+        4,
+        "{evs}"
+    );
+    assert!(
+        !kinds
+            .iter()
+            .any(|k| matches!(*k, "workload.restarted" | "workload.failed")),
+        "{evs}"
+    );
+    let w: Workload = api.get("/v1/workloads/bank").await.unwrap();
+    assert_eq!(w.status.incarnation, 1, "{:?}", w.status);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_level_changes_are_refused() {
+    let c = Cluster::start(BIN.as_ref(), 1).await;
+    ok(&c.cli(&[
+        "workload",
+        "run",
+        "--name",
+        "web",
+        "--driver",
+        "process",
+        "--artifact",
+        "sh",
+        "--arg",
+        "-c",
+        "--arg",
+        "python3 -m http.server $PORT --bind 127.0.0.1; true",
+    ]));
+    // A process cannot be ft: 400 naming the field, exit 2, nothing changed.
+    let out = c.cli(&["workload", "set-level", "web", "ft"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("level"));
+    let out = c.cli(&["workload", "set-level", "web", "gold"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = c.cli(&["workload", "set-level", "nope", "ha"]);
+    assert_eq!(out.status.code(), Some(1));
+    let api = c.client();
+    let r = api
+        .raw(
+            Method::PUT,
+            "/v1/workloads/web/level",
+            Some((r#"{"level":"platinum"}"#.into(), "application/json")),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400);
+    let e: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(e["error"]["field"], "level", "{e}");
+    let w: Workload = api.get("/v1/workloads/web").await.unwrap();
+    assert_eq!(w.spec.level, Level::None);
+    // none -> ha for a process: a reservation, no restart.
+    ok(&c.cli(&["workload", "set-level", "web", "ha", "--no-wait"]));
+    let w: Workload = api.get("/v1/workloads/web").await.unwrap();
+    assert_eq!(w.spec.level, Level::Ha);
+    assert_eq!(w.status.incarnation, 1);
+}

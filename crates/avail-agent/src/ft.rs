@@ -49,6 +49,17 @@ use crate::replylog::{Entry, ReplyLog};
 /// delivered (comma-separated): the replica trims them from its reply log.
 pub const DELIVERED_HEADER: &str = "avail-delivered";
 
+/// The header of a reply to a request that did not run (the workload is moving, the
+/// replica is not the active one, or it stopped before taking the request): the ingress
+/// retries it against the route then in force, whatever the level.
+pub const NOT_RUN_HEADER: &str = "avail-not-run";
+
+fn not_run(code: &str, message: &str) -> HttpResponse {
+    let mut r = HttpResponse::error(503, code, message);
+    r.headers.push((NOT_RUN_HEADER.into(), "1".into()));
+    r
+}
+
 /// Default port of the replication listener.
 pub const DEFAULT_REPLICATION_PORT: u16 = 7481;
 /// Largest message on the link.
@@ -163,8 +174,10 @@ async fn read_wire(
 enum Cmd {
     Request(HttpRequest, oneshot::Sender<HttpResponse>),
     Peer(Option<Peer>, u64),
-    /// The control plane's assignment changed: level, role, peer, generation.
-    Assign(Level, ReplicaRole, Option<Peer>, u64),
+    /// The control plane's assignment changed: level, role, peer, generation, handover.
+    Assign(Level, ReplicaRole, Option<Peer>, u64, bool),
+    /// The server's answer to a handover.
+    Handover(bool),
     Link(TcpStream),
     FromPeer(Wire),
     /// The link with this number went down.
@@ -189,6 +202,8 @@ struct Report {
     resumed_epoch: Option<u64>,
     /// Guests made afresh after a fault.
     restarts: u32,
+    /// The level the replica runs at.
+    level: Level,
 }
 
 /// The handle of one replica: the slot's instance.
@@ -278,6 +293,7 @@ impl FtReplica {
         let report = Arc::new(Mutex::new(Report {
             role,
             generation,
+            level: spec.level,
             ..Report::default()
         }));
         let cfg = PairConfig {
@@ -321,6 +337,9 @@ impl FtReplica {
             cfg,
             policy,
             level,
+            handover: false,
+            handing: None,
+            moved: false,
             tx: control.clone(),
             report: report.clone(),
             peer: None,
@@ -384,10 +403,17 @@ impl FtReplica {
     /// live level change: output commit on or off, a standby that does or does not take
     /// over on its own), its role (a standby made active: an `ha` restart onto the
     /// node holding its checkpoint), its peer and generation.
-    pub fn assign(&self, level: Level, role: ReplicaRole, peer: Option<Peer>, generation: u64) {
+    pub fn assign(
+        &self,
+        level: Level,
+        role: ReplicaRole,
+        peer: Option<Peer>,
+        generation: u64,
+        handover: bool,
+    ) {
         if self
             .control
-            .try_send(Cmd::Assign(level, role, peer, generation))
+            .try_send(Cmd::Assign(level, role, peer, generation, handover))
             .is_err()
         {
             tracing::error!(workload = %self.workload, "replica control queue full: assignment lost");
@@ -412,9 +438,9 @@ impl Instance for FtReplica {
         if self.requests.try_send(Cmd::Request(req, tx)).is_err() {
             return HttpResponse::error(503, "busy", "the replica is not taking requests");
         }
-        rx.await.unwrap_or_else(|_| {
-            HttpResponse::error(503, "unavailable", "the replica stopped before answering")
-        })
+        // A request the replica never took (it stopped first) did not run.
+        rx.await
+            .unwrap_or_else(|_| not_run("unavailable", "the replica stopped before answering"))
     }
 
     fn status(&self) -> InstanceStatus {
@@ -436,11 +462,12 @@ impl Instance for FtReplica {
 }
 
 impl FtReplica {
-    /// The replication figures to report (active replica only).
-    pub fn ft_status(&self) -> (ReplicaRole, Option<FtStatus>) {
+    /// The replication figures to report (active replica only), and the level they
+    /// were taken at.
+    pub fn ft_status(&self) -> (ReplicaRole, Option<FtStatus>, Level) {
         let r = self.report.lock().unwrap_or_else(|p| p.into_inner());
         let ft = (r.role == ReplicaRole::Active).then(|| r.ft.clone());
-        (r.role, ft)
+        (r.role, ft, r.level)
     }
 }
 
@@ -453,10 +480,12 @@ fn policy_of(spec: &WorkloadSpec) -> LossPolicy {
     }
 }
 
-/// How often an epoch ends: every checkpoint epoch at `ft`, every checkpoint interval
-/// at `ha` (to the standby), and rarely at `none` (no peer: nothing is sent).
-fn epoch_period(level: Level, spec: &WorkloadSpec) -> Duration {
+/// How often an epoch ends: every checkpoint epoch at `ft` and during a live move (the
+/// target catches up at once), every checkpoint interval at `ha` (to the standby), and
+/// rarely at `none` (no peer: nothing is sent).
+fn epoch_period(level: Level, spec: &WorkloadSpec, moving: bool) -> Duration {
     Duration::from_millis(match level {
+        _ if moving => u64::from(spec.ft.epoch_ms.max(1)),
         Level::Ft => u64::from(spec.ft.epoch_ms.max(1)),
         Level::Ha => u64::from(spec.ha.checkpoint_ms.max(1)),
         Level::None => 60_000,
@@ -532,6 +561,14 @@ struct Actor {
     policy: LossPolicy,
     /// The level in force (changes live).
     level: Level,
+    /// The control plane asks this (active) replica to hand over to its peer.
+    handover: bool,
+    /// A handover under way: the last checkpoint's epoch, when it began, and whether
+    /// the server has been asked.
+    handing: Option<(u64, Instant, bool)>,
+    /// Handed over: the peer is the active copy now; requests are turned away (the
+    /// ingress retries them there) until the supervisor stops this replica.
+    moved: bool,
     tx: mpsc::Sender<Cmd>,
     report: Arc<Mutex<Report>>,
     peer: Option<Peer>,
@@ -566,7 +603,7 @@ impl Actor {
         generation: u64,
     ) {
         self.set_peer(peer, generation);
-        let mut period = epoch_period(self.level, &self.spec);
+        let mut period = epoch_period(self.level, &self.spec, self.handover);
         let mut epoch_timer = tokio::time::interval(period);
         epoch_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut tick = tokio::time::interval(Duration::from_millis(10));
@@ -602,12 +639,13 @@ impl Actor {
                 }
             }
             self.end_epoch_early();
+            self.handover_step();
             self.publish();
             if matches!(self.state, Role::Done) {
                 break;
             }
-            // A level change changes the epoch's length.
-            let now = epoch_period(self.level, &self.spec);
+            // A level change or a live move changes the epoch's length.
+            let now = epoch_period(self.level, &self.spec, self.handover);
             if now != period {
                 period = now;
                 epoch_timer =
@@ -640,6 +678,7 @@ impl Actor {
 
     fn publish(&self) {
         let mut r = self.report.lock().unwrap_or_else(|p| p.into_inner());
+        r.level = self.level;
         match &self.state {
             Role::Primary(p) => {
                 r.role = ReplicaRole::Active;
@@ -837,9 +876,11 @@ impl Actor {
         match cmd {
             Cmd::Stop => return false,
             Cmd::Peer(peer, generation) => self.set_peer(peer, generation),
-            Cmd::Assign(level, role, peer, generation) => {
+            Cmd::Assign(level, role, peer, generation, handover) => {
+                self.handover = handover;
                 self.assign(level, role, peer, generation)
             }
+            Cmd::Handover(granted) => self.handover_answer(granted),
             Cmd::Link(stream) => {
                 self.attach_link(stream);
                 if let Role::Primary(p) = &mut self.state {
@@ -879,13 +920,16 @@ impl Actor {
 
     fn request(&mut self, req: HttpRequest, reply: oneshot::Sender<HttpResponse>) {
         let Role::Primary(p) = &mut self.state else {
-            let _ = reply.send(HttpResponse::error(
-                503,
-                "unavailable",
-                "this replica is the secondary",
-            ));
+            let _ = reply.send(not_run("unavailable", "this replica is not the active one"));
             return;
         };
+        if self.handing.is_some() || self.moved {
+            let _ = reply.send(not_run(
+                "moving",
+                "the workload is moving to another node; retry",
+            ));
+            return;
+        }
         if !p.machine.accepting() {
             let _ = reply.send(HttpResponse::error(
                 503,
@@ -1195,8 +1239,10 @@ impl Actor {
             }
             Role::Secondary(s) => {
                 s.machine.set_promote(ft);
-                // An ha restart onto this standby's node: resume from its checkpoint.
-                if role == ReplicaRole::Active && !ft {
+                // Made the active copy by the control plane: an ha restart onto this
+                // standby's node, a live move's handover, or (ft) a takeover the server
+                // recorded: resume from the last checkpoint applied.
+                if role == ReplicaRole::Active {
                     self.activate(generation);
                 }
             }
@@ -1216,6 +1262,89 @@ impl Actor {
             }
         }
         self.set_peer(peer, generation);
+    }
+
+    /// A live move: once the peer is in step, stop taking requests, send a last
+    /// checkpoint, and when the peer has acknowledged it (every reply released), ask the
+    /// server to make the peer active. Given up after 5 s without the ack, or when the
+    /// control plane calls the move off before the server was asked.
+    fn handover_step(&mut self) {
+        let Role::Primary(p) = &mut self.state else {
+            return;
+        };
+        if self.moved {
+            return;
+        }
+        match self.handing {
+            None if self.handover
+                && self.link.is_some()
+                && p.machine.mode() == PrimaryMode::Protected
+                && p.machine.inflight() == 0 =>
+            {
+                let actions = p.machine.end_epoch(now_ms());
+                let last = actions.iter().find_map(|a| match a {
+                    PrimaryAction::Send(Msg::Checkpoint { epoch, .. }) => Some(*epoch),
+                    _ => None,
+                });
+                if let Some(epoch) = last {
+                    tracing::info!(workload = %self.spec.name, epoch, "handing over: last checkpoint");
+                    self.handing = Some((epoch, Instant::now(), false));
+                }
+                self.primary_actions(actions);
+            }
+            Some((_, _, false)) if !self.handover => {
+                tracing::info!(workload = %self.spec.name, "handover called off");
+                self.handing = None;
+            }
+            Some((epoch, since, false)) => {
+                if p.machine.acked().is_some_and(|a| a >= epoch) && p.held.is_empty() {
+                    let generation = p.machine.generation();
+                    self.handing = Some((epoch, since, true));
+                    self.ask_handover(generation);
+                } else if since.elapsed() > Duration::from_secs(5) {
+                    tracing::warn!(workload = %self.spec.name, "handover: the last checkpoint was not acknowledged in 5 s; serving on");
+                    self.handing = None;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn ask_handover(&self, from: u64) {
+        let (client, tx, name) = (
+            self.ctx.client.clone(),
+            self.tx.clone(),
+            self.spec.name.clone(),
+        );
+        self.main.spawn(async move {
+            let path = format!("/v1/agent/pairs/{name}/handover");
+            let body = avail_model::agent::HandoverRequest { from };
+            let mut granted = false;
+            for _ in 0..20 {
+                match client.post::<_, LeaseReply>(&path, &body).await {
+                    Ok(r) => {
+                        granted = r.granted;
+                        break;
+                    }
+                    Err(avail_client::ClientError::Api { .. }) => break,
+                    Err(e) => {
+                        tracing::warn!(workload = %name, "handover: {e}; retrying");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+            let _ = tx.send(Cmd::Handover(granted)).await;
+        });
+    }
+
+    fn handover_answer(&mut self, granted: bool) {
+        if granted {
+            tracing::info!(workload = %self.spec.name, "handed over: the peer is the active copy");
+            self.moved = true;
+        } else {
+            tracing::warn!(workload = %self.spec.name, "handover refused: serving on");
+        }
+        self.handing = None;
     }
 
     /// A standby made active (level `ha`: its primary's node is down and the control

@@ -27,7 +27,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use crate::ft::DELIVERED_HEADER;
+use crate::ft::{DELIVERED_HEADER, NOT_RUN_HEADER};
 use crate::replylog::INGRESS_KEY_PREFIX;
 use crate::supervisor::{SlotState, Supervisor};
 
@@ -254,10 +254,12 @@ async fn handle(State(ing): State<Arc<Ingress>>, req: Request) -> Response {
                 return r;
             }
             Err(r) => {
-                // Only ft workloads are retried, and only by the ingress that took the
-                // request from the client.
+                // Retried, by the ingress that took the request from the client only:
+                // an ft workload's request (its key makes a repeat safe), and any
+                // request that did not run (a live move, a replica not active yet).
                 let ft = ing.sup.route(&inc.name).is_some_and(|r| r.ft);
-                if !ft || inc.forwarded || std::time::Instant::now() >= deadline {
+                let not_run = r.headers().contains_key(NOT_RUN_HEADER);
+                if !(ft || not_run) || inc.forwarded || std::time::Instant::now() >= deadline {
                     return r;
                 }
                 tokio::time::sleep(Duration::from_millis(25)).await;

@@ -280,9 +280,9 @@ impl Supervisor {
                         (InstanceState::Failed, 0, Some(message.clone()))
                     }
                 };
-                let (role, ft) = match &s.ft {
+                let (role, ft, level) = match &s.ft {
                     Some(r) => r.ft_status(),
-                    None => (s.assignment.role, None),
+                    None => (s.assignment.role, None, s.assignment.spec.level),
                 };
                 InstanceStatus {
                     workload: name.clone(),
@@ -293,6 +293,7 @@ impl Supervisor {
                     role,
                     generation: s.assignment.generation,
                     ft,
+                    level: Some(level),
                 }
             })
             .collect()
@@ -370,7 +371,7 @@ impl Supervisor {
             }
         }
         for (r, a) in updates {
-            r.assign(a.spec.level, a.role, a.peer, a.generation);
+            r.assign(a.spec.level, a.role, a.peer, a.generation, a.handover);
         }
         for i in to_stop {
             tokio::spawn(async move { i.stop().await });
@@ -402,7 +403,13 @@ impl Supervisor {
                     && slot.assignment != a
                 {
                     let now = &slot.assignment;
-                    r.assign(now.spec.level, now.role, now.peer.clone(), now.generation);
+                    r.assign(
+                        now.spec.level,
+                        now.role,
+                        now.peer.clone(),
+                        now.generation,
+                        now.handover,
+                    );
                 }
                 slot.state = SlotState::Running(inst);
                 slot.ft = ft;

@@ -63,6 +63,11 @@ pub struct Assignment {
     /// Level `ft`: the other replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer: Option<Peer>,
+    /// The active replica hands over to its peer as soon as the peer is in step (a
+    /// live move: a drain): it stops taking requests, sends a last checkpoint, and
+    /// once that is acknowledged asks the server to make the peer active.
+    #[serde(default)]
+    pub handover: bool,
 }
 
 /// Which replica of a workload a node runs.
@@ -109,7 +114,16 @@ pub struct SecondaryFailure {
     pub reason: String,
 }
 
-/// The answer to a [`LeaseRequest`].
+/// The active replica, its last checkpoint acknowledged by the peer it hands over to,
+/// asks the server to make that peer active: `POST /v1/agent/pairs/<workload>/handover`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HandoverRequest {
+    /// The generation the asker holds.
+    pub from: u64,
+}
+
+/// The answer to a [`LeaseRequest`] or a [`HandoverRequest`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LeaseReply {
     /// Whether the asker now holds generation `to`.
@@ -187,6 +201,10 @@ pub struct InstanceStatus {
     /// Level `ft` primary: replication figures.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ft: Option<crate::status::FtStatus>,
+    /// The level the instance runs at as it reports (it follows a live level change a
+    /// moment after the store): figures of another level than the workload's are stale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<crate::Level>,
 }
 
 /// One log line of a workload.

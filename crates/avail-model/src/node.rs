@@ -59,4 +59,23 @@ pub struct Node {
     /// The agent's replication listener (`ip:port`).
     #[serde(default)]
     pub replication_addr: String,
+    /// A drain under way or done (`avail node drain`); none when the node takes work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<DrainStatus>,
+}
+
+/// Progress of a node's drain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DrainStatus {
+    /// When it started.
+    pub started_ms: TimeMs,
+    /// Replicas, standbys and reservations on the node when it started.
+    pub total: u64,
+    /// Those still on the node.
+    pub remaining: u64,
+    /// Moves under way now.
+    pub moving: u64,
+    /// What holds the drain up, if anything (a workload no other node can take).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked: Option<String>,
 }

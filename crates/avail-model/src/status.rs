@@ -63,6 +63,10 @@ pub struct WorkloadStatus {
     /// Level `ha`: the node holding capacity for its restart (another fault domain).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reservation: Option<String>,
+    /// A live move under way (a drain): the node the workload moves to. A wasm
+    /// workload's copy there is synced as a secondary, then takes over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moving_to: Option<String>,
     /// Level `ft`: replication figures reported by the primary.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ft: Option<FtStatus>,

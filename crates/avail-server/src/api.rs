@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use avail_model::agent::{
-    DesiredState, Heartbeat, JoinRequest, JoinResponse, LeaseReply, LeaseRequest, LogLine,
-    SecondaryFailure,
+    DesiredState, HandoverRequest, Heartbeat, JoinRequest, JoinResponse, LeaseReply, LeaseRequest,
+    LogLine, SecondaryFailure,
 };
 use avail_model::spec::is_digest;
 use avail_model::{
@@ -245,6 +245,11 @@ pub fn router(state: AppStateRef) -> Router {
         .route("/v1/agent/desired", get(desired))
         .route("/v1/agent/pairs/{name}/lease", post(pair_lease))
         .route("/v1/agent/pairs/{name}/failed", post(pair_secondary_failed))
+        .route("/v1/agent/pairs/{name}/handover", post(pair_handover))
+        .route(
+            "/v1/nodes/{name}/drain",
+            post(drain_node).delete(undrain_node),
+        )
         .fallback(|| async { ApiErr::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -404,6 +409,7 @@ async fn create_workload(
             secondary: None,
             generation: 0,
             reservation: None,
+            moving_to: None,
             ft: None,
         },
         created_ms: now_ms(),
@@ -1006,6 +1012,8 @@ async fn join(
         agent_version: req.agent_version,
         replication_addr: req.replication_addr,
         boot_id: req.boot_id,
+        // A drain outlives the agent's rejoins too.
+        drain: existing.as_ref().and_then(|o| o.drain.clone()),
     };
     rec.tags = rec.tags_in_force();
     let rev = state
@@ -1117,6 +1125,74 @@ async fn pair_lease(
     }))
 }
 
+#[utoipa::path(post, path = "/v1/agent/pairs/{name}/handover", params(("name" = String, Path)), request_body = HandoverRequest,
+    responses((status = 200, body = LeaseReply)), security(("bearer" = [])))]
+async fn pair_handover(
+    AgentNode(node): AgentNode,
+    State(state): State<AppStateRef>,
+    Path(name): Path<String>,
+    body: Body,
+) -> ApiResult<Json<LeaseReply>> {
+    let req: HandoverRequest = read_json(body).await?;
+    let (granted, generation) = state.handover(&name, &node, req.from).await?;
+    tracing::info!(workload = %name, %node, from = req.from, granted, "handover");
+    Ok(Json(LeaseReply {
+        granted,
+        generation,
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/nodes/{name}/drain", params(("name" = String, Path)),
+    responses((status = 200, body = Node, description = "the node, draining; `drain` shows the progress"), (status = 404)),
+    security(("bearer" = [])))]
+async fn drain_node(
+    _: Admin,
+    State(state): State<AppStateRef>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Node>> {
+    let node = state
+        .start_drain(&name)
+        .await?
+        .ok_or_else(|| ApiErr::not_found("node", &name))?;
+    state
+        .events
+        .emit(
+            "node.draining",
+            None,
+            Some(&name),
+            format!(
+                "drain of {name} started: {} to move",
+                node.drain.as_ref().map(|d| d.remaining).unwrap_or(0)
+            ),
+        )
+        .await;
+    Ok(Json(node))
+}
+
+#[utoipa::path(delete, path = "/v1/nodes/{name}/drain", params(("name" = String, Path)),
+    responses((status = 200, body = Node, description = "the node, taking work again"), (status = 404)),
+    security(("bearer" = [])))]
+async fn undrain_node(
+    _: Admin,
+    State(state): State<AppStateRef>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Node>> {
+    let node = state
+        .undrain(&name)
+        .await?
+        .ok_or_else(|| ApiErr::not_found("node", &name))?;
+    state
+        .events
+        .emit(
+            "node.undrained",
+            None,
+            Some(&name),
+            format!("{name} takes work again"),
+        )
+        .await;
+    Ok(Json(node))
+}
+
 #[utoipa::path(post, path = "/v1/agent/pairs/{name}/failed", params(("name" = String, Path)), request_body = SecondaryFailure,
     responses((status = 200, description = "Recorded: `{\"recorded\": true}`")), security(("bearer" = [])))]
 async fn pair_secondary_failed(
@@ -1141,7 +1217,8 @@ async fn pair_secondary_failed(
     info(title = "avail API", description = "Control plane of avail. Errors are `{\"error\": {\"code\", \"message\", \"field\"}}`."),
     paths(livez, readyz, metrics, create_workload, list_workloads, get_workload, delete_workload, workload_events, workload_logs,
           list_nodes, get_node, events, put_artifact, get_artifact, join, heartbeat, desired, pair_lease,
-          pair_secondary_failed, patch_node_tags, set_workload_level),
+          pair_secondary_failed, patch_node_tags, set_workload_level,
+          pair_handover, drain_node, undrain_node),
     components(schemas(Deleted, ArtifactRef, HeartbeatReply, TagChange, PlanPreview, LevelChange)),
     modifiers(&BearerAuth)
 )]

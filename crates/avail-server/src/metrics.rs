@@ -77,6 +77,10 @@ pub struct Metrics {
     pub restarts: Counter,
     /// Live level changes.
     pub level_changes: Counter,
+    /// Live moves finished (drains).
+    pub moves: Counter,
+    /// How long each live move took, from its start to the handover, seconds.
+    pub move_seconds: Histogram,
     /// From a node declared down to the restart of each of its `ha` workloads written
     /// (planned and recorded), seconds.
     pub restart_seconds: Histogram,
@@ -138,6 +142,14 @@ impl Metrics {
             "Live level changes of workloads",
             level_changes.clone(),
         );
+        let moves = Counter::default();
+        registry.register("moves", "Live moves of workloads finished", moves.clone());
+        let move_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 14));
+        registry.register(
+            "move_seconds",
+            "How long each live move took, from its start to the handover",
+            move_seconds.clone(),
+        );
         let restart_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         registry.register(
             "ha_restart_seconds",
@@ -164,6 +176,8 @@ impl Metrics {
             detection_seconds,
             restarts,
             level_changes,
+            moves,
+            move_seconds,
             restart_seconds,
             scrape_lock: std::sync::Mutex::new(()),
         }

@@ -54,6 +54,19 @@ pub struct NodeRecord {
     /// The agent run that last joined.
     #[serde(default)]
     pub boot_id: String,
+    /// Being drained (`avail node drain`): it takes no new work and everything on it
+    /// is moved off. Kept across the agent's rejoins until `undrain`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<DrainRecord>,
+}
+
+/// A drain as stored on the node record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainRecord {
+    /// When it started.
+    pub started_ms: u64,
+    /// What was on the node then (replicas, standbys, reservations).
+    pub total: u64,
 }
 
 impl NodeRecord {
@@ -113,8 +126,17 @@ impl View {
                 self.sched.unreserve(r, &w.spec.name);
             }
         }
-        let nodes = [w.status.node.as_deref(), w.status.secondary.as_deref()];
-        for n in nodes.into_iter().flatten() {
+        let mut nodes: Vec<&str> = [
+            w.status.node.as_deref(),
+            w.status.secondary.as_deref(),
+            w.status.moving_to.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        for n in nodes {
             let a = self.allocated.entry(n.to_string()).or_insert(Resources {
                 cpu_millis: 0,
                 memory_mib: 0,
@@ -186,6 +208,24 @@ struct Live {
     lease: Option<LeaseId>,
 }
 
+/// Whether a live workload occupies `node`: runs there, has its secondary or standby
+/// there, holds a reservation there, or is moving there. Failed and stopped workloads
+/// do not count.
+pub fn occupies(w: &Workload, node: &str) -> bool {
+    let n = Some(node);
+    matches!(w.status.phase, Phase::Placed | Phase::Running)
+        && (w.status.node.as_deref() == n
+            || w.status.secondary.as_deref() == n
+            || w.status.reservation.as_deref() == n
+            || w.status.moving_to.as_deref() == n)
+}
+
+/// Live moves a drain runs at once per node.
+pub const DRAIN_PARALLEL_MOVES: usize = 8;
+/// A live move that has not finished in this long is called off and tried again (a
+/// restart would lose the workload's state).
+pub const MOVE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The node of a workload's other replica: the `ft` secondary, or the standby of an
 /// `ha` wasm workload on the node holding its reservation.
 pub fn replica_node(w: &Workload) -> Option<&str> {
@@ -239,6 +279,10 @@ pub struct AppState {
     started: Instant,
     /// When each node was last declared down (restart timings run from here).
     down_at: Mutex<HashMap<String, Instant>>,
+    /// Live moves under way, and when each started.
+    moves: Mutex<HashMap<String, Instant>>,
+    /// What holds each draining node's drain up.
+    drain_blocked: Mutex<HashMap<String, String>>,
     /// Placements decided so far: the seed of each plan's random sample.
     placements: std::sync::atomic::AtomicU64,
     /// Serialises placement decisions so two never use the same capacity.
@@ -287,6 +331,8 @@ impl AppState {
             failed_secondaries: Mutex::new(HashSet::new()),
             started: Instant::now(),
             down_at: Mutex::new(HashMap::new()),
+            moves: Mutex::new(HashMap::new()),
+            drain_blocked: Mutex::new(HashMap::new()),
             placements: std::sync::atomic::AtomicU64::new(0),
         });
         let rev = state.load().await?;
@@ -401,6 +447,16 @@ impl AppState {
     /// server has not heard since it started is suspect while its store lease holds or
     /// the startup grace lasts, then down.
     pub fn node_state(&self, name: &str, view: &View) -> NodeState {
+        let st = self.liveness(name, view);
+        let draining = view.nodes.get(name).is_some_and(|r| r.drain.is_some());
+        if st == NodeState::Ready && draining {
+            NodeState::Draining
+        } else {
+            st
+        }
+    }
+
+    fn liveness(&self, name: &str, view: &View) -> NodeState {
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         match live.get(name) {
             Some(l) => {
@@ -447,6 +503,26 @@ impl AppState {
             joined_ms: rec.joined_ms,
             agent_version: rec.agent_version.clone(),
             replication_addr: rec.replication_addr.clone(),
+            drain: rec.drain.as_ref().map(|d| {
+                let on: Vec<&Workload> = view
+                    .workloads
+                    .values()
+                    .map(|(w, _)| w)
+                    .filter(|w| occupies(w, &rec.name))
+                    .collect();
+                avail_model::node::DrainStatus {
+                    started_ms: d.started_ms,
+                    total: d.total.max(on.len() as u64),
+                    remaining: on.len() as u64,
+                    moving: on.iter().filter(|w| w.status.moving_to.is_some()).count() as u64,
+                    blocked: self
+                        .drain_blocked
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(&rec.name)
+                        .cloned(),
+                }
+            }),
         }
     }
 
@@ -1119,7 +1195,11 @@ impl AppState {
                         s.phase = phase;
                         s.restarts = inst.restarts;
                         s.message = inst.message.clone();
-                        if let (Some(ft), Level::Ft | Level::Ha) = (&inst.ft, w.spec.level) {
+                        // Figures taken at another level (before the replica heard of
+                        // a live level change) are stale.
+                        if let (Some(ft), Level::Ft | Level::Ha) = (&inst.ft, w.spec.level)
+                            && inst.level.is_none_or(|l| l == w.spec.level)
+                        {
                             s.level_state = Some(format!("{}:{}", w.spec.level.as_str(), ft.mode));
                             s.ft = Some(ft.clone());
                         }
@@ -1343,11 +1423,13 @@ impl AppState {
     /// when room appears.
     async fn restart_elsewhere(&self, names: &[String], down: &[String]) {
         for chunk in names.chunks(RESTART_BATCH) {
-            self.restart_batch(chunk, down).await;
+            self.restart_batch(chunk, down, "down").await;
         }
     }
 
-    async fn restart_batch(&self, names: &[String], down: &[String]) {
+    /// [`restart_elsewhere`](Self::restart_elsewhere) for the workloads of nodes that
+    /// are `why` (`down`, `draining`).
+    async fn restart_batch(&self, names: &[String], down: &[String], why: &str) {
         let _guard = self.placement.lock().await;
         for _ in 0..5 {
             let (mut work, at) = {
@@ -1425,9 +1507,9 @@ impl AppState {
                         }
                         w.status.phase = Phase::Placed;
                         w.status.node = Some(node.clone());
-                        w.status.message = Some(format!("restarted: node {lost} is down"));
+                        w.status.message = Some(format!("restarted: node {lost} is {why}"));
                         let what = format!(
-                            "node {lost} is down: restarting on {node} (incarnation {}), planned in {} us",
+                            "node {lost} is {why}: restarting on {node} (incarnation {}), planned in {} us",
                             w.status.incarnation,
                             started.elapsed().as_micros()
                         );
@@ -1445,7 +1527,7 @@ impl AppState {
                         w.status.phase = Phase::Pending;
                         w.status.node = None;
                         let what =
-                            format!("node {lost} is down and no node can take it: {explanation}");
+                            format!("node {lost} is {why} and no node can take it: {explanation}");
                         w.status.message = Some(format!("unplaceable: {what}"));
                         planned.push((w, rev, "workload.unplaceable", None, what, vec![], lost));
                     }
@@ -1574,6 +1656,353 @@ impl AppState {
         )))
     }
 
+    /// Start draining `node` (`None`: no such node): it takes no new work, and the
+    /// drain pass moves everything on it off, the highest priority first.
+    pub async fn start_drain(&self, node: &str) -> Result<Option<Node>, StateError> {
+        self.update_node(node, |rec, v| {
+            if rec.drain.is_none() {
+                rec.drain = Some(DrainRecord {
+                    started_ms: now_ms(),
+                    total: v
+                        .workloads
+                        .values()
+                        .filter(|(w, _)| occupies(w, node))
+                        .count() as u64,
+                });
+            }
+        })
+        .await
+    }
+
+    /// Stop draining `node`: it takes work again (what was moved off stays where it is).
+    pub async fn undrain(&self, node: &str) -> Result<Option<Node>, StateError> {
+        self.drain_blocked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(node);
+        self.update_node(node, |rec, _| rec.drain = None).await
+    }
+
+    async fn update_node(
+        &self,
+        node: &str,
+        f: impl Fn(&mut NodeRecord, &View),
+    ) -> Result<Option<Node>, StateError> {
+        for _ in 0..10 {
+            let Some(kv) = self.store.get(&keys::node(node)).await? else {
+                return Ok(None);
+            };
+            let Ok(mut rec) = serde_json::from_slice::<NodeRecord>(&kv.value) else {
+                return Err(StateError::Conflict(format!(
+                    "node {node}: unreadable record"
+                )));
+            };
+            let before = rec.clone();
+            {
+                let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+                f(&mut rec, &v);
+            }
+            if rec != before {
+                let value = serde_json::to_vec(&rec).expect("node serialises");
+                match self
+                    .store
+                    .compare_and_swap(&keys::node(node), kv.mod_rev, value)
+                    .await?
+                {
+                    Some(rev) => self.wait_view(rev).await,
+                    None => continue,
+                }
+            }
+            self.check_liveness().await;
+            let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+            return Ok(v.nodes.get(node).map(|r| self.node(r, &v)));
+        }
+        Err(StateError::Conflict(format!(
+            "node {node} kept changing; try again"
+        )))
+    }
+
+    /// One pass of every drain under way: move off what is on each draining node, the
+    /// highest priority first, at most [`DRAIN_PARALLEL_MOVES`] live moves at once per
+    /// node. An `ft` secondary is placed anew elsewhere (the primary syncs it, then the
+    /// old one goes); a reservation (and its standby) is made again elsewhere; an active
+    /// wasm copy moves live (a secondary is synced on the target, then the copy hands
+    /// over: no request is lost); a process is restarted elsewhere.
+    pub async fn drain_pass(&self) {
+        let draining: Vec<String> = {
+            let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+            v.nodes
+                .values()
+                .filter(|r| r.drain.is_some())
+                .map(|r| r.name.clone())
+                .filter(|n| self.node_state(n, &v) != NodeState::Down)
+                .collect()
+        };
+        for node in draining {
+            self.drain_node(&node).await;
+        }
+    }
+
+    async fn drain_node(&self, node: &str) {
+        let mut on: Vec<Workload> = {
+            let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+            v.workloads
+                .values()
+                .map(|(w, _)| w.clone())
+                .filter(|w| occupies(w, node))
+                .collect()
+        };
+        on.sort_by_key(|w| std::cmp::Reverse(w.spec.ha.priority));
+        let mut moving = on
+            .iter()
+            .filter(|w| w.status.moving_to.is_some() && w.status.node.as_deref() == Some(node))
+            .count();
+        let mut blocked = None;
+        let mut restart = Vec::new();
+        for w in on {
+            let name = w.spec.name.clone();
+            let here = Some(node);
+            if w.status.moving_to.as_deref() == here {
+                // Moving onto the draining node (begun before the drain): call it off.
+                self.cancel_move(&name).await;
+            } else if w.status.secondary.as_deref() == here && w.status.moving_to.is_none() {
+                if let Err(e) = self.move_secondary(&name, node).await {
+                    blocked = Some(format!("{name}: {e}"));
+                }
+            } else if w.status.reservation.as_deref() == here {
+                let _ = self
+                    .update_status(&name, |s| {
+                        if s.reservation.as_deref() == here {
+                            s.reservation = None;
+                        }
+                    })
+                    .await;
+            } else if w.status.node.as_deref() == here {
+                if let Some(t) = w.status.moving_to.as_deref() {
+                    let started = self
+                        .moves
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(&name)
+                        .copied();
+                    if started.is_none_or(|s| s.elapsed() > MOVE_TIMEOUT) {
+                        // Its state would be lost by a restart: call the move off and
+                        // try again (a target the scheduler picks anew), saying so.
+                        tracing::warn!(workload = %name, target = t, "live move did not finish: trying again");
+                        blocked = Some(format!(
+                            "{name}: the live move to {t} did not finish in {} s; trying again",
+                            MOVE_TIMEOUT.as_secs()
+                        ));
+                        self.cancel_move(&name).await;
+                    }
+                    continue;
+                }
+                if moving >= DRAIN_PARALLEL_MOVES {
+                    continue;
+                }
+                if w.spec.driver == avail_model::DriverKind::Wasm {
+                    match self.begin_move(&name, node).await {
+                        Ok(()) => moving += 1,
+                        Err(e) => blocked = Some(format!("{name}: {e}")),
+                    }
+                } else {
+                    restart.push(name);
+                }
+            }
+        }
+        if !restart.is_empty() {
+            self.restart_batch(&restart, &[node.to_string()], "draining")
+                .await;
+        }
+        let mut b = self.drain_blocked.lock().unwrap_or_else(|p| p.into_inner());
+        match blocked {
+            Some(m) => b.insert(node.to_string(), m),
+            None => b.remove(node),
+        };
+    }
+
+    /// Place an `ft` secondary that is on `node` anew elsewhere, in one write: the
+    /// primary syncs the new one from a full image and the old one is let go.
+    async fn move_secondary(&self, name: &str, node: &str) -> Result<(), String> {
+        let _guard = self.placement.lock().await;
+        let Some((mut w, rev)) = self.workload(name) else {
+            return Ok(());
+        };
+        match self.decide_secondary(&w, Some(node.to_string())) {
+            (Decision::Place { node: to, .. }, at) => {
+                w.status.secondary = Some(to.clone());
+                w.status.level_state = Some("ft:syncing".into());
+                w.status.updated_ms = now_ms();
+                if self.write_placement(&w, rev, at).await.is_ok() {
+                    self.events
+                        .emit(
+                            "workload.secondary_moved",
+                            Some(name),
+                            Some(&to),
+                            format!("secondary moved from {node} (draining) to {to}"),
+                        )
+                        .await;
+                }
+                Ok(())
+            }
+            (Decision::Unplaceable { explanation }, _) => {
+                Err(format!("no node for its secondary: {explanation}"))
+            }
+        }
+    }
+
+    /// Begin a live move of the wasm workload active on `node`: the target (the `ft`
+    /// secondary, else a node the scheduler picks away from `node`) runs a copy synced
+    /// as a secondary, and the active copy hands over to it once it is in step
+    /// ([`AppState::handover`]).
+    async fn begin_move(&self, name: &str, node: &str) -> Result<(), String> {
+        let _guard = self.placement.lock().await;
+        let Some((mut w, rev)) = self.workload(name) else {
+            return Ok(());
+        };
+        let (target, at) = match (w.spec.level, w.status.secondary.clone()) {
+            (Level::Ft, Some(s)) => {
+                // After the handover the secondary is the primary and needs a secondary
+                // of its own; with on_secondary_loss = hold it would hold every reply
+                // until one is synced. No node for it: the drain waits, saying why.
+                let mut after = w.clone();
+                after.status.node = Some(s.clone());
+                if w.spec.ft.on_secondary_loss == avail_model::spec::SecondaryLoss::Hold
+                    && let (Decision::Unplaceable { explanation }, _) =
+                        self.decide_secondary(&after, Some(node.to_string()))
+                {
+                    return Err(format!(
+                        "after handing over to {s} it would have no node for its next secondary ({explanation}), and on_secondary_loss = hold would hold its replies: add a node, or lower its level"
+                    ));
+                }
+                (s, 0)
+            }
+            (Level::Ft, None) => return Err("waiting for its secondary".into()),
+            _ => {
+                let avoid = avail_sched::Avoid {
+                    nodes: vec![node.to_string()],
+                    fault_domain: None,
+                };
+                match self.decide_avoiding(&w, Some(avoid), None) {
+                    (Decision::Place { node: t, .. }, at) => (t, at),
+                    (Decision::Unplaceable { explanation }, _) => {
+                        return Err(format!("no node can take it: {explanation}"));
+                    }
+                }
+            }
+        };
+        w.status.moving_to = Some(target.clone());
+        if w.status.reservation.as_deref() == Some(target.as_str()) {
+            // Its standby's node becomes its home: a new reservation follows the move.
+            w.status.reservation = None;
+        }
+        w.status.updated_ms = now_ms();
+        let written = if at == 0 {
+            self.write_workload(&w, rev).await
+        } else {
+            self.write_placement(&w, rev, at).await
+        };
+        written.map_err(|e| e.to_string())?;
+        self.moves
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), Instant::now());
+        self.events
+            .emit(
+                "workload.moving",
+                Some(name),
+                Some(&target),
+                format!("moving live from {node} to {target}"),
+            )
+            .await;
+        Ok(())
+    }
+
+    async fn cancel_move(&self, name: &str) {
+        self.moves
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        let _ = self.update_status(name, |s| s.moving_to = None).await;
+    }
+
+    /// The active copy of `name` on `node`, at generation `from`, has handed over: its
+    /// last checkpoint is acknowledged by the move's target, which becomes the active
+    /// copy (a new incarnation and generation; the old copy is let go). Granted again
+    /// when asked again after a lost answer.
+    pub async fn handover(
+        &self,
+        name: &str,
+        node: &str,
+        from: u64,
+    ) -> Result<(bool, u64), StateError> {
+        for _ in 0..20 {
+            let Some((mut w, rev)) = self.workload(name) else {
+                return Ok((false, 0));
+            };
+            if w.status.generation == from + 1 && w.status.node.as_deref() != Some(node) {
+                return Ok((true, from + 1));
+            }
+            let Some(target) = w.status.moving_to.clone() else {
+                return Ok((false, w.status.generation));
+            };
+            if w.status.node.as_deref() != Some(node) || w.status.generation != from {
+                return Ok((false, w.status.generation));
+            }
+            w.status.node = Some(target.clone());
+            w.status.moving_to = None;
+            if w.status.secondary.as_deref() == Some(target.as_str()) {
+                w.status.secondary = None;
+            }
+            w.status.generation = from + 1;
+            w.status.incarnation += 1;
+            w.status.phase = Phase::Running;
+            w.status.ft = None;
+            w.status.level_state = match w.spec.level {
+                Level::Ft => Some("ft:degraded".into()),
+                Level::Ha => Some("ha:unprotected".into()),
+                Level::None => None,
+            };
+            w.status.message = Some(format!("moved live from {node} to {target}"));
+            w.status.updated_ms = now_ms();
+            match self.write_workload(&w, rev).await {
+                Ok(_) => {
+                    let took = self
+                        .moves
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(name)
+                        .map(|t| t.elapsed());
+                    self.metrics.moves.inc();
+                    if let Some(t) = took {
+                        self.metrics.move_seconds.observe(t.as_secs_f64());
+                    }
+                    self.events
+                        .emit(
+                            "workload.moved",
+                            Some(name),
+                            Some(&target),
+                            format!(
+                                "moved live from {node} to {target} (incarnation {}){}",
+                                w.status.incarnation,
+                                took.map(|t| format!(" in {} ms", t.as_millis()))
+                                    .unwrap_or_default()
+                            ),
+                        )
+                        .await;
+                    self.place_secondaries().await;
+                    self.place_reservations().await;
+                    return Ok((true, from + 1));
+                }
+                Err(StateError::Conflict(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StateError::Conflict(format!(
+            "workload {name} kept changing during its handover"
+        )))
+    }
+
     /// The desired state of `node` and the route table.
     pub fn desired(&self, node: &str, revision: u64) -> DesiredState {
         let v = self.view.read().unwrap_or_else(|p| p.into_inner());
@@ -1594,7 +2023,9 @@ impl AppState {
             // The other replica: the ft secondary, or the standby of an ha wasm workload
             // on the node holding its reservation (it takes periodic checkpoints, and a
             // restart there resumes from the last one).
-            let other = replica_node(w);
+            // A live move under way: the copy on the target is synced as a secondary,
+            // and the active one hands over to it.
+            let other = w.status.moving_to.as_deref().or_else(|| replica_node(w));
             let role = if n == Some(node) {
                 Some((ReplicaRole::Active, peer(other)))
             } else if other == Some(node) {
@@ -1610,6 +2041,7 @@ impl AppState {
                     role,
                     generation: w.status.generation,
                     peer,
+                    handover: role == ReplicaRole::Active && w.status.moving_to.is_some(),
                 });
             }
             // Every workload has a route, so the ingress can tell "not running" (503)
@@ -1681,6 +2113,7 @@ mod tests {
                 secondary: secondary.map(String::from),
                 generation: 0,
                 reservation: None,
+                moving_to: None,
                 ft: None,
             },
             created_ms: 0,
@@ -1703,6 +2136,7 @@ mod tests {
             agent_version: String::new(),
             replication_addr: String::new(),
             boot_id: String::new(),
+            drain: None,
         }
     }
 
@@ -1748,12 +2182,25 @@ mod tests {
         v.put_workload("w1", workload("w1", Some("b"), None, 100), 3); // moved
         v.delete_workload("w2");
         v.put_workload("w3", workload("w3", None, None, 50), 4); // pending: nowhere
+        // A live move: the target holds the resources once, also when it is the
+        // pair's secondary (an ft handover).
+        let mut w4 = workload("w4", Some("a"), Some("b"), 30);
+        w4.status.moving_to = Some("b".into());
+        v.put_workload("w4", w4.clone(), 5);
+        let mut w5 = workload("w5", Some("b"), None, 7);
+        w5.status.moving_to = Some("a".into());
+        v.put_workload("w5", w5, 6);
+        w4.status.node = Some("b".into());
+        w4.status.secondary = None;
+        w4.status.moving_to = None;
+        v.put_workload("w4", w4, 7); // handed over
         let scan = |node: &str| -> u32 {
             v.workloads
                 .values()
                 .filter(|(w, _)| {
                     w.status.node.as_deref() == Some(node)
                         || w.status.secondary.as_deref() == Some(node)
+                        || w.status.moving_to.as_deref() == Some(node)
                 })
                 .map(|(w, _)| w.spec.resources.memory_mib)
                 .sum()

@@ -312,6 +312,48 @@ enum NodeCmd {
         #[arg(required = true)]
         changes: Vec<String>,
     },
+    /// Move everything off nodes for maintenance, with no lost request: wasm workloads
+    /// move live (ft pairs hand over to their secondary), processes restart elsewhere.
+    /// Shows progress until the nodes are empty. The nodes take no new work until
+    /// `undrain`.
+    Drain {
+        /// Node names.
+        names: Vec<String>,
+        /// Every node with this tag (`key=value`) instead of names.
+        #[arg(long, conflicts_with = "names")]
+        selector: Option<String>,
+        /// Return at once instead of waiting until the nodes are empty.
+        #[arg(long)]
+        no_wait: bool,
+        /// Longest wait, seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Let drained nodes take work again.
+    Undrain {
+        /// Node names.
+        names: Vec<String>,
+        /// Every node with this tag (`key=value`) instead of names.
+        #[arg(long, conflicts_with = "names")]
+        selector: Option<String>,
+    },
+    /// Rolling maintenance: the nodes with a tag, one fault domain at a time: drain the
+    /// domain's nodes, run a command (AVAIL_NODES names them), undrain, wait until they
+    /// are ready, then the next domain. Stops at the first failure.
+    Maintain {
+        /// The nodes to maintain: `key=value`, e.g. `zone=tokyo`.
+        #[arg(long)]
+        selector: String,
+        /// The fault-domain tag: one value at a time.
+        #[arg(long, default_value = "rack")]
+        by: String,
+        /// The maintenance command (run with `sh -c`).
+        #[arg(long)]
+        exec: String,
+        /// Longest wait for each drain, seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -432,6 +474,30 @@ pub async fn run(cli: Cli) -> CliResult {
                         Format::Table => print_nodes(std::slice::from_ref(&n), fmt),
                     }
                 }
+                NodeCmd::Drain {
+                    names,
+                    selector,
+                    no_wait,
+                    timeout,
+                } => {
+                    let names = select_nodes(&c, names, selector.as_deref()).await?;
+                    drain(&c, &names, no_wait, timeout, fmt).await?;
+                }
+                NodeCmd::Undrain { names, selector } => {
+                    let names = select_nodes(&c, names, selector.as_deref()).await?;
+                    for n in &names {
+                        let node: Node = c.delete(&format!("/v1/nodes/{n}/drain")).await?;
+                        if fmt == Format::Table {
+                            println!("node {n}: {}", node.state.as_str());
+                        }
+                    }
+                }
+                NodeCmd::Maintain {
+                    selector,
+                    by,
+                    exec,
+                    timeout,
+                } => maintain(&c, &selector, &by, &exec, timeout, fmt).await?,
             }
             Ok(())
         }
@@ -465,6 +531,186 @@ fn client(conn: ConnArgs) -> Result<Client, CliError> {
     Ok(Client::new(&addr, Some(token), None))
 }
 
+/// The nodes named, or those with the tag `selector` (`key=value`); at least one.
+async fn select_nodes(
+    c: &Client,
+    names: Vec<String>,
+    selector: Option<&str>,
+) -> Result<Vec<String>, CliError> {
+    let names = match selector {
+        Some(sel) => {
+            let (k, v) = avail_model::constraint::parse_tag(sel)
+                .map_err(|e| CliError::invalid(format!("--selector: {e}")))?;
+            let nodes: Vec<Node> = c.get("/v1/nodes").await?;
+            nodes
+                .into_iter()
+                .filter(|n| n.tags.get(&k) == Some(&v))
+                .map(|n| n.name)
+                .collect()
+        }
+        None => names,
+    };
+    if names.is_empty() {
+        return Err(CliError::invalid(
+            "no node: name one or more, or give --selector key=value matching some",
+        ));
+    }
+    Ok(names)
+}
+
+/// Start draining `names`, then show progress until they are empty.
+async fn drain(
+    c: &Client,
+    names: &[String],
+    no_wait: bool,
+    timeout: u64,
+    fmt: Format,
+) -> CliResult {
+    let post = |n: String| async move {
+        let r: Result<Node, _> = c
+            .post(&format!("/v1/nodes/{n}/drain"), &serde_json::json!({}))
+            .await;
+        r
+    };
+    let mut started = Vec::new();
+    for n in names {
+        started.push(post(n.clone()).await?);
+    }
+    if no_wait {
+        if fmt == Format::Json {
+            output::json(&started);
+        }
+        return Ok(());
+    }
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let deadline = std::time::Instant::now() + Duration::from_secs(timeout);
+    let mut last = String::new();
+    loop {
+        let mut nodes = Vec::new();
+        for n in names {
+            nodes.push(c.get::<Node>(&format!("/v1/nodes/{n}")).await?);
+        }
+        let (mut total, mut remaining, mut moving) = (0, 0, 0);
+        let mut blocked = None;
+        for d in nodes.iter().filter_map(|n| n.drain.as_ref()) {
+            total += d.total;
+            remaining += d.remaining;
+            moving += d.moving;
+            blocked = blocked.or(d.blocked.clone());
+        }
+        let done = total - remaining.min(total);
+        let width = 30;
+        let filled = (done * width).checked_div(total).unwrap_or(width) as usize;
+        let line = format!(
+            "[{}{}] {done}/{total} moved, {moving} moving{}",
+            "#".repeat(filled),
+            "-".repeat(width as usize - filled),
+            blocked
+                .as_deref()
+                .map(|b| format!(" (waiting: {b})"))
+                .unwrap_or_default()
+        );
+        if fmt == Format::Table && line != last {
+            if tty {
+                eprint!("\r\x1b[2K{line}");
+            } else {
+                eprintln!("{line}");
+            }
+            last = line;
+        }
+        if remaining == 0 {
+            if tty && fmt == Format::Table {
+                eprintln!();
+            }
+            match fmt {
+                Format::Json => output::json(&nodes),
+                Format::Table => println!("drained: {}", names.join(", ")),
+            }
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            if tty {
+                eprintln!();
+            }
+            return Err(CliError::fail(format!(
+                "{remaining} still on {} after {timeout} s{}",
+                names.join(", "),
+                blocked.map(|b| format!(": {b}")).unwrap_or_default()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `avail node maintain`: one fault domain at a time, drain, run the command, undrain.
+async fn maintain(
+    c: &Client,
+    selector: &str,
+    by: &str,
+    exec: &str,
+    timeout: u64,
+    fmt: Format,
+) -> CliResult {
+    let names = select_nodes(c, Vec::new(), Some(selector)).await?;
+    let nodes: Vec<Node> = c.get("/v1/nodes").await?;
+    let mut domains: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for n in nodes.iter().filter(|n| names.contains(&n.name)) {
+        let d = n
+            .tags
+            .get(by)
+            .cloned()
+            .unwrap_or_else(|| format!("(no {by})"));
+        domains.entry(d).or_default().push(n.name.clone());
+    }
+    for (domain, group) in &domains {
+        eprintln!("{by}={domain}: draining {}", group.join(", "));
+        drain(c, group, false, timeout, fmt).await?;
+        eprintln!("{by}={domain}: running {exec:?}");
+        let status = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(exec)
+            .env("AVAIL_NODES", group.join(","))
+            .status()
+            .await
+            .map_err(|e| CliError::fail(format!("--exec: {e}")))?;
+        if !status.success() {
+            return Err(CliError::fail(format!(
+                "{by}={domain}: the maintenance command failed ({status}); its nodes stay drained"
+            )));
+        }
+        for n in group {
+            let _: Node = c.delete(&format!("/v1/nodes/{n}/drain")).await?;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(timeout);
+        loop {
+            let ready = all_ready(c, group).await?;
+            if ready {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(CliError::fail(format!(
+                    "{by}={domain}: nodes not ready after maintenance: {}",
+                    group.join(", ")
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        eprintln!("{by}={domain}: done");
+    }
+    Ok(())
+}
+
+/// Whether every node of `group` is ready.
+async fn all_ready(c: &Client, group: &[String]) -> Result<bool, CliError> {
+    for n in group {
+        let node: Node = c.get(&format!("/v1/nodes/{n}")).await?;
+        if node.state != avail_model::NodeState::Ready {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// `avail workload set-level`: change the level, then wait until the new level's
 /// protection is in place.
 async fn set_level(
@@ -496,6 +742,7 @@ async fn set_level(
         avail_model::Level::Ft => w.status.level_state.as_deref() == Some("ft:protected"),
         avail_model::Level::Ha if w.spec.driver == avail_model::DriverKind::Wasm => {
             w.status.level_state.as_deref() == Some("ha:protected")
+                && w.status.reservation.is_some()
         }
         avail_model::Level::Ha => w.status.reservation.is_some(),
     };

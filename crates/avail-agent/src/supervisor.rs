@@ -498,15 +498,25 @@ impl Supervisor {
                     .await
                     .map_err(|e| e.to_string())
             }
-            DriverKind::Process => self
-                .process
-                .start(StartSpec {
-                    spec,
-                    module: None,
-                    logs,
-                })
-                .await
-                .map_err(|e| e.to_string()),
+            DriverKind::Process => {
+                // What the program learns of its run, as Nomad's NOMAD_* variables.
+                let mut spec = spec.clone();
+                for (k, v) in [
+                    ("AVAIL_NODE", self.cfg.name.clone()),
+                    ("AVAIL_WORKLOAD", spec.name.clone()),
+                    ("AVAIL_INCARNATION", a.incarnation.to_string()),
+                ] {
+                    spec.env.insert(k.into(), v);
+                }
+                self.process
+                    .start(StartSpec {
+                        spec: &spec,
+                        module: None,
+                        logs,
+                    })
+                    .await
+                    .map_err(|e| e.to_string())
+            }
             DriverKind::Qemu => Err("the qemu driver is not available on this agent".into()),
         }?;
         Ok((inst, None))

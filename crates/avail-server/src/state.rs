@@ -220,6 +220,10 @@ pub fn occupies(w: &Workload, node: &str) -> bool {
             || w.status.moving_to.as_deref() == n)
 }
 
+/// Local restarts after which an `ha` workload still crashing on its node is
+/// restarted on another node.
+pub const HA_LOCAL_RESTARTS: u32 = 3;
+
 /// Live moves a drain runs at once per node.
 pub const DRAIN_PARALLEL_MOVES: usize = 8;
 /// A live move that has not finished in this long is called off and tried again (a
@@ -279,6 +283,9 @@ pub struct AppState {
     started: Instant,
     /// When each node was last declared down (restart timings run from here).
     down_at: Mutex<HashMap<String, Instant>>,
+    /// `ha` workloads that failed on nodes since they last ran: the next restart avoids
+    /// those nodes.
+    failed_on: Mutex<HashMap<String, BTreeSet<String>>>,
     /// Live moves under way, and when each started.
     moves: Mutex<HashMap<String, Instant>>,
     /// What holds each draining node's drain up.
@@ -332,6 +339,7 @@ impl AppState {
             started: Instant::now(),
             down_at: Mutex::new(HashMap::new()),
             moves: Mutex::new(HashMap::new()),
+            failed_on: Mutex::new(HashMap::new()),
             drain_blocked: Mutex::new(HashMap::new()),
             placements: std::sync::atomic::AtomicU64::new(0),
         });
@@ -1222,6 +1230,19 @@ impl AppState {
                     )
                     .await;
             }
+            // An ha workload that cannot start on its node, or keeps crashing there
+            // (local restarts), is restarted on another one.
+            let failing = inst.state == InstanceState::Failed
+                || (inst.state == InstanceState::Restarting && inst.restarts >= HA_LOCAL_RESTARTS);
+            if failing && w.spec.level == Level::Ha {
+                self.ha_failed_on(&inst.workload, node).await;
+            }
+            if phase == Phase::Running {
+                self.failed_on
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&inst.workload);
+            }
         }
         if !logs.is_empty() {
             // Only lines of workloads placed on this node are kept.
@@ -1654,6 +1675,56 @@ impl AppState {
             level.as_str(),
             from.map(Level::as_str)
         )))
+    }
+
+    /// An `ha` workload failed on `node` (it would not start there, or it keeps
+    /// crashing): restart it on another node, away from every node it failed on since
+    /// it last ran; when it has failed on every node that could take it, it stays
+    /// failed, saying so.
+    async fn ha_failed_on(&self, name: &str, node: &str) {
+        let tried: Vec<String> = {
+            let mut m = self.failed_on.lock().unwrap_or_else(|p| p.into_inner());
+            if m.len() > 10_000 {
+                m.clear();
+            }
+            let t = m.entry(name.to_string()).or_default();
+            t.insert(node.to_string());
+            t.iter().cloned().collect()
+        };
+        let Some((w, _)) = self.workload(name) else {
+            return;
+        };
+        let req = self.request(
+            &w,
+            avail_sched::Avoid {
+                nodes: tried.clone(),
+                fault_domain: None,
+            },
+            None,
+        );
+        let candidates = {
+            let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+            v.sched
+                .nodes()
+                .filter(|n| !tried.contains(&n.name) && v.sched.fits(&n.name, &req))
+                .count()
+        };
+        if candidates == 0 {
+            self.events
+                .emit(
+                    "workload.failed",
+                    Some(name),
+                    Some(node),
+                    format!(
+                        "it failed on {} and no other node can take it: left failed",
+                        tried.join(", ")
+                    ),
+                )
+                .await;
+            return;
+        }
+        self.restart_batch(&[name.to_string()], &tried, "failing it")
+            .await;
     }
 
     /// Start draining `node` (`None`: no such node): it takes no new work, and the

@@ -418,3 +418,140 @@ async fn restarts_go_to_the_reserved_node_first() {
         w.status
     );
 }
+
+/// The restart target fails: the process cannot start on the node holding its
+/// reservation; it is restarted on the next node, away from the one it failed on, and
+/// runs there exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_restart_target_gives_way_to_the_next_node() {
+    let mut c = Cluster::start(BIN.as_ref(), 4).await;
+    let marks = c.dir.path().join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    let script = format!(
+        "if [ -e {}/fail-$AVAIL_NODE ]; then echo cannot start on $AVAIL_NODE; exit 3; fi; exec python3 -m http.server $PORT --bind 127.0.0.1",
+        marks.display()
+    );
+    ok(&c.cli(&[
+        "workload",
+        "run",
+        "--name",
+        "web",
+        "--driver",
+        "process",
+        "--artifact",
+        "sh",
+        "--arg",
+        "-c",
+        "--arg",
+        &script,
+        "--level",
+        "ha",
+        "--policy",
+        "pack",
+    ]));
+    let w = c
+        .wait_workload("web", "a reservation", Duration::from_secs(10), |w| match (
+            &w.status.node,
+            &w.status.reservation,
+        ) {
+            (Some(n), Some(r)) => Ok((n.clone(), r.clone())),
+            _ => Err(format!("{:?}", w.status)),
+        })
+        .await;
+    let (home, reserved) = w;
+    // The reserved node cannot run it.
+    std::fs::write(marks.join(format!("fail-{reserved}")), b"").unwrap();
+    c.kill_agent(avail_testkit::ft::index(&home));
+    let w = c
+        .wait_workload(
+            "web",
+            "running on a third node",
+            Duration::from_secs(40),
+            |w| {
+                let n = w.status.node.as_deref();
+                if w.status.phase == Phase::Running && n != Some(&home) && n != Some(&reserved) {
+                    Ok(w.clone())
+                } else {
+                    Err(format!("{:?}", w.status))
+                }
+            },
+        )
+        .await;
+    assert!(w.status.incarnation >= 3, "{:?}", w.status);
+    let node = w.status.node.clone().unwrap();
+    let ingress =
+        avail_client::Client::new(&c.ingress(avail_testkit::ft::index(&node)), None, None);
+    let r = ingress
+        .raw(Method::GET, "/w/web/", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers.get("avail-node").unwrap(), node.as_str());
+    let evs: serde_json::Value = c.client().get("/v1/workloads/web/events").await.unwrap();
+    let evs = evs.to_string();
+    assert!(
+        evs.contains(&format!("node {reserved} is failing it")),
+        "{evs}"
+    );
+    // Exactly once: the failed target no longer holds it (its slot was taken away).
+    let nodes: Vec<avail_model::Node> = c.client().get("/v1/nodes").await.unwrap();
+    let at_reserved = nodes.iter().find(|n| n.name == reserved).unwrap();
+    assert_eq!(at_reserved.allocated.cpu_millis, 0, "{at_reserved:?}");
+}
+
+/// Two nodes lost at once, room for only some of their ha workloads on the node left:
+/// the highest priorities restart, the others wait pending with the explanation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_lost_at_once_restart_in_priority_order() {
+    let small = vec!["--cpu-millis".to_string(), "1000".to_string()];
+    let mut c = Cluster::start_with(BIN.as_ref(), 3, vec![vec![], vec![], small]).await;
+    // node-3 takes no work while the workloads are placed: they land on node-1 and
+    // node-2, their reservations on each other.
+    ok(&c.cli(&["node", "drain", "node-3"]));
+    for (name, prio) in [("p10", "10"), ("p20", "20"), ("p30", "30"), ("p40", "40")] {
+        ok(&c.run_wasm(
+            name,
+            "counter",
+            &["--level", "ha", "--priority", prio, "--cpu-millis", "400"],
+        ));
+    }
+    ok(&c.cli(&["node", "undrain", "node-3"]));
+    let api = c.client();
+    for name in ["p10", "p20", "p30", "p40"] {
+        let w: Workload = api.get(&format!("/v1/workloads/{name}")).await.unwrap();
+        assert_ne!(w.status.node.as_deref(), Some("node-3"), "{name}");
+    }
+    c.kill_agent(0);
+    c.kill_agent(1);
+    // node-3 (1000 cpu millis) takes two of 400: the two highest priorities.
+    for name in ["p40", "p30"] {
+        c.wait_workload(name, "running on node-3", Duration::from_secs(30), |w| {
+            if w.status.phase == Phase::Running && w.status.node.as_deref() == Some("node-3") {
+                Ok(())
+            } else {
+                Err(format!("{:?}", w.status))
+            }
+        })
+        .await;
+    }
+    for name in ["p20", "p10"] {
+        c.wait_workload(
+            name,
+            "pending, short of cpu",
+            Duration::from_secs(20),
+            |w| {
+                let short = w
+                    .status
+                    .message
+                    .as_deref()
+                    .is_some_and(|m| m.contains("short of cpu"));
+                if w.status.phase == Phase::Pending && short {
+                    Ok(())
+                } else {
+                    Err(format!("{:?}", w.status))
+                }
+            },
+        )
+        .await;
+    }
+}

@@ -131,6 +131,16 @@ fn unavailable(message: &str) -> Response {
     r
 }
 
+/// A 503 for a request that did not run here and may run where the route leads a
+/// moment later (this node not synced yet, the workload starting or moved away): the
+/// ingress that took it from the client retries it.
+fn not_run(message: &str) -> Response {
+    let mut r = unavailable(message);
+    r.headers_mut()
+        .insert(NOT_RUN_HEADER, HeaderValue::from_static("1"));
+    r
+}
+
 fn to_response(r: HttpResponse, node: &str, incarnation: u64) -> Response {
     let mut b = Response::builder().status(r.status);
     for (n, v) in &r.headers {
@@ -279,9 +289,7 @@ async fn contact(State(ing): State<Arc<Ingress>>) -> Response {
 async fn attempt(ing: &Ingress, inc: &Incoming) -> Result<Response, Response> {
     let name = &inc.name;
     if !ing.sup.is_synced() {
-        return Err(unavailable(
-            "this node has not received its desired state yet",
-        ));
+        return Err(not_run("this node has not received its desired state yet"));
     }
     let me = ing.sup.node();
     let route = ing.sup.route(name);
@@ -318,7 +326,7 @@ async fn attempt(ing: &Ingress, inc: &Incoming) -> Result<Response, Response> {
                 let r = to_response(resp, me, slot.assignment.incarnation);
                 if retry { Err(r) } else { Ok(r) }
             }
-            SlotState::Starting => Err(unavailable(&format!("workload {name} is starting"))),
+            SlotState::Starting => Err(not_run(&format!("workload {name} is starting"))),
             SlotState::Failed { message, .. } => Err(unavailable(&format!(
                 "workload {name} failed to start: {message}"
             ))),
@@ -350,9 +358,7 @@ async fn attempt(ing: &Ingress, inc: &Incoming) -> Result<Response, Response> {
             "workload {name} is not placed on any node"
         ))),
         // Routed here but not (yet) running here, or a peer's stale route: never loop.
-        _ => Err(unavailable(&format!(
-            "workload {name} is not running on {me}"
-        ))),
+        _ => Err(not_run(&format!("workload {name} is not running on {me}"))),
     }
 }
 

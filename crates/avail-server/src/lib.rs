@@ -231,9 +231,7 @@ async fn background(state: std::sync::Weak<AppState>) {
         if n.is_multiple_of(20) {
             s.place_pending().await;
         }
-        if n.is_multiple_of(5) {
-            s.drain_pass().await;
-        }
+        s.drain_pass().await;
         n += 1;
     }
 }

@@ -225,7 +225,7 @@ pub fn occupies(w: &Workload, node: &str) -> bool {
 pub const HA_LOCAL_RESTARTS: u32 = 3;
 
 /// Live moves a drain runs at once per node.
-pub const DRAIN_PARALLEL_MOVES: usize = 8;
+pub const DRAIN_PARALLEL_MOVES: usize = 16;
 /// A live move that has not finished in this long is called off and tried again (a
 /// restart would lose the workload's state).
 pub const MOVE_TIMEOUT: Duration = Duration::from_secs(30);

@@ -22,6 +22,13 @@ use wasmtime::Module;
 use super::{CallFault, InstanceConfig, Live, TICK_MS, WasmDriver, abi};
 use crate::{HttpRequest, HttpResponse, LogSink, StartError};
 
+/// A module rewritten for checkpoints and compiled (cached per node by digest).
+#[derive(Clone)]
+pub struct Compiled {
+    module: Module,
+    layout: StateLayout,
+}
+
 /// A rewritten, compiled module ready to make `ft` guests.
 #[derive(Clone)]
 pub struct FtModule {
@@ -37,17 +44,51 @@ impl WasmDriver {
         bytes: Arc<[u8]>,
         logs: LogSink,
     ) -> Result<FtModule, StartError> {
-        let engine = self.engine.clone();
-        let (module, layout) = tokio::task::spawn_blocking(move || {
-            abi::check_module(&bytes).map_err(StartError::InvalidArtifact)?;
-            let rw =
-                rewrite::rewrite(&bytes).map_err(|e| StartError::InvalidArtifact(e.to_string()))?;
-            let m = Module::new(&engine, &rw.bytes)
-                .map_err(|e| StartError::InvalidArtifact(format!("compile: {e}")))?;
-            Ok::<_, StartError>((m, rw.layout))
-        })
-        .await
-        .map_err(|e| StartError::Start(format!("compile task: {e}")))??;
+        // A digest names the content (the agent checked it): compiled once per node.
+        // Anything else as the artifact (a library caller's own name) is not cached.
+        let key = spec
+            .artifact
+            .starts_with("sha256:")
+            .then(|| spec.artifact.clone());
+        let cached = key.as_ref().and_then(|k| {
+            self.compiled
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(k)
+                .cloned()
+        });
+        let (module, layout) = match cached {
+            Some(c) => (c.module, c.layout),
+            None => {
+                let engine = self.engine.clone();
+                let (module, layout) = tokio::task::spawn_blocking(move || {
+                    abi::check_module(&bytes).map_err(StartError::InvalidArtifact)?;
+                    let rw = rewrite::rewrite(&bytes)
+                        .map_err(|e| StartError::InvalidArtifact(e.to_string()))?;
+                    let m = Module::new(&engine, &rw.bytes)
+                        .map_err(|e| StartError::InvalidArtifact(format!("compile: {e}")))?;
+                    Ok::<_, StartError>((m, rw.layout))
+                })
+                .await
+                .map_err(|e| StartError::Start(format!("compile task: {e}")))??;
+                if let Some(key) = key {
+                    let mut cache = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
+                    if cache.len() >= super::COMPILED_CACHE
+                        && let Some(k) = cache.keys().next().cloned()
+                    {
+                        cache.remove(&k);
+                    }
+                    cache.insert(
+                        key,
+                        Compiled {
+                            module: module.clone(),
+                            layout: layout.clone(),
+                        },
+                    );
+                }
+                (module, layout)
+            }
+        };
         Ok(FtModule {
             cfg: InstanceConfig {
                 engine: self.engine.clone(),

@@ -56,7 +56,14 @@ pub struct WasmDriver {
     engine: Engine,
     linker: Arc<Linker<Host>>,
     ticker_stop: Arc<AtomicBool>,
+    /// Modules rewritten for checkpoints and compiled, by content digest: a restart,
+    /// a standby or a move target of a module this node has seen starts without
+    /// compiling it again.
+    pub(crate) compiled: std::sync::Mutex<std::collections::HashMap<String, ft::Compiled>>,
 }
+
+/// Most compiled modules kept per node.
+pub const COMPILED_CACHE: usize = 64;
 
 impl WasmDriver {
     /// A driver with its own engine and interruption ticker.
@@ -78,6 +85,7 @@ impl WasmDriver {
             engine,
             linker,
             ticker_stop,
+            compiled: std::sync::Mutex::new(std::collections::HashMap::new()),
         })
     }
 }

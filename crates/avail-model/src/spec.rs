@@ -52,6 +52,73 @@ impl Level {
             Level::None => "none",
         }
     }
+
+    /// Protection order: none < ha < ft.
+    pub fn rank(self) -> u8 {
+        match self {
+            Level::None => 0,
+            Level::Ha => 1,
+            Level::Ft => 2,
+        }
+    }
+
+    /// The higher of two levels.
+    pub fn max(self, other: Level) -> Level {
+        if other.rank() > self.rank() {
+            other
+        } else {
+            self
+        }
+    }
+}
+
+/// The cluster's level policy (`GET`/`PUT /v1/cluster/levels`), so protection is not
+/// forgotten: a default for specs that name no level, and minimum levels by node tag
+/// (`compliance=pci` at least `ha`) for workloads placed on such nodes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LevelPolicy {
+    /// The level of a workload whose spec has no `level`.
+    #[serde(default)]
+    pub default: Level,
+    /// Minimum levels by node tag.
+    #[serde(default)]
+    pub minimums: Vec<LevelMinimum>,
+}
+
+/// A minimum level for the workloads on nodes with a tag.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LevelMinimum {
+    /// The node tag, `key=value`.
+    pub tag: String,
+    /// The lowest level a workload on such a node may have.
+    pub level: Level,
+}
+
+impl LevelPolicy {
+    /// Check the tags (the field is named in the error).
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if self.minimums.len() > 1000 {
+            return Err(ValidationError::new("minimums", "at most 1000"));
+        }
+        for (i, m) in self.minimums.iter().enumerate() {
+            crate::constraint::parse_tag(&m.tag)
+                .map_err(|e| ValidationError::new(format!("minimums[{i}].tag"), e.message))?;
+        }
+        Ok(())
+    }
+
+    /// The highest minimum that applies on a node with `tags`, and the tag that sets it.
+    pub fn minimum_for(&self, tags: &BTreeMap<String, String>) -> Option<(Level, &str)> {
+        self.minimums
+            .iter()
+            .filter(|m| {
+                crate::constraint::parse_tag(&m.tag).is_ok_and(|(k, v)| tags.get(&k) == Some(&v))
+            })
+            .max_by_key(|m| m.level.rank())
+            .map(|m| (m.level, m.tag.as_str()))
+    }
 }
 
 /// Resources a workload asks for, and a node's capacity.
@@ -271,6 +338,16 @@ pub fn is_digest(s: &str) -> bool {
 }
 
 impl WorkloadSpec {
+    /// Whether spec text (TOML or JSON, as [`WorkloadSpec::parse`] takes) names a
+    /// level; one that does not gets the cluster's default.
+    pub fn names_level(text: &str) -> bool {
+        if text.trim_start().starts_with('{') {
+            serde_json::from_str::<serde_json::Value>(text).is_ok_and(|v| v.get("level").is_some())
+        } else {
+            toml::from_str::<toml::Table>(text).is_ok_and(|t| t.contains_key("level"))
+        }
+    }
+
     /// Parse a spec from TOML or JSON text (JSON when it starts with `{`); unknown
     /// fields are refused.
     pub fn parse(text: &str) -> Result<WorkloadSpec, ValidationError> {

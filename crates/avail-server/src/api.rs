@@ -9,9 +9,10 @@ use avail_model::agent::{
     DesiredState, HandoverRequest, Heartbeat, JoinRequest, JoinResponse, LeaseReply, LeaseRequest,
     LogLine, SecondaryFailure,
 };
+use avail_model::spec::LevelPolicy;
 use avail_model::spec::is_digest;
 use avail_model::{
-    ApiErrorBody, ClusterEvent, DriverKind, Node, NodeState, Phase, Workload, WorkloadSpec,
+    ApiErrorBody, ClusterEvent, DriverKind, Level, Node, NodeState, Phase, Workload, WorkloadSpec,
     WorkloadStatus,
 };
 use avail_sched::Decision;
@@ -230,6 +231,10 @@ pub fn router(state: AppStateRef) -> Router {
         )
         .route("/v1/workloads/{name}/events", get(workload_events))
         .route("/v1/workloads/{name}/level", put(set_workload_level))
+        .route(
+            "/v1/cluster/levels",
+            get(get_level_policy).put(put_level_policy),
+        )
         .route("/v1/workloads/{name}/logs", get(workload_logs))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{name}", get(get_node))
@@ -360,9 +365,20 @@ async fn create_workload(
 ) -> ApiResult<Response> {
     let bytes = read_body(body, MAX_JSON_BYTES).await?;
     let text = std::str::from_utf8(&bytes).map_err(|_| ApiErr::invalid("body", "not UTF-8"))?;
-    let spec = WorkloadSpec::parse(text).map_err(|e| ApiErr(StatusCode::BAD_REQUEST, e.into()))?;
+    let mut spec =
+        WorkloadSpec::parse(text).map_err(|e| ApiErr(StatusCode::BAD_REQUEST, e.into()))?;
+    // A spec that names no level gets the cluster's default (at most ha for a process).
+    let policy = state.level_policy().await?;
+    if !WorkloadSpec::names_level(text) {
+        spec.level = match (spec.driver, policy.default) {
+            (DriverKind::Process, Level::Ft) => Level::Ha,
+            (_, l) => l,
+        };
+    }
     spec.validate()
         .map_err(|e| ApiErr(StatusCode::BAD_REQUEST, e.into()))?;
+    // Whether the module can be checkpointed (every wasm level but ft runs without).
+    let mut checkpointable = true;
     if spec.driver == DriverKind::Wasm {
         let path = state.artifacts_dir().join(artifact_file(&spec.artifact));
         let module = tokio::fs::read(&path).await.map_err(|_| {
@@ -375,12 +391,13 @@ async fn create_workload(
             )
         })?;
         let ft = spec.level == avail_model::Level::Ft;
-        tokio::task::spawn_blocking(move || {
+        checkpointable = tokio::task::spawn_blocking(move || {
             avail_driver::wasm::check(&module)?;
-            if ft {
-                avail_statepoint::rewrite::rewrite(&module).map_err(|e| e.to_string())?;
+            match avail_statepoint::rewrite::rewrite(&module) {
+                Ok(_) => Ok(true),
+                Err(e) if ft => Err(e.to_string()),
+                Err(_) => Ok(false),
             }
-            Ok::<(), String>(())
         })
         .await
         .map_err(|e| ApiErr::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
@@ -446,6 +463,26 @@ async fn create_workload(
         let (decision, at) = state.decide(&w);
         let written = match &decision {
             Decision::Place { node, .. } => {
+                // The policy's minimum for the node's tags raises the level.
+                if let Some((min, tag)) = state.minimum_on(&policy, node)
+                    && min.rank() > w.spec.level.rank()
+                {
+                    if min == Level::Ft && (w.spec.driver != DriverKind::Wasm || !checkpointable) {
+                        return Err(ApiErr::invalid(
+                            "level",
+                            format!(
+                                "node {node} has {tag}, where the cluster requires level ft; this workload cannot run at ft (a process, or a module that cannot be checkpointed)"
+                            ),
+                        ));
+                    }
+                    let mut raised = w.spec.clone();
+                    raised.level = min;
+                    raised
+                        .validate()
+                        .map_err(|e| ApiErr(StatusCode::BAD_REQUEST, e.into()))?;
+                    w.spec.level = min;
+                    w.status.message = Some(format!("level {} required on {tag}", min.as_str()));
+                }
                 w.status.phase = Phase::Placed;
                 w.status.node = Some(node.clone());
                 w.status.incarnation = 1;
@@ -677,6 +714,56 @@ async fn get_node(
         .ok_or_else(|| ApiErr::not_found("node", &name))
 }
 
+#[utoipa::path(get, path = "/v1/cluster/levels",
+    responses((status = 200, body = LevelPolicy)), security(("bearer" = [])))]
+async fn get_level_policy(
+    _: Admin,
+    State(state): State<AppStateRef>,
+) -> ApiResult<Json<LevelPolicy>> {
+    Ok(Json(state.level_policy().await?))
+}
+
+#[utoipa::path(put, path = "/v1/cluster/levels", request_body = LevelPolicy,
+    responses((status = 200, body = LevelPolicy), (status = 400, description = "a bad tag, named")),
+    security(("bearer" = [])))]
+async fn put_level_policy(
+    _: Admin,
+    State(state): State<AppStateRef>,
+    body: Body,
+) -> ApiResult<Json<LevelPolicy>> {
+    let policy: LevelPolicy = read_json(body).await?;
+    policy
+        .validate()
+        .map_err(|e| ApiErr(StatusCode::BAD_REQUEST, e.into()))?;
+    state
+        .store
+        .put(
+            keys::LEVEL_POLICY,
+            serde_json::to_vec(&policy).expect("policy serialises"),
+            None,
+        )
+        .await?;
+    state
+        .events
+        .emit(
+            "cluster.levels",
+            None,
+            None,
+            format!(
+                "default level {}; minimums {}",
+                policy.default.as_str(),
+                policy
+                    .minimums
+                    .iter()
+                    .map(|m| format!("{}: {}", m.tag, m.level.as_str()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+        .await;
+    Ok(Json(policy))
+}
+
 /// A live level change: `PUT /v1/workloads/<name>/level`.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -712,6 +799,33 @@ async fn set_workload_level(
     spec.level = change.level;
     spec.validate()
         .map_err(|e| ApiErr(StatusCode::BAD_REQUEST, e.into()))?;
+    // Not below the cluster's minimum for the node it runs on.
+    let policy = state.level_policy().await?;
+    if let Some(node) = &w.status.node
+        && let Some((min, tag)) = state.minimum_on(&policy, node)
+        && change.level.rank() < min.rank()
+    {
+        return Err(ApiErr::invalid(
+            "level",
+            format!(
+                "it runs on {node}, which has {tag}: the cluster requires at least {} there",
+                min.as_str()
+            ),
+        ));
+    }
+    // ft needs a module that can be checkpointed.
+    if change.level == Level::Ft && w.spec.driver == DriverKind::Wasm {
+        let path = state.artifacts_dir().join(artifact_file(&w.spec.artifact));
+        let module = tokio::fs::read(&path)
+            .await
+            .map_err(|e| ApiErr::invalid("artifact", format!("{}: {e}", w.spec.artifact)))?;
+        tokio::task::spawn_blocking(move || {
+            avail_statepoint::rewrite::rewrite(&module).map(|_| ())
+        })
+        .await
+        .map_err(|e| ApiErr::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(|e| ApiErr::invalid("level", format!("this module cannot run at ft: {e}")))?;
+    }
     match state.set_level(&name, change.level).await? {
         Some((w, _)) => Ok(Json(w)),
         None => Err(ApiErr::not_found("workload", &name)),
@@ -1218,8 +1332,8 @@ async fn pair_secondary_failed(
     paths(livez, readyz, metrics, create_workload, list_workloads, get_workload, delete_workload, workload_events, workload_logs,
           list_nodes, get_node, events, put_artifact, get_artifact, join, heartbeat, desired, pair_lease,
           pair_secondary_failed, patch_node_tags, set_workload_level,
-          pair_handover, drain_node, undrain_node),
-    components(schemas(Deleted, ArtifactRef, HeartbeatReply, TagChange, PlanPreview, LevelChange)),
+          pair_handover, drain_node, undrain_node, get_level_policy, put_level_policy),
+    components(schemas(Deleted, ArtifactRef, HeartbeatReply, TagChange, PlanPreview, LevelChange, LevelPolicy)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -7,6 +7,7 @@
 //! | `/nodes/<name>` | [`crate::state::NodeRecord`] |
 //! | `/alive/<name>` | empty; attached to the node's lease: absent means down |
 //! | `/events/<seq, 20 digits>` | [`avail_model::ClusterEvent`] (the last [`crate::events::KEEP_EVENTS`]) |
+//! | `/config/levels` | [`avail_model::spec::LevelPolicy`]: the default level and minimums by node tag |
 //! | `/placement` | the last workload placed: written with every placement, and compared in the same transaction, so a plan made on an older view is refused |
 
 /// Prefix of workloads.
@@ -17,6 +18,8 @@ pub const NODES: &str = "/nodes/";
 pub const ALIVE: &str = "/alive/";
 /// Prefix of events.
 pub const EVENTS: &str = "/events/";
+/// The cluster's level policy.
+pub const LEVEL_POLICY: &str = "/config/levels";
 /// The placement key: every placement writes it and compares its revision.
 pub const PLACEMENT: &str = "/placement";
 

@@ -1727,6 +1727,27 @@ impl AppState {
             .await;
     }
 
+    /// The cluster's level policy (the default when none is stored).
+    pub async fn level_policy(&self) -> Result<avail_model::spec::LevelPolicy, StateError> {
+        Ok(match self.store.get(keys::LEVEL_POLICY).await? {
+            Some(kv) => serde_json::from_slice(&kv.value).unwrap_or_default(),
+            None => avail_model::spec::LevelPolicy::default(),
+        })
+    }
+
+    /// The minimum level the policy sets for workloads on `node`, with the tag.
+    pub fn minimum_on(
+        &self,
+        policy: &avail_model::spec::LevelPolicy,
+        node: &str,
+    ) -> Option<(Level, String)> {
+        let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+        let rec = v.nodes.get(node)?;
+        policy
+            .minimum_for(&rec.tags)
+            .map(|(l, t)| (l, t.to_string()))
+    }
+
     /// Start draining `node` (`None`: no such node): it takes no new work, and the
     /// drain pass moves everything on it off, the highest priority first.
     pub async fn start_drain(&self, node: &str) -> Result<Option<Node>, StateError> {

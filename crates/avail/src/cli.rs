@@ -114,6 +114,13 @@ enum Command {
         #[command(subcommand)]
         cmd: NodeCmd,
     },
+    /// Cluster-wide settings.
+    Cluster {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
     /// Cluster events.
     Events {
         #[command(flatten)]
@@ -356,6 +363,27 @@ enum NodeCmd {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Show the level policy: the default level and the minimums by node tag.
+    Levels,
+    /// Set the level policy. A spec that names no level gets the default; a workload
+    /// placed on a node with a minimum's tag runs at least at that level (and cannot
+    /// be set lower there).
+    SetLevels {
+        /// The default level: none, ha or ft (unchanged if not given).
+        #[arg(long)]
+        default: Option<String>,
+        /// A minimum, `key=value:level` (e.g. `compliance=pci:ha`); repeat. Replaces the
+        /// minimums when given.
+        #[arg(long = "minimum")]
+        minimums: Vec<String>,
+        /// Remove every minimum.
+        #[arg(long, conflicts_with = "minimums")]
+        clear_minimums: bool,
+    },
+}
+
 #[derive(Args, Debug)]
 struct EventsArgs {
     /// Keep following new events.
@@ -498,6 +526,55 @@ pub async fn run(cli: Cli) -> CliResult {
                     exec,
                     timeout,
                 } => maintain(&c, &selector, &by, &exec, timeout, fmt).await?,
+            }
+            Ok(())
+        }
+        Command::Cluster { conn, cmd } => {
+            let c = client(conn)?;
+            let level = |s: &str, what: &str| -> Result<avail_model::Level, CliError> {
+                serde_json::from_value(serde_json::json!(s)).map_err(|_| {
+                    CliError::invalid(format!("{what}: {s:?} is not one of none, ha, ft"))
+                })
+            };
+            let mut p: avail_model::spec::LevelPolicy = c.get("/v1/cluster/levels").await?;
+            if let ClusterCmd::SetLevels {
+                default,
+                minimums,
+                clear_minimums,
+            } = cmd
+            {
+                if let Some(d) = default {
+                    p.default = level(&d, "--default")?;
+                }
+                if clear_minimums {
+                    p.minimums.clear();
+                }
+                if !minimums.is_empty() {
+                    p.minimums = minimums
+                        .iter()
+                        .map(|m| {
+                            let (tag, l) = m.rsplit_once(':').ok_or_else(|| {
+                                CliError::invalid(format!(
+                                    "--minimum: {m:?} is not key=value:level"
+                                ))
+                            })?;
+                            Ok(avail_model::spec::LevelMinimum {
+                                tag: tag.to_string(),
+                                level: level(l, "--minimum")?,
+                            })
+                        })
+                        .collect::<Result<_, CliError>>()?;
+                }
+                p = c.put("/v1/cluster/levels", &p).await?;
+            }
+            match fmt {
+                Format::Json => output::json(&p),
+                Format::Table => {
+                    println!("default level: {}", p.default.as_str());
+                    for m in &p.minimums {
+                        println!("minimum on {}: {}", m.tag, m.level.as_str());
+                    }
+                }
             }
             Ok(())
         }
@@ -861,12 +938,16 @@ async fn agent(a: AgentArgs) -> CliResult {
 }
 
 /// Build the spec from a file or flags; upload a wasm module given by path.
-async fn build_spec(c: &Client, a: &RunArgs) -> Result<WorkloadSpec, CliError> {
+/// The spec from a file or the flags, and whether it names a level (one that does not
+/// gets the cluster's default level).
+async fn build_spec(c: &Client, a: &RunArgs) -> Result<(WorkloadSpec, bool), CliError> {
+    let mut named = a.level.is_some();
     let (mut spec, base) = if let Some(f) = &a.file {
         let text = std::fs::read_to_string(f)
             .map_err(|e| CliError::invalid(format!("{}: {e}", f.display())))?;
         let spec = WorkloadSpec::parse(&text)
             .map_err(|e| CliError::invalid(format!("{}: {e}", f.display())))?;
+        named |= WorkloadSpec::names_level(&text);
         (spec, f.parent().map(PathBuf::from).unwrap_or_default())
     } else {
         let need = |v: &Option<String>, flag: &str| {
@@ -924,12 +1005,16 @@ async fn build_spec(c: &Client, a: &RunArgs) -> Result<WorkloadSpec, CliError> {
     }
     spec.validate()
         .map_err(|e| CliError::invalid(e.to_string()))?;
-    Ok(spec)
+    Ok((spec, named))
 }
 
 async fn workload_run(c: &Client, a: RunArgs, fmt: Format) -> CliResult {
-    let spec = build_spec(c, &a).await?;
-    let body = serde_json::to_vec(&spec).expect("spec serialises");
+    let (spec, named) = build_spec(c, &a).await?;
+    let mut body = serde_json::to_value(&spec).expect("spec serialises");
+    if !named && let Some(o) = body.as_object_mut() {
+        o.remove("level");
+    }
+    let body = serde_json::to_vec(&body).expect("spec serialises");
     if a.dry_run {
         let p: serde_json::Value = c
             .post_raw("/v1/workloads?dry_run=true", body.into())

@@ -173,3 +173,81 @@ async fn bad_level_changes_are_refused() {
     assert_eq!(w.spec.level, Level::Ha);
     assert_eq!(w.status.incarnation, 1);
 }
+
+/// The cluster's level policy: a default for specs that name no level, and a minimum
+/// by node tag that raises what lands on such nodes and refuses going below it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_level_policy_sets_defaults_and_minimums() {
+    let c = Cluster::start(BIN.as_ref(), 3).await;
+    ok(&c.cli(&["node", "tag", "node-3", "compliance=pci"]));
+    // Bad input: named, exit 2, nothing stored.
+    let out = c.cli(&["cluster", "set-levels", "--default", "gold"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = c.cli(&["cluster", "set-levels", "--minimum", "compliance=pci"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = c.cli(&["cluster", "set-levels", "--minimum", "bad tag=x:ha"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("minimums[0].tag"));
+    ok(&c.cli(&[
+        "cluster",
+        "set-levels",
+        "--default",
+        "ha",
+        "--minimum",
+        "compliance=pci:ft",
+    ]));
+    let out = c.cli(&["cluster", "levels"]);
+    ok(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("default level: ha") && text.contains("compliance=pci: ft"),
+        "{text}"
+    );
+    let api = c.client();
+    // No level named: the default. A level named: kept.
+    ok(&c.run_wasm("plain", "counter", &["--constraint", "zone == osaka"]));
+    ok(&c.run_wasm(
+        "named",
+        "counter",
+        &["--level", "none", "--constraint", "zone == osaka"],
+    ));
+    let w: Workload = api.get("/v1/workloads/plain").await.unwrap();
+    assert_eq!(w.spec.level, Level::Ha);
+    let w: Workload = api.get("/v1/workloads/named").await.unwrap();
+    assert_eq!(w.spec.level, Level::None);
+    // On a pci node: raised to ft, and not to be lowered there.
+    ok(&c.run_wasm(
+        "card",
+        "counter",
+        &["--level", "none", "--constraint", "compliance == pci"],
+    ));
+    let w: Workload = api.get("/v1/workloads/card").await.unwrap();
+    assert_eq!(w.status.node.as_deref(), Some("node-3"));
+    assert_eq!(w.spec.level, Level::Ft, "{:?}", w.status);
+    let out = c.cli(&["workload", "set-level", "card", "ha"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("compliance=pci"));
+    // A process cannot be ft: refused on a pci node, with the reason.
+    let out = c.cli(&[
+        "workload",
+        "run",
+        "--name",
+        "web",
+        "--driver",
+        "process",
+        "--artifact",
+        "sh",
+        "--arg",
+        "-c",
+        "--arg",
+        "sleep 100",
+        "--constraint",
+        "compliance == pci",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("requires level ft"));
+    assert!(
+        api.get::<Workload>("/v1/workloads/web").await.is_err(),
+        "nothing created"
+    );
+}

@@ -3,7 +3,8 @@
 //! (from then until every workload answers from its new node), with 1, 10 and 100
 //! workloads on the lost node, over several trials each (a fresh 3-agent cluster per
 //! trial). The workloads are the counter guest, constrained to the two tokyo nodes, so
-//! all start on node-1 and restart on node-3 (where their reservations are).
+//! all start on node-1 and restart on node-3, where their reservations are and their
+//! standbys hold a checkpoint (taken every second) to resume from.
 //!
 //! `cargo build --release -p avail -p avail-bench && target/release/ha_restart [trials] [sizes,...]`
 
@@ -42,13 +43,27 @@ fn main() {
                         "resources": {"cpu_millis": 10, "memory_mib": 16},
                         "placement": {"constraints": ["zone == tokyo"], "policy": "pack"},
                     });
-                    let w: Workload = api.post("/v1/workloads", &spec).await.unwrap();
-                    assert_eq!(w.status.node.as_deref(), Some("node-1"));
+                    // On node-1 (pack): a placement elsewhere (node-1 briefly suspect on
+                    // a loaded machine) is made again.
+                    loop {
+                        let w: Workload = api.post("/v1/workloads", &spec).await.unwrap();
+                        if w.status.node.as_deref() == Some("node-1") {
+                            break;
+                        }
+                        let _: serde_json::Value = api.delete(&format!("/v1/workloads/w{i}")).await.unwrap();
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                 }
                 // All running and reserved.
                 loop {
                     let ws: Vec<Workload> = api.get("/v1/workloads").await.unwrap();
-                    if ws.iter().all(|w| w.status.phase == Phase::Running && w.status.reservation.is_some()) {
+                    // Running, reserved, and the standby in step (a restart resumes from
+                    // its checkpoint).
+                    if ws.iter().all(|w| {
+                        w.status.phase == Phase::Running
+                            && w.status.reservation.is_some()
+                            && w.status.level_state.as_deref() == Some("ha:protected")
+                    }) {
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;

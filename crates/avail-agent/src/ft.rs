@@ -176,8 +176,8 @@ enum Cmd {
     Peer(Option<Peer>, u64),
     /// The control plane's assignment changed: level, role, peer, generation, handover.
     Assign(Level, ReplicaRole, Option<Peer>, u64, bool),
-    /// The server's answer to a handover.
-    Handover(bool),
+    /// The server's answer to a handover (none: not known).
+    Handover(Option<bool>),
     Link(TcpStream),
     FromPeer(Wire),
     /// The link with this number went down.
@@ -1319,32 +1319,42 @@ impl Actor {
         self.main.spawn(async move {
             let path = format!("/v1/agent/pairs/{name}/handover");
             let body = avail_model::agent::HandoverRequest { from };
-            let mut granted = false;
-            for _ in 0..20 {
-                match client.post::<_, LeaseReply>(&path, &body).await {
-                    Ok(r) => {
-                        granted = r.granted;
-                        break;
-                    }
-                    Err(avail_client::ClientError::Api { .. }) => break,
-                    Err(e) => {
-                        tracing::warn!(workload = %name, "handover: {e}; retrying");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
+            // Some(answer), or None when it is not known (the server may have made the
+            // peer active): then this copy keeps turning requests away and asks again.
+            let answer = match client.post::<_, LeaseReply>(&path, &body).await {
+                Ok(r) => Some(r.granted),
+                Err(avail_client::ClientError::Api {
+                    status: 400 | 403 | 404 | 409,
+                    ..
+                }) => Some(false),
+                Err(e) => {
+                    tracing::warn!(workload = %name, "handover: {e}; asking again");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    None
                 }
-            }
-            let _ = tx.send(Cmd::Handover(granted)).await;
+            };
+            let _ = tx.send(Cmd::Handover(answer)).await;
         });
     }
 
-    fn handover_answer(&mut self, granted: bool) {
-        if granted {
-            tracing::info!(workload = %self.spec.name, "handed over: the peer is the active copy");
-            self.moved = true;
-        } else {
-            tracing::warn!(workload = %self.spec.name, "handover refused: serving on");
+    fn handover_answer(&mut self, answer: Option<bool>) {
+        match answer {
+            Some(true) => {
+                tracing::info!(workload = %self.spec.name, "handed over: the peer is the active copy");
+                self.moved = true;
+                self.handing = None;
+            }
+            Some(false) => {
+                tracing::warn!(workload = %self.spec.name, "handover refused: serving on");
+                self.handing = None;
+            }
+            // Unknown: still handing over, not asked; the next step asks again.
+            None => {
+                if let Some((epoch, since, _)) = self.handing {
+                    self.handing = Some((epoch, since, false));
+                }
+            }
         }
-        self.handing = None;
     }
 
     /// A standby made active (level `ha`: its primary's node is down and the control
@@ -1382,9 +1392,13 @@ impl Actor {
                 r.resumed_epoch = epoch;
             }
             Err(e) => {
+                // Reported as the active copy that failed: the control plane restarts it
+                // on another node.
                 tracing::error!(workload = %self.spec.name, "activation failed: {e}");
-                self.report.lock().unwrap_or_else(|p| p.into_inner()).failed =
-                    Some(format!("activation failed: {e}"));
+                let mut r = self.report.lock().unwrap_or_else(|p| p.into_inner());
+                r.role = ReplicaRole::Active;
+                r.generation = generation;
+                r.failed = Some(format!("activation failed: {e}"));
             }
         }
     }

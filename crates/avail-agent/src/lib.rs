@@ -249,27 +249,39 @@ async fn heartbeat_loop(
         let hb = Heartbeat {
             instances: sup.statuses(),
             logs: sup.drain_logs(),
+            fences: sup.take_fences(),
         };
         let authed = client
             .with_token(Some(joined.node_token.clone()))
             .with_timeout(interval * 4);
+        // Contact is timed from when the heartbeat left, never from its answer: the
+        // server judges this node by when it received it, which is no earlier.
+        let sent = std::time::Instant::now();
         match authed
             .post::<_, serde_json::Value>("/v1/agent/heartbeat", &hb)
             .await
         {
-            Ok(_) => {
+            Ok(reply) => {
+                // The windows may have changed (a server restarted with others).
+                if let Some(ttl) = reply["lease_ttl_ms"].as_u64() {
+                    sup.set_lease_ttl(Duration::from_millis(ttl));
+                }
+                if let Some(hb) = reply["heartbeat_interval_ms"].as_u64() {
+                    joined.heartbeat_interval_ms = hb;
+                }
                 // Back from an isolation (a pause, a partition) that the peers did not
                 // show to be the control plane's: stop the ha workloads first; the fresh
                 // desired state says which still belong here. After a control-plane
                 // outage they simply go on.
-                if sup.must_not_serve_ha() {
+                if sup.is_fenced() || sup.isolated_at(sent) {
                     sup.fence().await;
                 }
-                sup.contact();
+                sup.contact(sent);
             }
             Err(ClientError::Api {
                 status: 401 | 404, ..
             }) => {
+                sup.unreported_fences(hb.fences);
                 // The server forgot us (new data dir) or our token: join again.
                 match join(&cfg, &client).await {
                     Ok(j) => {
@@ -279,7 +291,10 @@ async fn heartbeat_loop(
                     Err(e) => tracing::error!("re-join failed: {e}"),
                 }
             }
-            Err(e) => tracing::warn!("heartbeat: {e}"),
+            Err(e) => {
+                tracing::warn!("heartbeat: {e}");
+                sup.unreported_fences(hb.fences);
+            }
         }
         tokio::time::sleep(interval).await;
     }

@@ -148,6 +148,8 @@ pub struct Supervisor {
     control_plane_away: AtomicBool,
     /// Memory the node's ft secondaries may hold in checkpoint images.
     image_budget: Arc<crate::ft::ImageBudget>,
+    /// Fences not reported to the server yet.
+    fences: Mutex<Vec<avail_model::agent::FenceReport>>,
 }
 
 fn now_ms() -> u64 {
@@ -177,6 +179,7 @@ impl Supervisor {
             fenced: AtomicBool::new(false),
             peers: Mutex::new(Vec::new()),
             control_plane_away: AtomicBool::new(false),
+            fences: Mutex::new(Vec::new()),
         })
     }
 
@@ -565,11 +568,14 @@ impl Supervisor {
         Ok(bytes.to_vec().into())
     }
 
-    /// The server answered a heartbeat. After a fence, the desired state is fetched
+    /// The server answered a heartbeat sent at `sent`. After a fence, the desired state is fetched
     /// afresh (never the one from before the isolation: the server may have moved the
     /// workloads meanwhile), and the ha workloads still assigned here start again.
-    pub fn contact(self: &Arc<Self>) {
-        *self.last_contact.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    pub fn contact(self: &Arc<Self>, sent: Instant) {
+        {
+            let mut last = self.last_contact.lock().unwrap_or_else(|p| p.into_inner());
+            *last = (*last).max(sent);
+        }
         self.control_plane_away.store(false, Ordering::Release);
         if self.fenced.load(Ordering::Acquire) {
             let this = self.clone();
@@ -620,6 +626,16 @@ impl Supervisor {
         self.contact_age() > *self.fence_after.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether, when a heartbeat left at `at`, the server had been silent for the
+    /// isolation window (a pause or a partition just ended) and the peers had not
+    /// shown the control plane away: a slow answer to a heartbeat sent in time does not
+    /// count.
+    pub fn isolated_at(&self, at: Instant) -> bool {
+        let last = *self.last_contact.lock().unwrap_or_else(|p| p.into_inner());
+        at.saturating_duration_since(last) > self.fence_after()
+            && !self.control_plane_away.load(Ordering::Acquire)
+    }
+
     /// Record what the peers said while the server was silent: `true` when those that
     /// answered have all lost it too.
     pub fn set_control_plane_away(&self, away: bool) {
@@ -659,11 +675,31 @@ impl Supervisor {
             workloads = gone.len(),
             "isolated from the control plane: stopping ha workloads (fenced)"
         );
+        self.fences.lock().unwrap_or_else(|p| p.into_inner()).push(
+            avail_model::agent::FenceReport {
+                at_ms: now_ms(),
+                silent_ms: self.contact_age().as_millis() as u64,
+                stopped: gone.iter().map(|(n, _)| n.clone()).collect(),
+            },
+        );
         for (_, s) in gone {
             if let SlotState::Running(i) = s.state {
                 i.stop().await;
             }
         }
+    }
+
+    /// Fences to report with the next heartbeat (put back with
+    /// [`Supervisor::unreported_fences`] when it fails).
+    pub fn take_fences(&self) -> Vec<avail_model::agent::FenceReport> {
+        std::mem::take(&mut *self.fences.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Fences a failed heartbeat did not deliver: reported with the next one.
+    pub fn unreported_fences(&self, mut f: Vec<avail_model::agent::FenceReport>) {
+        let mut q = self.fences.lock().unwrap_or_else(|p| p.into_inner());
+        f.append(&mut q);
+        *q = f;
     }
 
     /// The ingress URLs of the other nodes (from the last desired state).

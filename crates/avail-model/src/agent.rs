@@ -225,4 +225,19 @@ pub struct Heartbeat {
     pub instances: Vec<InstanceStatus>,
     /// Log lines since the last heartbeat (bounded by the agent).
     pub logs: Vec<LogLine>,
+    /// Fences since the last heartbeat the server answered (reported once the node is
+    /// heard again: while fenced it could not tell anyone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fences: Vec<FenceReport>,
+}
+
+/// A node fenced itself: cut off from the control plane, it stopped its `ha` workloads.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct FenceReport {
+    /// When.
+    pub at_ms: TimeMs,
+    /// How long it had not heard the server then, ms.
+    pub silent_ms: u64,
+    /// The workloads it stopped.
+    pub stopped: Vec<String>,
 }

@@ -63,6 +63,11 @@ pub struct WorkloadStatus {
     /// Level `ha`: the node holding capacity for its restart (another fault domain).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reservation: Option<String>,
+    /// wasm: the module cannot be checkpointed (shared memory, reference-typed state):
+    /// it runs as a plain instance, with no `ha` standby, no live move (a drain
+    /// restarts it) and no level `ft`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub plain: bool,
     /// A live move under way (a drain): the node the workload moves to. A wasm
     /// workload's copy there is synced as a secondary, then takes over.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -426,6 +426,7 @@ async fn create_workload(
             secondary: None,
             generation: 0,
             reservation: None,
+            plain: false,
             moving_to: None,
             ft: None,
         },
@@ -455,6 +456,7 @@ async fn create_workload(
     }
     // Plan, and write the placement by compare-and-swap on the placement revision the
     // plan was made at; a plan made stale by another placement is made again.
+    w.status.plain = spec_driver_is_wasm(&w) && !checkpointable;
     let pending = w.clone();
     let mut attempts = 0;
     let decision = loop {
@@ -813,6 +815,23 @@ async fn set_workload_level(
             ),
         ));
     }
+    // ft with on_secondary_loss = hold and no node for the secondary would hold every
+    // reply: refused, saying why.
+    if change.level == Level::Ft
+        && w.spec.ft.on_secondary_loss == avail_model::SecondaryLoss::Hold
+        && w.status.node.is_some()
+    {
+        let mut at_ft = w.clone();
+        at_ft.spec.level = Level::Ft;
+        if let (Decision::Unplaceable { explanation }, _) = state.decide_secondary(&at_ft, None) {
+            return Err(ApiErr::invalid(
+                "level",
+                format!(
+                    "no node for its secondary ({explanation}); with ft.on_secondary_loss = hold every reply would wait for one"
+                ),
+            ));
+        }
+    }
     // ft needs a module that can be checkpointed.
     if change.level == Level::Ft && w.spec.driver == DriverKind::Wasm {
         let path = state.artifacts_dir().join(artifact_file(&w.spec.artifact));
@@ -1166,11 +1185,24 @@ async fn join(
     }))
 }
 
+fn spec_driver_is_wasm(w: &Workload) -> bool {
+    w.spec.driver == DriverKind::Wasm
+}
+
+/// Whether `w` has a standby on a node other than `node`.
+fn has_standby_elsewhere(w: &Workload, node: &str) -> bool {
+    crate::state::replica_node(w).is_some_and(|r| r != node)
+}
+
 /// The server's answer to a heartbeat.
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct HeartbeatReply {
     /// The node's state as the server sees it.
     pub state: NodeState,
+    /// How often to heartbeat, ms (the windows may change when the server restarts).
+    pub heartbeat_interval_ms: u64,
+    /// The down window, ms: the agent's isolation window follows it.
+    pub lease_ttl_ms: u64,
 }
 
 #[utoipa::path(post, path = "/v1/agent/heartbeat", request_body = Heartbeat,
@@ -1191,8 +1223,51 @@ async fn heartbeat(
         return Err(ApiErr::not_found("node", &node));
     }
     state.metrics.heartbeats.inc();
-    let st = state.heartbeat(&node, &hb.instances, hb.logs).await?;
-    Ok(Json(HeartbeatReply { state: st }))
+    for f in hb.fences.iter().take(100) {
+        state.metrics.fences.inc();
+        state
+            .events
+            .emit(
+                "node.fenced",
+                None,
+                Some(&node),
+                format!(
+                    "{node} fenced itself after {} ms without the control plane, stopping {} ha workload(s): {}",
+                    f.silent_ms,
+                    f.stopped.len(),
+                    f.stopped.iter().take(20).cloned().collect::<Vec<_>>().join(", ")
+                ),
+            )
+            .await;
+    }
+    let st = state.heard(&node).await?;
+    // The ha workloads a fence stopped resume on their standbys (from their last
+    // checkpoint) before the agent, heard again, fetches its desired state: it must
+    // not start them afresh here.
+    let fenced: Vec<String> = hb
+        .fences
+        .iter()
+        .flat_map(|f| f.stopped.iter().cloned())
+        .filter(|n| {
+            state.workload(n).is_some_and(|(w, _)| {
+                w.spec.level == Level::Ha
+                    && w.status.node.as_deref() == Some(node.as_str())
+                    && has_standby_elsewhere(&w, &node)
+            })
+        })
+        .collect();
+    state.resume_on_standby(&fenced, &node, "fenced").await;
+    // The reports are applied apart, in order: the answer is the node's contact with
+    // the control plane and must not wait for store writes.
+    let reporter = state.clone();
+    tokio::spawn(async move {
+        reporter.reports(&node, &hb.instances, hb.logs).await;
+    });
+    Ok(Json(HeartbeatReply {
+        state: st,
+        heartbeat_interval_ms: state.config.heartbeat_interval.as_millis() as u64,
+        lease_ttl_ms: state.config.down_after.as_millis() as u64,
+    }))
 }
 
 /// Query of the desired-state poll.

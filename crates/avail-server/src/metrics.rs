@@ -79,6 +79,8 @@ pub struct Metrics {
     pub level_changes: Counter,
     /// Live moves finished (drains).
     pub moves: Counter,
+    /// Fences agents reported (an isolated node stopped its ha workloads).
+    pub fences: Counter,
     /// How long each live move took, from its start to the handover, seconds.
     pub move_seconds: Histogram,
     /// From a node declared down to the restart of each of its `ha` workloads written
@@ -142,6 +144,12 @@ impl Metrics {
             "Live level changes of workloads",
             level_changes.clone(),
         );
+        let fences = Counter::default();
+        registry.register(
+            "fences",
+            "Fences agents reported: an isolated node stopped its ha workloads",
+            fences.clone(),
+        );
         let moves = Counter::default();
         registry.register("moves", "Live moves of workloads finished", moves.clone());
         let move_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 14));
@@ -177,6 +185,7 @@ impl Metrics {
             restarts,
             level_changes,
             moves,
+            fences,
             move_seconds,
             restart_seconds,
             scrape_lock: std::sync::Mutex::new(()),

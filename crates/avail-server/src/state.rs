@@ -201,6 +201,12 @@ impl View {
     }
 }
 
+/// When the current grace began, and when any node was last heard.
+struct Grace {
+    from: Instant,
+    last_any: Instant,
+}
+
 /// Liveness seen by this server (memory only).
 struct Live {
     last_heartbeat: Instant,
@@ -235,7 +241,9 @@ pub const MOVE_TIMEOUT: Duration = Duration::from_secs(30);
 pub fn replica_node(w: &Workload) -> Option<&str> {
     match (w.spec.level, w.spec.driver) {
         (Level::Ft, _) => w.status.secondary.as_deref(),
-        (Level::Ha, avail_model::DriverKind::Wasm) => w.status.reservation.as_deref(),
+        (Level::Ha, avail_model::DriverKind::Wasm) if !w.status.plain => {
+            w.status.reservation.as_deref()
+        }
         _ => None,
     }
 }
@@ -279,13 +287,17 @@ pub struct AppState {
     lost_nodes: Mutex<HashMap<String, Instant>>,
     /// Secondary failures already recorded: (workload, node, generation).
     failed_secondaries: Mutex<HashSet<(String, String, u64)>>,
-    /// When this server started (the startup grace runs from here).
-    started: Instant,
+    /// The grace against mass verdicts: from this server's start, and again after a
+    /// stretch when no node was heard at all.
+    grace: Mutex<Grace>,
     /// When each node was last declared down (restart timings run from here).
     down_at: Mutex<HashMap<String, Instant>>,
     /// `ha` workloads that failed on nodes since they last ran: the next restart avoids
     /// those nodes.
     failed_on: Mutex<HashMap<String, BTreeSet<String>>>,
+    /// One lock per node: its heartbeat reports are applied in order, apart from the
+    /// answer.
+    report_turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Live moves under way, and when each started.
     moves: Mutex<HashMap<String, Instant>>,
     /// What holds each draining node's drain up.
@@ -336,9 +348,13 @@ impl AppState {
             placement: tokio::sync::Mutex::new(()),
             lost_nodes: Mutex::new(HashMap::new()),
             failed_secondaries: Mutex::new(HashSet::new()),
-            started: Instant::now(),
+            grace: Mutex::new(Grace {
+                from: Instant::now(),
+                last_any: Instant::now(),
+            }),
             down_at: Mutex::new(HashMap::new()),
             moves: Mutex::new(HashMap::new()),
+            report_turns: Mutex::new(HashMap::new()),
             failed_on: Mutex::new(HashMap::new()),
             drain_blocked: Mutex::new(HashMap::new()),
             placements: std::sync::atomic::AtomicU64::new(0),
@@ -465,24 +481,36 @@ impl AppState {
     }
 
     fn liveness(&self, name: &str, view: &View) -> NodeState {
+        // No heartbeat from any node for the down window: this server is the one cut
+        // off (or stalled), not every node at once. Nothing is declared down then, and
+        // when heartbeats come back the nodes get a grace to be heard again.
+        let (from, blackout) = {
+            let g = self.grace.lock().unwrap_or_else(|p| p.into_inner());
+            (g.from, g.last_any.elapsed() > self.config.down_after)
+        };
+        let in_grace = from.elapsed() < self.config.startup_grace;
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        match live.get(name) {
+        let (state, heard_since_grace) = match live.get(name) {
             Some(l) => {
                 let silent = l.last_heartbeat.elapsed();
-                if silent <= self.config.suspect_after {
+                let st = if silent <= self.config.suspect_after {
                     NodeState::Ready
                 } else if silent <= self.config.down_after {
                     NodeState::Suspect
                 } else {
                     NodeState::Down
-                }
+                };
+                (st, l.last_heartbeat >= from)
             }
-            None if view.alive.contains(name)
-                || self.started.elapsed() < self.config.startup_grace =>
-            {
-                NodeState::Suspect
-            }
-            None => NodeState::Down,
+            None if view.alive.contains(name) => (NodeState::Suspect, false),
+            None => (NodeState::Down, false),
+        };
+        // A node heard since the grace began and silent since is down at once; one not
+        // heard since then gets the grace.
+        if state == NodeState::Down && (blackout || (in_grace && !heard_since_grace)) {
+            NodeState::Suspect
+        } else {
+            state
         }
     }
 
@@ -1051,6 +1079,24 @@ impl AppState {
             }
             let member = w.status.node.as_deref() == Some(node)
                 || w.status.secondary.as_deref() == Some(node);
+            if w.spec.level != Level::Ft
+                && w.status.node.as_deref() == Some(node)
+                && w.status.generation == from
+                && to == from + 1
+            {
+                // No longer ft (a level lowered while the primary was asking, its
+                // secondary already gone): the active copy keeps running, at the next
+                // generation; never fenced for it.
+                w.status.generation = to;
+                w.status.secondary = None;
+                w.status.moving_to = None;
+                w.status.updated_ms = now_ms();
+                match self.write_workload(&w, rev).await {
+                    Ok(_) => return Ok((true, to)),
+                    Err(StateError::Conflict(_)) if attempts < 20 => continue,
+                    Err(e) => return Err(e),
+                }
+            }
             if w.spec.level != Level::Ft || !member || w.status.generation != from || to != from + 1
             {
                 return Ok((false, w.status.generation));
@@ -1071,6 +1117,8 @@ impl AppState {
             }
             w.status.generation = to;
             w.status.secondary = None;
+            // A move under way is over: the pair changed under it.
+            w.status.moving_to = None;
             w.status.level_state = Some("ft:degraded".into());
             if promoted {
                 w.status.node = Some(node.to_string());
@@ -1110,6 +1158,15 @@ impl AppState {
         instances: &[InstanceStatus],
         logs: Vec<LogLine>,
     ) -> Result<NodeState, StateError> {
+        let st = self.heard(node).await?;
+        self.reports(node, instances, logs).await;
+        Ok(st)
+    }
+
+    /// The liveness part of a heartbeat: renew the node's lease (or create it), make it
+    /// schedulable when ready. Kept short: the agent times its contact with the server
+    /// by the answer (fencing), so the reports are applied apart ([`AppState::reports`]).
+    pub async fn heard(&self, node: &str) -> Result<NodeState, StateError> {
         let lease = {
             let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
             let l = live.entry(node.to_string()).or_insert(Live {
@@ -1121,6 +1178,17 @@ impl AppState {
             l.last_heartbeat_ms = now_ms();
             l.lease
         };
+        {
+            let mut g = self.grace.lock().unwrap_or_else(|p| p.into_inner());
+            if g.last_any.elapsed() > self.config.down_after {
+                tracing::warn!(
+                    "no node was heard for {} ms: this server was cut off or stalled; a grace before any node is declared down",
+                    g.last_any.elapsed().as_millis()
+                );
+                g.from = Instant::now();
+            }
+            g.last_any = Instant::now();
+        }
         let renewed = match lease {
             Some(id) => match self.store.keep_alive(id).await {
                 Ok(()) => true,
@@ -1166,6 +1234,21 @@ impl AppState {
                 .sched
                 .set_schedulable(node, true);
         }
+        let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+        Ok(self.node_state(node, &v))
+    }
+
+    /// The reports of a heartbeat: instance states and log lines. One node's reports
+    /// are applied in the order they came (a lock per node).
+    pub async fn reports(&self, node: &str, instances: &[InstanceStatus], logs: Vec<LogLine>) {
+        let turn = self
+            .report_turns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(node.to_string())
+            .or_default()
+            .clone();
+        let _turn = turn.lock().await;
         for inst in instances {
             let phase = match inst.state {
                 InstanceState::Starting => Phase::Placed,
@@ -1270,8 +1353,6 @@ impl AppState {
                 q.push_back(l);
             }
         }
-        let v = self.view.read().unwrap_or_else(|p| p.into_inner());
-        Ok(self.node_state(node, &v))
     }
 
     /// A node's agent restarted (new boot id): every workload on it is a new run.
@@ -1287,10 +1368,21 @@ impl AppState {
                 .map(|(w, _)| w.spec.name.clone())
                 .collect()
         };
+        // An ha wasm workload with a standby elsewhere resumes there, from its last
+        // checkpoint, rather than fresh on the restarted node.
+        let (resume, names): (Vec<String>, Vec<String>) = names.into_iter().partition(|n| {
+            self.workload(n).is_some_and(|(w, _)| {
+                w.spec.level == Level::Ha && replica_node(&w).is_some_and(|r| r != node)
+            })
+        });
+        self.resume_on_standby(&resume, node, "restarted").await;
         for name in names {
             self.update_status(&name, |s| {
                 s.phase = Phase::Placed;
                 s.incarnation += 1;
+                // A new run: a standby or secondary of the old one is replaced.
+                s.generation += 1;
+                s.moving_to = None;
                 s.restarts = 0;
                 s.message = Some(format!("node {node} restarted"));
             })
@@ -1381,6 +1473,38 @@ impl AppState {
         }
         if down.is_empty() {
             return;
+        }
+        // What the down nodes held for others: a reservation (its standby is gone) is
+        // made again elsewhere; a live move from or to them is over.
+        let stale: Vec<String> = {
+            let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+            v.workloads
+                .values()
+                .filter(|(w, _)| {
+                    let on = |n: &Option<String>| n.as_ref().is_some_and(|n| down.contains(n));
+                    on(&w.status.reservation)
+                        || (w.status.moving_to.is_some()
+                            && (on(&w.status.moving_to) || on(&w.status.node)))
+                })
+                .map(|(w, _)| w.spec.name.clone())
+                .collect()
+        };
+        for name in stale {
+            self.moves
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&name);
+            let _ = self
+                .update_status(&name, |s| {
+                    if s.reservation.as_ref().is_some_and(|r| down.contains(r)) {
+                        s.reservation = None;
+                    }
+                    let on = |n: &Option<String>| n.as_ref().is_some_and(|n| down.contains(n));
+                    if on(&s.moving_to) || (s.moving_to.is_some() && on(&s.node)) {
+                        s.moving_to = None;
+                    }
+                })
+                .await;
         }
         let affected: Vec<String> = {
             let v = self.view.read().unwrap_or_else(|p| p.into_inner());
@@ -1510,6 +1634,10 @@ impl AppState {
                 // The reservation is used (or void): a new one is made by the next pass.
                 if let Some(r) = w.status.reservation.take() {
                     work.unreserve(&r, &w.spec.name);
+                }
+                // A move under way is over (its source is gone).
+                if let Some(t) = w.status.moving_to.take() {
+                    work.release(&t, w.spec.resources);
                 }
                 w.status.incarnation += 1;
                 // A new generation too: the old copy's checkpoints (were it still alive)
@@ -1688,7 +1816,10 @@ impl AppState {
                 m.clear();
             }
             let t = m.entry(name.to_string()).or_default();
-            t.insert(node.to_string());
+            if !t.insert(node.to_string()) {
+                // Already handled for this node (reports repeat every heartbeat).
+                return;
+            }
             t.iter().cloned().collect()
         };
         let Some((w, _)) = self.workload(name) else {
@@ -1746,6 +1877,14 @@ impl AppState {
         policy
             .minimum_for(&rec.tags)
             .map(|(l, t)| (l, t.to_string()))
+    }
+
+    /// Restart ha workloads that were on `node` (its agent restarted, or it fenced
+    /// itself) onto their standbys, which resume from their last checkpoint.
+    pub async fn resume_on_standby(&self, names: &[String], node: &str, why: &str) {
+        if !names.is_empty() {
+            self.restart_batch(names, &[node.to_string()], why).await;
+        }
     }
 
     /// Start draining `node` (`None`: no such node): it takes no new work, and the
@@ -1827,7 +1966,9 @@ impl AppState {
                 .values()
                 .filter(|r| r.drain.is_some())
                 .map(|r| r.name.clone())
-                .filter(|n| self.node_state(n, &v) != NodeState::Down)
+                // A suspect node waits: a process restarted off it now could overlap
+                // with its old copy.
+                .filter(|n| self.node_state(n, &v) == NodeState::Draining)
                 .collect()
         };
         for node in draining {
@@ -1892,7 +2033,7 @@ impl AppState {
                 if moving >= DRAIN_PARALLEL_MOVES {
                     continue;
                 }
-                if w.spec.driver == avail_model::DriverKind::Wasm {
+                if w.spec.driver == avail_model::DriverKind::Wasm && !w.status.plain {
                     match self.begin_move(&name, node).await {
                         Ok(()) => moving += 1,
                         Err(e) => blocked = Some(format!("{name}: {e}")),
@@ -2117,7 +2258,12 @@ impl AppState {
             // restart there resumes from the last one).
             // A live move under way: the copy on the target is synced as a secondary,
             // and the active one hands over to it.
-            let other = w.status.moving_to.as_deref().or_else(|| replica_node(w));
+            let other = w
+                .status
+                .moving_to
+                .as_deref()
+                .or_else(|| replica_node(w))
+                .filter(|o| Some(*o) != n);
             let role = if n == Some(node) {
                 Some((ReplicaRole::Active, peer(other)))
             } else if other == Some(node) {
@@ -2205,6 +2351,7 @@ mod tests {
                 secondary: secondary.map(String::from),
                 generation: 0,
                 reservation: None,
+                plain: false,
                 moving_to: None,
                 ft: None,
             },

@@ -206,3 +206,56 @@ async fn drain_input_is_checked() {
     ok(&c.cli(&["node", "drain", "node-1"]));
     ok(&c.cli(&["node", "undrain", "node-1"]));
 }
+
+/// Rolling maintenance by tag: one fault domain at a time, drained, the command run
+/// with its nodes named, undrained; the workloads keep answering throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_maintenance_goes_one_fault_domain_at_a_time() {
+    let c = Cluster::start(BIN.as_ref(), 3).await;
+    ok(&c.run_wasm(
+        "count",
+        "counter",
+        &["--level", "ha", "--constraint", "zone == tokyo"],
+    ));
+    let log = c.dir.path().join("maintained");
+    let exec = format!("echo \"$AVAIL_NODES $(date +%s%N)\" >> {}", log.display());
+    let out = c.cli(&[
+        "node",
+        "maintain",
+        "--selector",
+        "zone=tokyo",
+        "--by",
+        "rack",
+        "--exec",
+        &exec,
+        "--timeout",
+        "60",
+    ]);
+    ok(&out);
+    // tokyo is node-1 (rack r1) and node-3 (rack r3): one after the other.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let nodes: Vec<&str> = text.lines().map(|l| l.split(' ').next().unwrap()).collect();
+    assert_eq!(nodes, ["node-1", "node-3"], "{text}");
+    let api = c.client();
+    let all: Vec<Node> = api.get("/v1/nodes").await.unwrap();
+    assert!(
+        all.iter()
+            .all(|n| n.state == NodeState::Ready && n.drain.is_none()),
+        "{all:?}"
+    );
+    let w: Workload = api.get("/v1/workloads/count").await.unwrap();
+    assert_eq!(w.status.phase, Phase::Running, "{:?}", w.status);
+    // A failing command stops the rolling maintenance, its domain left drained.
+    let out = c.cli(&[
+        "node",
+        "maintain",
+        "--selector",
+        "zone=osaka",
+        "--exec",
+        "exit 7",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("failed"));
+    let n: Node = api.get("/v1/nodes/node-2").await.unwrap();
+    assert_eq!(n.state, NodeState::Draining);
+}

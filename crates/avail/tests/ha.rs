@@ -325,6 +325,19 @@ async fn a_partitioned_node_fences_its_ha_workloads() {
     }
     let w: Workload = api.get("/v1/workloads/count").await.unwrap();
     assert_eq!(w.status.node.as_deref(), Some("node-3"), "{:?}", w.status);
+    // Heard again, node-1 reports its fence: an event naming what it stopped.
+    let evs: serde_json::Value = api.get("/v1/events?limit=1000").await.unwrap();
+    let fenced = evs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "node.fenced")
+        .unwrap_or_else(|| panic!("no node.fenced event: {evs}"));
+    assert_eq!(fenced["node"], "node-1", "{fenced}");
+    assert!(
+        fenced["message"].as_str().unwrap().contains("count"),
+        "{fenced}"
+    );
 }
 
 /// The control plane away is not a partition: with the server down longer than the

@@ -15,7 +15,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use avail_client::Client;
-use avail_model::{Node, NodeState};
+use avail_model::{Node, NodeState, Phase};
 
 pub mod ft;
 
@@ -312,6 +312,67 @@ impl Cluster {
         ];
         args.extend_from_slice(extra);
         self.cli(&args)
+    }
+
+    /// `avail workload run` of a process workload named `name`: a python web server on
+    /// `$PORT` (run by `sh`, so the agent's shim has a grandchild to take down with it),
+    /// with `extra` arguments.
+    pub fn run_web(&self, name: &str, extra: &[&str]) -> Output {
+        let mut args = vec![
+            "workload",
+            "run",
+            "--name",
+            name,
+            "--driver",
+            "process",
+            "--artifact",
+            "sh",
+            "--arg",
+            "-c",
+            "--arg",
+            "python3 -m http.server $PORT --bind 127.0.0.1; true",
+        ];
+        args.extend_from_slice(extra);
+        self.cli(&args)
+    }
+
+    /// Wait until workload `name` runs on `node`.
+    pub async fn wait_running_on(&self, name: &str, node: &str) {
+        self.wait_workload(
+            name,
+            &format!("running on {node}"),
+            Duration::from_secs(30),
+            |w| {
+                if w.status.phase == Phase::Running && w.status.node.as_deref() == Some(node) {
+                    Ok(())
+                } else {
+                    Err(format!("{:?}", w.status))
+                }
+            },
+        )
+        .await
+    }
+
+    /// Wait until workload `name` is pending with `reason` in its explanation.
+    pub async fn wait_pending(&self, name: &str, reason: &str) {
+        self.wait_workload(
+            name,
+            &format!("pending, {reason}"),
+            Duration::from_secs(30),
+            |w| {
+                let why = w
+                    .status
+                    .message
+                    .as_deref()
+                    .is_some_and(|m| m.contains(reason));
+                if w.status.phase == Phase::Pending && why {
+                    Ok(())
+                } else {
+                    Err(format!("{:?}", w.status))
+                }
+            },
+        )
+        .await
     }
 
     /// Poll workload `name` until `check` accepts it (`Ok`), for up to `deadline`; a

@@ -92,22 +92,7 @@ async fn three_node_cluster_end_to_end() {
 
     // A process workload on node-3 (rack r3). The shell keeps python as its child, so the
     // agent runs shim -> sh -> python: the grandchild too must die with the agent.
-    let out = ok(&c.cli(&[
-        "workload",
-        "run",
-        "--name",
-        "web",
-        "--driver",
-        "process",
-        "--artifact",
-        "sh",
-        "--arg",
-        "-c",
-        "--arg",
-        "python3 -m http.server $PORT --bind 127.0.0.1; true",
-        "--constraint",
-        "rack == r3",
-    ]));
+    let out = ok(&c.run_web("web", &["--constraint", "rack == r3"]));
     assert!(out.contains("running on node-3"), "{out}");
     let r = call(&c.ingress(0), Method::GET, "/w/web/").await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));

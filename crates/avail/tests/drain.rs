@@ -41,22 +41,7 @@ async fn draining_a_node_under_load_loses_no_request() {
     ok(&c.run_wasm("count", "counter", &with("ha")));
     // ft: its secondary on another rack, and after the handover a new one on the third.
     ok(&c.run_wasm("store", "kv", &["--level", "ft", "--policy", "pack"]));
-    let mut web = vec![
-        "workload",
-        "run",
-        "--name",
-        "web",
-        "--driver",
-        "process",
-        "--artifact",
-        "sh",
-        "--arg",
-        "-c",
-        "--arg",
-        "python3 -m http.server $PORT --bind 127.0.0.1; true",
-    ];
-    web.extend(tokyo);
-    ok(&c.cli(&web));
+    ok(&c.run_web("web", &tokyo));
     let api = c.client();
     for n in ["bank", "count", "store", "web"] {
         let w: Workload = api.get(&format!("/v1/workloads/{n}")).await.unwrap();

@@ -49,26 +49,17 @@ async fn ha_workloads_restart_elsewhere_when_their_node_dies() {
     // Both on node-1 (rack r1), at level ha: a wasm guest and a process; a none
     // workload beside them for contrast.
     run_count_ha(&c);
-    ok(&c.cli(&[
-        "workload",
-        "run",
-        "--name",
+    ok(&c.run_web(
         "web",
-        "--driver",
-        "process",
-        "--artifact",
-        "sh",
-        "--arg",
-        "-c",
-        "--arg",
-        "python3 -m http.server $PORT --bind 127.0.0.1; true",
-        "--level",
-        "ha",
-        "--constraint",
-        "zone == tokyo",
-        "--policy",
-        "pack",
-    ]));
+        &[
+            "--level",
+            "ha",
+            "--constraint",
+            "zone == tokyo",
+            "--policy",
+            "pack",
+        ],
+    ));
     ok(&c.run_wasm(
         "plain",
         "counter",
@@ -213,24 +204,7 @@ async fn restarts_go_in_priority_order_when_capacity_is_short() {
     );
     c.kill_agent(0);
     let _ = running_elsewhere(&c, "high", "node-1").await;
-    c.wait_workload(
-        "low",
-        "pending with an explanation",
-        Duration::from_secs(30),
-        |w| {
-            let short = w
-                .status
-                .message
-                .as_deref()
-                .is_some_and(|m| m.contains("short of cpu"));
-            if w.status.phase == Phase::Pending && short {
-                Ok(())
-            } else {
-                Err(format!("{:?}", w.status))
-            }
-        },
-    )
-    .await;
+    c.wait_pending("low", "short of cpu").await;
 }
 
 /// SIGSTOP of the agent running an ha workload for longer than its lease: the server
@@ -538,33 +512,112 @@ async fn two_nodes_lost_at_once_restart_in_priority_order() {
     c.kill_agent(1);
     // node-3 (1000 cpu millis) takes two of 400: the two highest priorities.
     for name in ["p40", "p30"] {
-        c.wait_workload(name, "running on node-3", Duration::from_secs(30), |w| {
-            if w.status.phase == Phase::Running && w.status.node.as_deref() == Some("node-3") {
-                Ok(())
-            } else {
-                Err(format!("{:?}", w.status))
-            }
-        })
-        .await;
+        c.wait_running_on(name, "node-3").await;
     }
     for name in ["p20", "p10"] {
-        c.wait_workload(
-            name,
-            "pending, short of cpu",
-            Duration::from_secs(20),
-            |w| {
-                let short = w
-                    .status
-                    .message
-                    .as_deref()
-                    .is_some_and(|m| m.contains("short of cpu"));
-                if w.status.phase == Phase::Pending && short {
-                    Ok(())
-                } else {
-                    Err(format!("{:?}", w.status))
-                }
-            },
-        )
-        .await;
+        c.wait_pending(name, "short of cpu").await;
     }
+}
+
+/// The bank checker at level ha across a SIGKILL: the replies' incarnations never go
+/// back (no stale copy answers after the new one: never two at once), the new copy runs
+/// on the reserved node exactly once, resumed from its standby's checkpoint (not from
+/// the initial state), and within each run every transfer is applied once, in order,
+/// with the money kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bank_checker_sees_one_copy_at_a_time_across_a_host_death() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut c = Cluster::start(BIN.as_ref(), 3).await;
+    ok(&c.run_wasm(
+        "bank",
+        "bank",
+        &[
+            "--level",
+            "ha",
+            "--constraint",
+            "zone == tokyo",
+            "--policy",
+            "pack",
+        ],
+    ));
+    c.wait_workload("bank", "ha:protected", Duration::from_secs(20), |w| match (
+        w.status.node.as_deref(),
+        w.status.level_state.as_deref(),
+    ) {
+        (Some("node-1"), Some("ha:protected")) => Ok(()),
+        _ => Err(format!("{:?}", w.status)),
+    })
+    .await;
+    let ingress =
+        avail_client::Client::new(&c.ingress(1), None, None).with_timeout(Duration::from_secs(20));
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = {
+        let (stop, ingress) = (stop.clone(), ingress.clone());
+        tokio::spawn(async move {
+            let mut replies = Vec::new();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let (from, to) = (n % 100, (n * 3 + 1) % 100);
+                let to = if to == from { (to + 1) % 100 } else { to };
+                let v =
+                    avail_testkit::ft::transfer(&ingress, &format!("hb-{n}"), from, to, 1).await?;
+                replies.push(v);
+                n += 1;
+            }
+            Ok::<_, String>(replies)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.kill_agent(0);
+    c.wait_running_on("bank", "node-3").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let replies = client.await.unwrap().expect("the client was served");
+    let inc = |v: &serde_json::Value| v["_incarnation"].as_str().unwrap().parse::<u64>().unwrap();
+    // Never back to an older run once a newer one answered.
+    for w in replies.windows(2) {
+        assert!(
+            inc(&w[1]) >= inc(&w[0]),
+            "a stale copy answered: {} then {}",
+            w[0],
+            w[1]
+        );
+    }
+    let first = inc(&replies[0]);
+    let last = inc(replies.last().unwrap());
+    assert_eq!(last, first + 1, "one restart");
+    assert!(
+        replies
+            .iter()
+            .filter(|v| inc(v) == last)
+            .all(|v| v["_node"] == "node-3")
+    );
+    // Within a run, one transfer after the other, each applied once.
+    for run in [first, last] {
+        let seqs: Vec<u64> = replies
+            .iter()
+            .filter(|v| inc(v) == run && v["_status"] == 200 && v["_replayed"] != true)
+            .map(|v| v["seq"].as_u64().unwrap())
+            .collect();
+        for w in seqs.windows(2) {
+            assert_eq!(w[1], w[0] + 1, "run {run}: {seqs:?}");
+        }
+    }
+    // Resumed from a checkpoint: the new run went on from a later state than the start.
+    let resumed = replies
+        .iter()
+        .find(|v| inc(v) == last && v["_status"] == 200)
+        .and_then(|v| v["seq"].as_u64())
+        .unwrap();
+    assert!(
+        resumed > 1,
+        "the restart resumed from a checkpoint: first seq {resumed}"
+    );
+    let r = ingress
+        .raw(Method::GET, "/w/bank/balances", None, &[])
+        .await
+        .unwrap();
+    let b: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(b["total"], 100000, "{b}");
 }

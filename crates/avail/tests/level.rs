@@ -130,20 +130,7 @@ async fn a_workload_changes_level_live_under_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_level_changes_are_refused() {
     let c = Cluster::start(BIN.as_ref(), 1).await;
-    ok(&c.cli(&[
-        "workload",
-        "run",
-        "--name",
-        "web",
-        "--driver",
-        "process",
-        "--artifact",
-        "sh",
-        "--arg",
-        "-c",
-        "--arg",
-        "python3 -m http.server $PORT --bind 127.0.0.1; true",
-    ]));
+    ok(&c.run_web("web", &[]));
     // A process cannot be ft: 400 naming the field, exit 2, nothing changed.
     let out = c.cli(&["workload", "set-level", "web", "ft"]);
     assert_eq!(out.status.code(), Some(2));

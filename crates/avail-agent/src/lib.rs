@@ -229,6 +229,20 @@ async fn fence_watch(sup: Arc<Supervisor>) {
                 }
             }
         }
+        if server_heard_by_peer {
+            // A peer hears the server. If this node reaches it too, the control plane
+            // was away and is coming back (the peer's heartbeat got through first):
+            // this node is not cut off, and its own heartbeat follows.
+            let probe =
+                Client::new(&sup.server_url(), None, Some(sup.addr())).with_timeout(timeout);
+            let reached = probe
+                .raw(hyper::Method::GET, "/livez", None, &[])
+                .await
+                .is_ok_and(|r| r.status == 200);
+            if reached {
+                continue;
+            }
+        }
         sup.set_control_plane_away(answered > 0 && !server_heard_by_peer);
         if answered == 0 || server_heard_by_peer {
             sup.fence().await;

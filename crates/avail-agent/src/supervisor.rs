@@ -188,6 +188,11 @@ impl Supervisor {
         &self.cfg.name
     }
 
+    /// The server's URL.
+    pub fn server_url(&self) -> String {
+        self.cfg.server.clone()
+    }
+
     /// The node's own address.
     pub fn addr(&self) -> std::net::IpAddr {
         self.cfg.addr

@@ -1538,7 +1538,31 @@ impl AppState {
                     .unwrap_or(0),
             )
         });
-        self.restart_elsewhere(&ha, &down).await;
+        // Failures that come together are restarted together: while another node is
+        // suspect (it may be going down too), the restarts wait, at most the gap
+        // between the suspect and down windows, so one plan puts the highest
+        // priorities of all the lost nodes first.
+        let settling = {
+            let any_suspect = states.iter().any(|(_, s)| *s == NodeState::Suspect);
+            let oldest = self
+                .down_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter(|(n, _)| down.contains(n))
+                .map(|(_, at)| at.elapsed())
+                .max()
+                .unwrap_or_default();
+            any_suspect
+                && oldest
+                    < self
+                        .config
+                        .down_after
+                        .saturating_sub(self.config.suspect_after)
+        };
+        if !settling {
+            self.restart_elsewhere(&ha, &down).await;
+        }
         for name in affected {
             let res = self
                 .update_status(&name, |s| {

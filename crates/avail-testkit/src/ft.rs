@@ -238,3 +238,31 @@ pub async fn bank_trial(bin: &Path, seed: u64, deaths: usize) -> Result<TrialRep
         failovers,
     })
 }
+
+/// The bank checker over the replies of acknowledged transfers (from [`transfer`], one
+/// closed-loop client, one run of the workload): every `seq` acknowledged once, 1..n
+/// without a gap, and the balances read through `ingress` keep the total and count n
+/// transfers. Returns n.
+pub async fn check_bank(ingress: &Client, acked: &[serde_json::Value]) -> Result<u64, String> {
+    let seqs: Vec<u64> = acked
+        .iter()
+        .filter(|v| v["_status"] == 200)
+        .map(|v| v["seq"].as_u64().ok_or_else(|| format!("no seq: {v}")))
+        .collect::<Result<_, _>>()?;
+    let distinct: BTreeSet<u64> = seqs.iter().copied().collect();
+    if distinct.len() != seqs.len() {
+        return Err(format!("a seq was acknowledged twice: {seqs:?}"));
+    }
+    if distinct != (1..=seqs.len() as u64).collect::<BTreeSet<_>>() {
+        return Err(format!("gap in seqs: {seqs:?}"));
+    }
+    let r = ingress
+        .raw(Method::GET, "/w/bank/balances", None, &[])
+        .await
+        .map_err(|e| e.to_string())?;
+    let b: serde_json::Value = serde_json::from_slice(&r.body).map_err(|e| e.to_string())?;
+    if b["total"] != 100000 || b["transfers"].as_u64() != Some(seqs.len() as u64) {
+        return Err(format!("{} acknowledged, balances {b}", seqs.len()));
+    }
+    Ok(seqs.len() as u64)
+}

@@ -318,6 +318,16 @@ impl Cluster {
     /// `$PORT` (run by `sh`, so the agent's shim has a grandchild to take down with it),
     /// with `extra` arguments.
     pub fn run_web(&self, name: &str, extra: &[&str]) -> Output {
+        self.run_sh(
+            name,
+            "python3 -m http.server $PORT --bind 127.0.0.1; true",
+            extra,
+        )
+    }
+
+    /// `avail workload run` of a process workload named `name` running `script` with
+    /// `sh -c`, with `extra` arguments.
+    pub fn run_sh(&self, name: &str, script: &str, extra: &[&str]) -> Output {
         let mut args = vec![
             "workload",
             "run",
@@ -330,7 +340,7 @@ impl Cluster {
             "--arg",
             "-c",
             "--arg",
-            "python3 -m http.server $PORT --bind 127.0.0.1; true",
+            script,
         ];
         args.extend_from_slice(extra);
         self.cli(&args)

@@ -418,24 +418,7 @@ async fn a_failing_restart_target_gives_way_to_the_next_node() {
         "if [ -e {}/fail-$AVAIL_NODE ]; then echo cannot start on $AVAIL_NODE; exit 3; fi; exec python3 -m http.server $PORT --bind 127.0.0.1",
         marks.display()
     );
-    ok(&c.cli(&[
-        "workload",
-        "run",
-        "--name",
-        "web",
-        "--driver",
-        "process",
-        "--artifact",
-        "sh",
-        "--arg",
-        "-c",
-        "--arg",
-        &script,
-        "--level",
-        "ha",
-        "--policy",
-        "pack",
-    ]));
+    ok(&c.run_sh("web", &script, &["--level", "ha", "--policy", "pack"]));
     let w = c
         .wait_workload("web", "a reservation", Duration::from_secs(10), |w| match (
             &w.status.node,

@@ -2,7 +2,6 @@
 //! keeps serving and keeps its state throughout, with a client sending requests the
 //! whole time, and is never restarted (one incarnation, one node).
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -82,25 +81,9 @@ async fn a_workload_changes_level_live_under_load() {
         assert_eq!(v["_node"], home.as_str(), "{v}");
     }
     // State kept: every acknowledged transfer applied once, in order, money conserved.
-    let seqs: Vec<u64> = acked
-        .iter()
-        .filter(|v| v["_status"] == 200)
-        .map(|v| v["seq"].as_u64().unwrap())
-        .collect();
-    let distinct: BTreeSet<u64> = seqs.iter().copied().collect();
-    assert_eq!(distinct.len(), seqs.len(), "a seq acknowledged twice");
-    assert_eq!(
-        distinct,
-        (1..=seqs.len() as u64).collect::<BTreeSet<_>>(),
-        "gap in seqs"
-    );
-    let r = ingress
-        .raw(Method::GET, "/w/bank/balances", None, &[])
+    avail_testkit::ft::check_bank(&ingress, &acked)
         .await
         .unwrap();
-    let b: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-    assert_eq!(b["total"], 100000, "{b}");
-    assert_eq!(b["transfers"].as_u64(), Some(seqs.len() as u64), "{b}");
     // Four level changes, each an event; the workload was never restarted or failed.
     let evs: serde_json::Value = api.get("/v1/workloads/bank/events").await.unwrap();
     let kinds: Vec<&str> = evs
@@ -215,22 +198,7 @@ async fn the_level_policy_sets_defaults_and_minimums() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("compliance=pci"));
     // A process cannot be ft: refused on a pci node, with the reason.
-    let out = c.cli(&[
-        "workload",
-        "run",
-        "--name",
-        "web",
-        "--driver",
-        "process",
-        "--artifact",
-        "sh",
-        "--arg",
-        "-c",
-        "--arg",
-        "sleep 100",
-        "--constraint",
-        "compliance == pci",
-    ]);
+    let out = c.run_sh("web", "sleep 100", &["--constraint", "compliance == pci"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("requires level ft"));
     assert!(

@@ -949,10 +949,13 @@ impl Actor {
         }
         let key = idempotency_key(&req);
         let logged = !matches!(req.method.as_str(), "GET" | "HEAD");
-        if logged
-            && key.as_ref().is_some_and(|k| p.log.get(k).is_none())
-            && !p.log.has_room(now_ms())
-        {
+        let new_key = logged && key.as_ref().is_some_and(|k| p.log.get(k).is_none());
+        // Below ft the log is best effort (nothing fails over relying on it): the
+        // oldest replies make room. At ft a young reply is never evicted.
+        if new_key && self.level != Level::Ft {
+            p.log.make_room(now_ms());
+        }
+        if new_key && self.level == Level::Ft && !p.log.has_room(now_ms()) {
             let mut r = HttpResponse::error(
                 503,
                 "busy",
@@ -1004,6 +1007,11 @@ impl Actor {
                             at_ms: now_ms(),
                         },
                     );
+                    // No peer takes captures: the changes need not be kept (a peer
+                    // attached later gets a full image).
+                    if self.peer.is_none() {
+                        p.log.forget_changes();
+                    }
                 }
                 resp
             }

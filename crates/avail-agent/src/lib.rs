@@ -195,6 +195,8 @@ pub async fn run(
 /// every node that answers has lost the server too, the control plane is away: nothing
 /// is restarted elsewhere meanwhile, so nothing stops.
 async fn fence_watch(sup: Arc<Supervisor>) {
+    // Rounds in a row in which no peer answered.
+    let mut unanswered = 0;
     loop {
         tokio::time::sleep(
             (sup.fence_after() / 4).clamp(Duration::from_millis(25), Duration::from_millis(200)),
@@ -204,10 +206,11 @@ async fn fence_watch(sup: Arc<Supervisor>) {
             continue;
         }
         // Every peer at once (from this node's own address, like every connection of
-        // the agent), each given a third of the isolation window to answer: the
-        // verdict must come before the server's down window ends.
+        // the agent). Meanwhile the ingress already refuses the ha workloads (the node
+        // is isolated and the control plane not shown away), so a late verdict is
+        // safe, and a busy peer gets time to answer: 500 ms to 1 s.
         let window = sup.fence_after();
-        let timeout = (window / 3).clamp(Duration::from_millis(50), Duration::from_millis(300));
+        let timeout = window.clamp(Duration::from_millis(500), Duration::from_secs(1));
         let mut asks = tokio::task::JoinSet::new();
         for url in sup.peer_ingresses() {
             let peer = Client::new(&url, None, Some(sup.addr())).with_timeout(timeout);
@@ -244,7 +247,11 @@ async fn fence_watch(sup: Arc<Supervisor>) {
             }
         }
         sup.set_control_plane_away(answered > 0 && !server_heard_by_peer);
-        if answered == 0 || server_heard_by_peer {
+        // Cut off from the server and every peer: isolated, once confirmed by a second
+        // round (one round of busy peers is not isolation).
+        unanswered = if answered == 0 { unanswered + 1 } else { 0 };
+        if unanswered >= 2 || server_heard_by_peer {
+            unanswered = 0;
             sup.fence().await;
         }
     }

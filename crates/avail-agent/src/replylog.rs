@@ -117,6 +117,28 @@ impl ReplyLog {
         room
     }
 
+    /// Make room for a new reply by evicting the oldest (levels below `ft`, where the
+    /// log is best effort: no failover relies on it). Returns how many were evicted.
+    pub fn make_room(&mut self, now_ms: u64) -> usize {
+        if self.bytes < MAX_BYTES {
+            return 0;
+        }
+        self.expire(now_ms);
+        let mut evicted = 0;
+        while self.bytes >= MAX_BYTES && !self.entries.is_empty() {
+            self.pop_front();
+            evicted += 1;
+        }
+        evicted
+    }
+
+    /// Forget what changed since the last capture: nobody takes captures now (no peer);
+    /// a peer attached later gets a full image.
+    pub fn forget_changes(&mut self) {
+        self.fresh.clear();
+        self.removed.clear();
+    }
+
     /// Log a reply (a key already logged keeps its first reply). Nothing is evicted:
     /// callers ask [`ReplyLog::has_room`] first.
     pub fn insert(&mut self, key: String, e: Entry) {
@@ -332,6 +354,31 @@ pub struct Parsed {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn best_effort_logs_evict_the_oldest_and_forget_changes() {
+        let mut log = ReplyLog::default();
+        let big = vec![7u8; 1 << 20];
+        for i in 0..40u64 {
+            log.make_room(i);
+            log.insert(
+                format!("k{i}"),
+                Entry {
+                    status: 200,
+                    headers: vec![],
+                    body: big.clone(),
+                    at_ms: i,
+                },
+            );
+            log.forget_changes();
+        }
+        assert!(log.bytes() <= MAX_BYTES + (1 << 20) + 64, "{}", log.bytes());
+        assert!(log.get("k0").is_none(), "the oldest went first");
+        assert!(log.get("k39").is_some());
+        assert!(log.fresh.is_empty() && log.removed.is_empty());
+        assert_eq!(log.refusals(), 0);
+    }
+
     use super::*;
 
     fn entry(body: &str, at_ms: u64) -> Entry {

@@ -103,6 +103,14 @@ pub fn avail_bin() -> std::path::PathBuf {
     bin
 }
 
+/// The multi-threaded tokio runtime every bench runs on.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
 /// Machine description for the report: cores and model name.
 pub fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")

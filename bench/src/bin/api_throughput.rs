@@ -19,10 +19,7 @@ fn main() {
     let secs = args.first().copied().unwrap_or(3);
     let rounds = args.get(1).copied().unwrap_or(3);
     let conc = args.get(2).copied().unwrap_or(16) as usize;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = avail_bench::runtime();
     rt.block_on(async move {
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = avail_server::ServerConfig::new(

@@ -26,10 +26,7 @@ fn main() {
     let trials: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(3);
     let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(100);
     let bin = avail_bench::avail_bin();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = avail_bench::runtime();
     println!("machine: {}", machine());
     rt.block_on(async move {
         let (mut drains, mut ratios, mut moves) = (Vec::new(), Vec::new(), Vec::new());

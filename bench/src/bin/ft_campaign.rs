@@ -17,10 +17,7 @@ fn main() {
     let trials: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(1000);
     let first: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(1);
     let bin = avail_bench::avail_bin();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = avail_bench::runtime();
     println!("machine: {}", machine());
     let started = Instant::now();
     let (mut violations, mut acknowledged, mut failovers) = (Vec::new(), 0, Vec::<Duration>::new());

@@ -131,10 +131,7 @@ fn main() {
         .split(',')
         .filter_map(|c| c.trim().parse().ok())
         .collect();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = avail_bench::runtime();
     rt.block_on(async move {
         println!("machine: {}", machine());
         for kind in ["bank", "kv"] {

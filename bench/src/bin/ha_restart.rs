@@ -24,10 +24,7 @@ fn main() {
         .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect())
         .unwrap_or_else(|| vec![1, 10, 100]);
     let bin = avail_bench::avail_bin();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = avail_bench::runtime();
     println!("machine: {}", machine());
     rt.block_on(async move {
         for n in sizes {

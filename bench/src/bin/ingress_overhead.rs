@@ -33,10 +33,7 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(2000);
     let bin = avail_bench::avail_bin();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = avail_bench::runtime();
     rt.block_on(async move {
         let root = repo_root(env!("CARGO_MANIFEST_DIR"));
         let module: Arc<[u8]> = std::fs::read(root.join("guests/counter.wasm")).unwrap().into();

@@ -266,3 +266,39 @@ pub async fn check_bank(ingress: &Client, acked: &[serde_json::Value]) -> Result
     }
     Ok(seqs.len() as u64)
 }
+
+/// A closed-loop client sending bank transfers through an ingress, each until it is
+/// acknowledged ([`transfer`], keys `<prefix>-<n>`), until stopped: the load of the
+/// availability tests.
+pub struct Transfers {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Result<Vec<serde_json::Value>, String>>,
+}
+
+impl Transfers {
+    /// Start sending.
+    pub fn start(ingress: Client, prefix: &str) -> Transfers {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (halt, prefix) = (stop.clone(), prefix.to_string());
+        let task = tokio::spawn(async move {
+            let mut replies = Vec::new();
+            let mut n = 0u64;
+            while !halt.load(std::sync::atomic::Ordering::Relaxed) {
+                let (from, to) = (n % 100, (n * 7 + 1) % 100);
+                let to = if to == from { (to + 1) % 100 } else { to };
+                let v = transfer(&ingress, &format!("{prefix}-{n}"), from, to, 1 + n % 20).await?;
+                replies.push(v);
+                n += 1;
+            }
+            Ok(replies)
+        });
+        Transfers { stop, task }
+    }
+
+    /// Stop, and the replies in the order they came; `Err` if a transfer was never
+    /// acknowledged.
+    pub async fn stop(self) -> Result<Vec<serde_json::Value>, String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.map_err(|e| e.to_string())?
+    }
+}

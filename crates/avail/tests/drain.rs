@@ -4,13 +4,10 @@
 //! take work again.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use avail_client::Client;
 use avail_model::{Node, NodeState, Phase, Workload};
-use avail_testkit::ft::transfer;
 use avail_testkit::{Cluster, ok};
 use hyper::Method;
 
@@ -72,28 +69,13 @@ async fn draining_a_node_under_load_loses_no_request() {
         .unwrap();
     assert_eq!(r.status, 200);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let client = {
-        let (stop, ingress) = (stop.clone(), ingress.clone());
-        tokio::spawn(async move {
-            let mut acked = Vec::new();
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let (from, to) = (n % 100, (n * 13 + 5) % 100);
-                let to = if to == from { (to + 1) % 100 } else { to };
-                acked.push(transfer(&ingress, &format!("dr-{n}"), from, to, 1 + n % 9).await?);
-                n += 1;
-            }
-            Ok::<_, String>(acked)
-        })
-    };
+    let client = avail_testkit::ft::Transfers::start(ingress.clone(), "dr");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let out = c.cli(&["node", "drain", "node-1", "--timeout", "60"]);
     ok(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("drained: node-1"));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-    let acked = client.await.unwrap().expect("every transfer acknowledged");
+    let acked = client.stop().await.expect("every transfer acknowledged");
 
     // Nothing is left on node-1, which takes no new work.
     let n: Node = api.get("/v1/nodes/node-1").await.unwrap();

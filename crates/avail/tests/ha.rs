@@ -509,8 +509,6 @@ async fn two_nodes_lost_at_once_restart_in_priority_order() {
 /// with the money kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bank_checker_sees_one_copy_at_a_time_across_a_host_death() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
     let mut c = Cluster::start(BIN.as_ref(), 3).await;
     ok(&c.run_wasm(
         "bank",
@@ -534,29 +532,12 @@ async fn the_bank_checker_sees_one_copy_at_a_time_across_a_host_death() {
     .await;
     let ingress =
         avail_client::Client::new(&c.ingress(1), None, None).with_timeout(Duration::from_secs(20));
-    let stop = Arc::new(AtomicBool::new(false));
-    let client = {
-        let (stop, ingress) = (stop.clone(), ingress.clone());
-        tokio::spawn(async move {
-            let mut replies = Vec::new();
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let (from, to) = (n % 100, (n * 3 + 1) % 100);
-                let to = if to == from { (to + 1) % 100 } else { to };
-                let v =
-                    avail_testkit::ft::transfer(&ingress, &format!("hb-{n}"), from, to, 1).await?;
-                replies.push(v);
-                n += 1;
-            }
-            Ok::<_, String>(replies)
-        })
-    };
+    let client = avail_testkit::ft::Transfers::start(ingress.clone(), "hb");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     c.kill_agent(0);
     c.wait_running_on("bank", "node-3").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-    let replies = client.await.unwrap().expect("the client was served");
+    let replies = client.stop().await.expect("the client was served");
     let inc = |v: &serde_json::Value| v["_incarnation"].as_str().unwrap().parse::<u64>().unwrap();
     // Never back to an older run once a newer one answered.
     for w in replies.windows(2) {

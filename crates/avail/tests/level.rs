@@ -2,13 +2,10 @@
 //! keeps serving and keeps its state throughout, with a client sending requests the
 //! whole time, and is never restarted (one incarnation, one node).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use avail_client::Client;
 use avail_model::{Level, Workload};
-use avail_testkit::ft::transfer;
 use avail_testkit::{Cluster, ok};
 use hyper::Method;
 
@@ -25,22 +22,7 @@ async fn a_workload_changes_level_live_under_load() {
     let entry = (0..3).find(|i| Cluster::agent_name(*i) != home).unwrap();
     let ingress = Client::new(&c.ingress(entry), None, None).with_timeout(Duration::from_secs(20));
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let client = {
-        let (stop, ingress) = (stop.clone(), ingress.clone());
-        tokio::spawn(async move {
-            let mut acked = Vec::new();
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let (from, to) = (n % 100, (n * 7 + 1) % 100);
-                let to = if to == from { (to + 1) % 100 } else { to };
-                let v = transfer(&ingress, &format!("lv-{n}"), from, to, 1 + n % 20).await?;
-                acked.push(v);
-                n += 1;
-            }
-            Ok::<_, String>(acked)
-        })
-    };
+    let client = avail_testkit::ft::Transfers::start(ingress.clone(), "lv");
     let settle = || tokio::time::sleep(Duration::from_millis(700));
     settle().await;
     for level in ["ha", "ft", "ha", "none"] {
@@ -67,8 +49,7 @@ async fn a_workload_changes_level_live_under_load() {
         }
         settle().await;
     }
-    stop.store(true, Ordering::Relaxed);
-    let acked = client.await.unwrap().expect("every transfer acknowledged");
+    let acked = client.stop().await.expect("every transfer acknowledged");
     eprintln!(
         "{} transfers acknowledged across the level changes",
         acked.len()

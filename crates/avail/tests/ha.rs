@@ -10,21 +10,21 @@ use hyper::Method;
 
 const BIN: &str = env!("CARGO_BIN_EXE_avail");
 
+/// Level ha on node-1: tokyo is node-1 and node-3, and pack ties to the first name, so
+/// restarts go to node-3 (the other rack).
+const HA_ON_NODE_1: &[&str] = &[
+    "--level",
+    "ha",
+    "--constraint",
+    "zone == tokyo",
+    "--policy",
+    "pack",
+];
+
 /// The counter guest as `count` at level ha, on node-1 (tokyo is node-1 and node-3;
 /// pack with ties to the first name): its restarts go to node-3.
 fn run_count_ha(c: &Cluster) {
-    ok(&c.run_wasm(
-        "count",
-        "counter",
-        &[
-            "--level",
-            "ha",
-            "--constraint",
-            "zone == tokyo",
-            "--policy",
-            "pack",
-        ],
-    ));
+    ok(&c.run_wasm("count", "counter", HA_ON_NODE_1));
 }
 
 async fn running_elsewhere(c: &Cluster, name: &str, not: &str) -> Workload {
@@ -49,17 +49,7 @@ async fn ha_workloads_restart_elsewhere_when_their_node_dies() {
     // Both on node-1 (rack r1), at level ha: a wasm guest and a process; a none
     // workload beside them for contrast.
     run_count_ha(&c);
-    ok(&c.run_web(
-        "web",
-        &[
-            "--level",
-            "ha",
-            "--constraint",
-            "zone == tokyo",
-            "--policy",
-            "pack",
-        ],
-    ));
+    ok(&c.run_web("web", HA_ON_NODE_1));
     ok(&c.run_wasm(
         "plain",
         "counter",
@@ -510,18 +500,7 @@ async fn two_nodes_lost_at_once_restart_in_priority_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bank_checker_sees_one_copy_at_a_time_across_a_host_death() {
     let mut c = Cluster::start(BIN.as_ref(), 3).await;
-    ok(&c.run_wasm(
-        "bank",
-        "bank",
-        &[
-            "--level",
-            "ha",
-            "--constraint",
-            "zone == tokyo",
-            "--policy",
-            "pack",
-        ],
-    ));
+    ok(&c.run_wasm("bank", "bank", HA_ON_NODE_1));
     c.wait_workload("bank", "ha:protected", Duration::from_secs(20), |w| match (
         w.status.node.as_deref(),
         w.status.level_state.as_deref(),

@@ -211,60 +211,55 @@ pub async fn bank_trial(bin: &Path, seed: u64, deaths: usize) -> Result<TrialRep
             "a repeated key was not answered from the log: {again}"
         )));
     }
-    let r = ingress
-        .raw(Method::GET, "/w/bank/balances", None, &[])
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    let b: serde_json::Value = serde_json::from_slice(&r.body).map_err(|e| fail(e.to_string()))?;
-    if b["total"] != 100000 {
-        return Err(fail(format!("total changed: {b}")));
-    }
-    let seqs: BTreeSet<u64> = applied.iter().copied().collect();
-    if seqs.len() != applied.len() {
-        return Err(fail(format!("a seq was acknowledged twice: {applied:?}")));
-    }
-    if b["transfers"].as_u64() != Some(applied.len() as u64) {
-        return Err(fail(format!(
-            "{} transfers applied, {} acknowledged ({applied:?})",
-            b["transfers"],
-            applied.len()
-        )));
-    }
-    if seqs != (1..=applied.len() as u64).collect::<BTreeSet<_>>() {
-        return Err(fail(format!("gap in seqs: {applied:?}")));
-    }
+    check_seqs(&ingress, &applied).await.map_err(fail)?;
     Ok(TrialReport {
         acknowledged: applied.len(),
         failovers,
     })
 }
 
-/// The bank checker over the replies of acknowledged transfers (from [`transfer`], one
-/// closed-loop client, one run of the workload): every `seq` acknowledged once, 1..n
-/// without a gap, and the balances read through `ingress` keep the total and count n
-/// transfers. Returns n.
+/// The bank's balances (`GET /w/bank/balances` through `ingress`).
+pub async fn balances(ingress: &Client) -> Result<serde_json::Value, String> {
+    let r = ingress
+        .raw(Method::GET, "/w/bank/balances", None, &[])
+        .await
+        .map_err(|e| e.to_string())?;
+    serde_json::from_slice(&r.body).map_err(|e| format!("balances: {e}"))
+}
+
+/// The bank checker over the `seq`s of acknowledged transfers (one closed-loop client,
+/// one run of the workload): each acknowledged once, 1..n without a gap, and the
+/// balances read through `ingress` keep the total and count n transfers. Returns n.
+pub async fn check_seqs(ingress: &Client, seqs: &[u64]) -> Result<u64, String> {
+    let b = balances(ingress).await?;
+    if b["total"] != 100000 {
+        return Err(format!("total changed: {b}"));
+    }
+    let distinct: BTreeSet<u64> = seqs.iter().copied().collect();
+    if distinct.len() != seqs.len() {
+        return Err(format!("a seq was acknowledged twice: {seqs:?}"));
+    }
+    if b["transfers"].as_u64() != Some(seqs.len() as u64) {
+        return Err(format!(
+            "{} transfers applied, {} acknowledged ({seqs:?})",
+            b["transfers"],
+            seqs.len()
+        ));
+    }
+    if distinct != (1..=seqs.len() as u64).collect::<BTreeSet<_>>() {
+        return Err(format!("gap in seqs: {seqs:?}"));
+    }
+    Ok(seqs.len() as u64)
+}
+
+/// [`check_seqs`] over the replies of acknowledged transfers (from [`transfer`]).
 pub async fn check_bank(ingress: &Client, acked: &[serde_json::Value]) -> Result<u64, String> {
     let seqs: Vec<u64> = acked
         .iter()
         .filter(|v| v["_status"] == 200)
         .map(|v| v["seq"].as_u64().ok_or_else(|| format!("no seq: {v}")))
         .collect::<Result<_, _>>()?;
-    let distinct: BTreeSet<u64> = seqs.iter().copied().collect();
-    if distinct.len() != seqs.len() {
-        return Err(format!("a seq was acknowledged twice: {seqs:?}"));
-    }
-    if distinct != (1..=seqs.len() as u64).collect::<BTreeSet<_>>() {
-        return Err(format!("gap in seqs: {seqs:?}"));
-    }
-    let r = ingress
-        .raw(Method::GET, "/w/bank/balances", None, &[])
-        .await
-        .map_err(|e| e.to_string())?;
-    let b: serde_json::Value = serde_json::from_slice(&r.body).map_err(|e| e.to_string())?;
-    if b["total"] != 100000 || b["transfers"].as_u64() != Some(seqs.len() as u64) {
-        return Err(format!("{} acknowledged, balances {b}", seqs.len()));
-    }
-    Ok(seqs.len() as u64)
+    check_seqs(ingress, &seqs).await
 }
 
 /// A closed-loop client sending bank transfers through an ingress, each until it is

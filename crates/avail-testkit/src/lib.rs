@@ -299,19 +299,7 @@ impl Cluster {
     /// `avail workload run` of the example guest `guest_name` as a wasm workload named
     /// `name`, with `extra` arguments.
     pub fn run_wasm(&self, name: &str, guest_name: &str, extra: &[&str]) -> Output {
-        let artifact = guest(guest_name);
-        let mut args = vec![
-            "workload",
-            "run",
-            "--name",
-            name,
-            "--driver",
-            "wasm",
-            "--artifact",
-            &artifact,
-        ];
-        args.extend_from_slice(extra);
-        self.cli(&args)
+        self.run_workload(name, "wasm", &guest(guest_name), extra)
     }
 
     /// `avail workload run` of a process workload named `name`: a python web server on
@@ -328,19 +316,23 @@ impl Cluster {
     /// `avail workload run` of a process workload named `name` running `script` with
     /// `sh -c`, with `extra` arguments.
     pub fn run_sh(&self, name: &str, script: &str, extra: &[&str]) -> Output {
+        let mut args = vec!["--arg", "-c", "--arg", script];
+        args.extend_from_slice(extra);
+        self.run_workload(name, "process", "sh", &args)
+    }
+
+    /// `avail workload run --name <name> --driver <driver> --artifact <artifact>`, then
+    /// `extra`.
+    fn run_workload(&self, name: &str, driver: &str, artifact: &str, extra: &[&str]) -> Output {
         let mut args = vec![
             "workload",
             "run",
             "--name",
             name,
             "--driver",
-            "process",
+            driver,
             "--artifact",
-            "sh",
-            "--arg",
-            "-c",
-            "--arg",
-            script,
+            artifact,
         ];
         args.extend_from_slice(extra);
         self.cli(&args)

@@ -84,7 +84,7 @@ async fn draining_a_node_under_load_loses_no_request() {
     let ws: Vec<Workload> = api.get("/v1/workloads").await.unwrap();
     for w in &ws {
         assert!(
-            !avail_server_occupies(w, "node-1"),
+            !avail_server::state::occupies(w, "node-1"),
             "{}: {:?}",
             w.spec.name,
             w.status
@@ -136,15 +136,6 @@ async fn draining_a_node_under_load_loses_no_request() {
     let n: Node = api.get("/v1/nodes/node-1").await.unwrap();
     assert_eq!(n.state, NodeState::Ready);
     assert!(n.drain.is_none());
-}
-
-/// What `avail_server::state::occupies` checks, from the API's view.
-fn avail_server_occupies(w: &Workload, node: &str) -> bool {
-    let n = Some(node);
-    w.status.node.as_deref() == n
-        || w.status.secondary.as_deref() == n
-        || w.status.reservation.as_deref() == n
-        || w.status.moving_to.as_deref() == n
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

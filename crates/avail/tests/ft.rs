@@ -350,11 +350,7 @@ async fn link_cut_between_live_replicas_leaves_exactly_one_going_on() {
     assert_eq!(healed.status.node.as_deref(), Some(winner.as_str()));
     drop(cut);
     // Exactly once: seqs 1..n, the total unchanged.
-    let r = ingress
-        .raw(hyper::Method::GET, "/w/bank/balances", None, &[])
-        .await
-        .unwrap();
-    let b: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let b = avail_testkit::ft::balances(&ingress).await.unwrap();
     assert_eq!(b["total"], 100000);
     assert_eq!(
         b["transfers"].as_u64(),
@@ -541,11 +537,7 @@ async fn bad_frames_on_the_replication_link_are_refused_whole() {
             .unwrap();
         assert_eq!(v["seq"].as_u64(), Some(n + 1), "{v}");
     }
-    let r = ingress
-        .raw(hyper::Method::GET, "/w/bank/balances", None, &[])
-        .await
-        .unwrap();
-    let b: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let b = avail_testkit::ft::balances(&ingress).await.unwrap();
     assert_eq!(b["total"], 100000);
     assert_eq!(b["transfers"], 10);
 }

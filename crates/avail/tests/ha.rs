@@ -557,10 +557,6 @@ async fn the_bank_checker_sees_one_copy_at_a_time_across_a_host_death() {
         resumed > 1,
         "the restart resumed from a checkpoint: first seq {resumed}"
     );
-    let r = ingress
-        .raw(Method::GET, "/w/bank/balances", None, &[])
-        .await
-        .unwrap();
-    let b: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let b = avail_testkit::ft::balances(&ingress).await.unwrap();
     assert_eq!(b["total"], 100000, "{b}");
 }

@@ -485,10 +485,9 @@ fn policy_of(spec: &WorkloadSpec) -> LossPolicy {
 /// rarely at `none` (no peer: nothing is sent).
 fn epoch_period(level: Level, spec: &WorkloadSpec, moving: bool) -> Duration {
     Duration::from_millis(match level {
-        _ if moving => u64::from(spec.ft.epoch_ms.max(1)),
-        Level::Ft => u64::from(spec.ft.epoch_ms.max(1)),
+        _ if moving || level == Level::Ft => u64::from(spec.ft.epoch_ms.max(1)),
         Level::Ha => u64::from(spec.ha.checkpoint_ms.max(1)),
-        Level::None => 60_000,
+        _ => 60_000,
     })
 }
 

@@ -456,7 +456,7 @@ async fn create_workload(
     }
     // Plan, and write the placement by compare-and-swap on the placement revision the
     // plan was made at; a plan made stale by another placement is made again.
-    w.status.plain = spec_driver_is_wasm(&w) && !checkpointable;
+    w.status.plain = w.spec.driver == DriverKind::Wasm && !checkpointable;
     let pending = w.clone();
     let mut attempts = 0;
     let decision = loop {
@@ -832,18 +832,12 @@ async fn set_workload_level(
             ));
         }
     }
-    // ft needs a module that can be checkpointed.
-    if change.level == Level::Ft && w.spec.driver == DriverKind::Wasm {
-        let path = state.artifacts_dir().join(artifact_file(&w.spec.artifact));
-        let module = tokio::fs::read(&path)
-            .await
-            .map_err(|e| ApiErr::invalid("artifact", format!("{}: {e}", w.spec.artifact)))?;
-        tokio::task::spawn_blocking(move || {
-            avail_statepoint::rewrite::rewrite(&module).map(|_| ())
-        })
-        .await
-        .map_err(|e| ApiErr::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-        .map_err(|e| ApiErr::invalid("level", format!("this module cannot run at ft: {e}")))?;
+    // ft needs a module that can be checkpointed (known since it was created).
+    if change.level == Level::Ft && w.status.plain {
+        return Err(ApiErr::invalid(
+            "level",
+            "this module cannot run at ft: it cannot be checkpointed (shared memory or reference-typed state)",
+        ));
     }
     match state.set_level(&name, change.level).await? {
         Some((w, _)) => Ok(Json(w)),
@@ -1175,7 +1169,7 @@ async fn join(
     if existing.as_ref().is_some_and(|o| o.boot_id != rec.boot_id) {
         state.node_rebooted(&rec.name).await?;
     }
-    state.heartbeat(&rec.name, &[], Vec::new()).await?;
+    state.heard(&rec.name).await?;
     Ok(Json(JoinResponse {
         node_token: state
             .auth
@@ -1183,15 +1177,6 @@ async fn join(
         heartbeat_interval_ms: state.config.heartbeat_interval.as_millis() as u64,
         lease_ttl_ms: state.config.down_after.as_millis() as u64,
     }))
-}
-
-fn spec_driver_is_wasm(w: &Workload) -> bool {
-    w.spec.driver == DriverKind::Wasm
-}
-
-/// Whether `w` has a standby on a node other than `node`.
-fn has_standby_elsewhere(w: &Workload, node: &str) -> bool {
-    crate::state::replica_node(w).is_some_and(|r| r != node)
 }
 
 /// The server's answer to a heartbeat.
@@ -1244,19 +1229,12 @@ async fn heartbeat(
     // The ha workloads a fence stopped resume on their standbys (from their last
     // checkpoint) before the agent, heard again, fetches its desired state: it must
     // not start them afresh here.
-    let fenced: Vec<String> = hb
+    let stopped: Vec<String> = hb
         .fences
         .iter()
         .flat_map(|f| f.stopped.iter().cloned())
-        .filter(|n| {
-            state.workload(n).is_some_and(|(w, _)| {
-                w.spec.level == Level::Ha
-                    && w.status.node.as_deref() == Some(node.as_str())
-                    && has_standby_elsewhere(&w, &node)
-            })
-        })
         .collect();
-    state.resume_on_standby(&fenced, &node, "fenced").await;
+    state.resume_on_standby(stopped, &node, "fenced").await;
     // The reports are applied apart, in order: the answer is the node's contact with
     // the control plane and must not wait for store writes.
     let reporter = state.clone();

@@ -883,17 +883,23 @@ impl AppState {
             .collect()
     }
 
+    /// Take away `name`'s reservation if it is on `node` (a new one is made by the next
+    /// reservation pass, away from what made this one go).
+    async fn drop_reservation(&self, name: &str, node: &str) {
+        let _ = self
+            .update_status(name, |s| {
+                if s.reservation.as_deref() == Some(node) {
+                    s.reservation = None;
+                }
+            })
+            .await;
+    }
+
     /// Reservations a higher-priority placement took: the workloads they were held for
     /// get new ones from the next pass.
     pub async fn release_displaced(&self, displaced: &[String], on: &str) {
         for name in displaced {
-            let _ = self
-                .update_status(name, |s| {
-                    if s.reservation.as_deref() == Some(on) {
-                        s.reservation = None;
-                    }
-                })
-                .await;
+            self.drop_reservation(name, on).await;
             self.events
                 .emit(
                     "workload.reservation_displaced",
@@ -974,13 +980,7 @@ impl AppState {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(node.to_string(), Instant::now());
-            let _ = self
-                .update_status(name, |s| {
-                    if s.reservation.as_deref() == Some(node) {
-                        s.reservation = None;
-                    }
-                })
-                .await;
+            self.drop_reservation(name, node).await;
             self.events
                 .emit(
                     "workload.standby_failed",
@@ -1148,19 +1148,6 @@ impl AppState {
         self.place_secondaries_avoiding(lost.as_deref().map(|l| (name, l)))
             .await;
         Ok((true, to))
-    }
-
-    /// Record a heartbeat of `node`: renew its liveness lease (or create it), apply
-    /// its instance reports and keep its log lines.
-    pub async fn heartbeat(
-        &self,
-        node: &str,
-        instances: &[InstanceStatus],
-        logs: Vec<LogLine>,
-    ) -> Result<NodeState, StateError> {
-        let st = self.heard(node).await?;
-        self.reports(node, instances, logs).await;
-        Ok(st)
     }
 
     /// The liveness part of a heartbeat: renew the node's lease (or create it), make it
@@ -1383,12 +1370,7 @@ impl AppState {
         };
         // An ha wasm workload with a standby elsewhere resumes there, from its last
         // checkpoint, rather than fresh on the restarted node.
-        let (resume, names): (Vec<String>, Vec<String>) = names.into_iter().partition(|n| {
-            self.workload(n).is_some_and(|(w, _)| {
-                w.spec.level == Level::Ha && replica_node(&w).is_some_and(|r| r != node)
-            })
-        });
-        self.resume_on_standby(&resume, node, "restarted").await;
+        let names = self.resume_on_standby(names, node, "restarted").await;
         for name in names {
             self.update_status(&name, |s| {
                 s.phase = Phase::Placed;
@@ -1419,11 +1401,15 @@ impl AppState {
     /// Publish node state transitions as events; mark the workloads of a node that
     /// went down as failed. Called periodically.
     pub async fn check_liveness(&self) {
-        let states: Vec<(String, NodeState)> = self
-            .nodes()
-            .into_iter()
-            .map(|n| (n.name, n.state))
-            .collect();
+        // States only: building the API's node (allocation, drain progress) every 50 ms
+        // would scan the workloads of each draining node for nothing.
+        let states: Vec<(String, NodeState)> = {
+            let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+            v.nodes
+                .keys()
+                .map(|n| (n.clone(), self.node_state(n, &v)))
+                .collect()
+        };
         // The scheduler's view follows readiness (a clock matter, not a store event).
         {
             let mut v = self.view.write().unwrap_or_else(|p| p.into_inner());
@@ -1916,12 +1902,26 @@ impl AppState {
             .map(|(l, t)| (l, t.to_string()))
     }
 
-    /// Restart ha workloads that were on `node` (its agent restarted, or it fenced
-    /// itself) onto their standbys, which resume from their last checkpoint.
-    pub async fn resume_on_standby(&self, names: &[String], node: &str, why: &str) {
-        if !names.is_empty() {
-            self.restart_batch(names, &[node.to_string()], why).await;
+    /// Of `names`, restart the ha workloads placed on `node` (its agent restarted, or it
+    /// fenced itself) that have a standby on another node onto it: they resume from
+    /// their last checkpoint rather than fresh on `node`. Returns the others.
+    pub async fn resume_on_standby(
+        &self,
+        names: Vec<String>,
+        node: &str,
+        why: &str,
+    ) -> Vec<String> {
+        let (resume, rest): (Vec<String>, Vec<String>) = names.into_iter().partition(|n| {
+            self.workload(n).is_some_and(|(w, _)| {
+                w.spec.level == Level::Ha
+                    && w.status.node.as_deref() == Some(node)
+                    && replica_node(&w).is_some_and(|r| r != node)
+            })
+        });
+        if !resume.is_empty() {
+            self.restart_batch(&resume, &[node.to_string()], why).await;
         }
+        rest
     }
 
     /// Start draining `node` (`None`: no such node): it takes no new work, and the
@@ -2040,13 +2040,7 @@ impl AppState {
                     blocked = Some(format!("{name}: {e}"));
                 }
             } else if w.status.reservation.as_deref() == here {
-                let _ = self
-                    .update_status(&name, |s| {
-                        if s.reservation.as_deref() == here {
-                            s.reservation = None;
-                        }
-                    })
-                    .await;
+                self.drop_reservation(&name, node).await;
             } else if w.status.node.as_deref() == here {
                 if let Some(t) = w.status.moving_to.as_deref() {
                     let started = self

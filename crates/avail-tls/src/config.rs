@@ -1,0 +1,135 @@
+//! rustls configurations: the server side (with an optional client certificate,
+//! verified against the cluster CA), and the client side (trusting only the cluster
+//! CA, presenting a node certificate that can be replaced while connections go on).
+
+use std::sync::{Arc, RwLock};
+
+use rustls::client::ResolvesClientCert;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
+
+use crate::TlsError;
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The certificates in a PEM text.
+pub fn parse_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::bad("certificate PEM", e))?;
+    if certs.is_empty() {
+        return Err(TlsError::bad("certificate PEM", "no certificate in it"));
+    }
+    Ok(certs)
+}
+
+fn parse_key(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::bad("key PEM", e))
+}
+
+fn roots(ca_pem: &str) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in parse_certs(ca_pem)? {
+        roots.add(c).map_err(|e| TlsError::bad("CA certificate", e))?;
+    }
+    Ok(roots)
+}
+
+/// A server configuration for `chain_pem`/`key_pem`. With `client_ca_pem`, a client
+/// may present a certificate, which must then chain to that CA (clients without one,
+/// such as the CLI with a bearer token, are still let in: the handlers decide).
+pub fn server_config(
+    chain_pem: &str,
+    key_pem: &str,
+    client_ca_pem: Option<&str>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::bad("TLS versions", e))?;
+    let builder = match client_ca_pem {
+        Some(ca) => builder.with_client_cert_verifier(
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| TlsError::bad("client verifier", e))?,
+        ),
+        None => builder.with_no_client_auth(),
+    };
+    let mut cfg = builder
+        .with_single_cert(parse_certs(chain_pem)?, parse_key(key_pem)?)
+        .map_err(|e| TlsError::bad("server certificate", e))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// The certificate a client presents, replaceable in place (a renewed node
+/// certificate): new connections use the new one, open ones keep theirs.
+#[derive(Debug, Default)]
+pub struct ClientIdentity {
+    current: RwLock<Option<Arc<CertifiedKey>>>,
+}
+
+impl ClientIdentity {
+    /// An identity holding nothing yet (the client presents no certificate).
+    pub fn new() -> Arc<ClientIdentity> {
+        Arc::new(ClientIdentity::default())
+    }
+
+    /// Present `chain_pem` with `key_pem` from now on.
+    pub fn set(&self, chain_pem: &str, key_pem: &str) -> Result<(), TlsError> {
+        let key = provider()
+            .key_provider
+            .load_private_key(parse_key(key_pem)?)
+            .map_err(|e| TlsError::bad("node key", e))?;
+        let ck = Arc::new(CertifiedKey::new(parse_certs(chain_pem)?, key));
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(ck);
+        Ok(())
+    }
+
+    /// Whether a certificate is set.
+    pub fn is_set(&self) -> bool {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+}
+
+impl ResolvesClientCert for ClientIdentity {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn has_certs(&self) -> bool {
+        self.is_set()
+    }
+}
+
+/// A client configuration trusting only `ca_pem`, presenting `identity` when given.
+pub fn client_config(
+    ca_pem: &str,
+    identity: Option<Arc<ClientIdentity>>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::bad("TLS versions", e))?
+        .with_root_certificates(roots(ca_pem)?);
+    let cfg = match identity {
+        Some(id) => builder.with_client_cert_resolver(id),
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(cfg))
+}

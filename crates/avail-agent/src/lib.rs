@@ -13,6 +13,7 @@
 //! (`PR_SET_PDEATHSIG`).
 
 pub mod ft;
+pub mod identity;
 pub mod ingress;
 pub mod replylog;
 pub mod supervisor;
@@ -25,8 +26,9 @@ use std::time::Duration;
 
 use avail_client::{Client, ClientError};
 use avail_model::Resources;
-use avail_model::agent::{Heartbeat, JoinRequest, JoinResponse};
+use avail_model::agent::{Heartbeat, JoinResponse};
 
+use crate::identity::Identity;
 use crate::supervisor::Supervisor;
 
 /// Default ingress port.
@@ -45,8 +47,11 @@ pub struct AgentConfig {
     pub replication_port: u16,
     /// Server base URL.
     pub server: String,
-    /// Join token.
-    pub join_token: String,
+    /// Join token (needed for the first join only: afterwards the node's key, kept in
+    /// the data dir, proves who it is).
+    pub join_token: Option<String>,
+    /// The cluster CA certificate (PEM): the only one the agent trusts.
+    pub ca_pem: String,
     /// Tags.
     pub tags: BTreeMap<String, String>,
     /// Capacity offered.
@@ -95,25 +100,18 @@ pub enum AgentError {
     Driver(String),
 }
 
-/// Join (or re-join) the cluster, retrying while the server is unreachable. A refusal
-/// (401/403/400) is final.
-async fn join(cfg: &AgentConfig, client: &Client) -> Result<JoinResponse, AgentError> {
-    let req = JoinRequest {
-        name: cfg.name.clone(),
-        address: cfg.addr.to_string(),
-        ingress_url: format!("http://{}", SocketAddr::new(cfg.addr, cfg.ingress_port)),
-        tags: cfg.tags.clone(),
-        capacity: cfg.capacity,
-        agent_version: env!("CARGO_PKG_VERSION").to_string(),
-        boot_id: cfg.boot_id.clone(),
-        replication_addr: SocketAddr::new(cfg.addr, cfg.replication_port).to_string(),
-    };
-    let joiner = client.with_token(Some(cfg.join_token.clone()));
+/// Join (or re-join) the cluster, retrying while the server is unreachable, and take
+/// the certificate it signs. A refusal (400/401/403/409) is final.
+async fn join(cfg: &AgentConfig, id: &Identity) -> Result<JoinResponse, AgentError> {
+    let joiner = id.join_client(cfg)?;
     let mut delay = Duration::from_millis(100);
     loop {
+        // A fresh proof each try: a proof goes stale.
+        let req = id.join_request(cfg);
         match joiner.post::<_, JoinResponse>("/v1/agent/join", &req).await {
             Ok(r) => {
-                tracing::info!(node = %cfg.name, "joined {}", client.base());
+                id.adopt(&r.certificate)?;
+                tracing::info!(node = %cfg.name, "joined {}", joiner.base());
                 return Ok(r);
             }
             Err(
@@ -124,7 +122,7 @@ async fn join(cfg: &AgentConfig, client: &Client) -> Result<JoinResponse, AgentE
             ) => {
                 tracing::error!("join refused: {e}");
                 return Err(AgentError::JoinRefused {
-                    server: client.base().to_string(),
+                    server: joiner.base().to_string(),
                     reason: e.to_string(),
                 });
             }
@@ -156,31 +154,26 @@ pub async fn run(
             addr: repl_addr,
             reason: e.to_string(),
         })?;
-    let client = Client::new(&cfg.server, None, Some(cfg.addr));
-    let joined = join(&cfg, &client).await?;
-    let sup = Arc::new(
-        Supervisor::new(
-            cfg.clone(),
-            client.with_token(Some(joined.node_token.clone())),
-        )
-        .map_err(AgentError::Driver)?,
+    let id = Arc::new(Identity::load(&cfg)?);
+    let client = id.server_client(&cfg)?;
+    let joined = join(&cfg, &id).await?;
+    let renewal = tokio::spawn(
+        id.clone()
+            .renew_loop(client.clone(), joined.certificate_expires_s),
     );
+    let sup = Arc::new(Supervisor::new(cfg.clone(), client.clone()).map_err(AgentError::Driver)?);
     let ingress = tokio::spawn(ingress::serve(listener, sup.clone()));
     let finder = sup.clone();
     let replication = tokio::spawn(ft::serve_replication(repl_listener, move |w, uid| {
         finder.secondary(w, uid)
     }));
-    let heartbeat = tokio::spawn(heartbeat_loop(
-        cfg.clone(),
-        client.clone(),
-        sup.clone(),
-        joined,
-    ));
+    let heartbeat = tokio::spawn(heartbeat_loop(cfg.clone(), id, client, sup.clone(), joined));
     let desired = tokio::spawn(supervisor::follow_desired(sup.clone()));
     tracing::info!(node = %cfg.name, "agent ready; ingress on http://{listen}");
     shutdown.await;
     tracing::info!("shutting down: stopping workloads");
     heartbeat.abort();
+    renewal.abort();
     desired.abort();
     ingress.abort();
     replication.abort();
@@ -236,9 +229,9 @@ async fn fence_watch(sup: Arc<Supervisor>) {
             // A peer hears the server. If this node reaches it too, the control plane
             // was away and is coming back (the peer's heartbeat got through first):
             // this node is not cut off, and its own heartbeat follows.
-            let probe =
-                Client::new(&sup.server_url(), None, Some(sup.addr())).with_timeout(timeout);
-            let reached = probe
+            let reached = sup
+                .server_client()
+                .with_timeout(timeout)
                 .raw(hyper::Method::GET, "/livez", None, &[])
                 .await
                 .is_ok_and(|r| r.status == 200);
@@ -259,6 +252,7 @@ async fn fence_watch(sup: Arc<Supervisor>) {
 
 async fn heartbeat_loop(
     cfg: AgentConfig,
+    id: Arc<Identity>,
     client: Client,
     sup: Arc<Supervisor>,
     mut joined: JoinResponse,
@@ -272,9 +266,7 @@ async fn heartbeat_loop(
             logs: sup.drain_logs(),
             fences: sup.take_fences(),
         };
-        let authed = client
-            .with_token(Some(joined.node_token.clone()))
-            .with_timeout(interval * 4);
+        let authed = client.with_timeout(interval * 4);
         // Contact is timed from when the heartbeat left, never from its answer: the
         // server judges this node by when it received it, which is no earlier.
         let sent = std::time::Instant::now();
@@ -303,12 +295,10 @@ async fn heartbeat_loop(
                 status: 401 | 404, ..
             }) => {
                 sup.unreported_fences(hb.fences);
-                // The server forgot us (new data dir) or our token: join again.
-                match join(&cfg, &client).await {
-                    Ok(j) => {
-                        sup.set_token(j.node_token.clone());
-                        joined = j;
-                    }
+                // The server forgot the node (removed, or a new data dir) or its
+                // certificate expired: join again, with the key's proof.
+                match join(&cfg, &id).await {
+                    Ok(j) => joined = j,
                     Err(e) => tracing::error!("re-join failed: {e}"),
                 }
             }

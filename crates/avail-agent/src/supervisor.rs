@@ -198,10 +198,9 @@ impl Supervisor {
         self.cfg.addr
     }
 
-    /// Replace the node token (after a re-join).
-    pub fn set_token(&self, token: String) {
-        let mut c = self.client.write().unwrap_or_else(|p| p.into_inner());
-        *c = c.with_token(Some(token));
+    /// The client for the server (the node's certificate, renewed in place).
+    pub fn server_client(&self) -> Client {
+        self.client()
     }
 
     fn client(&self) -> Client {

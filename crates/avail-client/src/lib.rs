@@ -1,9 +1,12 @@
 //! avail-client: a small typed HTTP client for the avail API, used by the CLI, the
-//! agent and the tests. Plain HTTP/1.1 over hyper; can bind its outgoing connections to
-//! a given local address (agents use their own node address, so a partition can be made
+//! agent and the tests. HTTP/1.1 over hyper, with TLS (rustls) for `https://` URLs:
+//! the caller gives the rustls configuration (the cluster CA to trust and, for an
+//! agent, the node certificate to present). Can bind its outgoing connections to a
+//! given local address (agents use their own node address, so a partition can be made
 //! by address).
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use avail_model::{ApiError, ApiErrorBody};
@@ -11,6 +14,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, StatusCode};
 use hyper_util::client::legacy::Client as HyperClient;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
@@ -66,9 +70,14 @@ impl ClientError {
 pub struct Client {
     base: String,
     token: Option<String>,
-    http: HyperClient<HttpConnector, Full<Bytes>>,
+    node: Option<String>,
+    http: HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
 }
+
+/// The header naming the node an agent's request speaks for; the server checks it
+/// against the client certificate the connection presented.
+pub const NODE_HEADER: &str = "avail-node";
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -88,18 +97,57 @@ pub struct Reply {
 }
 
 impl Client {
-    /// A client for `base` (e.g. `http://127.0.0.1:7400`), with a bearer token, binding
-    /// outgoing connections to `local` if given.
+    /// A client for `base` (e.g. `http://127.0.0.1:7480`), with a bearer token, binding
+    /// outgoing connections to `local` if given. It trusts no certificate: an
+    /// `https://` base needs [`Client::with_tls`].
     pub fn new(base: &str, token: Option<String>, local: Option<IpAddr>) -> Client {
+        Client::with_tls(base, token, local, None)
+    }
+
+    /// A client for `base`, `https://` verified by `tls` (the cluster CA, and the node
+    /// certificate an agent presents).
+    pub fn with_tls(
+        base: &str,
+        token: Option<String>,
+        local: Option<IpAddr>,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Client {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_local_address(local);
         connector.set_connect_timeout(Some(Duration::from_secs(3)));
+        connector.enforce_http(false);
+        let tls = tls.unwrap_or_else(|| {
+            Arc::new(
+                rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default versions")
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+            )
+        });
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*tls).clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         Client {
             base: base.trim_end_matches('/').to_string(),
             token,
-            http: HyperClient::builder(TokioExecutor::new()).build(connector),
+            node: None,
+            http: HyperClient::builder(TokioExecutor::new()).build(https),
             timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// The same client speaking for node `name` (an agent: its requests carry
+    /// [`NODE_HEADER`], which the server checks against the node's certificate).
+    pub fn for_node(&self, name: &str) -> Client {
+        Client {
+            node: Some(name.to_string()),
+            ..self.clone()
         }
     }
 
@@ -156,6 +204,9 @@ impl Client {
         let mut b = hyper::Request::builder().method(method).uri(&url);
         if let Some(t) = &self.token {
             b = b.header("authorization", format!("Bearer {t}"));
+        }
+        if let Some(n) = &self.node {
+            b = b.header(NODE_HEADER, n.as_str());
         }
         for (n, v) in headers {
             b = b.header(*n, *v);

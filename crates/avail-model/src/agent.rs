@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::{Resources, TimeMs, WorkloadSpec};
+use crate::{Resources, TimeMs, ValidationError, WorkloadSpec};
 
-/// An agent asks to join (with the join token) or re-join (with its node token).
+/// An agent asks to join (with a join token) or re-join (over TLS with its node
+/// certificate, which alone may speak for an existing node).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JoinRequest {
@@ -29,13 +30,122 @@ pub struct JoinRequest {
     /// The agent's replication listener (`ip:port`) for `ft` checkpoint streams.
     #[serde(default)]
     pub replication_addr: String,
+    /// The node's public key: an uncompressed P-256 point, base64url without padding.
+    /// The server signs a certificate for it; its private half never leaves the node.
+    pub public_key: String,
+    /// A re-join's proof of holding the key bound to the name (absent at a first join,
+    /// which needs a join token instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<KeyProof>,
+}
+
+/// A signature by the node's key over its name, key and the time (see
+/// `avail_tls::node_key::proof_message`): proves the caller holds the key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KeyProof {
+    /// When it was made, seconds since the Unix epoch (stale after 5 minutes).
+    pub time_s: u64,
+    /// ECDSA P-256 SHA-256 signature (ASN.1), base64url without padding.
+    pub signature: String,
+}
+
+/// Most tags a node may declare.
+pub const MAX_NODE_TAGS: usize = 64;
+/// Largest CPU a node may offer, millicores (1,024 cores).
+pub const MAX_NODE_CPU_MILLIS: u32 = 1_024_000;
+/// Largest memory a node may offer, MiB (16 TiB).
+pub const MAX_NODE_MEMORY_MIB: u32 = 16 << 20;
+
+impl JoinRequest {
+    /// Check every field as a tag patch is checked; the error names the field.
+    pub fn validate(&self) -> Result<std::net::IpAddr, ValidationError> {
+        let err = |f: &str, m: String| Err(ValidationError::new(f, m));
+        if !crate::spec::is_dns_label(&self.name) {
+            return err("name", format!("{:?} is not a DNS label", self.name));
+        }
+        let Ok(ip) = self.address.parse::<std::net::IpAddr>() else {
+            return err("address", format!("{:?} is not an IP address", self.address));
+        };
+        // Routes and replication links must point at the node's own address.
+        let ingress_ok = self
+            .ingress_url
+            .strip_prefix("http://")
+            .and_then(|hp| hp.parse::<std::net::SocketAddr>().ok())
+            .is_some_and(|sa| sa.ip() == ip);
+        if !ingress_ok {
+            return err(
+                "ingress_url",
+                format!("{:?} is not http://{ip}:<port>", self.ingress_url),
+            );
+        }
+        let replication_ok = self.replication_addr.is_empty()
+            || self
+                .replication_addr
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|sa| sa.ip() == ip);
+        if !replication_ok {
+            return err(
+                "replication_addr",
+                format!("{:?} is not {ip}:<port>", self.replication_addr),
+            );
+        }
+        if self.tags.len() > MAX_NODE_TAGS {
+            return err(
+                "tags",
+                format!("{} tags; at most {MAX_NODE_TAGS}", self.tags.len()),
+            );
+        }
+        for (k, v) in &self.tags {
+            crate::constraint::parse_tag(&format!("{k}={v}"))
+                .map_err(|e| ValidationError::new(format!("tags.{k}"), e.message))?;
+        }
+        if !(1..=MAX_NODE_CPU_MILLIS).contains(&self.capacity.cpu_millis) {
+            return err(
+                "capacity.cpu_millis",
+                format!(
+                    "{} is out of range 1..={MAX_NODE_CPU_MILLIS}",
+                    self.capacity.cpu_millis
+                ),
+            );
+        }
+        if !(1..=MAX_NODE_MEMORY_MIB).contains(&self.capacity.memory_mib) {
+            return err(
+                "capacity.memory_mib",
+                format!(
+                    "{} is out of range 1..={MAX_NODE_MEMORY_MIB}",
+                    self.capacity.memory_mib
+                ),
+            );
+        }
+        for (field, value, max) in [
+            ("agent_version", &self.agent_version, 64),
+            ("boot_id", &self.boot_id, 128),
+        ] {
+            if value.len() > max || value.chars().any(|c| c.is_control()) {
+                return err(field, format!("at most {max} printable characters"));
+            }
+        }
+        if self.public_key.len() > 128 {
+            return err("public_key", "too long for a P-256 point".into());
+        }
+        if self.proof.as_ref().is_some_and(|p| p.signature.len() > 256) {
+            return err("proof.signature", "too long for a P-256 signature".into());
+        }
+        Ok(ip)
+    }
 }
 
 /// The server's answer to a join.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct JoinResponse {
-    /// The token the agent uses from now on (role `agent`, subject the node name).
-    pub node_token: String,
+    /// The node's certificate (PEM), signed by the cluster CA for the key it sent:
+    /// presented on every call to the server from now on.
+    pub certificate: String,
+    /// Not valid after, seconds since the Unix epoch: the agent renews before.
+    pub certificate_expires_s: u64,
+    /// The cluster CA certificate (PEM).
+    pub ca: String,
     /// How often to heartbeat, ms.
     pub heartbeat_interval_ms: u64,
     /// TTL of the node's liveness lease, ms: the server declares the node down (and
@@ -43,6 +153,23 @@ pub struct JoinResponse {
     /// isolated agent stops them itself before that.
     #[serde(default)]
     pub lease_ttl_ms: u64,
+}
+
+/// An agent asks for a fresh certificate, over a connection presenting its current one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    /// The key to certify (the node's current key, or a new one replacing it).
+    pub public_key: String,
+}
+
+/// A renewed certificate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RenewResponse {
+    /// The certificate (PEM).
+    pub certificate: String,
+    /// Not valid after, seconds since the Unix epoch.
+    pub certificate_expires_s: u64,
 }
 
 /// One workload an agent must run.

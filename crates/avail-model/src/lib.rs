@@ -13,6 +13,7 @@ pub mod node;
 pub mod rng;
 pub mod spec;
 pub mod status;
+pub mod token;
 
 pub use constraint::{Constraint, ConstraintOp};
 pub use error::{ApiError, ApiErrorBody, ValidationError};

@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use avail_model::agent::{
-    DesiredState, HandoverRequest, Heartbeat, JoinRequest, JoinResponse, LeaseReply, LeaseRequest,
-    LogLine, SecondaryFailure,
+    DesiredState, HandoverRequest, Heartbeat, LeaseReply, LeaseRequest, LogLine, SecondaryFailure,
 };
 use avail_model::spec::LevelPolicy;
 use avail_model::spec::is_digest;
@@ -42,24 +41,24 @@ pub const MAX_ARTIFACT_BYTES: usize = 64 << 20;
 /// Longest an agent's desired-state poll may wait.
 pub const MAX_WAIT_MS: u64 = 30_000;
 
-type AppStateRef = Arc<AppState>;
+pub(crate) type AppStateRef = Arc<AppState>;
 
 /// An API error: status plus the JSON error body.
 #[derive(Debug)]
 pub struct ApiErr(pub StatusCode, pub ApiErrorBody);
 
 impl ApiErr {
-    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> ApiErr {
+    pub(crate) fn new(status: StatusCode, code: &str, message: impl Into<String>) -> ApiErr {
         ApiErr(status, ApiErrorBody::new(code, message))
     }
-    fn not_found(what: &str, name: &str) -> ApiErr {
+    pub(crate) fn not_found(what: &str, name: &str) -> ApiErr {
         ApiErr::new(
             StatusCode::NOT_FOUND,
             "not_found",
             format!("{what} {name:?} not found"),
         )
     }
-    fn invalid(field: &str, message: impl Into<String>) -> ApiErr {
+    pub(crate) fn invalid(field: &str, message: impl Into<String>) -> ApiErr {
         ApiErr(
             StatusCode::BAD_REQUEST,
             avail_model::ValidationError::new(field, message).into(),
@@ -100,7 +99,7 @@ impl From<avail_store::StoreError> for ApiErr {
     }
 }
 
-type ApiResult<T> = Result<T, ApiErr>;
+pub(crate) type ApiResult<T> = Result<T, ApiErr>;
 
 fn claims(parts: &Parts, state: &AppState) -> Result<Claims, ApiErr> {
     let token = parts
@@ -149,36 +148,61 @@ impl FromRequestParts<AppStateRef> for Admin {
     }
 }
 
-/// The caller is the agent of node `.0`.
+/// The caller is the agent of node `.0`: its connection presented a certificate the
+/// server issued to that node (one of its last two, unexpired), and its requests name
+/// the node in [`avail_client::NODE_HEADER`]. No store read: the node records are in
+/// the view.
 pub struct AgentNode(pub String);
 
 impl FromRequestParts<AppStateRef> for AgentNode {
     type Rejection = ApiErr;
     async fn from_request_parts(parts: &mut Parts, state: &AppStateRef) -> Result<Self, ApiErr> {
-        let c = claims_of_role(parts, state, &[Role::Agent])?;
-        Ok(AgentNode(c.sub))
+        agent_of(parts, state).inspect_err(|_| {
+            state.metrics.auth_failures.inc();
+        })
     }
 }
 
-/// An admin or an agent (artifact downloads).
+fn agent_of(parts: &Parts, state: &AppState) -> Result<AgentNode, ApiErr> {
+    let unauthorized = |m: String| ApiErr::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
+    let Some(peer) = parts.extensions.get::<avail_tls::serve::PeerCert>() else {
+        return Err(unauthorized(
+            "agent calls need the node's certificate (TLS client authentication)".into(),
+        ));
+    };
+    let Some(name) = parts
+        .headers
+        .get(avail_client::NODE_HEADER)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return Err(unauthorized(format!(
+            "agent calls name their node in the {} header",
+            avail_client::NODE_HEADER
+        )));
+    };
+    let view = state.view.read().unwrap_or_else(|p| p.into_inner());
+    match view.nodes.get(name) {
+        Some(rec) if rec.identity.accepts(&peer.digest, now_s()) => Ok(AgentNode(name.to_string())),
+        _ => Err(unauthorized(format!(
+            "this certificate does not speak for node {name:?}"
+        ))),
+    }
+}
+
+/// An admin (bearer token) or an agent (node certificate): artifact downloads.
 pub struct AdminOrAgent;
 
 impl FromRequestParts<AppStateRef> for AdminOrAgent {
     type Rejection = ApiErr;
     async fn from_request_parts(parts: &mut Parts, state: &AppStateRef) -> Result<Self, ApiErr> {
-        claims_of_role(parts, state, &[Role::Admin, Role::Agent])?;
+        if parts.extensions.get::<avail_tls::serve::PeerCert>().is_some()
+            && parts.headers.contains_key(avail_client::NODE_HEADER)
+        {
+            AgentNode::from_request_parts(parts, state).await?;
+        } else {
+            claims_of_role(parts, state, &[Role::Admin])?;
+        }
         Ok(AdminOrAgent)
-    }
-}
-
-/// A join token, or the node token of the node re-joining.
-pub struct Joiner(pub Claims);
-
-impl FromRequestParts<AppStateRef> for Joiner {
-    type Rejection = ApiErr;
-    async fn from_request_parts(parts: &mut Parts, state: &AppStateRef) -> Result<Self, ApiErr> {
-        let c = claims_of_role(parts, state, &[Role::Join, Role::Agent])?;
-        Ok(Joiner(c))
     }
 }
 
@@ -203,7 +227,7 @@ async fn read_body(body: Body, limit: usize) -> ApiResult<Bytes> {
     })
 }
 
-async fn read_json<T: serde::de::DeserializeOwned>(body: Body) -> ApiResult<T> {
+pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(body: Body) -> ApiResult<T> {
     let bytes = read_body(body, MAX_JSON_BYTES).await?;
     serde_json::from_slice(&bytes).map_err(|e| {
         let msg = e.to_string();
@@ -237,7 +261,10 @@ pub fn router(state: AppStateRef) -> Router {
         )
         .route("/v1/workloads/{name}/logs", get(workload_logs))
         .route("/v1/nodes", get(list_nodes))
-        .route("/v1/nodes/{name}", get(get_node))
+        .route(
+            "/v1/nodes/{name}",
+            get(get_node).delete(crate::api_identity::remove_node),
+        )
         .route(
             "/v1/nodes/{name}/tags",
             axum::routing::patch(patch_node_tags),
@@ -245,7 +272,16 @@ pub fn router(state: AppStateRef) -> Router {
         .route("/v1/events", get(events))
         .route("/v1/artifacts", put(put_artifact))
         .route("/v1/artifacts/{digest}", get(get_artifact))
-        .route("/v1/agent/join", post(join))
+        .route("/v1/agent/join", post(crate::api_identity::join))
+        .route("/v1/agent/renew", post(crate::api_identity::renew))
+        .route(
+            "/v1/tokens",
+            post(crate::api_identity::create_token).get(crate::api_identity::list_tokens),
+        )
+        .route(
+            "/v1/tokens/{id}",
+            axum::routing::delete(crate::api_identity::revoke_token),
+        )
         .route("/v1/agent/heartbeat", post(heartbeat))
         .route("/v1/agent/desired", get(desired))
         .route("/v1/agent/pairs/{name}/lease", post(pair_lease))
@@ -586,7 +622,7 @@ async fn get_workload(
 /// Reply of a delete.
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct Deleted {
-    /// The deleted workload.
+    /// What was deleted (a workload, node or join token).
     pub deleted: String,
 }
 
@@ -1049,136 +1085,6 @@ async fn get_artifact(
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 
-#[utoipa::path(post, path = "/v1/agent/join", request_body = JoinRequest,
-    responses((status = 200, body = JoinResponse), (status = 400, body = ApiErrorBody), (status = 401, body = ApiErrorBody)), security(("bearer" = [])))]
-async fn join(
-    Joiner(c): Joiner,
-    State(state): State<AppStateRef>,
-    body: Body,
-) -> ApiResult<Json<JoinResponse>> {
-    let req: JoinRequest = read_json(body).await?;
-    if !avail_model::spec::is_dns_label(&req.name) {
-        return Err(ApiErr::invalid(
-            "name",
-            format!("{:?} is not a DNS label", req.name),
-        ));
-    }
-    if c.role == Role::Agent && c.sub != req.name {
-        return Err(ApiErr::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("node token of {} cannot join as {}", c.sub, req.name),
-        ));
-    }
-    let Ok(ip) = req.address.parse::<std::net::IpAddr>() else {
-        return Err(ApiErr::invalid(
-            "address",
-            format!("{:?} is not an IP address", req.address),
-        ));
-    };
-    // The ingress must be on the node's own address: routes must not point elsewhere.
-    let ingress_ok = req
-        .ingress_url
-        .strip_prefix("http://")
-        .and_then(|hp| hp.parse::<std::net::SocketAddr>().ok())
-        .is_some_and(|sa| sa.ip() == ip);
-    let replication_ok = req.replication_addr.is_empty()
-        || req
-            .replication_addr
-            .parse::<std::net::SocketAddr>()
-            .is_ok_and(|sa| sa.ip() == ip);
-    if !replication_ok {
-        return Err(ApiErr::invalid(
-            "replication_addr",
-            format!("{:?} is not {ip}:<port>", req.replication_addr),
-        ));
-    }
-    if !ingress_ok {
-        return Err(ApiErr::invalid(
-            "ingress_url",
-            format!("{:?} is not http://{ip}:<port>", req.ingress_url),
-        ));
-    }
-    let existing = state
-        .view
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .nodes
-        .get(&req.name)
-        .cloned();
-    if let Some(old) = &existing {
-        // The same name from another address while the old one is alive is a clash.
-        let alive = state
-            .node(old, &state.view.read().unwrap_or_else(|p| p.into_inner()))
-            .state
-            != NodeState::Down;
-        if old.address != req.address && alive {
-            return Err(ApiErr::new(
-                StatusCode::CONFLICT,
-                "conflict",
-                format!("node {} is alive at {}", req.name, old.address),
-            ));
-        }
-    }
-    let mut rec = NodeRecord {
-        name: req.name.clone(),
-        address: req.address,
-        ingress_url: req.ingress_url,
-        tags: BTreeMap::new(),
-        agent_tags: req.tags,
-        // The operator's tag changes outlive the agent's rejoins.
-        tag_overrides: existing
-            .as_ref()
-            .map(|o| o.tag_overrides.clone())
-            .unwrap_or_default(),
-        capacity: req.capacity,
-        joined_ms: existing
-            .as_ref()
-            .map(|o| o.joined_ms)
-            .unwrap_or_else(now_ms),
-        agent_version: req.agent_version,
-        replication_addr: req.replication_addr,
-        boot_id: req.boot_id,
-        // A drain outlives the agent's rejoins too.
-        drain: existing.as_ref().and_then(|o| o.drain.clone()),
-    };
-    rec.tags = rec.tags_in_force();
-    let rev = state
-        .store
-        .put(
-            &keys::node(&rec.name),
-            serde_json::to_vec(&rec).expect("node serialises"),
-            None,
-        )
-        .await?;
-    state.wait_view(rev).await;
-    let kind = if existing.is_some() {
-        "node.rejoined"
-    } else {
-        "node.joined"
-    };
-    state
-        .events
-        .emit(
-            kind,
-            None,
-            Some(&rec.name),
-            format!("{} at {} tags {:?}", rec.name, rec.address, rec.tags),
-        )
-        .await;
-    if existing.as_ref().is_some_and(|o| o.boot_id != rec.boot_id) {
-        state.node_rebooted(&rec.name).await?;
-    }
-    state.heard(&rec.name).await?;
-    Ok(Json(JoinResponse {
-        node_token: state
-            .auth
-            .issue(&rec.name, Role::Agent, now_s(), crate::TOKEN_TTL_S),
-        heartbeat_interval_ms: state.config.heartbeat_interval.as_millis() as u64,
-        lease_ttl_ms: state.config.down_after.as_millis() as u64,
-    }))
-}
-
 /// The server's answer to a heartbeat.
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct HeartbeatReply {
@@ -1383,7 +1289,9 @@ async fn pair_secondary_failed(
 #[openapi(
     info(title = "avail API", description = "Control plane of avail. Errors are `{\"error\": {\"code\", \"message\", \"field\"}}`."),
     paths(livez, readyz, metrics, create_workload, list_workloads, get_workload, delete_workload, workload_events, workload_logs,
-          list_nodes, get_node, events, put_artifact, get_artifact, join, heartbeat, desired, pair_lease,
+          list_nodes, get_node, events, put_artifact, get_artifact, crate::api_identity::join, crate::api_identity::renew,
+          crate::api_identity::create_token, crate::api_identity::list_tokens, crate::api_identity::revoke_token,
+          crate::api_identity::remove_node, heartbeat, desired, pair_lease,
           pair_secondary_failed, patch_node_tags, set_workload_level,
           pair_handover, drain_node, undrain_node, get_level_policy, put_level_policy),
     components(schemas(Deleted, ArtifactRef, HeartbeatReply, TagChange, PlanPreview, LevelChange, LevelPolicy)),

@@ -6,12 +6,12 @@
 //! start in `<data-dir>/secret.key`, mode 0600). Verification is a MAC check and a clock
 //! comparison in memory: no request ever reads the store to authenticate.
 //!
-//! Roles: `admin` (everything), `agent` (the `/v1/agent/...` calls of the node named by
-//! `sub`, and artifact downloads), `join` (only `POST /v1/agent/join`).
+//! Roles: `admin` (everything). Agents do not use tokens: a node is its key, proven
+//! by the certificate the cluster CA issued for it (see [`crate::identity`]); a new
+//! node joins with a join token ([`crate::join_tokens`]), which is not a signed token
+//! but a stored, hashed, counted secret.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use base64::Engine as _;
@@ -28,10 +28,6 @@ type HmacSha256 = Hmac<Sha256>;
 pub enum Role {
     /// Everything.
     Admin,
-    /// One node's agent calls.
-    Agent,
-    /// Joining a node.
-    Join,
 }
 
 /// The verified content of a token.
@@ -155,22 +151,8 @@ impl Auth {
     }
 }
 
-/// Write a secret file readable by its owner only (created 0600, then enforced).
-pub fn write_secret(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
-    fs::rename(&tmp, path)
-}
+/// Write a secret file readable by its owner only (created 0600, then renamed over).
+pub use avail_tls::files::write_private as write_secret;
 
 #[cfg(test)]
 mod tests {
@@ -198,6 +180,7 @@ mod tests {
 
     #[test]
     fn key_file_is_private_and_stable() {
+        use std::os::unix::fs::PermissionsExt;
         let d = tempfile::tempdir().unwrap();
         let a = Auth::load_or_create(d.path()).unwrap();
         let b = Auth::load_or_create(d.path()).unwrap();

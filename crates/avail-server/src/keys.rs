@@ -8,6 +8,7 @@
 //! | `/alive/<name>` | empty; attached to the node's lease: absent means down |
 //! | `/events/<seq, 20 digits>` | [`avail_model::ClusterEvent`] (the last [`crate::events::KEEP_EVENTS`]) |
 //! | `/config/levels` | [`avail_model::spec::LevelPolicy`]: the default level and minimums by node tag |
+//! | `/tokens/<id>` | [`crate::join_tokens::TokenRecord`]: a join token's hash, life and uses |
 //! | `/placement` | the last workload placed: written with every placement, and compared in the same transaction, so a plan made on an older view is refused |
 
 /// Prefix of workloads.
@@ -20,6 +21,8 @@ pub const ALIVE: &str = "/alive/";
 pub const EVENTS: &str = "/events/";
 /// The cluster's level policy.
 pub const LEVEL_POLICY: &str = "/config/levels";
+/// Prefix of join tokens.
+pub const TOKENS: &str = "/tokens/";
 /// The placement key: every placement writes it and compares its revision.
 pub const PLACEMENT: &str = "/placement";
 
@@ -38,4 +41,8 @@ pub fn alive(name: &str) -> String {
 /// Key of an event.
 pub fn event(seq: u64) -> String {
     format!("{EVENTS}{seq:020}")
+}
+/// Key of a join token.
+pub fn token(id: &str) -> String {
+    format!("{TOKENS}{id}")
 }

@@ -8,8 +8,12 @@
 //! scheduler does; the server applies its plan).
 
 pub mod api;
+mod api_identity;
 pub mod auth;
 pub mod events;
+pub mod identity;
+pub mod join;
+pub mod join_tokens;
 pub mod keys;
 pub mod metrics;
 pub mod state;
@@ -24,8 +28,10 @@ use avail_store::{RedbStore, Store};
 use crate::auth::{Auth, Role};
 use crate::state::AppState;
 
-/// Lifetime of issued tokens: one year.
+/// Lifetime of the admin token: one year.
 pub const TOKEN_TTL_S: u64 = 365 * 24 * 3600;
+/// Lifetime of the API's server certificate (made afresh at every start): one year.
+const SERVER_CERT_TTL_S: u64 = 365 * 24 * 3600;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -66,6 +72,8 @@ pub struct ServerConfig {
     /// heard and then went silent (the agents need time to find a restarted or new
     /// control plane: no mass restart because the control plane was away).
     pub startup_grace: Duration,
+    /// Life of a node certificate; agents renew theirs at half of it.
+    pub node_cert_ttl: Duration,
 }
 
 /// Why a liveness configuration is refused.
@@ -89,7 +97,20 @@ impl ServerConfig {
             suspect_after: Duration::from_millis(500),
             down_after: Duration::from_millis(1000),
             startup_grace: Duration::from_secs(5),
+            node_cert_ttl: Duration::from_secs(3600),
         }
+    }
+
+    /// Set the life of node certificates (10 s to 30 days).
+    pub fn with_node_cert_ttl(mut self, ttl_s: u64) -> Result<ServerConfig, ConfigError> {
+        if !(10..=30 * 24 * 3600).contains(&ttl_s) {
+            return Err(ConfigError {
+                field: "node-cert-ttl-s",
+                reason: format!("{ttl_s} is out of range 10..=2592000"),
+            });
+        }
+        self.node_cert_ttl = Duration::from_secs(ttl_s);
+        Ok(self)
     }
 
     /// Set the liveness windows (ms), checked: heartbeat < suspect < down, the down
@@ -150,6 +171,9 @@ pub enum ServerError {
     /// Key or token files.
     #[error("key material: {0}")]
     Key(#[from] auth::KeyError),
+    /// The cluster CA or the server certificate.
+    #[error("TLS: {0}")]
+    Tls(#[from] avail_tls::TlsError),
     /// Listening or data directory I/O.
     #[error("{0}")]
     Io(String),
@@ -159,9 +183,9 @@ pub enum ServerError {
 pub fn admin_token_path(data_dir: &Path) -> PathBuf {
     data_dir.join("admin.token")
 }
-/// Path of the join token file.
-pub fn join_token_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("join.token")
+/// Path of the cluster CA certificate (what clients trust).
+pub fn ca_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("ca.crt")
 }
 
 fn ensure_token(auth: &Auth, path: &Path, sub: &str, role: Role) -> Result<(), ServerError> {
@@ -203,21 +227,32 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.join("store.redb"))?);
     let auth = Auth::load_or_create(dir)?;
     ensure_token(&auth, &admin_token_path(dir), "admin", Role::Admin)?;
-    ensure_token(&auth, &join_token_path(dir), "join", Role::Join)?;
+    let ca = avail_tls::ClusterCa::load_or_create(dir)?;
+    let mut ips = vec![config.listen.ip()];
+    if !ips.contains(&std::net::IpAddr::from([127, 0, 0, 1])) {
+        ips.push(std::net::IpAddr::from([127, 0, 0, 1]));
+    }
+    let (chain, key) = ca.issue_server(&ips, SERVER_CERT_TTL_S)?;
+    let tls = avail_tls::server_config(&chain, &key, Some(ca.cert_pem()))?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| ServerError::Io(format!("listen on {}: {e}", config.listen)))?;
     let addr = listener
         .local_addr()
         .map_err(|e| ServerError::Io(e.to_string()))?;
-    let state = AppState::open(store, auth, config).await?;
+    let state = AppState::open(store, auth, ca, config).await?;
     state
         .events
         .emit("server.started", None, None, format!("listening on {addr}"))
         .await;
     tokio::spawn(background(Arc::downgrade(&state)));
     let app = api::router(state.clone());
-    let task = tokio::spawn(async move { axum::serve(listener, app).await });
+    let task = tokio::spawn(avail_tls::serve::serve(
+        listener,
+        Some(tls),
+        app,
+        avail_tls::serve::Limits::default(),
+    ));
     Ok(Running { addr, state, task })
 }
 

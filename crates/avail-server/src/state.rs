@@ -58,6 +58,9 @@ pub struct NodeRecord {
     /// is moved off. Kept across the agent's rejoins until `undrain`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain: Option<DrainRecord>,
+    /// The key the name is bound to and the certificates that speak for it.
+    #[serde(default)]
+    pub identity: crate::identity::NodeIdentity,
 }
 
 /// A drain as stored on the node record.
@@ -266,6 +269,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// Token authority.
     pub auth: Auth,
+    /// The cluster CA: signs node certificates.
+    pub ca: avail_tls::ClusterCa,
     /// Configuration.
     pub config: ServerConfig,
     /// The cluster view.
@@ -328,6 +333,7 @@ impl AppState {
     pub async fn open(
         store: Arc<dyn Store>,
         auth: Auth,
+        ca: avail_tls::ClusterCa,
         config: ServerConfig,
     ) -> Result<Arc<AppState>, StoreError> {
         let events = Events::open(store.clone()).await?;
@@ -336,6 +342,7 @@ impl AppState {
         let state = Arc::new(AppState {
             store,
             auth,
+            ca,
             config,
             view: RwLock::new(View::default()),
             view_rev,
@@ -2407,6 +2414,7 @@ mod tests {
             replication_addr: String::new(),
             boot_id: String::new(),
             drain: None,
+            identity: Default::default(),
         }
     }
 
@@ -2419,7 +2427,8 @@ mod tests {
             Arc::new(avail_store::RedbStore::open(&dir.path().join("s.redb")).unwrap());
         let auth = crate::auth::Auth::load_or_create(dir.path()).unwrap();
         let cfg = crate::ServerConfig::new(dir.path().into(), "127.0.0.1:0".parse().unwrap());
-        let state = AppState::open(store, auth, cfg).await.unwrap();
+        let ca = avail_tls::ClusterCa::load_or_create(dir.path()).unwrap();
+        let state = AppState::open(store, auth, ca, cfg).await.unwrap();
         let first = workload("first", None, None, 10);
         let second = workload("second", None, None, 10);
         let at = state.view.read().unwrap().placement_rev;

@@ -90,6 +90,10 @@ pub struct ConnArgs {
     /// Admin token (else AVAIL_TOKEN, else the context `avail up` wrote).
     #[arg(long, global = true, env = "AVAIL_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// The cluster CA certificate to verify the server with (else AVAIL_CACERT, else
+    /// the context `avail up` wrote).
+    #[arg(long, global = true, env = "AVAIL_CACERT")]
+    pub cacert: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -120,6 +124,13 @@ enum Command {
         conn: ConnArgs,
         #[command(subcommand)]
         cmd: ClusterCmd,
+    },
+    /// Join tokens: what a new node needs to join (bounded in time and uses).
+    Token {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        cmd: crate::tokens::TokenCmd,
     },
     /// Cluster events.
     Events {
@@ -160,6 +171,9 @@ struct ServerArgs {
     /// Its agent, if it is only cut off, stops them itself before that (fencing).
     #[arg(long, default_value_t = 1000)]
     down_after_ms: u64,
+    /// Life of node certificates, seconds; agents renew theirs at half of it.
+    #[arg(long, default_value_t = 3600)]
+    node_cert_ttl_s: u64,
 }
 
 #[derive(Args, Debug)]
@@ -167,7 +181,7 @@ struct AgentArgs {
     /// Server URL.
     #[arg(long)]
     server: String,
-    /// Join token.
+    /// Join token (`avail token create`): needed for the node's first join only.
     #[arg(
         long,
         conflicts_with = "join_token_file",
@@ -178,6 +192,9 @@ struct AgentArgs {
     /// File holding the join token.
     #[arg(long)]
     join_token_file: Option<PathBuf>,
+    /// The cluster CA certificate (the server's `ca.crt`): the only one trusted.
+    #[arg(long)]
+    ca_file: PathBuf,
     /// Node name.
     #[arg(long)]
     name: String,
@@ -305,6 +322,12 @@ struct RunArgs {
 enum NodeCmd {
     /// List nodes.
     List,
+    /// Forget a node: its record and its key. Refused while it holds workloads. Its
+    /// agent can no longer act; the name is free for a join token.
+    Rm {
+        /// Node name.
+        name: String,
+    },
     /// Show one node.
     Show {
         /// Name.
@@ -476,6 +499,14 @@ pub async fn run(cli: Cli) -> CliResult {
                     let ns: Vec<Node> = c.get("/v1/nodes").await?;
                     print_nodes(&ns, fmt);
                 }
+                NodeCmd::Rm { name } => {
+                    let d: avail_server::api::Deleted =
+                        c.delete(&format!("/v1/nodes/{name}")).await?;
+                    match fmt {
+                        Format::Json => output::json(&d),
+                        Format::Table => println!("node {name} removed"),
+                    }
+                }
                 NodeCmd::Show { name } => {
                     let n: Node = c.get(&format!("/v1/nodes/{name}")).await?;
                     match fmt {
@@ -578,6 +609,7 @@ pub async fn run(cli: Cli) -> CliResult {
             }
             Ok(())
         }
+        Command::Token { conn, cmd } => crate::tokens::run(&client(conn)?, cmd, fmt).await,
         Command::Events { conn, args: a } => {
             let c = client(conn)?;
             events(&c, a, fmt).await
@@ -586,7 +618,11 @@ pub async fn run(cli: Cli) -> CliResult {
 }
 
 fn client(conn: ConnArgs) -> Result<Client, CliError> {
-    let ConnArgs { addr, token } = conn;
+    let ConnArgs {
+        addr,
+        token,
+        cacert,
+    } = conn;
     let ctx = context::load();
     let addr = addr
         .or_else(|| ctx.as_ref().map(|c| c.server.clone()))
@@ -605,7 +641,24 @@ fn client(conn: ConnArgs) -> Result<Client, CliError> {
                 .to_string()
         }
     };
-    Ok(Client::new(&addr, Some(token), None))
+    let cacert = cacert.or_else(|| ctx.as_ref().and_then(|c| c.ca_file.clone()));
+    let tls = match cacert {
+        Some(f) => {
+            let pem = std::fs::read_to_string(&f)
+                .map_err(|e| CliError::fail(format!("reading CA {}: {e}", f.display())))?;
+            Some(
+                avail_tls::client_config(&pem, None)
+                    .map_err(|e| CliError::fail(format!("CA {}: {e}", f.display())))?,
+            )
+        }
+        None if addr.starts_with("https://") => {
+            return Err(CliError::fail(
+                "no CA to verify the server with: pass --cacert, set AVAIL_CACERT, or start a cluster with `avail up`",
+            ));
+        }
+        None => None,
+    };
+    Ok(Client::with_tls(&addr, Some(token), None, tls))
 }
 
 /// The nodes named, or those with the tag `selector` (`key=value`); at least one.
@@ -853,15 +906,16 @@ async fn set_level(
 async fn server(a: ServerArgs) -> CliResult {
     let config = avail_server::ServerConfig::new(a.data_dir.clone(), a.listen)
         .with_windows(a.heartbeat_ms, a.suspect_after_ms, a.down_after_ms)
+        .and_then(|c| c.with_node_cert_ttl(a.node_cert_ttl_s))
         .map_err(|e| CliError::invalid(format!("--{e}")))?;
     let running = avail_server::start(config)
         .await
         .map_err(|e| CliError::fail(e.to_string()))?;
     eprintln!(
-        "avail server listening on http://{}\n  admin token: {}\n  join token:  {}",
+        "avail server listening on https://{}\n  admin token: {}\n  cluster CA:  {}\n  join tokens: `avail token create`",
         running.addr,
         avail_server::admin_token_path(&a.data_dir).display(),
-        avail_server::join_token_path(&a.data_dir).display()
+        avail_server::ca_path(&a.data_dir).display()
     );
     tokio::select! {
         r = running.wait() => r.map_err(|e| CliError::fail(e.to_string())),
@@ -890,17 +944,20 @@ pub async fn shutdown_signal() {
 
 async fn agent(a: AgentArgs) -> CliResult {
     let join_token = match (a.join_token, a.join_token_file) {
-        (Some(t), _) => t,
-        (None, Some(f)) => std::fs::read_to_string(&f)
-            .map_err(|e| CliError::invalid(format!("--join-token-file {}: {e}", f.display())))?
-            .trim()
-            .to_string(),
-        (None, None) => {
-            return Err(CliError::invalid(
-                "--join-token or --join-token-file is required",
-            ));
-        }
+        (Some(t), _) => Some(t),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(&f)
+                .map_err(|e| {
+                    CliError::invalid(format!("--join-token-file {}: {e}", f.display()))
+                })?
+                .trim()
+                .to_string(),
+        ),
+        // A node that joined before proves itself with its key.
+        (None, None) => None,
     };
+    let ca_pem = std::fs::read_to_string(&a.ca_file)
+        .map_err(|e| CliError::invalid(format!("--ca-file {}: {e}", a.ca_file.display())))?;
     let mut tags = BTreeMap::new();
     for t in &a.tags {
         let (k, v) =
@@ -923,6 +980,7 @@ async fn agent(a: AgentArgs) -> CliResult {
         replication_port: a.replication_port,
         server: a.server,
         join_token,
+        ca_pem,
         tags,
         boot_id: avail_agent::new_boot_id(),
         process_shim: std::env::current_exe().ok(),

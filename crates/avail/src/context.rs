@@ -1,4 +1,4 @@
-//! Where the CLI finds its server and token: flags, then `AVAIL_ADDR` / `AVAIL_TOKEN`,
+//! Where the CLI finds its server, token and CA: flags, then `AVAIL_ADDR` / `AVAIL_TOKEN` / `AVAIL_CACERT`,
 //! then the context file that `avail up` writes (`$AVAIL_CONTEXT`, else
 //! `$HOME/.avail/context.json`).
 
@@ -13,6 +13,9 @@ pub struct Context {
     pub server: String,
     /// File holding the admin token.
     pub token_file: PathBuf,
+    /// The cluster CA certificate that verifies the server.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Path of the context file.

@@ -6,6 +6,7 @@
 mod cli;
 mod context;
 mod output;
+mod tokens;
 mod up;
 
 use std::process::ExitCode;

@@ -51,8 +51,8 @@ pub struct ClusterFile {
     pub server_url: String,
     /// Admin token file.
     pub token_file: PathBuf,
-    /// Join token file.
-    pub join_token_file: PathBuf,
+    /// The cluster CA certificate (`curl --cacert`, `avail --cacert`).
+    pub ca_file: PathBuf,
     /// Agents.
     pub agents: Vec<AgentEntry>,
 }
@@ -72,7 +72,7 @@ pub struct AgentEntry {
     pub pid: u32,
 }
 
-fn spawn_child(args: &[String], log: &Path) -> Result<Child, CliError> {
+fn spawn_child(args: &[String], env: &[(&str, &str)], log: &Path) -> Result<Child, CliError> {
     let exe =
         std::env::current_exe().map_err(|e| CliError::fail(format!("own executable: {e}")))?;
     let out = std::fs::OpenOptions::new()
@@ -83,6 +83,7 @@ fn spawn_child(args: &[String], log: &Path) -> Result<Child, CliError> {
     let err = out.try_clone().map_err(|e| CliError::fail(e.to_string()))?;
     let mut cmd = Command::new(exe);
     cmd.args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -124,7 +125,7 @@ pub async fn run(a: UpArgs) -> Result<(), CliError> {
     let server_dir = dir.join("server");
     std::fs::create_dir_all(&server_dir)
         .map_err(|e| CliError::fail(format!("{}: {e}", server_dir.display())))?;
-    let server_url = format!("http://{}:{}", ip(1)?, a.server_port);
+    let server_url = format!("https://{}:{}", ip(1)?, a.server_port);
     let mut server = spawn_child(
         &[
             "server".into(),
@@ -133,13 +134,14 @@ pub async fn run(a: UpArgs) -> Result<(), CliError> {
             "--listen".into(),
             format!("{}:{}", ip(1)?, a.server_port),
         ],
+        &[],
         &dir.join("server.log"),
     )?;
     let token_file = avail_server::admin_token_path(&server_dir);
-    let join_file = avail_server::join_token_path(&server_dir);
-    // Wait for the server to answer and its token files to exist.
-    let probe = Client::new(&server_url, None, None).with_timeout(Duration::from_secs(2));
+    let ca_file = avail_server::ca_path(&server_dir);
+    // Wait for the server to write its CA and token, then to answer over TLS.
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut probe = None;
     loop {
         if let Ok(Some(st)) = server.try_wait() {
             return Err(CliError::fail(format!(
@@ -147,7 +149,18 @@ pub async fn run(a: UpArgs) -> Result<(), CliError> {
                 dir.join("server.log").display()
             )));
         }
-        if probe.get_bytes("/readyz").await.is_ok() && token_file.exists() && join_file.exists() {
+        if probe.is_none() && token_file.exists() {
+            probe = std::fs::read_to_string(&ca_file)
+                .ok()
+                .and_then(|pem| avail_tls::client_config(&pem, None).ok());
+        }
+        if let Some(tls) = &probe
+            && Client::with_tls(&server_url, None, None, Some(tls.clone()))
+                .with_timeout(Duration::from_secs(2))
+                .get_bytes("/readyz")
+                .await
+                .is_ok()
+        {
             break;
         }
         if Instant::now() > deadline {
@@ -158,6 +171,33 @@ pub async fn run(a: UpArgs) -> Result<(), CliError> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let tls = probe.expect("set when the server answered");
+    let token = std::fs::read_to_string(&token_file)
+        .map_err(|e| CliError::fail(format!("{}: {e}", token_file.display())))?;
+    let admin = Client::with_tls(
+        &server_url,
+        Some(token.trim().to_string()),
+        None,
+        Some(tls),
+    )
+    .with_timeout(Duration::from_secs(2));
+    // Nodes that joined before prove themselves with their keys; the new ones get one
+    // join token, good for them only and for ten minutes, passed in the environment
+    // (a command line is readable by every user of the machine).
+    let new_nodes = (0..a.nodes)
+        .filter(|i| !dir.join(format!("node-{}", i + 1)).join("node.key").exists())
+        .count() as u32;
+    let join_token = if new_nodes > 0 {
+        let req = avail_model::token::JoinTokenRequest {
+            ttl_s: 600,
+            uses: new_nodes,
+            description: "avail up".into(),
+        };
+        let t: avail_model::token::JoinTokenCreated = admin.post("/v1/tokens", &req).await?;
+        Some(t.token)
+    } else {
+        None
+    };
     let mut agents = Vec::new();
     let mut entries = Vec::new();
     for i in 0..a.nodes {
@@ -174,8 +214,8 @@ pub async fn run(a: UpArgs) -> Result<(), CliError> {
                 "agent".into(),
                 "--server".into(),
                 server_url.clone(),
-                "--join-token-file".into(),
-                join_file.display().to_string(),
+                "--ca-file".into(),
+                ca_file.display().to_string(),
                 "--name".into(),
                 name.clone(),
                 "--addr".into(),
@@ -187,6 +227,10 @@ pub async fn run(a: UpArgs) -> Result<(), CliError> {
                 "--data-dir".into(),
                 dir.join(&name).display().to_string(),
             ],
+            &join_token
+                .as_deref()
+                .map(|t| vec![("AVAIL_JOIN_TOKEN", t)])
+                .unwrap_or_default(),
             &dir.join(format!("{name}.log")),
         )?;
         entries.push(AgentEntry {
@@ -198,10 +242,6 @@ pub async fn run(a: UpArgs) -> Result<(), CliError> {
         });
         agents.push(child);
     }
-    let token = std::fs::read_to_string(&token_file)
-        .map_err(|e| CliError::fail(format!("{}: {e}", token_file.display())))?;
-    let admin = Client::new(&server_url, Some(token.trim().to_string()), None)
-        .with_timeout(Duration::from_secs(2));
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let ready = admin
@@ -236,7 +276,7 @@ pub async fn run(a: UpArgs) -> Result<(), CliError> {
     let cluster = ClusterFile {
         server_url: server_url.clone(),
         token_file: token_file.clone(),
-        join_token_file: join_file,
+        ca_file: ca_file.clone(),
         agents: entries,
     };
     let ctx_note = if a.no_context {
@@ -245,6 +285,7 @@ pub async fn run(a: UpArgs) -> Result<(), CliError> {
         match context::save(&context::Context {
             server: server_url.clone(),
             token_file,
+            ca_file: Some(ca_file.clone()),
         }) {
             Ok(p) => format!("CLI context written to {}\n", p.display()),
             Err(e) => format!("(could not write the CLI context: {e})\n"),
@@ -259,9 +300,10 @@ pub async fn run(a: UpArgs) -> Result<(), CliError> {
     .map_err(|e| CliError::fail(format!("{}: {e}", cluster_path.display())))?;
     let first = &cluster.agents[0];
     println!(
-        "avail cluster up: server {server_url}, {} agents\n{ctx_note}cluster file: {}\n\nTry:\n  avail node list\n  avail workload run --name counter --driver wasm --artifact guests/counter.wasm\n  curl -X POST {}/w/counter/incr\n\nCtrl-C stops the cluster; `avail up` on the same data dir resumes it.",
+        "avail cluster up: server {server_url}, {} agents\n{ctx_note}cluster file: {}\n\nTry:\n  avail node list\n  curl --cacert {} {server_url}/livez\n  avail workload run --name counter --driver wasm --artifact guests/counter.wasm\n  curl -X POST {}/w/counter/incr\n\nCtrl-C stops the cluster; `avail up` on the same data dir resumes it.",
         cluster.agents.len(),
         cluster_path.display(),
+        cluster.ca_file.display(),
         first.ingress_url
     );
     let failed = tokio::select! {

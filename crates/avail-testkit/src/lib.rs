@@ -159,6 +159,8 @@ pub struct Cluster {
     pub agents: Vec<Option<Proc>>,
     /// Admin token.
     pub admin_token: String,
+    /// A join token good for 1,000 joins and an hour (made once the server is up).
+    pub join_token: String,
     /// Extra command-line arguments of agent `i` (none when absent).
     pub agent_args: Vec<Vec<String>>,
 }
@@ -178,9 +180,11 @@ impl Cluster {
             server: None,
             agents: Vec::new(),
             admin_token: String::new(),
+            join_token: String::new(),
             agent_args,
         };
         c.start_server().await;
+        c.join_token = c.create_join_token(1000, 3600).await;
         for i in 0..nodes {
             let p = c.spawn_agent(i, &c.join_token());
             c.agents.push(Some(p));
@@ -191,7 +195,51 @@ impl Cluster {
 
     /// Server base URL.
     pub fn server_url(&self) -> String {
-        format!("http://{}.1:7400", self.net)
+        format!("https://{}.1:7400", self.net)
+    }
+
+    /// The cluster CA certificate file.
+    pub fn ca_file(&self) -> PathBuf {
+        self.server_dir().join("ca.crt")
+    }
+
+    /// A TLS configuration trusting the cluster CA (no client certificate).
+    pub fn tls(&self) -> std::sync::Arc<rustls::ClientConfig> {
+        let pem = std::fs::read_to_string(self.ca_file()).expect("the server wrote its CA");
+        avail_tls::client_config(&pem, None).expect("the CA parses")
+    }
+
+    /// A client of the API with `token` (none: anonymous), verifying the server.
+    pub fn api(&self, token: Option<String>) -> Client {
+        Client::with_tls(&self.server_url(), token, None, Some(self.tls()))
+    }
+
+    /// A raw TLS connection to the API (for tests that speak HTTP by hand).
+    pub async fn connect_api(&self) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let addr = format!("{}.1:7400", self.net);
+        let tcp = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect to the API");
+        let ip: std::net::IpAddr = format!("{}.1", self.net).parse().expect("an address");
+        tokio_rustls::TlsConnector::from(self.tls())
+            .connect(rustls::pki_types::ServerName::IpAddress(ip.into()), tcp)
+            .await
+            .expect("TLS handshake with the API")
+    }
+
+    /// A new join token for `uses` joins, good for `ttl_s`.
+    pub async fn create_join_token(&self, uses: u32, ttl_s: u64) -> String {
+        let req = avail_model::token::JoinTokenRequest {
+            ttl_s,
+            uses,
+            description: "testkit".into(),
+        };
+        let t: avail_model::token::JoinTokenCreated = self
+            .client()
+            .post("/v1/tokens", &req)
+            .await
+            .expect("create a join token");
+        t.token
     }
 
     /// The server's data dir.
@@ -199,12 +247,9 @@ impl Cluster {
         self.dir.path().join("server")
     }
 
-    /// The join token.
+    /// The join token agents start with.
     pub fn join_token(&self) -> String {
-        std::fs::read_to_string(self.server_dir().join("join.token"))
-            .expect("join token")
-            .trim()
-            .to_string()
+        self.join_token.clone()
     }
 
     /// Address of agent `i`.
@@ -250,14 +295,20 @@ impl Cluster {
             format!("{}.1:7400", self.net),
         ];
         let mut p = Proc::spawn(&self.bin, &args, &log);
-        let probe =
-            Client::new(&self.server_url(), None, None).with_timeout(Duration::from_secs(2));
         let end = Instant::now() + Duration::from_secs(30);
         loop {
             if !p.running() {
                 panic!("server exited:\n{}", p.output());
             }
-            if probe.get_bytes("/readyz").await.is_ok() && dir.join("admin.token").exists() {
+            if dir.join("admin.token").exists()
+                && self.ca_file().exists()
+                && self
+                    .api(None)
+                    .with_timeout(Duration::from_secs(2))
+                    .get_bytes("/readyz")
+                    .await
+                    .is_ok()
+            {
                 break;
             }
             assert!(Instant::now() < end, "server not ready:\n{}", p.output());
@@ -279,6 +330,8 @@ impl Cluster {
             self.server_url(),
             "--join-token".into(),
             join_token.to_string(),
+            "--ca-file".into(),
+            self.ca_file().display().to_string(),
             "--name".into(),
             name.clone(),
             "--addr".into(),
@@ -401,7 +454,7 @@ impl Cluster {
 
     /// An admin client.
     pub fn client(&self) -> Client {
-        Client::new(&self.server_url(), Some(self.admin_token.clone()), None)
+        self.api(Some(self.admin_token.clone()))
     }
 
     /// Wait until `n` nodes are ready.
@@ -462,6 +515,7 @@ impl Cluster {
             .args(args)
             .env("AVAIL_ADDR", self.server_url())
             .env("AVAIL_TOKEN", &self.admin_token)
+            .env("AVAIL_CACERT", self.ca_file())
             .env("HOME", self.dir.path())
             .output()
             .expect("run avail")

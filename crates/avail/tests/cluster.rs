@@ -252,7 +252,11 @@ async fn wasm_faults_are_contained() {
 }
 
 /// Read from `stream` until the text read so far contains `needle` (deadline 10 s).
-async fn read_until(stream: &mut tokio::net::TcpStream, seen: &mut String, needle: &str) {
+async fn read_until(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    seen: &mut String,
+    needle: &str,
+) {
     use tokio::io::AsyncReadExt;
     let end = std::time::Instant::now() + Duration::from_secs(10);
     let mut buf = [0u8; 4096];
@@ -271,8 +275,8 @@ async fn read_until(stream: &mut tokio::net::TcpStream, seen: &mut String, needl
 async fn events_stream_replays_then_follows() {
     use tokio::io::AsyncWriteExt;
     let c = Cluster::start(BIN.as_ref(), 1).await;
-    let addr = c.server_url().trim_start_matches("http://").to_string();
-    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let addr = c.server_url().trim_start_matches("https://").to_string();
+    let mut s = c.connect_api().await;
     let req = format!(
         "GET /v1/events?follow=true HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\r\n",
         c.admin_token

@@ -62,8 +62,13 @@ async fn up_runs_a_cluster_stops_cleanly_and_resumes() {
     let (mut up, cluster) = start_up(home.path(), &data, &net).await;
     let agents = cluster["agents"].as_array().unwrap().clone();
     assert_eq!(agents.len(), 2);
-    assert_eq!(cluster["server_url"], format!("http://{net}.1:7400"));
+    assert_eq!(cluster["server_url"], format!("https://{net}.1:7400"));
     assert!(Path::new(cluster["token_file"].as_str().unwrap()).exists());
+    // One join token for the new nodes, used up by them.
+    let tokens = cli(home.path(), &["token", "list", "-o", "json"]);
+    let tokens: serde_json::Value = serde_json::from_slice(&tokens.stdout).unwrap();
+    assert_eq!(tokens[0]["uses_left"], 0, "{tokens}");
+    assert_eq!(tokens[0]["used"], 2, "{tokens}");
 
     // The CLI finds the cluster through the context `avail up` wrote: no flags.
     let counter = repo_root(env!("CARGO_MANIFEST_DIR")).join("examples/counter.toml");
@@ -106,11 +111,17 @@ async fn up_runs_a_cluster_stops_cleanly_and_resumes() {
     // Resume: same data dir, the workload comes back and runs.
     let (mut up2, cluster2) = start_up(home.path(), &data, &net).await;
     let token = std::fs::read_to_string(cluster2["token_file"].as_str().unwrap()).unwrap();
-    let api = Client::new(
+    let ca = std::fs::read_to_string(cluster2["ca_file"].as_str().unwrap()).unwrap();
+    let api = Client::with_tls(
         cluster2["server_url"].as_str().unwrap(),
         Some(token.trim().to_string()),
         None,
+        Some(avail_tls::client_config(&ca, None).unwrap()),
     );
+    // The nodes came back with their keys: no new join token was made.
+    let tokens = cli(home.path(), &["token", "list", "-o", "json"]);
+    let tokens: serde_json::Value = serde_json::from_slice(&tokens.stdout).unwrap();
+    assert_eq!(tokens.as_array().unwrap().len(), 1, "{tokens}");
     wait_until("counter running again", Duration::from_secs(30), || {
         let api = api.clone();
         async move {

@@ -22,6 +22,7 @@ pub struct Identity {
     presented: Arc<ClientIdentity>,
     cert_path: PathBuf,
     ca_pem: String,
+    server: Client,
 }
 
 fn setup(what: &str, e: impl std::fmt::Display) -> AgentError {
@@ -37,20 +38,24 @@ impl Identity {
             .map_err(|e| setup("node key", e))?;
         // Checked now: a wrong CA file is a start-up error, not a retry loop.
         avail_tls::config::parse_certs(&cfg.ca_pem).map_err(|e| setup("--ca-file", e))?;
+        let presented = ClientIdentity::new();
+        let tls = avail_tls::client_config(&cfg.ca_pem, Some(presented.clone()))
+            .map_err(|e| setup("TLS", e))?;
         Ok(Identity {
             key,
-            presented: ClientIdentity::new(),
+            presented,
             cert_path: cfg.data_dir.join("node.crt"),
             ca_pem: cfg.ca_pem.clone(),
+            server: Client::with_tls(&cfg.server, None, Some(cfg.addr), Some(tls))
+                .for_node(&cfg.name),
         })
     }
 
     /// The client for the server's agent calls: TLS verified against the cluster CA,
-    /// presenting the node's certificate, naming the node.
-    pub fn server_client(&self, cfg: &AgentConfig) -> Result<Client, AgentError> {
-        let tls = avail_tls::client_config(&self.ca_pem, Some(self.presented.clone()))
-            .map_err(|e| setup("TLS", e))?;
-        Ok(Client::with_tls(&cfg.server, None, Some(cfg.addr), Some(tls)).for_node(&cfg.name))
+    /// presenting the node's certificate, naming the node. Its clones share one pool
+    /// of connections, renewed with the certificate.
+    pub fn server_client(&self) -> Client {
+        self.server.clone()
     }
 
     /// The client a join is sent with: verified against the cluster CA, presenting no
@@ -98,11 +103,13 @@ impl Identity {
         }
     }
 
-    /// Present `cert_pem` from now on (new connections), and keep it in `node.crt`.
+    /// Present `cert_pem` from now on, on new connections only (the pooled ones, made
+    /// with the old certificate, close once idle), and keep it in `node.crt`.
     pub fn adopt(&self, cert_pem: &str) -> Result<(), AgentError> {
         self.presented
             .set(cert_pem, &self.key.private_pem())
             .map_err(|e| setup("node certificate", e))?;
+        self.server.renew_connections();
         avail_tls::files::write_public(&self.cert_path, cert_pem.as_bytes())
             .map_err(|e| setup(&self.cert_path.display().to_string(), e))
     }
@@ -110,7 +117,8 @@ impl Identity {
     /// Renew the certificate at half its remaining life, for as long as the agent
     /// runs. A failed renewal is tried again every 5 s; an expired certificate makes
     /// the heartbeat fail with 401, and the agent then re-joins with its key's proof.
-    pub async fn renew_loop(self: Arc<Identity>, client: Client, mut expires_s: u64) {
+    pub async fn renew_loop(self: Arc<Identity>, mut expires_s: u64) {
+        let client = self.server_client();
         loop {
             let now = now_s();
             let wait = expires_s.saturating_sub(now) / 2;

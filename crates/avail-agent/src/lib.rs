@@ -155,12 +155,9 @@ pub async fn run(
             reason: e.to_string(),
         })?;
     let id = Arc::new(Identity::load(&cfg)?);
-    let client = id.server_client(&cfg)?;
+    let client = id.server_client();
     let joined = join(&cfg, &id).await?;
-    let renewal = tokio::spawn(
-        id.clone()
-            .renew_loop(client.clone(), joined.certificate_expires_s),
-    );
+    let renewal = tokio::spawn(id.clone().renew_loop(joined.certificate_expires_s));
     let sup = Arc::new(Supervisor::new(cfg.clone(), client.clone()).map_err(AgentError::Driver)?);
     let ingress = tokio::spawn(ingress::serve(listener, sup.clone()));
     let finder = sup.clone();

@@ -71,8 +71,34 @@ pub struct Client {
     base: String,
     token: Option<String>,
     node: Option<String>,
-    http: HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    http: Arc<std::sync::RwLock<Http>>,
+    spec: PoolSpec,
     timeout: Duration,
+}
+
+type Http = HyperClient<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// What the connection pool is built from (kept to build a fresh one).
+#[derive(Clone)]
+struct PoolSpec {
+    local: Option<IpAddr>,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl PoolSpec {
+    fn build(&self) -> Http {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_local_address(self.local);
+        connector.set_connect_timeout(Some(Duration::from_secs(3)));
+        connector.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*self.tls).clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
+        HyperClient::builder(TokioExecutor::new()).build(https)
+    }
 }
 
 /// The header naming the node an agent's request speaks for; the server checks it
@@ -112,11 +138,6 @@ impl Client {
         local: Option<IpAddr>,
         tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Client {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_local_address(local);
-        connector.set_connect_timeout(Some(Duration::from_secs(3)));
-        connector.enforce_http(false);
         let tls = tls.unwrap_or_else(|| {
             Arc::new(
                 rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -128,18 +149,23 @@ impl Client {
                 .with_no_client_auth(),
             )
         });
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config((*tls).clone())
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(connector);
+        let spec = PoolSpec { local, tls };
         Client {
             base: base.trim_end_matches('/').to_string(),
             token,
             node: None,
-            http: HyperClient::builder(TokioExecutor::new()).build(https),
+            http: Arc::new(std::sync::RwLock::new(spec.build())),
+            spec,
             timeout: Duration::from_secs(30),
         }
+    }
+
+    /// Open new connections from now on, for this client and every clone of it: the
+    /// pooled ones close once idle. An agent calls it when its certificate changed, so
+    /// that no connection goes on presenting the old one.
+    pub fn renew_connections(&self) {
+        let fresh = self.spec.build();
+        *self.http.write().unwrap_or_else(|p| p.into_inner()) = fresh;
     }
 
     /// The same client speaking for node `name` (an agent: its requests carry
@@ -223,8 +249,12 @@ impl Client {
             reason: e.to_string(),
         })?;
         let fut = async {
-            let resp = self
+            let http = self
                 .http
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let resp = http
                 .request(req)
                 .await
                 .map_err(|e| ClientError::Connect {

@@ -157,8 +157,9 @@ pub struct AgentNode(pub String);
 impl FromRequestParts<AppStateRef> for AgentNode {
     type Rejection = ApiErr;
     async fn from_request_parts(parts: &mut Parts, state: &AppStateRef) -> Result<Self, ApiErr> {
-        agent_of(parts, state).inspect_err(|_| {
+        agent_of(parts, state).inspect_err(|e| {
             state.metrics.auth_failures.inc();
+            tracing::warn!(path = parts.uri.path(), "rejected agent call: {}", e.1.error.message);
         })
     }
 }

@@ -163,6 +163,8 @@ pub struct Cluster {
     pub join_token: String,
     /// Extra command-line arguments of agent `i` (none when absent).
     pub agent_args: Vec<Vec<String>>,
+    /// Extra command-line arguments of the server.
+    pub server_args: Vec<String>,
 }
 
 impl Cluster {
@@ -173,6 +175,16 @@ impl Cluster {
 
     /// [`Cluster::start`], agent `i` getting the extra arguments `agent_args[i]`.
     pub async fn start_with(bin: &Path, nodes: usize, agent_args: Vec<Vec<String>>) -> Cluster {
+        Cluster::start_full(bin, nodes, agent_args, Vec::new()).await
+    }
+
+    /// [`Cluster::start_with`], the server getting `server_args` too.
+    pub async fn start_full(
+        bin: &Path,
+        nodes: usize,
+        agent_args: Vec<Vec<String>>,
+        server_args: Vec<String>,
+    ) -> Cluster {
         let mut c = Cluster {
             bin: bin.to_path_buf(),
             net: free_net(),
@@ -182,6 +194,7 @@ impl Cluster {
             admin_token: String::new(),
             join_token: String::new(),
             agent_args,
+            server_args,
         };
         c.start_server().await;
         c.join_token = c.create_join_token(1000, 3600).await;
@@ -190,6 +203,16 @@ impl Cluster {
             c.agents.push(Some(p));
         }
         c.wait_nodes_ready(nodes).await;
+        // The server counts a node ready once it joined, a moment before its agent
+        // has the answer and keeps its certificate.
+        for i in 0..nodes {
+            let crt = c.dir.path().join(Self::agent_name(i)).join("node.crt");
+            wait_until("node certificate kept", Duration::from_secs(10), || {
+                let there = crt.exists();
+                async move { if there { Ok(()) } else { Err("no node.crt".into()) } }
+            })
+            .await;
+        }
         c
     }
 
@@ -294,6 +317,7 @@ impl Cluster {
             "--listen".into(),
             format!("{}.1:7400", self.net),
         ];
+        let args = [args, self.server_args.clone()].concat();
         let mut p = Proc::spawn(&self.bin, &args, &log);
         let end = Instant::now() + Duration::from_secs(30);
         loop {
@@ -324,28 +348,49 @@ impl Cluster {
     /// Spawn agent `i` with a join token (not waiting).
     pub fn spawn_agent(&self, i: usize, join_token: &str) -> Proc {
         let name = Self::agent_name(i);
+        let data = self.dir.path().join(&name);
+        let mut extra = vec!["--tags".into(), Self::agent_tags(i)];
+        extra.extend(self.agent_args.get(i).cloned().unwrap_or_default());
+        self.spawn_agent_as(i, &name, &data, Some(join_token), &extra)
+    }
+
+    /// Spawn an agent on the address of agent `i`, named `name`, keeping its key in
+    /// `data_dir`, with `join_token` if given and `extra` arguments (not waiting).
+    pub fn spawn_agent_as(
+        &self,
+        i: usize,
+        name: &str,
+        data_dir: &Path,
+        join_token: Option<&str>,
+        extra: &[String],
+    ) -> Proc {
         let mut args: Vec<String> = vec![
             "agent".into(),
             "--server".into(),
             self.server_url(),
-            "--join-token".into(),
-            join_token.to_string(),
             "--ca-file".into(),
             self.ca_file().display().to_string(),
             "--name".into(),
-            name.clone(),
+            name.to_string(),
             "--addr".into(),
             self.agent_addr(i),
-            "--tags".into(),
-            Self::agent_tags(i),
             "--data-dir".into(),
-            self.dir.path().join(&name).display().to_string(),
+            data_dir.display().to_string(),
         ];
-        args.extend(self.agent_args.get(i).cloned().unwrap_or_default());
+        if let Some(t) = join_token {
+            args.extend(["--join-token".into(), t.to_string()]);
+        }
+        args.extend(extra.iter().cloned());
         Proc::spawn(
             &self.bin,
             &args,
-            &self.dir.path().join(format!("{name}.log")),
+            &self.dir.path().join(format!(
+                "{}.log",
+                data_dir
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| name.to_string())
+            )),
         )
     }
 

@@ -128,7 +128,14 @@ pub fn client_config(
         .map_err(|e| TlsError::bad("TLS versions", e))?
         .with_root_certificates(roots(ca_pem)?);
     let cfg = match identity {
-        Some(id) => builder.with_client_cert_resolver(id),
+        Some(id) => {
+            let mut cfg = builder.with_client_cert_resolver(id);
+            // A resumed session carries the certificate of the session it resumes:
+            // after a renewal that would present the old one. Every connection makes
+            // a full handshake with the current certificate.
+            cfg.resumption = rustls::client::Resumption::disabled();
+            cfg
+        }
         None => builder.with_no_client_auth(),
     };
     Ok(Arc::new(cfg))

@@ -97,7 +97,13 @@ pub async fn serve(listener: tokio::net::TcpListener, sup: Arc<Supervisor>) {
             )
         })
         .with_state(state);
-    if let Err(e) = axum::serve(listener, app).await {
+    // The public side: plain HTTP, bounded like every listener (connections, header
+    // and idle timeouts); more connections than the API, as clients come here.
+    let limits = avail_tls::serve::Limits {
+        max_connections: 4096,
+        ..Default::default()
+    };
+    if let Err(e) = avail_tls::serve::serve(listener, None, app, limits).await {
         tracing::error!("ingress stopped: {e}");
     }
 }

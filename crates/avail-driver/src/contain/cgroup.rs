@@ -260,6 +260,47 @@ fn remove_tree(dir: &Path) {
 mod tests {
     use super::*;
 
+    /// The files an instance's cgroup gets, written into a plain directory standing in
+    /// for a cgroup2 scope with every controller (the integration test checks a real
+    /// cgroup where the machine has the controllers).
+    #[test]
+    fn instance_limits_are_written_for_each_controller() {
+        let dir = std::env::temp_dir().join(format!("avail-cgroup-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let limits = Limits {
+            cpu_millis: 250,
+            memory_bytes: 96 << 20,
+            pids: 64,
+        };
+        let all = CgroupScope {
+            dir: dir.clone(),
+            controllers: CONTROLLERS.map(String::from).to_vec(),
+        };
+        let cg = all.instance("w.1", &limits).unwrap();
+        let read = |f: &str| std::fs::read_to_string(cg.dir.join(f)).ok();
+        assert_eq!(read("cpu.max").as_deref(), Some("25000 100000"));
+        assert_eq!(read("memory.max"), Some((96u64 << 20).to_string()));
+        assert_eq!(read("memory.swap.max").as_deref(), Some("0"));
+        assert_eq!(read("pids.max").as_deref(), Some("64"));
+        assert_eq!(cg.procs(), dir.join("w.1/cgroup.procs"));
+
+        let none = CgroupScope {
+            dir: dir.clone(),
+            controllers: vec!["pids".into()],
+        };
+        let cg2 = none.instance("w.2", &limits).unwrap();
+        assert!(!cg2.dir.join("cpu.max").exists());
+        assert!(!cg2.dir.join("memory.max").exists());
+        assert_eq!(
+            std::fs::read_to_string(cg2.dir.join("pids.max")).unwrap(),
+            "64"
+        );
+        // A name taken is an error naming the directory.
+        let e = none.instance("w.2", &limits).unwrap_err();
+        assert!(e.path.ends_with("w.2"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn cpu_max_from_millis() {
         let l = |cpu_millis| Limits {

@@ -307,7 +307,24 @@ impl Containment {
             lease,
             ..Confinement::default()
         };
-        let workdir = scope_dir.join(&name);
+        match self.set_up(&mut c, scope_dir, &name, spec) {
+            Ok(()) => Ok(c),
+            Err(e) => {
+                // Undo what was made (directory, cgroup) and free the uid.
+                c.release();
+                Err(e)
+            }
+        }
+    }
+
+    fn set_up(
+        &self,
+        c: &mut Confinement,
+        scope_dir: &Path,
+        name: &str,
+        spec: &WorkloadSpec,
+    ) -> Result<(), ContainError> {
+        let workdir = scope_dir.join(name);
         // A leftover of the same name (impossible within one run) is removed first.
         let _ = std::fs::remove_dir_all(&workdir);
         std::fs::create_dir(&workdir).map_err(|e| dir_err(&workdir, e))?;
@@ -323,7 +340,7 @@ impl Containment {
             pids: self.cfg.pids_max,
         };
         if let Some(scope) = &self.cgroups {
-            c.cgroup = Some(scope.instance(&name, &limits)?);
+            c.cgroup = Some(scope.instance(name, &limits)?);
         }
         let has = |ctl: &str| self.cgroups.as_ref().is_some_and(|s| s.has(ctl));
         if !has("memory") {
@@ -334,7 +351,7 @@ impl Containment {
         }
         c.limits = Some(limits);
         c.cpu_limited = has("cpu");
-        Ok(c)
+        Ok(())
     }
 }
 

@@ -101,7 +101,13 @@ pub fn allocate(range: UidRange, lock_dir: &Path) -> Result<UidLease, UidError> 
         path: p.display().to_string(),
         reason: e.to_string(),
     };
-    std::fs::create_dir_all(lock_dir).map_err(|e| lock_err(lock_dir, e))?;
+    // Private: a workload that could open a lock file could hold its uid's lock.
+    std::fs::create_dir_all(lock_dir)
+        .and_then(|()| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(lock_dir, std::fs::Permissions::from_mode(0o700))
+        })
+        .map_err(|e| lock_err(lock_dir, e))?;
     let size = u64::from(range.last - range.first) + 1;
     let mut r = [0u8; 8];
     getrandom::fill(&mut r).map_err(|e| UidError::Lock {
@@ -222,9 +228,10 @@ mod tests {
     #[test]
     fn a_held_uid_is_not_given_twice() {
         let dir = std::env::temp_dir().join(format!("avail-uid-test-{}", std::process::id()));
+        // Outside the default range: a sweep must not hit a running agent's workload.
         let range = UidRange {
-            first: 900_000,
-            last: 900_001,
+            first: 1_999_000,
+            last: 1_999_001,
         };
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {

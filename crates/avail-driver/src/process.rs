@@ -146,8 +146,11 @@ impl Driver for ProcessDriver {
             let confinement = Arc::new(confinement);
             supervise(spec, shim, start_logs, shared_for_task, confinement.clone()).await;
             // The end of the instance: nothing of it survives.
-            if let Ok(c) = Arc::try_unwrap(confinement) {
-                let _ = tokio::task::spawn_blocking(move || c.release()).await;
+            match Arc::try_unwrap(confinement) {
+                Ok(c) => {
+                    let _ = tokio::task::spawn_blocking(move || c.release()).await;
+                }
+                Err(c) => tracing::warn!("instance not released: {}", c.describe()),
             }
             let _ = done_tx.send(true);
         });

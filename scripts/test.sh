@@ -1,8 +1,37 @@
 #!/usr/bin/env bash
 # The test suite: guest unit tests (host target), then every workspace test, including
 # the integration tests that start real clusters of `avail` processes on loopback.
+# What the tests need from the machine is installed first when this runs as root with
+# apt-get (as in CI); otherwise a missing piece is named in one line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# command:Debian package. python3: the process workloads of the tests; pgrep/ps
+# (procps): process checks; curl: the quickstart; iptables: the ft link-cut test.
+needs=(python3:python3 pgrep:procps ps:procps curl:curl iptables:iptables)
+missing=()
+for n in "${needs[@]}"; do
+    command -v "${n%%:*}" >/dev/null 2>&1 || missing+=("${n##*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "test.sh: installing ${missing[*]}" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+        echo "test.sh: missing ${missing[*]} (as root: apt-get install ${missing[*]})" >&2
+        exit 1
+    fi
+fi
+if [ "$(id -u)" != 0 ]; then
+    echo "test.sh: the tests need root (iptables partitions, workloads run as their own users)" >&2
+    exit 1
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "test.sh: missing cargo-nextest (cargo install cargo-nextest --locked)" >&2
+    exit 1
+fi
 cargo test --quiet --manifest-path guests/Cargo.toml
 cargo build --workspace --locked
 cargo nextest run --workspace --locked --no-fail-fast "$@"

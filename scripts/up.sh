@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 cargo build --release --locked --bin avail
 AVAIL=target/release/avail
 DATA=${AVAIL_DATA:-avail-data}
+# A cluster.json of an earlier run on this data dir is stale: wait for this run's.
+rm -f "$DATA/cluster.json"
 $AVAIL up --data-dir "$DATA" &
 up=$!
 trap 'kill -TERM $up 2>/dev/null; wait $up' EXIT INT TERM
@@ -14,7 +16,10 @@ for _ in $(seq 1 600); do
     kill -0 $up 2>/dev/null || { echo "avail up failed; see $DATA/*.log" >&2; exit 1; }
     sleep 0.1
 done
-$AVAIL workload show counter >/dev/null 2>&1 || $AVAIL workload run -f examples/counter.toml
+# A counter from an earlier run on this data dir is reused.
+if ! $AVAIL workload show counter >/dev/null 2>&1; then
+    $AVAIL workload run -f examples/counter.toml
+fi
 ingress=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["agents"][0]["ingress_url"])' "$DATA/cluster.json")
 echo "+ curl -X POST $ingress/w/counter/incr"
 curl -sS -X POST "$ingress/w/counter/incr"; echo

@@ -96,8 +96,7 @@ impl Identity {
             capacity: cfg.capacity,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             boot_id: cfg.boot_id.clone(),
-            replication_addr: std::net::SocketAddr::new(cfg.addr, cfg.replication_port)
-                .to_string(),
+            replication_addr: std::net::SocketAddr::new(cfg.addr, cfg.replication_port).to_string(),
             public_key,
             proof: Some(proof),
         }

@@ -12,6 +12,7 @@
 //! wasm instances live in the agent's process, and process workloads die with it
 //! (`PR_SET_PDEATHSIG`).
 
+pub mod contain;
 pub mod ft;
 pub mod identity;
 pub mod ingress;
@@ -65,6 +66,8 @@ pub struct AgentConfig {
     /// Executable that provides `process-shim` (the `avail` binary), so that process
     /// workloads and all their children die with the agent.
     pub process_shim: Option<PathBuf>,
+    /// How process workloads are contained.
+    pub contain: contain::ContainSettings,
 }
 
 /// A boot id for this process: pid and start time, unique per run on a machine.

@@ -162,11 +162,12 @@ fn now_ms() -> u64 {
 impl Supervisor {
     /// A supervisor talking to the server with `client` (node token set).
     pub fn new(cfg: AgentConfig, client: Client) -> Result<Supervisor, String> {
+        let contain = Arc::new(crate::contain::probe(&cfg)?);
         Ok(Supervisor {
             image_budget: Arc::new(crate::ft::ImageBudget::new(
                 cfg.ft_secondary_memory_mib << 20,
             )),
-            process: ProcessDriver::with_shim(cfg.process_shim.clone()),
+            process: ProcessDriver::new(cfg.process_shim.clone(), contain),
             cfg,
             client: RwLock::new(client),
             wasm: WasmDriver::new()?,
@@ -732,6 +733,8 @@ impl Supervisor {
                 i.stop().await;
             }
         }
+        // This run's working directories and cgroups go with it.
+        self.process.containment().remove_scope();
     }
 }
 

@@ -13,8 +13,8 @@ use avail_model::{ApiError, ApiErrorBody};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, StatusCode};
-use hyper_util::client::legacy::Client as HyperClient;
 use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
@@ -249,18 +249,11 @@ impl Client {
             reason: e.to_string(),
         })?;
         let fut = async {
-            let http = self
-                .http
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            let resp = http
-                .request(req)
-                .await
-                .map_err(|e| ClientError::Connect {
-                    url: url.clone(),
-                    reason: error_chain(&e),
-                })?;
+            let http = self.http.read().unwrap_or_else(|p| p.into_inner()).clone();
+            let resp = http.request(req).await.map_err(|e| ClientError::Connect {
+                url: url.clone(),
+                reason: error_chain(&e),
+            })?;
             let status = resp.status();
             let headers = resp.headers().clone();
             let body = Limited::new(resp.into_body(), MAX_REPLY_BYTES)

@@ -2,13 +2,16 @@
 //!
 //! Owns the [`Driver`] and [`Instance`] contracts and two drivers: [`wasm`] (wasmtime,
 //! guest ABI v1 of `docs/guest-abi.md`) and [`process`] (a host process listening on
-//! `$PORT`, proxied over HTTP). Each driver declares what it can do
+//! `$PORT`, proxied over HTTP, contained by [`contain`]: its own uid, a private
+//! working directory, cgroup v2 limits or rlimits). Each driver declares what it can do
 //! ([`Capabilities`]) so the control plane can refuse levels a driver cannot give.
 //! It does not own placement, routing or the agent's supervision loop: an agent asks a
 //! driver for an instance, sends it requests, and reads its status.
 
+pub mod contain;
 pub mod http;
 pub mod process;
+pub mod shim;
 pub mod wasm;
 
 use std::sync::Arc;

@@ -13,8 +13,17 @@
 //! it, and on SIGTERM kills the whole group, so children and grandchildren of the
 //! program die with the agent even when the agent is SIGKILLed. Without a shim (library
 //! use, tests), the program itself gets `PR_SET_PDEATHSIG = SIGKILL`, which reaches the
-//! direct child only. A program that leaves the process group (`setsid`) escapes either
-//! way: that needs cgroups, not built yet.
+//! direct child only.
+//!
+//! **Containment** ([`crate::contain`]): an agent's driver runs each instance as its own
+//! uid, in an empty private working directory (also `HOME` and `TMPDIR`), with a clean
+//! environment (`PATH`, `LANG`, `LC_ALL`, `TZ` of the agent; then the workload's own
+//! variables), in a cgroup with the spec's limits where the machine has cgroup v2
+//! (rlimits otherwise). The shim applies it in the program's process before exec. When
+//! a run ends, everything in the instance's cgroup and everything running as its uid is
+//! killed, so a program that left its process group (`setsid`) dies too; when the
+//! instance stops, its cgroup and directory are removed and its uid freed. The shim,
+//! killed with the agent, kills the cgroup and the uid's processes as well.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -34,6 +43,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::Notify;
 
+use crate::contain::exec::ChildSetup;
+use crate::contain::{Confinement, Containment};
 use crate::{
     Capabilities, Driver, HttpRequest, HttpResponse, Instance, InstanceStatus, LogSink, StartError,
     StartSpec,
@@ -52,17 +63,41 @@ pub const READY_WITHIN: Duration = Duration::from_secs(30);
 /// The subcommand of the shim executable.
 pub const SHIM_SUBCOMMAND: &str = "process-shim";
 
+/// How long stopping an instance waits for its processes, cgroup and directory to be
+/// gone.
+pub const STOP_WAIT: Duration = Duration::from_secs(10);
+/// Variables of the agent's environment a program gets (everything else is cleared).
+pub const PASSED_ENV: [&str; 4] = ["PATH", "LANG", "LC_ALL", "TZ"];
+/// `PATH` when the agent has none.
+pub const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
 /// The `process` driver.
-#[derive(Default)]
 pub struct ProcessDriver {
     shim: Option<PathBuf>,
+    contain: Arc<Containment>,
+}
+
+impl Default for ProcessDriver {
+    fn default() -> Self {
+        ProcessDriver::with_shim(None)
+    }
 }
 
 impl ProcessDriver {
     /// A driver that starts programs through `shim process-shim -- program args...`
-    /// (see the module docs); `None` starts them directly.
+    /// (see the module docs); `None` starts them directly. No containment.
     pub fn with_shim(shim: Option<PathBuf>) -> ProcessDriver {
-        ProcessDriver { shim }
+        ProcessDriver::new(shim, Arc::new(Containment::none()))
+    }
+
+    /// A driver that contains its programs as `contain` says.
+    pub fn new(shim: Option<PathBuf>, contain: Arc<Containment>) -> ProcessDriver {
+        ProcessDriver { shim, contain }
+    }
+
+    /// The containment in force.
+    pub fn containment(&self) -> &Containment {
+        &self.contain
     }
 }
 
@@ -78,6 +113,14 @@ impl Driver for ProcessDriver {
 
     async fn start(&self, start: StartSpec<'_>) -> Result<Arc<dyn Instance>, StartError> {
         let port = free_port().map_err(|e| StartError::Start(format!("no free port: {e}")))?;
+        let contain = self.contain.clone();
+        let spec = start.spec.clone();
+        let confinement = tokio::task::spawn_blocking(move || contain.enter(&spec))
+            .await
+            .map_err(|e| StartError::Start(format!("containment: {e}")))?
+            .map_err(|e| StartError::Start(format!("containment: {e}")))?;
+        (start.logs)(format!("avail: {}", confinement.describe()));
+        let (done_tx, done) = tokio::sync::watch::channel(false);
         let shared = Arc::new(Shared {
             status: Mutex::new(InstanceStatus {
                 state: InstanceState::Starting,
@@ -88,16 +131,29 @@ impl Driver for ProcessDriver {
             stopped: AtomicBool::new(false),
             pgid: Mutex::new(None),
             port: AtomicU16::new(port),
+            done,
         });
+        let (spec, shim, start_logs, shared_for_task) = (
+            start.spec.clone(),
+            self.shim.clone(),
+            start.logs.clone(),
+            shared.clone(),
+        );
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new()).build(connector);
-        tokio::spawn(supervise(
-            start.spec.clone(),
-            self.shim.clone(),
-            start.logs,
-            shared.clone(),
-        ));
+        tokio::spawn(async move {
+            let confinement = Arc::new(confinement);
+            supervise(spec, shim, start_logs, shared_for_task, confinement.clone()).await;
+            // The end of the instance: nothing of it survives.
+            match Arc::try_unwrap(confinement) {
+                Ok(c) => {
+                    let _ = tokio::task::spawn_blocking(move || c.release()).await;
+                }
+                Err(c) => tracing::warn!("instance not released: {}", c.describe()),
+            }
+            let _ = done_tx.send(true);
+        });
         Ok(Arc::new(ProcessInstance {
             timeout: Duration::from_millis(u64::from(start.spec.timeout_ms)),
             shared,
@@ -119,6 +175,8 @@ struct Shared {
     pgid: Mutex<Option<i32>>,
     /// The port of the current run.
     port: AtomicU16,
+    /// Becomes true when the instance's processes, cgroup and directory are gone.
+    done: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Shared {
@@ -144,13 +202,20 @@ impl Shared {
     }
 }
 
-fn spawn(spec: &WorkloadSpec, shim: Option<&PathBuf>, port: u16) -> std::io::Result<Child> {
+fn spawn(
+    spec: &WorkloadSpec,
+    shim: Option<&PathBuf>,
+    port: u16,
+    confinement: &Confinement,
+) -> std::io::Result<Child> {
     let p = port.to_string();
     let args = spec.args.iter().map(|a| a.replace("$PORT", &p));
+    let setup = confinement.child_setup();
     let mut cmd = match shim {
         Some(shim) => {
             let mut c = Command::new(shim);
             c.arg(SHIM_SUBCOMMAND)
+                .args(setup.to_args())
                 .arg("--")
                 .arg(&spec.artifact)
                 .args(args);
@@ -159,9 +224,29 @@ fn spawn(spec: &WorkloadSpec, shim: Option<&PathBuf>, port: u16) -> std::io::Res
         None => {
             let mut c = Command::new(&spec.artifact);
             c.args(args);
+            if setup != ChildSetup::default() {
+                let prepared = setup.prepare()?;
+                // SAFETY: `apply` makes async-signal-safe system calls only; it runs in
+                // the child before exec.
+                unsafe {
+                    cmd_pre_exec(&mut c, move || prepared.apply());
+                }
+            }
             c
         }
     };
+    cmd.env_clear();
+    for k in PASSED_ENV {
+        if let Some(v) = std::env::var_os(k) {
+            cmd.env(k, v);
+        }
+    }
+    if std::env::var_os("PATH").is_none() {
+        cmd.env("PATH", DEFAULT_PATH);
+    }
+    if let Some(w) = confinement.workdir() {
+        cmd.env("HOME", w).env("TMPDIR", w);
+    }
     cmd.envs(&spec.env)
         .env("PORT", &p)
         .env("HOST", "127.0.0.1")
@@ -178,6 +263,20 @@ fn spawn(spec: &WorkloadSpec, shim: Option<&PathBuf>, port: u16) -> std::io::Res
     };
     set_parent_death_signal(&mut cmd, death_signal);
     cmd.spawn()
+}
+
+/// Register `f` to run in the child before exec.
+///
+/// # Safety
+/// `f` must only make async-signal-safe calls (it runs between fork and exec).
+unsafe fn cmd_pre_exec<F>(cmd: &mut Command, f: F)
+where
+    F: FnMut() -> std::io::Result<()> + Send + Sync + 'static,
+{
+    // SAFETY: the caller promises `f` is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(f);
+    }
 }
 
 /// Make the child get `signal` when this process dies, closing the race where this
@@ -252,12 +351,26 @@ async fn wait_ready(port: u16, shared: Arc<Shared>) {
     );
 }
 
-async fn supervise(spec: WorkloadSpec, shim: Option<PathBuf>, logs: LogSink, shared: Arc<Shared>) {
+/// Kill what is left of a run: the process group, then the cgroup and the uid's
+/// processes.
+async fn kill_run(shared: &Shared, confinement: &Arc<Confinement>) {
+    shared.kill_group();
+    let c = confinement.clone();
+    let _ = tokio::task::spawn_blocking(move || c.kill_all()).await;
+}
+
+async fn supervise(
+    spec: WorkloadSpec,
+    shim: Option<PathBuf>,
+    logs: LogSink,
+    shared: Arc<Shared>,
+    confinement: Arc<Confinement>,
+) {
     let mut backoff = BACKOFF_START;
     let mut port = shared.port.load(Ordering::Acquire);
     while !shared.stopped.load(Ordering::Acquire) {
         let started = Instant::now();
-        let exit_msg = match spawn(&spec, shim.as_ref(), port) {
+        let exit_msg = match spawn(&spec, shim.as_ref(), port, &confinement) {
             Ok(mut child) => {
                 *shared.pgid.lock().unwrap_or_else(|p| p.into_inner()) =
                     child.id().map(|p| p as i32);
@@ -275,7 +388,7 @@ async fn supervise(spec: WorkloadSpec, shim: Option<PathBuf>, logs: LogSink, sha
                 ready.abort();
                 match r {
                     None => {
-                        shared.kill_group();
+                        kill_run(&shared, &confinement).await;
                         let _ = child.wait().await;
                         return;
                     }
@@ -285,7 +398,7 @@ async fn supervise(spec: WorkloadSpec, shim: Option<PathBuf>, logs: LogSink, sha
             }
             Err(e) => format!("cannot start {:?}: {e}", spec.artifact),
         };
-        shared.kill_group();
+        kill_run(&shared, &confinement).await;
         logs(format!(
             "avail: {exit_msg}; restarting in {} ms",
             backoff.as_millis()
@@ -308,52 +421,7 @@ async fn supervise(spec: WorkloadSpec, shim: Option<PathBuf>, logs: LogSink, sha
     }
 }
 
-/// Run as the shim between the agent and a process workload (`avail process-shim --
-/// program args...`): lead the process group, run the program in it, and when the agent
-/// dies (SIGTERM through the parent-death signal) or asks, kill the whole group.
-/// Returns the exit code to exit with.
-pub fn run_shim(program: &str, args: &[String]) -> i32 {
-    extern "C" fn kill_group(_: libc::c_int) {
-        // SAFETY: getpgrp and kill are async-signal-safe; this kills our own group,
-        // the shim included.
-        unsafe {
-            libc::kill(-libc::getpgrp(), libc::SIGKILL);
-        }
-    }
-    let handler: extern "C" fn(libc::c_int) = kill_group;
-    // SAFETY: installing a handler that only calls async-signal-safe functions.
-    unsafe {
-        libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
-    }
-    let mut cmd = std::process::Command::new(program);
-    cmd.args(args);
-    let parent = std::process::id() as i32;
-    // SAFETY: async-signal-safe calls only, in the child before exec.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            if libc::getppid() != parent {
-                return Err(std::io::Error::other("shim died"));
-            }
-            Ok(())
-        });
-    }
-    match cmd.spawn() {
-        Ok(mut child) => match child.wait() {
-            Ok(st) => st.code().unwrap_or_else(|| {
-                128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0)
-            }),
-            Err(e) => {
-                eprintln!("avail process-shim: wait: {e}");
-                1
-            }
-        },
-        Err(e) => {
-            eprintln!("avail process-shim: cannot start {program:?}: {e}");
-            127
-        }
-    }
-}
+pub use crate::shim::run_shim;
 
 /// One process workload.
 pub struct ProcessInstance {
@@ -438,6 +506,13 @@ impl Instance for ProcessInstance {
         self.shared.kill_group();
         self.shared
             .set(InstanceState::Failed, Some("stopped".into()), false);
+        let mut done = self.shared.done.clone();
+        if tokio::time::timeout(STOP_WAIT, done.wait_for(|d| *d))
+            .await
+            .is_err()
+        {
+            tracing::warn!("a process instance was not cleaned up within {STOP_WAIT:?}");
+        }
     }
 }
 

@@ -65,7 +65,10 @@ impl JoinRequest {
             return err("name", format!("{:?} is not a DNS label", self.name));
         }
         let Ok(ip) = self.address.parse::<std::net::IpAddr>() else {
-            return err("address", format!("{:?} is not an IP address", self.address));
+            return err(
+                "address",
+                format!("{:?} is not an IP address", self.address),
+            );
         };
         // Routes and replication links must point at the node's own address.
         let ingress_ok = self

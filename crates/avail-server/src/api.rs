@@ -159,7 +159,11 @@ impl FromRequestParts<AppStateRef> for AgentNode {
     async fn from_request_parts(parts: &mut Parts, state: &AppStateRef) -> Result<Self, ApiErr> {
         agent_of(parts, state).inspect_err(|e| {
             state.metrics.auth_failures.inc();
-            tracing::warn!(path = parts.uri.path(), "rejected agent call: {}", e.1.error.message);
+            tracing::warn!(
+                path = parts.uri.path(),
+                "rejected agent call: {}",
+                e.1.error.message
+            );
         })
     }
 }
@@ -196,7 +200,10 @@ pub struct AdminOrAgent;
 impl FromRequestParts<AppStateRef> for AdminOrAgent {
     type Rejection = ApiErr;
     async fn from_request_parts(parts: &mut Parts, state: &AppStateRef) -> Result<Self, ApiErr> {
-        if parts.extensions.get::<avail_tls::serve::PeerCert>().is_some()
+        if parts
+            .extensions
+            .get::<avail_tls::serve::PeerCert>()
+            .is_some()
             && parts.headers.contains_key(avail_client::NODE_HEADER)
         {
             AgentNode::from_request_parts(parts, state).await?;

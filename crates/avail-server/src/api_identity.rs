@@ -77,7 +77,10 @@ pub(crate) async fn create_token(
     body: Body,
 ) -> ApiResult<(StatusCode, Json<JoinTokenCreated>)> {
     let req: JoinTokenRequest = read_json(body).await?;
-    Ok((StatusCode::CREATED, Json(state.create_join_token(&req).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(state.create_join_token(&req).await?),
+    ))
 }
 
 #[utoipa::path(get, path = "/v1/tokens",

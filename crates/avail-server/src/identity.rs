@@ -90,7 +90,9 @@ pub enum JoinRefusal {
     #[error("node {0} exists and this key does not hold it: `avail node rm {0}` frees the name")]
     NameHeld(String),
     /// A re-join proof that does not verify, or is stale.
-    #[error("the re-join proof of {0} does not verify (wrong key, or a clock off by more than 5 minutes)")]
+    #[error(
+        "the re-join proof of {0} does not verify (wrong key, or a clock off by more than 5 minutes)"
+    )]
     BadProof(String),
     /// A first join without a join token.
     #[error("joining as a new node needs a join token")]
@@ -109,7 +111,8 @@ pub fn decide_join(
 ) -> Result<JoinKind, JoinRefusal> {
     match existing {
         Some(rec) => {
-            let bound = !rec.identity.public_key.is_empty() && rec.identity.public_key == public_key;
+            let bound =
+                !rec.identity.public_key.is_empty() && rec.identity.public_key == public_key;
             match (bound, proof) {
                 (true, Some(true)) => Ok(JoinKind::Rejoin),
                 (true, Some(false)) => Err(JoinRefusal::BadProof(name.to_string())),
@@ -138,9 +141,17 @@ mod tests {
     #[test]
     fn a_held_name_is_taken_only_by_its_key_with_a_proof() {
         let held = rec("K");
-        assert_eq!(decide_join("n1", Some(&held), "K", Some(true), false), Ok(JoinKind::Rejoin));
+        assert_eq!(
+            decide_join("n1", Some(&held), "K", Some(true), false),
+            Ok(JoinKind::Rejoin)
+        );
         // A token does not take a held name, whatever key or proof comes with it.
-        for (key, proof) in [("K", None), ("X", None), ("X", Some(true)), ("X", Some(false))] {
+        for (key, proof) in [
+            ("K", None),
+            ("X", None),
+            ("X", Some(true)),
+            ("X", Some(false)),
+        ] {
             assert_eq!(
                 decide_join("n1", Some(&held), key, proof, true),
                 Err(JoinRefusal::NameHeld("n1".into())),
@@ -154,7 +165,10 @@ mod tests {
         // A record from before identities is held by nobody's key.
         assert!(decide_join("n1", Some(&rec("")), "", Some(true), true).is_err());
         assert_eq!(decide_join("n1", None, "K", None, true), Ok(JoinKind::New));
-        assert_eq!(decide_join("n1", None, "K", None, false), Err(JoinRefusal::NoToken));
+        assert_eq!(
+            decide_join("n1", None, "K", None, false),
+            Err(JoinRefusal::NoToken)
+        );
     }
 
     #[test]

@@ -55,7 +55,9 @@ pub fn public_key_raw(b64: &str) -> Result<Vec<u8>, avail_model::ValidationError
     use base64::Engine as _;
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(b64)
-        .map_err(|e| avail_model::ValidationError::new("public_key", format!("not base64url: {e}")))?;
+        .map_err(|e| {
+            avail_model::ValidationError::new("public_key", format!("not base64url: {e}"))
+        })?;
     avail_tls::ca::check_public_key(&raw)
         .map_err(|e| avail_model::ValidationError::new("public_key", e))?;
     Ok(raw)
@@ -84,8 +86,15 @@ impl AppState {
         let node_key = keys::node(&req.name);
         for _ in 0..10 {
             let existing = self.store.get(&node_key).await?;
-            let old: Option<NodeRecord> = existing.as_ref().map(|kv| decode(&kv.value)).transpose()?;
-            let kind = decide_join(&req.name, old.as_ref(), &req.public_key, proof, token.is_some());
+            let old: Option<NodeRecord> =
+                existing.as_ref().map(|kv| decode(&kv.value)).transpose()?;
+            let kind = decide_join(
+                &req.name,
+                old.as_ref(),
+                &req.public_key,
+                proof,
+                token.is_some(),
+            );
             let kind = kind.inspect_err(|_| {
                 self.metrics.auth_failures.inc();
             })?;
@@ -101,10 +110,9 @@ impl AppState {
                     return Err(Refusal::Unknown.into());
                 };
                 let rec: TokenRecord = decode(&kv.value)?;
-                join_tokens::check(&rec, secret, now_ms())
-                    .inspect_err(|_| {
-                self.metrics.auth_failures.inc();
-            })?;
+                join_tokens::check(&rec, secret, now_ms()).inspect_err(|_| {
+                    self.metrics.auth_failures.inc();
+                })?;
                 compares.push(Compare::ModRev(keys::token(id), kv.mod_rev));
                 writes.push(Op::Put {
                     key: keys::token(id),
@@ -113,12 +121,9 @@ impl AppState {
                     lease: None,
                 });
             }
-            let issued = self.ca.issue_node(
-                &req.name,
-                ip,
-                &raw,
-                self.config.node_cert_ttl.as_secs(),
-            )?;
+            let issued =
+                self.ca
+                    .issue_node(&req.name, ip, &raw, self.config.node_cert_ttl.as_secs())?;
             let rec = node_record(&req, old.as_ref(), &issued);
             writes.push(Op::Put {
                 key: node_key.clone(),
@@ -137,7 +142,11 @@ impl AppState {
                 continue;
             }
             self.wait_view(r.revision).await;
-            let what = if old.is_some() { "node.rejoined" } else { "node.joined" };
+            let what = if old.is_some() {
+                "node.rejoined"
+            } else {
+                "node.joined"
+            };
             self.events
                 .emit(
                     what,
@@ -181,9 +190,9 @@ impl AppState {
                 .address
                 .parse()
                 .map_err(|_| JoinError::NotFound(format!("address of node {node}")))?;
-            let issued =
-                self.ca
-                    .issue_node(node, ip, &raw, self.config.node_cert_ttl.as_secs())?;
+            let issued = self
+                .ca
+                .issue_node(node, ip, &raw, self.config.node_cert_ttl.as_secs())?;
             rec.identity = rec.identity.with_cert(public_key, &issued);
             let value = serde_json::to_vec(&rec).expect("node serialises");
             if let Some(rev) = self
@@ -240,7 +249,12 @@ impl AppState {
             .await?;
         self.wait_view(r.revision).await;
         self.events
-            .emit("node.removed", None, Some(name), format!("{name} removed; its key is forgotten"))
+            .emit(
+                "node.removed",
+                None,
+                Some(name),
+                format!("{name} removed; its key is forgotten"),
+            )
             .await;
         Ok(())
     }
@@ -264,7 +278,10 @@ impl AppState {
                 "token.created",
                 None,
                 None,
-                format!("join token {} for {} join(s), {} s", rec.id, rec.uses_left, req.ttl_s),
+                format!(
+                    "join token {} for {} join(s), {} s",
+                    rec.id, rec.uses_left, req.ttl_s
+                ),
             )
             .await;
         Ok(join_tokens::created(token, &rec))
@@ -290,7 +307,12 @@ impl AppState {
             return Err(JoinError::NotFound(format!("join token {id}")));
         }
         self.events
-            .emit("token.revoked", None, None, format!("join token {id} revoked"))
+            .emit(
+                "token.revoked",
+                None,
+                None,
+                format!("join token {id} revoked"),
+            )
             .await;
         Ok(())
     }
@@ -299,7 +321,11 @@ impl AppState {
 /// The node's record after a join: what the agent declares, with what outlives
 /// rejoins (the operator's tags, the first join's time, a drain) and the new
 /// certificate bound to its key.
-fn node_record(req: &JoinRequest, old: Option<&NodeRecord>, issued: &avail_tls::Issued) -> NodeRecord {
+fn node_record(
+    req: &JoinRequest,
+    old: Option<&NodeRecord>,
+    issued: &avail_tls::Issued,
+) -> NodeRecord {
     let mut rec = NodeRecord {
         name: req.name.clone(),
         address: req.address.clone(),

@@ -62,7 +62,10 @@ pub enum Refusal {
 }
 
 fn sha256_hex(b: &[u8]) -> String {
-    Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
+    Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
 }
 
 /// A new token for `req` made at `now_ms`: the token text and its record.
@@ -176,14 +179,23 @@ mod tests {
         assert_eq!(check(&once, secret, 2_000), Ok(()));
         let twice = consumed(&once, "b");
         assert_eq!(check(&twice, secret, 2_000), Err(Refusal::UsedUp));
-        assert_eq!((twice.used, twice.nodes.clone()), (2, vec!["a".to_string(), "b".into()]));
+        assert_eq!(
+            (twice.used, twice.nodes.clone()),
+            (2, vec!["a".to_string(), "b".into()])
+        );
         // The record never holds the secret.
         assert!(!serde_json::to_string(&rec).unwrap().contains(secret));
     }
 
     #[test]
     fn malformed_tokens_are_refused() {
-        for t in ["", "avj.", "avj.xyz.abc", "av1.0123456789abcdef.x", "avj.0123456789abcdef."] {
+        for t in [
+            "",
+            "avj.",
+            "avj.xyz.abc",
+            "av1.0123456789abcdef.x",
+            "avj.0123456789abcdef.",
+        ] {
             assert_eq!(parse(t), Err(Refusal::Malformed), "{t}");
         }
     }

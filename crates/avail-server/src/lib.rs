@@ -200,6 +200,15 @@ fn ensure_token(auth: &Auth, path: &Path, sub: &str, role: Role) -> Result<(), S
     Ok(())
 }
 
+/// Create `dir` if needed and make it `0700`: the store, keys, tokens and artifacts are
+/// for the server's user only (process workloads run as other users).
+fn private_dir(dir: &Path) -> Result<(), ServerError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |e: std::io::Error| ServerError::Io(format!("{}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)
+}
+
 /// A server that is listening.
 pub struct Running {
     /// The bound address.
@@ -223,8 +232,18 @@ impl Running {
 /// background loops and listen.
 pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     let dir = &config.data_dir;
-    std::fs::create_dir_all(dir).map_err(|e| ServerError::Io(format!("{}: {e}", dir.display())))?;
-    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.join("store.redb"))?);
+    private_dir(dir)?;
+    private_dir(&dir.join("artifacts"))?;
+    let store_path = dir.join("store.redb");
+    let key_path = dir.join("secret.key");
+    if !store_path.exists() && key_path.exists() {
+        return Err(ServerError::Io(format!(
+            "{}: missing, but {} exists: this data dir belongs to an existing cluster whose store is gone; refusing to start it as an empty cluster (restore the store, or start a new cluster in an empty data dir)",
+            store_path.display(),
+            key_path.display()
+        )));
+    }
+    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&store_path)?);
     let auth = Auth::load_or_create(dir)?;
     ensure_token(&auth, &admin_token_path(dir), "admin", Role::Admin)?;
     let ca = avail_tls::ClusterCa::load_or_create(dir)?;

@@ -577,10 +577,11 @@ impl<'t> Batch<'t> {
 impl RedbStore {
     /// Opens (creating if absent) the store file at `path` with default options.
     ///
-    /// A file that is not a redb database, or is corrupt, or is already open, gives
-    /// [`StoreError::Open`] naming the file; it is never reset (an empty file counts as
-    /// absent). The open checks the whole file's integrity, and blocks the calling thread
-    /// while it does. Must be called inside a tokio runtime.
+    /// A file that is not a redb database, or is corrupt, or is already open, or is
+    /// empty (0 bytes: a truncated or clobbered store, never a new one), gives
+    /// [`StoreError::Open`] naming the file; it is never reset. A new file is created
+    /// with mode `0600`. The open checks the whole file's integrity, and blocks the
+    /// calling thread while it does. Must be called inside a tokio runtime.
     pub fn open(path: &Path) -> Result<Self> {
         Self::open_with_options(path, RedbOptions::default())
     }
@@ -599,6 +600,7 @@ impl RedbStore {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             open_err("must be opened inside a tokio runtime (leases need a reaper task)".into())
         })?;
+        prepare_file(path).map_err(open_err)?;
         let db = panic::catch_unwind(AssertUnwindSafe(|| {
             Database::builder()
                 .set_check_integrity_on_open(true)
@@ -699,6 +701,27 @@ impl RedbStore {
         tokio::task::spawn_blocking(move || f(&inner))
             .await
             .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?
+    }
+}
+
+/// Refuses an empty file (redb would silently make it a new, empty store) and creates
+/// an absent one with mode `0600`, so that no other user can read the store.
+fn prepare_file(path: &Path) -> std::result::Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() && m.len() == 0 => Err(
+            "the file is empty (0 bytes): not a store; refusing to start an empty cluster over it (remove the file only if a new cluster is meant)"
+                .into(),
+        ),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
     }
 }
 

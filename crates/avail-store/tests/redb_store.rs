@@ -125,6 +125,22 @@ async fn garbage_file_is_an_open_error_naming_the_path_and_is_left_alone() {
 }
 
 #[tokio::test]
+async fn empty_file_is_refused_and_a_new_file_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_dir, path) = temp();
+    std::fs::write(&path, b"").unwrap();
+    let reason = assert_open_error(RedbStore::open(&path), &path);
+    assert!(reason.contains("empty"), "{reason}");
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "left alone");
+
+    std::fs::remove_file(&path).unwrap();
+    let store = open(&path);
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "new store file mode {mode:o}");
+    drop(store);
+}
+
+#[tokio::test]
 async fn damaged_store_file_is_an_open_error() {
     let (_dir, path) = temp();
     let store = open(&path);

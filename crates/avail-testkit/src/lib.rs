@@ -209,7 +209,13 @@ impl Cluster {
             let crt = c.dir.path().join(Self::agent_name(i)).join("node.crt");
             wait_until("node certificate kept", Duration::from_secs(10), || {
                 let there = crt.exists();
-                async move { if there { Ok(()) } else { Err("no node.crt".into()) } }
+                async move {
+                    if there {
+                        Ok(())
+                    } else {
+                        Err("no node.crt".into())
+                    }
+                }
             })
             .await;
         }

@@ -36,7 +36,9 @@ fn parse_key(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
 fn roots(ca_pem: &str) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for c in parse_certs(ca_pem)? {
-        roots.add(c).map_err(|e| TlsError::bad("CA certificate", e))?;
+        roots
+            .add(c)
+            .map_err(|e| TlsError::bad("CA certificate", e))?;
     }
     Ok(roots)
 }

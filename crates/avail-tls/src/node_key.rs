@@ -98,7 +98,11 @@ mod tests {
         let p = a.prove(&m);
         assert!(verify_proof(a.public_raw(), &m, &p));
         assert!(!verify_proof(b.public_raw(), &m, &p));
-        assert!(!verify_proof(a.public_raw(), &proof_message("node-2", &a.public_b64(), 1000), &p));
+        assert!(!verify_proof(
+            a.public_raw(),
+            &proof_message("node-2", &a.public_b64(), 1000),
+            &p
+        ));
         assert!(!verify_proof(a.public_raw(), &m, &b.prove(&m)));
         assert!(!verify_proof(a.public_raw(), &m, "not base64!"));
     }

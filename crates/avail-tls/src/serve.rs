@@ -117,12 +117,24 @@ pub async fn serve(
                         .map(|c| PeerCert {
                             digest: cert_digest(c),
                         });
-                    serve_connection(IdleIo::new(tls, limits.idle_timeout), app, peer, remote, limits)
-                        .await
+                    serve_connection(
+                        IdleIo::new(tls, limits.idle_timeout),
+                        app,
+                        peer,
+                        remote,
+                        limits,
+                    )
+                    .await
                 }
                 None => {
-                    serve_connection(IdleIo::new(stream, limits.idle_timeout), app, None, remote, limits)
-                        .await
+                    serve_connection(
+                        IdleIo::new(stream, limits.idle_timeout),
+                        app,
+                        None,
+                        remote,
+                        limits,
+                    )
+                    .await
                 }
             }
         });

@@ -15,7 +15,13 @@ fn ca_files_are_kept_private_and_reloaded() {
     let a = ClusterCa::load_or_create(d.path()).unwrap();
     let b = ClusterCa::load_or_create(d.path()).unwrap();
     assert_eq!(a.cert_pem(), b.cert_pem());
-    let mode = |f: &str| std::fs::metadata(d.path().join(f)).unwrap().permissions().mode() & 0o777;
+    let mode = |f: &str| {
+        std::fs::metadata(d.path().join(f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
     assert_eq!(mode("ca.key"), 0o600);
     assert_eq!(mode("ca.crt"), 0o644);
     // A certificate issued by the reloaded CA chains to the first one's certificate:
@@ -34,12 +40,18 @@ fn node_keys_are_checked() {
     }
 }
 
-async fn handshake(ca: &ClusterCa, server_ca: &ClusterCa, present: bool) -> Result<Option<String>, String> {
+async fn handshake(
+    ca: &ClusterCa,
+    server_ca: &ClusterCa,
+    present: bool,
+) -> Result<Option<String>, String> {
     let d = tempfile::tempdir().unwrap();
     let (chain, key) = server_ca.issue_server(&[LO], 3600).unwrap();
     let scfg = server_config(&chain, &key, Some(server_ca.cert_pem())).unwrap();
     let node = NodeKey::load_or_create(&d.path().join("node.key")).unwrap();
-    let issued = ca.issue_node("node-1", LO, node.public_raw(), 3600).unwrap();
+    let issued = ca
+        .issue_node("node-1", LO, node.public_raw(), 3600)
+        .unwrap();
     let id = ClientIdentity::new();
     if present {
         id.set(&issued.cert_pem, &node.private_pem()).unwrap();
@@ -49,8 +61,16 @@ async fn handshake(ca: &ClusterCa, server_ca: &ClusterCa, present: bool) -> Resu
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {
         let (s, _) = listener.accept().await.unwrap();
-        let mut tls = TlsAcceptor::from(scfg).accept(s).await.map_err(|e| e.to_string())?;
-        let digest = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| avail_tls::cert_digest(c));
+        let mut tls = TlsAcceptor::from(scfg)
+            .accept(s)
+            .await
+            .map_err(|e| e.to_string())?;
+        let digest = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| avail_tls::cert_digest(c));
         let mut b = [0u8; 2];
         tls.read_exact(&mut b).await.map_err(|e| e.to_string())?;
         Ok::<_, String>(digest)
@@ -58,7 +78,10 @@ async fn handshake(ca: &ClusterCa, server_ca: &ClusterCa, present: bool) -> Resu
     let s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::IpAddress(LO.into());
     let client = async {
-        let mut tls = TlsConnector::from(ccfg).connect(name, s).await.map_err(|e| e.to_string())?;
+        let mut tls = TlsConnector::from(ccfg)
+            .connect(name, s)
+            .await
+            .map_err(|e| e.to_string())?;
         tls.write_all(b"hi").await.map_err(|e| e.to_string())?;
         tls.flush().await.map_err(|e| e.to_string())
     };

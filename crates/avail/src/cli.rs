@@ -142,7 +142,8 @@ enum Command {
     /// Internal: runs between an agent and a process workload (see avail-driver).
     #[command(name = "process-shim", hide = true)]
     ProcessShim {
-        /// The program and its arguments.
+        /// Containment options, `--`, the program and its arguments (read by the
+        /// shim itself, before this parser).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         command: Vec<String>,
     },
@@ -223,6 +224,22 @@ struct AgentArgs {
     /// Data directory (artifact cache).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// uids for process workloads, one per running instance (`FIRST-LAST`, above
+    /// 65535; no /etc/passwd entries needed). Used when the agent runs as root.
+    #[arg(long, default_value_t = avail_driver::contain::DEFAULT_UIDS)]
+    workload_uids: avail_driver::contain::uids::UidRange,
+    /// Where process workloads get their private working directories (every parent
+    /// must let other users through). Default: /var/lib/avail/work as root, else
+    /// <data-dir>/work.
+    #[arg(long)]
+    work_root: Option<PathBuf>,
+    /// Processes and threads per process workload instance (pids.max, or RLIMIT_NPROC
+    /// without cgroup v2).
+    #[arg(long, default_value_t = avail_driver::contain::DEFAULT_PIDS_MAX)]
+    workload_pids_max: u32,
+    /// Do not put process workloads in cgroups even where cgroup v2 is available.
+    #[arg(long)]
+    no_cgroups: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -422,16 +439,6 @@ struct EventsArgs {
 
 fn now_ms() -> u64 {
     avail_server::now_ms()
-}
-
-impl Cli {
-    /// The program to run when invoked as the process shim.
-    pub fn shim_command(&self) -> Option<&[String]> {
-        match &self.command {
-            Command::ProcessShim { command } => Some(command),
-            _ => None,
-        }
-    }
 }
 
 /// Run a parsed command line.
@@ -947,9 +954,7 @@ async fn agent(a: AgentArgs) -> CliResult {
         (Some(t), _) => Some(t),
         (None, Some(f)) => Some(
             std::fs::read_to_string(&f)
-                .map_err(|e| {
-                    CliError::invalid(format!("--join-token-file {}: {e}", f.display()))
-                })?
+                .map_err(|e| CliError::invalid(format!("--join-token-file {}: {e}", f.display())))?
                 .trim()
                 .to_string(),
         ),
@@ -984,6 +989,13 @@ async fn agent(a: AgentArgs) -> CliResult {
         tags,
         boot_id: avail_agent::new_boot_id(),
         process_shim: std::env::current_exe().ok(),
+        contain: avail_agent::contain::ContainSettings {
+            uids: a.workload_uids,
+            work_root: a.work_root,
+            cgroups: !a.no_cgroups,
+            pids_max: a.workload_pids_max,
+            ..Default::default()
+        },
         ft_secondary_memory_mib: a.ft_secondary_memory_mib.unwrap_or(u64::from(a.memory_mib)),
         capacity: Resources {
             cpu_millis: a.cpu_millis,

@@ -14,12 +14,14 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let args = cli::Cli::parse();
-    if let Some(command) = args.shim_command() {
-        // No runtime, no logging: the shim only runs and reaps one program.
-        let code = avail_driver::process::run_shim(&command[0], &command[1..]);
+    // The shim reads its own command line (containment options, `--`, the program):
+    // no clap, no runtime, no logging; it only runs and reaps one program.
+    let raw: Vec<String> = std::env::args().collect();
+    if raw.get(1).map(String::as_str) == Some(avail_driver::process::SHIM_SUBCOMMAND) {
+        let code = avail_driver::shim::run_shim(&raw[2..]);
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
+    let args = cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_max_level(if args.verbose {
             tracing::Level::DEBUG

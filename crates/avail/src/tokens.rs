@@ -47,7 +47,8 @@ pub fn parse_duration_s(s: &str) -> Result<u64, String> {
         "d" => 86_400,
         _ => return Err(format!("{s:?}: the unit is one of s, m, h, d")),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too long"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too long"))
 }
 
 /// Run a token command.
@@ -58,7 +59,8 @@ pub async fn run(c: &Client, cmd: TokenCmd, fmt: Format) -> Result<(), CliError>
             uses,
             description,
         } => {
-            let ttl_s = parse_duration_s(&ttl).map_err(|e| CliError::invalid(format!("--ttl: {e}")))?;
+            let ttl_s =
+                parse_duration_s(&ttl).map_err(|e| CliError::invalid(format!("--ttl: {e}")))?;
             let req = JoinTokenRequest {
                 ttl_s,
                 uses,

@@ -7,6 +7,7 @@
 //! second `avail up` on the same data dir resumes the cluster with its workloads.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -78,6 +79,7 @@ fn spawn_child(args: &[String], env: &[(&str, &str)], log: &Path) -> Result<Chil
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(log)
         .map_err(|e| CliError::fail(format!("{}: {e}", log.display())))?;
     let err = out.try_clone().map_err(|e| CliError::fail(e.to_string()))?;
@@ -94,6 +96,39 @@ fn spawn_child(args: &[String], env: &[(&str, &str)], log: &Path) -> Result<Chil
     avail_driver::process::set_parent_death_signal(&mut cmd, libc::SIGKILL);
     cmd.spawn()
         .map_err(|e| CliError::fail(format!("spawning {args:?}: {e}")))
+}
+
+/// The cluster's data dir and the server's, `0700` (also when they exist from an earlier
+/// run): nothing in them is for other users, process workloads included; the logs of
+/// an earlier run become `0600`.
+fn private_dirs(dir: &Path, server_dir: &Path) -> Result<(), CliError> {
+    let fail = |p: &Path, e: std::io::Error| CliError::fail(format!("{}: {e}", p.display()));
+    std::fs::create_dir_all(server_dir).map_err(|e| fail(server_dir, e))?;
+    for d in [dir, server_dir] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| fail(d, e))?;
+    }
+    for entry in std::fs::read_dir(dir).map_err(|e| fail(dir, e))?.flatten() {
+        let p = entry.path();
+        if p.is_file() {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| fail(&p, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Write `bytes` to `path` with mode `0600`.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(bytes)
 }
 
 fn abs(p: &Path) -> PathBuf {
@@ -123,8 +158,16 @@ pub async fn run(a: UpArgs) -> Result<(), CliError> {
         return Err(CliError::invalid("--nodes must be 1..=200"));
     }
     let server_dir = dir.join("server");
-    std::fs::create_dir_all(&server_dir)
-        .map_err(|e| CliError::fail(format!("{}: {e}", server_dir.display())))?;
+    private_dirs(&dir, &server_dir)?;
+    // A cluster.json of an earlier run is stale until this run is ready (scripts and
+    // tests wait for it to appear).
+    let cluster_path = dir.join("cluster.json");
+    match std::fs::remove_file(&cluster_path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(CliError::fail(format!("{}: {e}", cluster_path.display())));
+        }
+        _ => {}
+    }
     let server_url = format!("https://{}:{}", ip(1)?, a.server_port);
     let mut server = spawn_child(
         &[
@@ -174,18 +217,17 @@ pub async fn run(a: UpArgs) -> Result<(), CliError> {
     let tls = probe.expect("set when the server answered");
     let token = std::fs::read_to_string(&token_file)
         .map_err(|e| CliError::fail(format!("{}: {e}", token_file.display())))?;
-    let admin = Client::with_tls(
-        &server_url,
-        Some(token.trim().to_string()),
-        None,
-        Some(tls),
-    )
-    .with_timeout(Duration::from_secs(2));
+    let admin = Client::with_tls(&server_url, Some(token.trim().to_string()), None, Some(tls))
+        .with_timeout(Duration::from_secs(2));
     // Nodes that joined before prove themselves with their keys; the new ones get one
     // join token, good for them only and for ten minutes, passed in the environment
     // (a command line is readable by every user of the machine).
     let new_nodes = (0..a.nodes)
-        .filter(|i| !dir.join(format!("node-{}", i + 1)).join("node.key").exists())
+        .filter(|i| {
+            !dir.join(format!("node-{}", i + 1))
+                .join("node.key")
+                .exists()
+        })
         .count() as u32;
     let join_token = if new_nodes > 0 {
         let req = avail_model::token::JoinTokenRequest {
@@ -292,10 +334,9 @@ pub async fn run(a: UpArgs) -> Result<(), CliError> {
         }
     };
     // cluster.json last: scripts and tests take its appearance as "ready".
-    let cluster_path = dir.join("cluster.json");
-    std::fs::write(
+    write_private(
         &cluster_path,
-        serde_json::to_vec_pretty(&cluster).expect("cluster serialises"),
+        &serde_json::to_vec_pretty(&cluster).expect("cluster serialises"),
     )
     .map_err(|e| CliError::fail(format!("{}: {e}", cluster_path.display())))?;
     let first = &cluster.agents[0];

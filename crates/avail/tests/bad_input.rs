@@ -217,7 +217,11 @@ async fn auth_is_required_and_checked() {
     let anon = c.api(None);
     let forged = c.api(Some(format!("{}x", c.admin_token)));
     let join = c.api(Some(c.join_token()));
-    for (client, what) in [(&anon, "missing"), (&forged, "forged"), (&join, "join token")] {
+    for (client, what) in [
+        (&anon, "missing"),
+        (&forged, "forged"),
+        (&join, "join token"),
+    ] {
         let r = client
             .raw(Method::GET, "/v1/workloads", None, &[])
             .await
@@ -305,6 +309,53 @@ async fn corrupt_store_file_is_a_clear_error() {
     assert!(err.contains("store.redb"), "{err}");
     // Nothing was reset: the file is as it was.
     assert_eq!(std::fs::read(&store).unwrap(), vec![0xA5u8; 64 * 1024]);
+}
+
+/// `avail server` on `server_dir`: its exit code and stderr (the start is refused, so
+/// it returns).
+fn refused_server(server_dir: &std::path::Path) -> (Option<i32>, String) {
+    let out = std::process::Command::new(BIN)
+        .args([
+            "server",
+            "--data-dir",
+            server_dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn zero_length_store_is_refused_not_an_empty_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let server_dir = dir.path().join("server");
+    std::fs::create_dir_all(&server_dir).unwrap();
+    let store = server_dir.join("store.redb");
+    std::fs::write(&store, b"").unwrap();
+    let (code, err) = refused_server(&server_dir);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("store.redb") && err.contains("empty"), "{err}");
+    assert_eq!(std::fs::metadata(&store).unwrap().len(), 0, "left alone");
+}
+
+#[test]
+fn missing_store_beside_a_key_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server_dir = dir.path().join("server");
+    std::fs::create_dir_all(&server_dir).unwrap();
+    std::fs::write(server_dir.join("secret.key"), [7u8; 32]).unwrap();
+    let (code, err) = refused_server(&server_dir);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("store.redb") && err.contains("secret.key"),
+        "{err}"
+    );
+    assert!(!server_dir.join("store.redb").exists(), "nothing created");
 }
 
 #[test]

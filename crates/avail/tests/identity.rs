@@ -54,9 +54,17 @@ async fn join_tokens_are_bounded_and_held_names_cannot_be_taken() {
         .iter()
         .find(|t| once.contains(t["id"].as_str().unwrap()))
         .unwrap();
-    assert_eq!((entry["uses_left"].as_u64(), entry["used"].as_u64()), (Some(0), Some(1)));
+    assert_eq!(
+        (entry["uses_left"].as_u64(), entry["used"].as_u64()),
+        (Some(0), Some(1))
+    );
     assert_eq!(entry["nodes"][0], "node-3");
-    assert!(!listed.to_string().contains(once.rsplit('.').next().unwrap()), "no secret listed");
+    assert!(
+        !listed
+            .to_string()
+            .contains(once.rsplit('.').next().unwrap()),
+        "no secret listed"
+    );
 
     // A revoked token is refused.
     let revoked = ok(&c.cli(&["token", "create"])).trim().to_string();
@@ -71,7 +79,10 @@ async fn join_tokens_are_bounded_and_held_names_cannot_be_taken() {
     let before = node(&c, "node-1").await;
     let mut squat = c.spawn_agent_as(3, "node-1", &dir.join("squatter"), Some(&fresh), &[]);
     let out = exits(&mut squat).await;
-    assert!(out.contains("node-1 exists") && out.contains("avail node rm"), "{out}");
+    assert!(
+        out.contains("node-1 exists") && out.contains("avail node rm"),
+        "{out}"
+    );
     let after = node(&c, "node-1").await;
     assert_eq!(
         (after.address.clone(), after.state),
@@ -88,8 +99,16 @@ async fn join_tokens_are_bounded_and_held_names_cannot_be_taken() {
     // A node that holds a workload is not removed; an empty one is, and its name is
     // then free for a join token.
     ok(&c.cli(&[
-        "workload", "run", "--name", "w", "--driver", "wasm", "--artifact",
-        &avail_testkit::guest("counter"), "--constraint", "rack == r3",
+        "workload",
+        "run",
+        "--name",
+        "w",
+        "--driver",
+        "wasm",
+        "--artifact",
+        &avail_testkit::guest("counter"),
+        "--constraint",
+        "rack == r3",
     ]));
     let out = c.cli(&["node", "rm", "node-3"]);
     assert_eq!(out.status.code(), Some(1));
@@ -136,8 +155,14 @@ async fn only_a_nodes_own_key_speaks_for_it() {
     let dir = c.dir.path().to_path_buf();
 
     // Node-2's own certificate speaks for node-2, never for node-1.
-    assert_eq!(heartbeat_status(&as_node(&c, &dir.join("node-2"), "node-2")).await, 200);
-    assert_eq!(heartbeat_status(&as_node(&c, &dir.join("node-2"), "node-1")).await, 401);
+    assert_eq!(
+        heartbeat_status(&as_node(&c, &dir.join("node-2"), "node-2")).await,
+        200
+    );
+    assert_eq!(
+        heartbeat_status(&as_node(&c, &dir.join("node-2"), "node-1")).await,
+        401
+    );
     // Neither an admin token nor a join token is an agent.
     for token in [c.admin_token.clone(), c.join_token()] {
         let r = c.api(Some(token)).for_node("node-1");
@@ -229,7 +254,11 @@ async fn node_certificates_are_renewed_and_old_ones_expire() {
         let log = std::fs::read_to_string(dir.join("node-1.log")).unwrap_or_default();
         async move {
             let n = log.matches("node certificate renewed").count();
-            if n >= 2 { Ok(()) } else { Err(format!("{n} renewals")) }
+            if n >= 2 {
+                Ok(())
+            } else {
+                Err(format!("{n} renewals"))
+            }
         }
     })
     .await;
@@ -241,7 +270,17 @@ async fn node_certificates_are_renewed_and_old_ones_expire() {
     let old_dir = dir.join("old");
     std::fs::create_dir_all(&old_dir).unwrap();
     std::fs::write(old_dir.join("node.crt"), &first).unwrap();
-    std::fs::copy(dir.join("node-1").join("node.key"), old_dir.join("node.key")).unwrap();
-    assert_ne!(heartbeat_status(&as_node(&c, &old_dir, "node-1")).await, 200);
-    assert_eq!(heartbeat_status(&as_node(&c, &dir.join("node-1"), "node-1")).await, 200);
+    std::fs::copy(
+        dir.join("node-1").join("node.key"),
+        old_dir.join("node.key"),
+    )
+    .unwrap();
+    assert_ne!(
+        heartbeat_status(&as_node(&c, &old_dir, "node-1")).await,
+        200
+    );
+    assert_eq!(
+        heartbeat_status(&as_node(&c, &dir.join("node-1"), "node-1")).await,
+        200
+    );
 }

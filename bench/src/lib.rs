@@ -24,11 +24,39 @@ pub struct Load {
 /// Closed-loop load: `concurrency` workers each send GET `url` (with an optional bearer
 /// token) back to back for `duration`.
 pub async fn load(url: &str, token: Option<&str>, concurrency: usize, duration: Duration) -> Load {
+    load_tls(url, token, concurrency, duration, None).await
+}
+
+/// [`load`], `https://` URLs verified with `tls`. Connections are kept alive.
+pub async fn load_tls(
+    url: &str,
+    token: Option<&str>,
+    concurrency: usize,
+    duration: Duration,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Load {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+    connector.enforce_http(false);
+    let tls = tls.unwrap_or_else(|| {
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default versions")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+        )
+    });
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((*tls).clone())
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(concurrency)
-        .build(connector);
+        .build(https);
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));

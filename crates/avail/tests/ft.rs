@@ -736,3 +736,62 @@ async fn runaway_handlers_answer_504_at_their_deadline() {
     .await;
     assert_eq!(slow_counter(&ingress, "spin-ft").await, 1);
 }
+
+/// 100 idle connections held open to each node's replication port (each opened again
+/// when the node closes it at its hello deadline) do not stop a new ft workload from
+/// reaching `ft:protected`: hellos are read concurrently, each within its own deadline
+/// (they were read one after the other, 2 s each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_to_the_replication_port_do_not_delay_a_pair() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use tokio::io::AsyncReadExt;
+    let c = Cluster::start(BIN.as_ref(), 3).await;
+    let (stop, opened) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let mut idle = Vec::new();
+    for i in 0..3 {
+        let target = format!("{}:7481", c.agent_addr(i));
+        for _ in 0..100 {
+            let (target, stop, opened) = (target.clone(), stop.clone(), opened.clone());
+            idle.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(mut s) = tokio::net::TcpStream::connect(&target).await {
+                        opened.fetch_add(1, Ordering::Relaxed);
+                        // Says nothing; waits until the node closes it (or the end).
+                        let mut b = [0u8; 1];
+                        let _ = tokio::time::timeout(Duration::from_secs(60), s.read(&mut b)).await;
+                    }
+                    // Paced, so a refused connection is not retried in a tight loop.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }));
+        }
+    }
+    wait_until("300 idle connections open", Duration::from_secs(30), || {
+        let n = opened.load(Ordering::Relaxed);
+        async move {
+            if n >= 300 {
+                Ok(())
+            } else {
+                Err(format!("{n} opened"))
+            }
+        }
+    })
+    .await;
+    let t = std::time::Instant::now();
+    avail_testkit::ft::run_bank_ft(&c, &["--detach"]);
+    let w = avail_testkit::ft::protected(&c, "bank").await;
+    eprintln!(
+        "ft:protected {:?} after the run, with 100 idle connections on each replication port ({} opened in all)",
+        t.elapsed(),
+        opened.load(Ordering::Relaxed)
+    );
+    assert_eq!(w.status.generation, 1, "{:?}", w.status);
+    stop.store(true, Ordering::Relaxed);
+    for t in idle {
+        t.abort();
+    }
+}

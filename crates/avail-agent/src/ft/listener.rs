@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  accept --> hello task: one Hello (<= 4 KiB) within 2 s --> find the secondary --> link
-//!             at most 64 links waiting for their hello; one more closes the oldest
+//!             at most 256 links waiting for their hello; one more closes the oldest
 //! ```
 //!
 //! Hellos are read concurrently, each with its own deadline, so a connection that says
@@ -26,7 +26,7 @@ use super::{FtReplica, Hello};
 /// How long a new link has to say hello.
 pub const HELLO_DEADLINE: Duration = Duration::from_secs(2);
 /// Links waiting for their hello, at most (one more closes the oldest).
-pub const MAX_PENDING_HELLOS: usize = 64;
+pub const MAX_PENDING_HELLOS: usize = 256;
 /// Largest hello message, bytes.
 const MAX_HELLO_BYTES: usize = 4096;
 

@@ -1,6 +1,9 @@
 //! Level `ft` on a node: one replica (primary or secondary) of a pair, as an actor
 //! task that owns the guest and carries out the pair protocol's actions
-//! (`avail_statepoint::pair`) over a TCP link to the other replica's agent.
+//! (`avail_statepoint::pair`) over a TCP link to the other replica's agent. The guest's
+//! calls run on a thread of their own (`ft/guest_thread.rs`), so the link and its
+//! heartbeats never wait for a handler; links arrive through the replication listener
+//! (`ft/listener.rs`).
 //!
 //! ```text
 //!  ingress --Request--> [replica actor: primary] --frames--> TCP --> [replica actor: secondary]

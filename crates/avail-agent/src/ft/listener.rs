@@ -93,6 +93,9 @@ pub async fn serve_replication(
     .await
 }
 
+/// A link's hello and the link, or why there is none.
+type HelloResult = Result<(Hello, TcpStream), HelloError>;
+
 /// Accept links on `listener`, read their hellos concurrently (each within
 /// `deadline`, at most `max_pending` waiting), and give each link with its hello to
 /// `linked`. A link dropped by `linked` is closed.
@@ -103,7 +106,7 @@ async fn serve_hellos(
     mut linked: impl FnMut(Hello, TcpStream),
 ) {
     assert!(max_pending > 0, "room for one hello at least");
-    let mut hellos: JoinSet<(u64, Result<(Hello, TcpStream), HelloError>)> = JoinSet::new();
+    let mut hellos: JoinSet<(u64, HelloResult)> = JoinSet::new();
     // The links waiting for their hello, oldest first (at most `max_pending` live ones).
     let mut waiting: VecDeque<(u64, AbortHandle)> = VecDeque::with_capacity(max_pending + 1);
     let mut next: u64 = 0;

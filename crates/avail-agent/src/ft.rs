@@ -1,6 +1,9 @@
 //! Level `ft` on a node: one replica (primary or secondary) of a pair, as an actor
 //! task that owns the guest and carries out the pair protocol's actions
-//! (`avail_statepoint::pair`) over a TCP link to the other replica's agent.
+//! (`avail_statepoint::pair`) over a TCP link to the other replica's agent. The guest's
+//! calls run on a thread of their own (`ft/guest_thread.rs`), so the link and its
+//! heartbeats never wait for a handler; links arrive through the replication listener
+//! (`ft/listener.rs`).
 //!
 //! ```text
 //!  ingress --Request--> [replica actor: primary] --frames--> TCP --> [replica actor: secondary]
@@ -20,14 +23,19 @@
 //! carries all), so a promoted secondary answers a retried request from the log
 //! (`Avail-Replayed: 1`) instead of running it twice.
 
-use std::collections::{BTreeMap, HashMap};
+mod guest_thread;
+mod listener;
+
+pub use listener::{HelloError, serve_replication};
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use avail_client::Client;
-use avail_driver::wasm::ft::{FtGuest, FtModule};
+use avail_driver::wasm::ft::FtModule;
 use avail_driver::{HttpRequest, HttpResponse, Instance, InstanceStatus};
 use avail_model::agent::{InstanceState, LeaseReply, LeaseRequest, Peer, ReplicaRole};
 use avail_model::spec::SecondaryLoss;
@@ -37,13 +45,14 @@ use avail_statepoint::pair::{
     LossPolicy, Msg, OutputId, PairConfig, Primary, PrimaryAction, PrimaryMode, Secondary,
     SecondaryAction,
 };
-use avail_statepoint::state::StateImage;
+use avail_statepoint::state::{StateDelta, StateImage};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::replylog::{Entry, ReplyLog};
+use crate::replylog::ReplyLog;
+use guest_thread::{Batch, Done, GuestSide, GuestThread, Pending};
 
 /// The header an ingress uses to report the ingress-assigned keys whose replies it
 /// delivered (comma-separated): the replica trims them from its reply log.
@@ -74,6 +83,9 @@ const READ_CHUNK: usize = 1 << 20;
 const LINK_BUFFER: usize = 64 << 10;
 /// Queued requests taken into an epoch at once before it may end early.
 const MAX_BATCH: usize = 64;
+/// A batch starts no request after it has run this long (or the epoch's length, when
+/// shorter), so replies and epochs are not held behind a long queue of slow handlers.
+const MAX_BATCH_MS: u64 = 10;
 /// An epoch ends early for a waiting reply only while fewer checkpoints are in flight.
 const LOW_LATENCY_INFLIGHT: usize = 1;
 
@@ -172,7 +184,6 @@ async fn read_wire(
 }
 
 enum Cmd {
-    Request(HttpRequest, oneshot::Sender<HttpResponse>),
     Peer(Option<Peer>, u64),
     /// The control plane's assignment changed: level, role, peer, generation, handover.
     Assign(Level, ReplicaRole, Option<Peer>, u64, bool),
@@ -209,7 +220,7 @@ struct Report {
 /// The handle of one replica: the slot's instance.
 pub struct FtReplica {
     /// Client requests (bounded: a full queue answers 503).
-    requests: mpsc::Sender<Cmd>,
+    requests: mpsc::Sender<Pending>,
     /// Everything else (peer changes, link events, acks, lease answers): served first,
     /// so a backlog of requests never delays the protocol.
     control: mpsc::Sender<Cmd>,
@@ -313,7 +324,11 @@ impl FtReplica {
                     Primary::promoted(cfg, policy, generation, now)
                 };
                 machine.set_commit(level == Level::Ft);
-                Role::Primary(Box::new(PrimaryState::new(machine, guest)))
+                let side = GuestSide {
+                    guest,
+                    log: ReplyLog::default(),
+                };
+                Role::Primary(Box::new(PrimaryState::new(machine, side)))
             }
             ReplicaRole::Secondary => {
                 let mut machine = Secondary::new(cfg, generation, now);
@@ -349,6 +364,9 @@ impl FtReplica {
             dial_gen: 0,
             redials: 0,
             dial_task: None,
+            guest_thread: None,
+            away: None,
+            pending: VecDeque::new(),
             state,
         };
         // The replica runs on a thread of its own with a single-threaded runtime: the
@@ -435,7 +453,7 @@ impl FtReplica {
 impl Instance for FtReplica {
     async fn handle(&self, req: HttpRequest) -> HttpResponse {
         let (tx, rx) = oneshot::channel();
-        if self.requests.try_send(Cmd::Request(req, tx)).is_err() {
+        if self.requests.try_send((req, tx)).is_err() {
             return HttpResponse::error(503, "busy", "the replica is not taking requests");
         }
         // A request the replica never took (it stopped first) did not run.
@@ -498,10 +516,26 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Capture the guest and its reply log together (the guest is between calls): a
+/// delta, or a full image.
+fn capture(side: &mut GuestSide, full: bool) -> Result<StateDelta, String> {
+    // Host state: the guest's clock floor, then the reply log.
+    let mut host = side.guest.clock_ms().to_le_bytes().to_vec();
+    side.log.expire(now_ms());
+    if full {
+        host.extend(side.log.take_full());
+        side.guest.capture_full(host)
+    } else {
+        host.extend(side.log.take_delta());
+        side.guest.capture(host)
+    }
+}
+
 struct PrimaryState {
     machine: Primary,
-    guest: FtGuest,
-    log: ReplyLog,
+    /// The guest and its reply log: here between batches, `None` while a batch runs on
+    /// the guest thread (no capture then).
+    side: Option<Box<GuestSide>>,
     /// Held replies by output id, with when they were produced.
     held: HashMap<OutputId, (oneshot::Sender<HttpResponse>, HttpResponse, Instant)>,
     next_output: OutputId,
@@ -512,11 +546,10 @@ struct PrimaryState {
 }
 
 impl PrimaryState {
-    fn new(machine: Primary, guest: FtGuest) -> PrimaryState {
+    fn new(machine: Primary, side: GuestSide) -> PrimaryState {
         PrimaryState {
             machine,
-            guest,
-            log: ReplyLog::default(),
+            side: Some(Box::new(side)),
             held: HashMap::new(),
             next_output: 1,
             checkpoints: 0,
@@ -583,20 +616,19 @@ struct Actor {
     redials: u32,
     /// The dial under way (aborted when a newer one starts).
     dial_task: Option<tokio::task::JoinHandle<()>>,
+    /// Where the guest's calls run (started at the first batch).
+    guest_thread: Option<GuestThread>,
+    /// The batch out on the guest thread, if one is.
+    away: Option<oneshot::Receiver<Done>>,
+    /// Requests taken from the queue and not yet served (at most [`MAX_BATCH`]).
+    pending: VecDeque<Pending>,
     state: Role,
-}
-
-fn idempotency_key(req: &HttpRequest) -> Option<String> {
-    req.headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case("idempotency-key"))
-        .map(|(_, v)| v.clone())
 }
 
 impl Actor {
     async fn run(
         mut self,
-        mut requests: mpsc::Receiver<Cmd>,
+        mut requests: mpsc::Receiver<Pending>,
         mut control: mpsc::Receiver<Cmd>,
         peer: Option<Peer>,
         generation: u64,
@@ -615,29 +647,38 @@ impl Actor {
                         break;
                     }
                 }
+                done = async {
+                    match self.away.as_mut() {
+                        Some(rx) => rx.await,
+                        None => std::future::pending().await,
+                    }
+                }, if self.away.is_some() => self.batch_done(done),
                 _ = tick.tick() => {
-                    // This thread may have been busy (a long guest call, capture or
-                    // apply) while the peer's messages arrived: let the link's reader
-                    // deliver them before judging the peer silent.
+                    // This thread may have been busy (a capture or an apply) while the
+                    // peer's messages arrived: let the link's reader deliver them before
+                    // judging the peer silent.
                     tokio::task::yield_now().await;
                     if !self.drain(&mut control, MAX_CONTROL_QUEUED).await {
                         break;
                     }
                     self.tick();
                 }
-                _ = epoch_timer.tick() => self.end_epoch(),
-                cmd = requests.recv() => {
-                    let Some(cmd) = cmd else { break };
-                    if !self.command(cmd).await {
-                        break;
-                    }
+                // The guest away (a batch runs): the epoch cannot end (no capture).
+                _ = epoch_timer.tick(), if self.away.is_none() => self.end_epoch(),
+                req = requests.recv(), if self.away.is_none() && self.pending.is_empty() => {
+                    let Some(req) = req else { break };
+                    self.pending.push_back(req);
                     // Take the requests already queued into this epoch before ending it.
-                    if !self.drain(&mut requests, MAX_BATCH).await {
-                        break;
+                    while self.pending.len() < MAX_BATCH {
+                        let Ok(req) = requests.try_recv() else { break };
+                        self.pending.push_back(req);
                     }
                 }
             }
+            // The epoch of the batch that came back ends first (its replies leave one
+            // round trip sooner), then the next batch goes out.
             self.end_epoch_early();
+            self.start_batch();
             self.handover_step();
             self.publish();
             if matches!(self.state, Role::Done) {
@@ -652,6 +693,16 @@ impl Actor {
                 epoch_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             }
         }
+        // A batch out runs to its end (its current call is bounded by the handler
+        // deadline, and no new call starts after the batch's time): what it ran is
+        // answered like the replies held.
+        if let Some(rx) = self.away.take() {
+            let done = rx.await;
+            self.batch_done(done);
+        }
+        for (_, tx) in self.pending.drain(..) {
+            let _ = tx.send(not_run("unavailable", "the replica stopped"));
+        }
         if let Role::Primary(p) = &mut self.state {
             for (_, (tx, _, _)) in p.held.drain() {
                 let _ = tx.send(HttpResponse::error(
@@ -662,6 +713,140 @@ impl Actor {
             }
         }
         tracing::info!(workload = %self.spec.name, "ft replica stopped");
+    }
+
+    /// Send the requests taken from the queue to the guest thread as one batch, when
+    /// the guest is here; refuse them when this replica may not serve.
+    fn start_batch(&mut self) {
+        if self.pending.is_empty() || self.away.is_some() {
+            return;
+        }
+        let Role::Primary(p) = &mut self.state else {
+            for (_, tx) in self.pending.drain(..) {
+                let _ = tx.send(not_run("unavailable", "this replica is not the active one"));
+            }
+            return;
+        };
+        if self.handing.is_some() || self.moved {
+            for (_, tx) in self.pending.drain(..) {
+                let _ = tx.send(not_run(
+                    "moving",
+                    "the workload is moving to another node; retry",
+                ));
+            }
+            return;
+        }
+        // Outputs held are bounded: no more requests than there is room for.
+        let room = if p.machine.accepting() {
+            self.cfg.max_held.saturating_sub(p.machine.held())
+        } else {
+            0
+        };
+        while self.pending.len() > room {
+            let (_, tx) = self.pending.pop_back().expect("longer than room");
+            let _ = tx.send(HttpResponse::error(
+                503,
+                "unavailable",
+                "the replica is not taking requests",
+            ));
+        }
+        if self.pending.is_empty() {
+            return;
+        }
+        let Some(side) = p.side.take() else {
+            return;
+        };
+        if self.guest_thread.is_none() {
+            match GuestThread::spawn(&self.spec.name, self.module.clone()) {
+                Ok(t) => self.guest_thread = Some(t),
+                Err(e) => {
+                    p.side = Some(side);
+                    tracing::error!(workload = %self.spec.name, "guest thread: {e}");
+                    for (_, tx) in self.pending.drain(..) {
+                        let _ = tx.send(not_run("unavailable", "the replica cannot run its guest"));
+                    }
+                    return;
+                }
+            }
+        }
+        let (done, rx) = oneshot::channel();
+        let batch = Batch {
+            side,
+            requests: self.pending.drain(..).collect(),
+            level: self.level,
+            keep_changes: self.peer.is_some(),
+            budget: epoch_period(self.level, &self.spec, self.handover)
+                .min(Duration::from_millis(MAX_BATCH_MS)),
+            done,
+        };
+        let thread = self.guest_thread.as_ref().expect("started above");
+        match thread.send(batch) {
+            Ok(()) => self.away = Some(rx),
+            Err(batch) => {
+                // The thread ended (a panic): the guest came back with the batch; the
+                // next batch starts a new thread.
+                p.side = Some(batch.side);
+                for (_, tx) in batch.requests {
+                    let _ = tx.send(not_run("unavailable", "the replica's guest thread ended"));
+                }
+                self.guest_thread = None;
+            }
+        }
+    }
+
+    /// A batch came back from the guest thread: the guest is here again, and its
+    /// replies are held until the checkpoint of this epoch is acknowledged (output
+    /// commit), or released at once when nothing is held (below `ft`).
+    fn batch_done(&mut self, done: Result<Done, oneshot::error::RecvError>) {
+        self.away = None;
+        let Ok(done) = done else {
+            // The guest thread ended in the middle of a batch (a panic): the guest
+            // and the replies of its batch are lost, so this replica cannot go on.
+            tracing::error!(workload = %self.spec.name, "the guest thread ended during a call");
+            self.report.lock().unwrap_or_else(|p| p.into_inner()).failed =
+                Some("the guest thread ended during a call".into());
+            self.guest_thread = None;
+            self.state = Role::Done;
+            return;
+        };
+        let Role::Primary(p) = &mut self.state else {
+            // Fenced while the batch ran: nothing it produced may leave.
+            for (tx, _) in done.replies {
+                let _ = tx.send(HttpResponse::error(
+                    503,
+                    "unavailable",
+                    "this replica was fenced; retry",
+                ));
+            }
+            for (_, tx) in done.unrun {
+                let _ = tx.send(not_run("unavailable", "this replica is not the active one"));
+            }
+            return;
+        };
+        p.side = Some(done.side);
+        p.restarts += done.restarts;
+        if done.remade {
+            p.machine.resync();
+        }
+        // Not started: first in the next batch.
+        for r in done.unrun.into_iter().rev() {
+            self.pending.push_front(r);
+        }
+        for (tx, resp) in done.replies {
+            let Role::Primary(p) = &mut self.state else {
+                let _ = tx.send(HttpResponse::error(
+                    503,
+                    "unavailable",
+                    "this replica was fenced; retry",
+                ));
+                continue;
+            };
+            let id = p.next_output;
+            p.next_output += 1;
+            p.held.insert(id, (tx, resp, Instant::now()));
+            let actions = p.machine.output(id);
+            self.primary_actions(actions);
+        }
     }
 
     /// Serve up to `max` commands already queued on `rx`; `false` when one says stop.
@@ -684,17 +869,18 @@ impl Actor {
                 r.generation = p.machine.generation();
                 r.restarts = p.restarts;
                 let oldest = p.held.values().map(|(_, _, t)| *t).min();
-                r.ft = FtStatus {
-                    mode: format!("{:?}", p.machine.mode()).to_lowercase(),
-                    acked_epoch: p.machine.acked().unwrap_or(0),
-                    lag_ms: oldest.map(|t| t.elapsed().as_millis() as u64).unwrap_or(0),
-                    lag_bytes: p.inflight_bytes.values().sum(),
-                    checkpoints: p.checkpoints,
-                    tracker: p.guest.tracker().to_string(),
-                    reply_log_entries: p.log.len() as u64,
-                    reply_log_bytes: p.log.bytes() as u64,
-                    reply_log_refusals: p.log.refusals(),
-                };
+                r.ft.mode = format!("{:?}", p.machine.mode()).to_lowercase();
+                r.ft.acked_epoch = p.machine.acked().unwrap_or(0);
+                r.ft.lag_ms = oldest.map(|t| t.elapsed().as_millis() as u64).unwrap_or(0);
+                r.ft.lag_bytes = p.inflight_bytes.values().sum();
+                r.ft.checkpoints = p.checkpoints;
+                // The guest side's figures as of when it was last here (a batch runs).
+                if let Some(side) = &p.side {
+                    r.ft.tracker = side.guest.tracker().to_string();
+                    r.ft.reply_log_entries = side.log.len() as u64;
+                    r.ft.reply_log_bytes = side.log.bytes() as u64;
+                    r.ft.reply_log_refusals = side.log.refusals();
+                }
             }
             Role::Secondary(s) => {
                 r.role = ReplicaRole::Secondary;
@@ -910,116 +1096,10 @@ impl Actor {
                     s.machine.touch(generation, now_ms());
                 }
             }
-            Cmd::Request(req, reply) => self.request(req, reply),
             Cmd::FromPeer(w) => self.on_peer_message(w),
             Cmd::Lease(granted) => self.lease(granted),
         }
         true
-    }
-
-    fn request(&mut self, req: HttpRequest, reply: oneshot::Sender<HttpResponse>) {
-        let Role::Primary(p) = &mut self.state else {
-            let _ = reply.send(not_run("unavailable", "this replica is not the active one"));
-            return;
-        };
-        if self.handing.is_some() || self.moved {
-            let _ = reply.send(not_run(
-                "moving",
-                "the workload is moving to another node; retry",
-            ));
-            return;
-        }
-        if !p.machine.accepting() {
-            let _ = reply.send(HttpResponse::error(
-                503,
-                "unavailable",
-                "the replica is not taking requests",
-            ));
-            return;
-        }
-        let mut req = req;
-        if let Some(i) = req
-            .headers
-            .iter()
-            .position(|(n, _)| n.eq_ignore_ascii_case(DELIVERED_HEADER))
-        {
-            let (_, v) = req.headers.swap_remove(i);
-            p.log.delivered(v.split(',').map(str::trim));
-        }
-        let key = idempotency_key(&req);
-        let logged = !matches!(req.method.as_str(), "GET" | "HEAD");
-        let new_key = logged && key.as_ref().is_some_and(|k| p.log.get(k).is_none());
-        // Below ft the log is best effort (nothing fails over relying on it): the
-        // oldest replies make room. At ft a young reply is never evicted.
-        if new_key && self.level != Level::Ft {
-            p.log.make_room(now_ms());
-        }
-        if new_key && self.level == Level::Ft && !p.log.has_room(now_ms()) {
-            let mut r = HttpResponse::error(
-                503,
-                "busy",
-                "the reply log is full of replies not yet delivered; retry",
-            );
-            r.headers.push(("retry-after".into(), "1".into()));
-            let _ = reply.send(r);
-            return;
-        }
-        let resp = match key.as_ref().and_then(|k| p.log.get(k)) {
-            Some(e) => {
-                let mut headers = e.headers.clone();
-                headers.push(("avail-replayed".into(), "1".into()));
-                HttpResponse {
-                    status: e.status,
-                    headers,
-                    body: e.body.clone().into(),
-                }
-            }
-            None => {
-                let resp = match p.guest.call(&req) {
-                    Ok(r) => r,
-                    // At ft the guest goes on from the state the fault left (the
-                    // checkpoints describe it). Below ft it is made afresh, like a plain
-                    // instance, and a standby gets a full image of the new one.
-                    Err(r) if self.level == Level::Ft => r,
-                    Err(r) => {
-                        match self.module.fresh() {
-                            Ok(g) => {
-                                p.guest = g;
-                                p.machine.resync();
-                                tracing::warn!(workload = %self.spec.name, "guest fault: instance made afresh");
-                            }
-                            Err(e) => {
-                                tracing::error!(workload = %self.spec.name, "guest fault, and a fresh instance failed: {e}")
-                            }
-                        }
-                        p.restarts += 1;
-                        r
-                    }
-                };
-                if let (Some(k), true) = (key, logged) {
-                    p.log.insert(
-                        k,
-                        Entry {
-                            status: resp.status,
-                            headers: resp.headers.clone(),
-                            body: resp.body.to_vec(),
-                            at_ms: now_ms(),
-                        },
-                    );
-                    // No peer takes captures: the changes need not be kept (a peer
-                    // attached later gets a full image).
-                    if self.peer.is_none() {
-                        p.log.forget_changes();
-                    }
-                }
-                resp
-            }
-        };
-        let id = p.next_output;
-        p.next_output += 1;
-        p.held.insert(id, (reply, resp, Instant::now()));
-        let actions = p.machine.output(id);
-        self.primary_actions(actions);
     }
 
     /// Low-latency mode: a reply of the running epoch is waiting and the link is idle:
@@ -1035,9 +1115,14 @@ impl Actor {
     }
 
     fn end_epoch(&mut self) {
+        // A checkpoint is captured at once: only while the guest is here, between
+        // batches (a batch out makes the epoch longer, never shorter).
         let Role::Primary(p) = &mut self.state else {
             return;
         };
+        if p.side.is_none() {
+            return;
+        }
         let actions = p.machine.end_epoch(now_ms());
         self.primary_actions(actions);
     }
@@ -1149,15 +1234,10 @@ impl Actor {
                     let Role::Primary(p) = &mut self.state else {
                         return;
                     };
-                    // Host state: the guest's clock floor, then the reply log.
-                    let mut host = p.guest.clock_ms().to_le_bytes().to_vec();
-                    p.log.expire(now_ms());
-                    let captured = if full {
-                        host.extend(p.log.take_full());
-                        p.guest.capture_full(host)
-                    } else {
-                        host.extend(p.log.take_delta());
-                        p.guest.capture(host)
+                    // Epochs end only while the guest is here (see `end_epoch`).
+                    let captured = match p.side.as_mut() {
+                        Some(side) => capture(side, full),
+                        None => Err("the guest is away (a batch runs)".to_string()),
                     };
                     let message = captured.and_then(|delta| {
                         frame_message(&Frame {
@@ -1285,6 +1365,7 @@ impl Actor {
         match self.handing {
             None if self.handover
                 && self.link.is_some()
+                && p.side.is_some()
                 && p.machine.mode() == PrimaryMode::Protected
                 && p.machine.inflight() == 0 =>
             {
@@ -1388,8 +1469,8 @@ impl Actor {
                 }
                 let mut machine = Primary::promoted(self.cfg, self.policy, generation, now_ms());
                 machine.set_commit(self.level == Level::Ft);
-                let mut p = PrimaryState::new(machine, guest);
-                p.log = std::mem::take(&mut s.log);
+                let log = std::mem::take(&mut s.log);
+                let p = PrimaryState::new(machine, GuestSide { guest, log });
                 self.state = Role::Primary(Box::new(p));
                 self.drop_link();
                 let mut r = self.report.lock().unwrap_or_else(|p| p.into_inner());
@@ -1419,8 +1500,8 @@ impl Actor {
                 tracing::info!(workload = %self.spec.name, generation, epoch, "promoted: resuming from the last applied checkpoint");
                 let mut machine = Primary::promoted(self.cfg, self.policy, generation, now_ms());
                 machine.set_commit(self.level == Level::Ft);
-                let mut p = PrimaryState::new(machine, guest);
-                p.log = std::mem::take(&mut s.log);
+                let log = std::mem::take(&mut s.log);
+                let p = PrimaryState::new(machine, GuestSide { guest, log });
                 self.state = Role::Primary(Box::new(p));
                 self.drop_link();
                 // The control plane may already have named the next secondary (for the
@@ -1520,27 +1601,6 @@ impl Actor {
                 self.secondary_actions(a);
             }
             Role::Done => {}
-        }
-    }
-}
-
-/// Accept replication links on `listener` and hand each to its secondary replica.
-pub async fn serve_replication(
-    listener: tokio::net::TcpListener,
-    find: impl Fn(&str, &str) -> Option<Arc<FtReplica>> + Send + 'static,
-) {
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
-        };
-        match tokio::time::timeout(Duration::from_secs(2), read_wire(&mut stream, |_| {})).await {
-            Ok(Ok(Wire::Hello(h))) => match find(&h.workload, &h.uid) {
-                Some(r) => r.link(stream),
-                None => {
-                    tracing::debug!(workload = %h.workload, "replication link for no local secondary")
-                }
-            },
-            _ => tracing::debug!("replication link without a hello"),
         }
     }
 }

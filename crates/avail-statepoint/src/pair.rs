@@ -1132,4 +1132,92 @@ mod tests {
             [SecondaryAction::RequestLease { from: 1, to: 2 }]
         ));
     }
+
+    /// A guest call far longer than the failure window (the driver ends no epoch while
+    /// the guest runs) is not silence: both sides keep ticking and exchanging
+    /// heartbeats, nobody asks for a lease, and the call's output leaves on the ack of
+    /// the epoch that ends after it.
+    #[test]
+    fn a_long_epoch_with_heartbeats_is_not_a_lost_peer() {
+        let c = cfg();
+        let mut p = Primary::new(c, LossPolicy::Hold, 1, 0);
+        let mut s = Secondary::new(c, 1, 0);
+        let full = p.end_epoch(0);
+        assert_eq!(
+            s.receive(
+                Msg::Checkpoint {
+                    generation: 1,
+                    epoch: 1,
+                    full: true
+                },
+                0
+            ),
+            vec![SecondaryAction::Apply {
+                epoch: 1,
+                full: true
+            }]
+        );
+        assert_eq!(full.len(), 1);
+        let ack = s.applied(1, true, 0);
+        for a in ack {
+            if let SecondaryAction::Send(m) = a {
+                p.receive(m, 0);
+            }
+        }
+        assert_eq!(p.mode(), PrimaryMode::Protected);
+        // A call of 20 failure windows: only ticks and heartbeats in between.
+        let long_ms = 20 * c.failure_ms;
+        for t in (1..=long_ms).step_by(10) {
+            for a in p.tick(t) {
+                match a {
+                    PrimaryAction::Send(m @ Msg::Heartbeat { .. }) => {
+                        assert!(s.receive(m, t).is_empty());
+                    }
+                    other => panic!("primary at {t} ms: {other:?}"),
+                }
+            }
+            for a in s.tick(t) {
+                match a {
+                    SecondaryAction::Send(m @ Msg::Heartbeat { .. }) => {
+                        assert!(p.receive(m, t).is_empty());
+                    }
+                    other => panic!("secondary at {t} ms: {other:?}"),
+                }
+            }
+        }
+        assert_eq!(p.mode(), PrimaryMode::Protected);
+        assert_eq!(s.mode(), SecondaryMode::Synced);
+        // The call's output; the epoch ends after it; its ack releases it.
+        assert!(p.output(7).is_empty());
+        let send = p.end_epoch(long_ms + 1);
+        assert!(matches!(
+            send.as_slice(),
+            [PrimaryAction::Send(Msg::Checkpoint {
+                epoch: 2,
+                full: false,
+                ..
+            })]
+        ));
+        assert_eq!(
+            s.receive(
+                Msg::Checkpoint {
+                    generation: 1,
+                    epoch: 2,
+                    full: false
+                },
+                long_ms + 1
+            ),
+            vec![SecondaryAction::Apply {
+                epoch: 2,
+                full: false
+            }]
+        );
+        let [SecondaryAction::Send(ack)] = s.applied(2, true, long_ms + 2)[..] else {
+            panic!("one ack");
+        };
+        assert_eq!(
+            p.receive(ack, long_ms + 2),
+            vec![PrimaryAction::Release(vec![7])]
+        );
+    }
 }

@@ -541,3 +541,257 @@ async fn bad_frames_on_the_replication_link_are_refused_whole() {
     assert_eq!(b["total"], 100000);
     assert_eq!(b["transfers"], 10);
 }
+
+/// Write `module` and a spec for it to the cluster's dir and run it (`avail workload run
+/// -f`, without waiting): workload `name` at `level`, handler deadline `timeout_ms`.
+fn run_module(c: &Cluster, name: &str, module: &[u8], level: &str, timeout_ms: u32) {
+    let dir = c.dir.path();
+    std::fs::write(dir.join(format!("{name}.wasm")), module).unwrap();
+    let spec = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"{name}\"\ndriver = \"wasm\"\nartifact = \"{name}.wasm\"\nlevel = \"{level}\"\ntimeout_ms = {timeout_ms}\n\n[resources]\nmemory_mib = 2\n"
+        ),
+    )
+    .unwrap();
+    let out = c.cli(&["workload", "run", "--detach", "-f", spec.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The `workload.failover` events of workload `name` so far.
+async fn failovers(c: &Cluster, name: &str) -> Vec<String> {
+    let ev: Vec<avail_model::ClusterEvent> = c
+        .client()
+        .get(&format!("/v1/workloads/{name}/events"))
+        .await
+        .unwrap();
+    ev.into_iter()
+        .filter(|e| e.kind == "workload.failover")
+        .map(|e| e.message)
+        .collect()
+}
+
+/// The guest's counter through an ingress (`GET`, answered at once).
+async fn slow_counter(ingress: &avail_client::Client, name: &str) -> u64 {
+    let r = ingress
+        .raw(hyper::Method::GET, &format!("/w/{name}/"), None, &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    avail_testkit::slow_guest::counter(&r.body).expect("an 8-byte counter")
+}
+
+/// A guest whose writes take 300 ms each (its deadline is 400 ms), at level ft, under
+/// several concurrent clients for some seconds: the replica's link keeps its heartbeats
+/// while the guest runs, so nothing fails over: every request is answered 200 once,
+/// the generation stays, no `workload.failover` event, the pair stays protected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_handlers_near_their_deadline_cause_no_failover() {
+    use avail_testkit::ft::protected;
+    let c = Cluster::start(BIN.as_ref(), 3).await;
+    run_module(
+        &c,
+        "slow",
+        &avail_testkit::slow_guest::module(300),
+        "ft",
+        400,
+    );
+    let w = protected(&c, "slow").await;
+    let entry = avail_testkit::ft::bystander(&c, &w);
+    let ingress = avail_client::Client::new(&c.ingress(entry), None, None)
+        .with_timeout(Duration::from_secs(30));
+    assert_eq!(slow_counter(&ingress, "slow").await, 0);
+
+    // 4 clients x 5 writes of 300 ms: some seconds of a guest busy all the time.
+    let (clients, each) = (4, 5u64);
+    let mut tasks = Vec::new();
+    for k in 0..clients {
+        let ingress = ingress.clone();
+        tasks.push(tokio::spawn(async move {
+            for sent in 0..each {
+                let t = std::time::Instant::now();
+                let r = ingress
+                    .raw(
+                        hyper::Method::POST,
+                        "/w/slow/write",
+                        Some((Vec::new().into(), "application/octet-stream")),
+                        &[("idempotency-key", &format!("slow-{k}-{sent}"))],
+                    )
+                    .await
+                    .map_err(|e| format!("client {k} request {sent}: {e}"))?;
+                if r.status != 200 {
+                    return Err(format!(
+                        "client {k} request {sent}: {} after {:?}: {}",
+                        r.status,
+                        t.elapsed(),
+                        String::from_utf8_lossy(&r.body)
+                    ));
+                }
+                if r.headers.contains_key("avail-replayed") {
+                    return Err(format!("client {k} request {sent} was replayed"));
+                }
+            }
+            Ok::<u64, String>(each)
+        }));
+    }
+    let mut sent = 0;
+    let load = std::time::Instant::now();
+    for t in tasks {
+        sent += t.await.unwrap().unwrap();
+    }
+    eprintln!(
+        "{sent} writes of 300 ms by {clients} clients in {:?}",
+        load.elapsed()
+    );
+    // Each write ran exactly once, on the one primary.
+    assert_eq!(slow_counter(&ingress, "slow").await, sent);
+    let after = protected(&c, "slow").await;
+    assert_eq!(
+        after.status.generation, w.status.generation,
+        "{:?}",
+        after.status
+    );
+    assert_eq!(after.status.node, w.status.node, "{:?}", after.status);
+    assert_eq!(failovers(&c, "slow").await, Vec::<String>::new());
+    let m = c
+        .client()
+        .raw(hyper::Method::GET, "/metrics", None, &[])
+        .await
+        .unwrap();
+    let want = format!(
+        "avail_ft_generation{{workload=\"slow\"}} {}",
+        w.status.generation
+    );
+    assert!(String::from_utf8_lossy(&m.body).contains(&want), "{want}");
+}
+
+/// A runaway handler (`timeout_ms = 500`) is stopped at its deadline and answered
+/// `504 guest_timeout` well before the 10 s it once took, at levels `ft` and `none`.
+/// At `ft` nothing fails over, and the instance goes on from the state the interrupted
+/// call left (its counter moved), which the next checkpoint carries to the secondary: a
+/// failover afterwards resumes from that same state. At `none` the instance is made
+/// afresh (the counter starts again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runaway_handlers_answer_504_at_their_deadline() {
+    use avail_testkit::ft::protected;
+    use avail_testkit::slow_guest::{RUNAWAY, module};
+    let mut c = Cluster::start(BIN.as_ref(), 3).await;
+    run_module(&c, "spin-ft", &module(RUNAWAY), "ft", 500);
+    run_module(&c, "spin-none", &module(RUNAWAY), "none", 500);
+    let w = protected(&c, "spin-ft").await;
+    c.wait_workload("spin-none", "running", Duration::from_secs(30), |w| {
+        (w.status.phase == avail_model::Phase::Running)
+            .then_some(())
+            .ok_or_else(|| format!("{:?}", w.status))
+    })
+    .await;
+    let entry = avail_testkit::ft::bystander(&c, &w);
+    let ingress = avail_client::Client::new(&c.ingress(entry), None, None)
+        .with_timeout(Duration::from_secs(30));
+    for (name, after) in [("spin-ft", 1), ("spin-none", 0)] {
+        assert_eq!(slow_counter(&ingress, name).await, 0);
+        let t = std::time::Instant::now();
+        let r = ingress
+            .raw(
+                hyper::Method::POST,
+                &format!("/w/{name}/spin"),
+                Some((Vec::new().into(), "application/octet-stream")),
+                &[("idempotency-key", &format!("{name}-1"))],
+            )
+            .await
+            .unwrap();
+        let took = t.elapsed();
+        eprintln!(
+            "{name}: a runaway with timeout_ms 500 answered {} in {took:?}",
+            r.status
+        );
+        assert_eq!(r.status, 504, "{}", String::from_utf8_lossy(&r.body));
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["error"]["code"], "guest_timeout", "{body}");
+        // A generous liveness bound (the figure is in docs/benchmarks.md).
+        assert!(took < Duration::from_secs(3), "{name}: 504 after {took:?}");
+        assert_eq!(slow_counter(&ingress, name).await, after, "{name}");
+    }
+    let now = protected(&c, "spin-ft").await;
+    assert_eq!(
+        now.status.generation, w.status.generation,
+        "{:?}",
+        now.status
+    );
+    assert_eq!(failovers(&c, "spin-ft").await, Vec::<String>::new());
+
+    // The secondary holds the state the interrupted call left: the primary's host dies,
+    // and the new primary answers with the same counter.
+    c.kill_agent(index(w.status.node.as_deref().unwrap()));
+    c.wait_workload("spin-ft", "failed over", Duration::from_secs(30), |x| {
+        (x.status.node == w.status.secondary && x.status.generation > w.status.generation)
+            .then_some(())
+            .ok_or_else(|| format!("{:?}", x.status))
+    })
+    .await;
+    assert_eq!(slow_counter(&ingress, "spin-ft").await, 1);
+}
+
+/// 100 idle connections held open to each node's replication port (each opened again
+/// when the node closes it at its hello deadline) do not stop a new ft workload from
+/// reaching `ft:protected`: hellos are read concurrently, each within its own deadline
+/// (they were read one after the other, 2 s each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_to_the_replication_port_do_not_delay_a_pair() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use tokio::io::AsyncReadExt;
+    let c = Cluster::start(BIN.as_ref(), 3).await;
+    let (stop, opened) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let mut idle = Vec::new();
+    for i in 0..3 {
+        let target = format!("{}:7481", c.agent_addr(i));
+        for _ in 0..100 {
+            let (target, stop, opened) = (target.clone(), stop.clone(), opened.clone());
+            idle.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(mut s) = tokio::net::TcpStream::connect(&target).await {
+                        opened.fetch_add(1, Ordering::Relaxed);
+                        // Says nothing; waits until the node closes it (or the end).
+                        let mut b = [0u8; 1];
+                        let _ = tokio::time::timeout(Duration::from_secs(60), s.read(&mut b)).await;
+                    }
+                    // Paced, so a refused connection is not retried in a tight loop.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }));
+        }
+    }
+    wait_until("300 idle connections open", Duration::from_secs(30), || {
+        let n = opened.load(Ordering::Relaxed);
+        async move {
+            if n >= 300 {
+                Ok(())
+            } else {
+                Err(format!("{n} opened"))
+            }
+        }
+    })
+    .await;
+    let t = std::time::Instant::now();
+    avail_testkit::ft::run_bank_ft(&c, &["--detach"]);
+    let w = avail_testkit::ft::protected(&c, "bank").await;
+    eprintln!(
+        "ft:protected {:?} after the run, with 100 idle connections on each replication port ({} opened in all)",
+        t.elapsed(),
+        opened.load(Ordering::Relaxed)
+    );
+    assert_eq!(w.status.generation, 1, "{:?}", w.status);
+    stop.store(true, Ordering::Relaxed);
+    for t in idle {
+        t.abort();
+    }
+}

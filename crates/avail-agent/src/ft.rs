@@ -43,7 +43,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::replylog::{Entry, ReplyLog};
+use crate::replylog::{Entry, Lookup, ReplyLog, request_digest};
 
 /// The header an ingress uses to report the ingress-assigned keys whose replies it
 /// delivered (comma-separated): the replica trims them from its reply log.
@@ -586,6 +586,25 @@ struct Actor {
     state: Role,
 }
 
+/// The reply to a request whose `Idempotency-Key` answered another request: `422`,
+/// nothing run.
+fn key_reused() -> HttpResponse {
+    let body = avail_model::ApiErrorBody {
+        error: avail_model::ApiError {
+            code: "idempotency_key_reused".into(),
+            message: "this Idempotency-Key was used by a different request (method, path \
+                      or body); use a new key for a new request"
+                .into(),
+            field: Some("Idempotency-Key".into()),
+        },
+    };
+    HttpResponse {
+        status: 422,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: serde_json::to_vec(&body).expect("error serialises").into(),
+    }
+}
+
 fn idempotency_key(req: &HttpRequest) -> Option<String> {
     req.headers
         .iter()
@@ -947,6 +966,14 @@ impl Actor {
             p.log.delivered(v.split(',').map(str::trim));
         }
         let key = idempotency_key(&req);
+        let digest = request_digest(&req.method, &req.path, &req.body);
+        if key
+            .as_ref()
+            .is_some_and(|k| p.log.lookup(k, &digest) == Lookup::Reused)
+        {
+            let _ = reply.send(key_reused());
+            return;
+        }
         let logged = !matches!(req.method.as_str(), "GET" | "HEAD");
         let new_key = logged && key.as_ref().is_some_and(|k| p.log.get(k).is_none());
         // Below ft the log is best effort (nothing fails over relying on it): the
@@ -1000,6 +1027,7 @@ impl Actor {
                     p.log.insert(
                         k,
                         Entry {
+                            request: digest,
                             status: resp.status,
                             headers: resp.headers.clone(),
                             body: resp.body.to_vec(),

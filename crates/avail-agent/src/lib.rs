@@ -12,6 +12,7 @@
 //! wasm instances live in the agent's process, and process workloads die with it
 //! (`PR_SET_PDEATHSIG`).
 
+pub mod capacity;
 pub mod ft;
 pub mod ingress;
 pub mod replylog;
@@ -49,8 +50,10 @@ pub struct AgentConfig {
     pub join_token: String,
     /// Tags.
     pub tags: BTreeMap<String, String>,
-    /// Capacity offered.
+    /// Capacity offered (by default the machine's: [`capacity::machine`]).
     pub capacity: Resources,
+    /// The most workload replicas the node takes.
+    pub max_workloads: u32,
     /// Memory the node's `ft` secondaries may hold in checkpoint images, MiB.
     pub ft_secondary_memory_mib: u64,
     /// Data directory (artifact cache).
@@ -104,6 +107,7 @@ async fn join(cfg: &AgentConfig, client: &Client) -> Result<JoinResponse, AgentE
         ingress_url: format!("http://{}", SocketAddr::new(cfg.addr, cfg.ingress_port)),
         tags: cfg.tags.clone(),
         capacity: cfg.capacity,
+        max_workloads: cfg.max_workloads,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         boot_id: cfg.boot_id.clone(),
         replication_addr: SocketAddr::new(cfg.addr, cfg.replication_port).to_string(),

@@ -21,6 +21,9 @@ pub struct JoinRequest {
     pub tags: BTreeMap<String, String>,
     /// Capacity offered.
     pub capacity: Resources,
+    /// The most workload replicas the node takes.
+    #[serde(default = "crate::node::default_max_workloads")]
+    pub max_workloads: u32,
     /// Agent version.
     pub agent_version: String,
     /// Identifies this run of the agent process: a new value means the node restarted

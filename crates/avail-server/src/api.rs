@@ -1132,6 +1132,7 @@ async fn join(
             .map(|o| o.tag_overrides.clone())
             .unwrap_or_default(),
         capacity: req.capacity,
+        max_workloads: req.max_workloads,
         joined_ms: existing
             .as_ref()
             .map(|o| o.joined_ms)

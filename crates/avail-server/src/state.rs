@@ -44,6 +44,9 @@ pub struct NodeRecord {
     pub tag_overrides: BTreeMap<String, Option<String>>,
     /// Capacity.
     pub capacity: Resources,
+    /// The most workload replicas it takes.
+    #[serde(default = "avail_model::node::default_max_workloads")]
+    pub max_workloads: u32,
     /// First join.
     pub joined_ms: u64,
     /// Agent version.
@@ -101,6 +104,8 @@ pub struct View {
     /// Resources placed on each node (primaries and ft secondaries), kept up to date as
     /// workloads change: no scan of the workloads per node.
     pub allocated: HashMap<String, Resources>,
+    /// Replicas placed on each node (against its workload limit), kept like `allocated`.
+    pub replicas: HashMap<String, u32>,
     /// The scheduler's indexed view, kept up to date as nodes, their tags, their
     /// allocations and (from the liveness tick) their readiness change.
     pub sched: ClusterView,
@@ -141,11 +146,14 @@ impl View {
                 cpu_millis: 0,
                 memory_mib: 0,
             });
+            let k = self.replicas.entry(n.to_string()).or_default();
             if add {
                 *a = a.saturating_add(w.spec.resources);
+                *k = k.saturating_add(1);
                 self.sched.allocate(n, w.spec.resources);
             } else {
                 *a = a.saturating_sub(w.spec.resources);
+                *k = k.saturating_sub(1);
                 self.sched.release(n, w.spec.resources);
             }
         }
@@ -189,6 +197,8 @@ impl View {
                 cpu_millis: 0,
                 memory_mib: 0,
             }),
+            workloads: self.replicas.get(&rec.name).copied().unwrap_or(0),
+            max_workloads: rec.max_workloads,
             schedulable,
             reserved,
         });
@@ -534,6 +544,8 @@ impl AppState {
             tags: rec.tags.clone(),
             capacity: rec.capacity,
             allocated,
+            workloads: view.replicas.get(&rec.name).copied().unwrap_or(0),
+            max_workloads: rec.max_workloads,
             state: self.node_state(&rec.name, view),
             last_heartbeat_ms: last,
             joined_ms: rec.joined_ms,
@@ -2402,6 +2414,7 @@ mod tests {
                 cpu_millis: 1000,
                 memory_mib: 1000,
             },
+            max_workloads: avail_model::node::DEFAULT_MAX_WORKLOADS,
             joined_ms: 0,
             agent_version: String::new(),
             replication_addr: String::new(),

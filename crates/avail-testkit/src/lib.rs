@@ -288,7 +288,15 @@ impl Cluster {
             "--data-dir".into(),
             self.dir.path().join(&name).display().to_string(),
         ];
-        args.extend(self.agent_args.get(i).cloned().unwrap_or_default());
+        let extra = self.agent_args.get(i).cloned().unwrap_or_default();
+        // Tests were written for nodes of 4 cores and 4 GiB whatever the machine: keep
+        // that unless the test sets its own (a node offers its machine by default).
+        for (flag, value) in [("--cpu-millis", "4000"), ("--memory-mib", "4096")] {
+            if !extra.iter().any(|a| a == flag) {
+                args.extend([flag.to_string(), value.to_string()]);
+            }
+        }
+        args.extend(extra);
         Proc::spawn(
             &self.bin,
             &args,

@@ -12,6 +12,7 @@
 //! wasm instances live in the agent's process, and process workloads die with it
 //! (`PR_SET_PDEATHSIG`).
 
+pub mod body_budget;
 pub mod capacity;
 pub mod ft;
 pub mod ingress;

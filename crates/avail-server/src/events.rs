@@ -12,7 +12,8 @@ use crate::keys;
 pub const KEEP_EVENTS: u64 = 10_000;
 /// Trim once per this many events.
 const TRIM_EVERY: u64 = 500;
-/// Live subscribers that fall this far behind miss events (the server logs it).
+/// Events the broadcast to followers holds (shared by all); a follower's forwarder
+/// that falls this far behind is dropped ([`crate::followers`]).
 pub const STREAM_BUFFER: usize = 1024;
 
 /// Records events and fans them out.
@@ -22,6 +23,8 @@ pub struct Events {
     /// followers see events in sequence order with no gaps.
     next_seq: tokio::sync::Mutex<u64>,
     tx: broadcast::Sender<ClusterEvent>,
+    /// Followers of the live stream, bounded.
+    pub followers: crate::followers::Followers,
 }
 
 impl Events {
@@ -37,6 +40,7 @@ impl Events {
             store,
             next_seq: tokio::sync::Mutex::new(last + 1),
             tx,
+            followers: Default::default(),
         })
     }
 

@@ -10,6 +10,7 @@
 pub mod api;
 pub mod auth;
 pub mod events;
+pub mod followers;
 pub mod keys;
 pub mod metrics;
 pub mod state;

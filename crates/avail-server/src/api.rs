@@ -949,16 +949,18 @@ async fn events(
             ),
         ));
     };
-    // Replay what is kept after `since` a page at a time, then follow live.
+    // Replay what is kept after `since` up to the last event recorded before the
+    // subscription, a page at a time, then follow live.
     enum Phase {
         Replay(std::vec::IntoIter<ClusterEvent>, bool),
         Live,
     }
+    let upto = state.events.last_seq().await;
     let first = state
         .events
-        .history(q.since, None, crate::followers::REPLAY_PAGE, false)
+        .page(q.since, upto, crate::followers::REPLAY_PAGE)
         .await?;
-    let more = first.len() == crate::followers::REPLAY_PAGE;
+    let more = first.last().is_some_and(|e| e.seq < upto);
     let s = stream::unfold(
         (
             state.clone(),
@@ -966,7 +968,7 @@ async fn events(
             q.since,
             Phase::Replay(first.into_iter(), more),
         ),
-        |(state, follower, mut last, mut phase)| async move {
+        move |(state, follower, mut last, mut phase)| async move {
             loop {
                 match &mut phase {
                     Phase::Replay(page, more) => {
@@ -977,11 +979,11 @@ async fn events(
                         phase = if *more {
                             match state
                                 .events
-                                .history(last, None, crate::followers::REPLAY_PAGE, false)
+                                .page(last, upto, crate::followers::REPLAY_PAGE)
                                 .await
                             {
                                 Ok(p) => {
-                                    let more = p.len() == crate::followers::REPLAY_PAGE;
+                                    let more = p.last().is_some_and(|e| e.seq < upto);
                                     Phase::Replay(p.into_iter(), more)
                                 }
                                 Err(e) => {

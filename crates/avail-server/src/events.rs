@@ -118,6 +118,36 @@ impl Events {
         Ok(out)
     }
 
+    /// The last sequence number given (0: none yet). Taken after an event being recorded
+    /// is persisted and broadcast.
+    pub async fn last_seq(&self) -> u64 {
+        *self.next_seq.lock().await - 1
+    }
+
+    /// Stored events with `after < seq <= upto`, oldest first, at most `limit`: point
+    /// reads of their keys (a page costs `limit` lookups, not a read of the history).
+    /// Events trimmed or never persisted are skipped.
+    pub async fn page(
+        &self,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> avail_store::Result<Vec<ClusterEvent>> {
+        let from = (after + 1).max(upto.saturating_sub(KEEP_EVENTS) + 1);
+        let mut out = Vec::new();
+        for seq in from..=upto {
+            if out.len() >= limit {
+                break;
+            }
+            if let Some(kv) = self.store.get(&keys::event(seq)).await?
+                && let Ok(ev) = serde_json::from_slice::<ClusterEvent>(&kv.value)
+            {
+                out.push(ev);
+            }
+        }
+        Ok(out)
+    }
+
     /// Subscribe to live events.
     pub fn subscribe(&self) -> broadcast::Receiver<ClusterEvent> {
         self.tx.subscribe()

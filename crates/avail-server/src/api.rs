@@ -384,27 +384,40 @@ async fn create_workload(
     let mut checkpointable = true;
     if spec.driver == DriverKind::Wasm {
         let path = state.artifacts_dir().join(artifact_file(&spec.artifact));
-        let module = tokio::fs::read(&path).await.map_err(|_| {
-            ApiErr::invalid(
-                "artifact",
-                format!(
-                    "{} has not been uploaded (PUT /v1/artifacts)",
-                    spec.artifact
-                ),
-            )
-        })?;
-        let ft = spec.level == avail_model::Level::Ft;
-        checkpointable = tokio::task::spawn_blocking(move || {
-            avail_driver::wasm::check(&module)?;
-            match avail_statepoint::rewrite::rewrite(&module) {
-                Ok(_) => Ok(true),
-                Err(e) if ft => Err(e.to_string()),
-                Err(_) => Ok(false),
+        // Checked once per artifact digest (the bytes are named by it).
+        let checked = match state.module_checks.get(&spec.artifact) {
+            Some(c) => c,
+            None => {
+                let module = tokio::fs::read(&path).await.map_err(|_| {
+                    ApiErr::invalid(
+                        "artifact",
+                        format!(
+                            "{} has not been uploaded (PUT /v1/artifacts)",
+                            spec.artifact
+                        ),
+                    )
+                })?;
+                let c = tokio::task::spawn_blocking(move || {
+                    crate::module_checks::ModuleChecks::check(&module)
+                })
+                .await
+                .map_err(|e| {
+                    ApiErr::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+                })?;
+                state.module_checks.put(&spec.artifact, c.clone());
+                c
             }
-        })
-        .await
-        .map_err(|e| ApiErr::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-        .map_err(|m| ApiErr::invalid("artifact", m))?;
+        };
+        checked
+            .valid
+            .map_err(|m| ApiErr::invalid("artifact", m))?;
+        checkpointable = match checked.rewrite {
+            Ok(()) => true,
+            Err(e) if spec.level == avail_model::Level::Ft => {
+                return Err(ApiErr::invalid("artifact", e));
+            }
+            Err(_) => false,
+        };
     }
     let name = spec.name.clone();
     let _guard = state.placement.lock().await;

@@ -13,6 +13,7 @@ pub mod events;
 pub mod followers;
 pub mod keys;
 pub mod metrics;
+pub mod module_checks;
 pub mod state;
 
 use std::net::SocketAddr;

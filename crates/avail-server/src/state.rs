@@ -314,6 +314,8 @@ pub struct AppState {
     drain_blocked: Mutex<HashMap<String, String>>,
     /// Placements decided so far: the seed of each plan's random sample.
     placements: std::sync::atomic::AtomicU64,
+    /// Module checks remembered per artifact digest.
+    pub module_checks: crate::module_checks::ModuleChecks,
     /// Serialises placement decisions so two never use the same capacity.
     pub placement: tokio::sync::Mutex<()>,
 }
@@ -368,6 +370,7 @@ impl AppState {
             failed_on: Mutex::new(HashMap::new()),
             drain_blocked: Mutex::new(HashMap::new()),
             placements: std::sync::atomic::AtomicU64::new(0),
+            module_checks: Default::default(),
         });
         let rev = state.load().await?;
         let watch = state.store.watch("/", rev).await?;
@@ -824,7 +827,19 @@ impl AppState {
             let Some((mut w, rev)) = self.workload(&name) else {
                 continue;
             };
-            if let (Decision::Place { node, .. }, at) = self.decide(&w) {
+            let (decision, at) = self.decide(&w);
+            if let Decision::Unplaceable { explanation } = &decision {
+                // The reason kept with the workload follows the cluster (a node that was
+                // not ready may now be at its workload limit): written when it changes.
+                let message = format!("unplaceable: {explanation}");
+                if w.status.message.as_deref() != Some(message.as_str()) {
+                    w.status.message = Some(message);
+                    w.status.updated_ms = now_ms();
+                    let _ = self.write_workload(&w, rev).await;
+                }
+                continue;
+            }
+            if let Decision::Place { node, .. } = decision {
                 w.status.phase = Phase::Placed;
                 w.status.node = Some(node.clone());
                 w.status.incarnation += 1;

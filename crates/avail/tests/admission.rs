@@ -70,7 +70,10 @@ async fn two_thousand_tiny_workloads_fit_or_wait_with_the_reason() {
         let next = next.clone();
         tokio::spawn(async move {
             let mut lists = 0;
+            // One list every half second (paced: the test checks liveness, not load).
+            let mut every = tokio::time::interval(Duration::from_millis(500));
             while next.load(Ordering::Relaxed) < WORKLOADS {
+                every.tick().await;
                 // Fails the test if a list takes longer than LIST_DEADLINE.
                 let ws: Vec<Workload> = api
                     .get("/v1/workloads")

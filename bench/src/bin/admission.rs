@@ -86,9 +86,16 @@ fn main() {
     println!("machine: {}", machine());
     rt.block_on(async move {
         // One node that takes them all: 1,100 replicas, capacity to match.
-        let args = ["--max-workloads", "1100", "--cpu-millis", "100000", "--memory-mib", "100000"]
-            .map(String::from)
-            .to_vec();
+        let args = [
+            "--max-workloads",
+            "1100",
+            "--cpu-millis",
+            "100000",
+            "--memory-mib",
+            "100000",
+        ]
+        .map(String::from)
+        .to_vec();
         let c = Cluster::start_with(&bin, 1, vec![args]).await;
         let api = c.client().with_timeout(Duration::from_secs(120));
         let pid = c.agents[0].as_ref().unwrap().pid();
@@ -104,9 +111,17 @@ fn main() {
         wait_until("every workload running", Duration::from_secs(600), || {
             let api = api.clone();
             async move {
-                let ws: Vec<Workload> = api.get("/v1/workloads").await.map_err(|e| e.to_string())?;
-                let running = ws.iter().filter(|w| w.status.phase == Phase::Running).count();
-                if running == idle { Ok(()) } else { Err(format!("{running} running")) }
+                let ws: Vec<Workload> =
+                    api.get("/v1/workloads").await.map_err(|e| e.to_string())?;
+                let running = ws
+                    .iter()
+                    .filter(|w| w.status.phase == Phase::Running)
+                    .count();
+                if running == idle {
+                    Ok(())
+                } else {
+                    Err(format!("{running} running"))
+                }
             }
         })
         .await;

@@ -31,9 +31,7 @@ pub enum BodyError {
     #[error("request body larger than {MAX_BODY_BYTES} bytes")]
     TooLarge,
     /// The node's budget of bytes in flight is spent.
-    #[error(
-        "this node holds {MAX_BODY_BYTES_IN_FLIGHT} bytes of request bodies already; retry"
-    )]
+    #[error("this node holds {MAX_BODY_BYTES_IN_FLIGHT} bytes of request bodies already; retry")]
     Busy,
     /// The body could not be read (the client went away, a malformed chunk).
     #[error("request body: {0}")]

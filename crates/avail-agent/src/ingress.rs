@@ -125,11 +125,15 @@ async fn read_body(
         .get(hyper::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    body_budget::read(body, declared).await.map_err(|e| match e {
-        BodyError::TooLarge => error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &e.to_string()),
-        BodyError::Busy => unavailable(&e.to_string()),
-        BodyError::Read(_) => error(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
-    })
+    body_budget::read(body, declared)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge => {
+                error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &e.to_string())
+            }
+            BodyError::Busy => unavailable(&e.to_string()),
+            BodyError::Read(_) => error(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
+        })
 }
 
 fn unavailable(message: &str) -> Response {

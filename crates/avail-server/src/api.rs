@@ -408,9 +408,7 @@ async fn create_workload(
                 c
             }
         };
-        checked
-            .valid
-            .map_err(|m| ApiErr::invalid("artifact", m))?;
+        checked.valid.map_err(|m| ApiErr::invalid("artifact", m))?;
         checkpointable = match checked.rewrite {
             Ok(()) => true,
             Err(e) if spec.level == avail_model::Level::Ft => {

@@ -58,7 +58,10 @@ async fn two_thousand_tiny_workloads_fit_or_wait_with_the_reason() {
                     .await
                     .unwrap_or_else(|e| panic!("creating t{i}: {e}"));
                 assert!(
-                    matches!(w.status.phase, Phase::Placed | Phase::Running | Phase::Pending),
+                    matches!(
+                        w.status.phase,
+                        Phase::Placed | Phase::Running | Phase::Pending
+                    ),
                     "{:?}",
                     w.status
                 );
@@ -103,14 +106,24 @@ async fn two_thousand_tiny_workloads_fit_or_wait_with_the_reason() {
         || {
             let api = api.clone();
             async move {
-                let ws: Vec<Workload> = api.get("/v1/workloads").await.map_err(|e| e.to_string())?;
-                let running = ws.iter().filter(|w| w.status.phase == Phase::Running).count();
-                let pending: Vec<&Workload> =
-                    ws.iter().filter(|w| w.status.phase == Phase::Pending).collect();
+                let ws: Vec<Workload> =
+                    api.get("/v1/workloads").await.map_err(|e| e.to_string())?;
+                let running = ws
+                    .iter()
+                    .filter(|w| w.status.phase == Phase::Running)
+                    .count();
+                let pending: Vec<&Workload> = ws
+                    .iter()
+                    .filter(|w| w.status.phase == Phase::Pending)
+                    .collect();
                 if running == fit && pending.len() == WORKLOADS - fit {
                     Ok((running, pending.len()))
                 } else {
-                    Err(format!("{running} running, {} pending of {}", pending.len(), ws.len()))
+                    Err(format!(
+                        "{running} running, {} pending of {}",
+                        pending.len(),
+                        ws.len()
+                    ))
                 }
             }
         },
@@ -131,7 +144,10 @@ async fn two_thousand_tiny_workloads_fit_or_wait_with_the_reason() {
         assert!(n.workloads <= n.max_workloads, "{n:?}");
         assert!(n.capacity.fits(n.allocated), "{n:?}");
         assert_eq!(n.max_workloads, DEFAULT_MAX_WORKLOADS);
-        assert_eq!(n.capacity.cpu_millis, m.cpu_millis, "the node offers the machine");
+        assert_eq!(
+            n.capacity.cpu_millis, m.cpu_millis,
+            "the node offers the machine"
+        );
     }
     // The API still answers a list of everything.
     let t = Instant::now();

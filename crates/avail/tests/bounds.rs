@@ -47,13 +47,23 @@ async fn an_idempotency_key_answers_only_its_own_request() {
         let h = [("idempotency-key", key.as_str())];
         let before = value(&c).await;
         let first = ing
-            .raw(Method::POST, "/w/c/incr", Some((Bytes::from("a"), "text/plain")), &h)
+            .raw(
+                Method::POST,
+                "/w/c/incr",
+                Some((Bytes::from("a"), "text/plain")),
+                &h,
+            )
             .await
             .unwrap();
         assert_eq!(first.status, 200, "{first:?}");
         // The same request again: answered from the log, not run again.
         let again = ing
-            .raw(Method::POST, "/w/c/incr", Some((Bytes::from("a"), "text/plain")), &h)
+            .raw(
+                Method::POST,
+                "/w/c/incr",
+                Some((Bytes::from("a"), "text/plain")),
+                &h,
+            )
             .await
             .unwrap();
         assert_eq!((again.status, &again.body), (first.status, &first.body));
@@ -216,7 +226,10 @@ async fn a_follower_that_never_reads_is_dropped_and_its_queue_freed() {
             patches += 1;
         }
         let queued = gauge(&c, "event_follower_queued_events").await;
-        assert!(queued <= FOLLOWER_QUEUE as i64, "queue past its bound: {queued}");
+        assert!(
+            queued <= FOLLOWER_QUEUE as i64,
+            "queue past its bound: {queued}"
+        );
         max_queued = max_queued.max(queued);
         assert!(
             patches < 20_000,
@@ -245,9 +258,13 @@ async fn a_follower_that_never_reads_is_dropped_and_its_queue_freed() {
     .await;
     // One more: 429 with a JSON error.
     let mut s = TcpStream::connect(&server).await.unwrap();
-    s.write_all(live_only.replace("host: x", "host: x\r\nconnection: close").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(
+        live_only
+            .replace("host: x", "host: x\r\nconnection: close")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut reply = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut reply)).await;
     let reply = String::from_utf8_lossy(&reply);

@@ -60,7 +60,14 @@ fn main() {
         // Warm up both.
         load(&bare_url, None, conc, Duration::from_millis(500)).await;
         let t = Some(tls.clone());
-        load_tls(&avail_url, Some(&token), conc, Duration::from_millis(500), t.clone()).await;
+        load_tls(
+            &avail_url,
+            Some(&token),
+            conc,
+            Duration::from_millis(500),
+            t.clone(),
+        )
+        .await;
         let (mut b, mut a) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
             let lb = load(&bare_url, None, conc, d).await;
@@ -80,7 +87,12 @@ fn main() {
         let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let plain_url = format!("http://{}/v1/workloads/ledger", plain.local_addr().unwrap());
         let app = avail_server::api::router(server.state.clone());
-        tokio::spawn(avail_tls::serve::serve(plain, None, app, Default::default()));
+        tokio::spawn(avail_tls::serve::serve(
+            plain,
+            None,
+            app,
+            Default::default(),
+        ));
         load(&plain_url, Some(&token), conc, Duration::from_millis(500)).await;
         let (mut p, mut s) = (Vec::new(), Vec::new());
         for _ in 0..rounds {

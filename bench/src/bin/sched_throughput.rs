@@ -60,6 +60,8 @@ fn cluster(n: usize, rng: &mut SplitMix64) -> Vec<NodeView> {
                     cpu_millis: rng.below(32_000) as u32,
                     memory_mib: rng.below(131_072) as u32,
                 },
+                workloads: 0,
+                max_workloads: avail_model::node::DEFAULT_MAX_WORKLOADS,
                 schedulable: !rng.chance(3),
                 reserved: vec![],
             }

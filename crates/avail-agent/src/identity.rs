@@ -94,6 +94,7 @@ impl Identity {
             ),
             tags: cfg.tags.clone(),
             capacity: cfg.capacity,
+            max_workloads: cfg.max_workloads,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             boot_id: cfg.boot_id.clone(),
             replication_addr: std::net::SocketAddr::new(cfg.addr, cfg.replication_port).to_string(),

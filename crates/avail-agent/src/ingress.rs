@@ -8,6 +8,9 @@
 //!
 //! Every reply carries `Avail-Node` (the node that ran the request) and
 //! `Avail-Incarnation` (which run of the workload answered).
+//!
+//! Request bodies are bounded each and together ([`crate::body_budget`]): `413` past
+//! 16 MiB, `503` when the node already holds 64 MiB of bodies.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -27,12 +30,12 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use crate::body_budget::{self, BodyError};
 use crate::ft::{DELIVERED_HEADER, NOT_RUN_HEADER};
 use crate::replylog::INGRESS_KEY_PREFIX;
 use crate::supervisor::{SlotState, Supervisor};
 
-/// Largest request body accepted by the ingress, bytes.
-pub const MAX_BODY_BYTES: usize = 16 << 20;
+pub use crate::body_budget::MAX_BODY_BYTES;
 /// Longest a forwarded request may take, end to end (above any handler deadline a
 /// spec may set, 600 s).
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(610);
@@ -118,16 +121,25 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response {
         .into_response()
 }
 
-/// A request body, or `413` past [`MAX_BODY_BYTES`].
-async fn read_body(body: Body) -> Result<Bytes, Response> {
-    match Limited::new(body, MAX_BODY_BYTES).collect().await {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(_) => Err(error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            &format!("request body larger than {MAX_BODY_BYTES} bytes"),
-        )),
-    }
+/// A request body and the bytes of the node's budget it holds, or `413` past
+/// [`MAX_BODY_BYTES`], `503` when the budget is spent.
+async fn read_body(
+    body: Body,
+    headers: &hyper::HeaderMap,
+) -> Result<(Bytes, body_budget::Held), Response> {
+    let declared = headers
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    body_budget::read(body, declared)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge => {
+                error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &e.to_string())
+            }
+            BodyError::Busy => unavailable(&e.to_string()),
+            BodyError::Read(_) => error(StatusCode::BAD_REQUEST, "bad_request", &e.to_string()),
+        })
 }
 
 fn unavailable(message: &str) -> Response {
@@ -209,7 +221,8 @@ async fn handle(State(ing): State<Arc<Ingress>>, req: Request) -> Response {
     };
     let name = name.to_string();
     let (parts, body) = req.into_parts();
-    let body = match read_body(body).await {
+    // Held until the request is answered: the body may be sent again.
+    let (body, _held) = match read_body(body, &parts.headers).await {
         Ok(b) => b,
         Err(r) => return r,
     };

@@ -12,6 +12,8 @@
 //! wasm instances live in the agent's process, and process workloads die with it
 //! (`PR_SET_PDEATHSIG`).
 
+pub mod body_budget;
+pub mod capacity;
 pub mod contain;
 pub mod ft;
 pub mod identity;
@@ -55,8 +57,10 @@ pub struct AgentConfig {
     pub ca_pem: String,
     /// Tags.
     pub tags: BTreeMap<String, String>,
-    /// Capacity offered.
+    /// Capacity offered (by default the machine's: [`capacity::machine`]).
     pub capacity: Resources,
+    /// The most workload replicas the node takes.
+    pub max_workloads: u32,
     /// Memory the node's `ft` secondaries may hold in checkpoint images, MiB.
     pub ft_secondary_memory_mib: u64,
     /// Data directory (artifact cache).

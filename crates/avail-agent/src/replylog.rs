@@ -14,8 +14,15 @@
 //!   twice): when the log holds [`MAX_BYTES`] of young entries, the replica refuses new
 //!   logged requests (503, counted in `refusals`) until deliveries and age free room.
 //!   It can pass the bound by one reply at most.
+//!
+//! A key is bound to its request: each entry records a digest of the request's method,
+//! path and body ([`request_digest`]), and [`ReplyLog::lookup`] tells a repeat (same
+//! digest: answered from the log) from a different request reusing the key (answered
+//! `422` by the replica, which runs nothing).
 
 use std::collections::{HashMap, VecDeque};
+
+use sha2::{Digest, Sha256};
 
 /// Most bytes of replies (keys, headers, bodies) the log keeps.
 pub const MAX_BYTES: usize = 32 << 20;
@@ -26,9 +33,33 @@ pub const RETAIN_CLIENT_MS: u64 = 600_000;
 /// Prefix of the keys the ingress assigns.
 pub const INGRESS_KEY_PREFIX: &str = "avail-";
 
+/// SHA-256 of a request's method, path (with query) and body, each length-prefixed so
+/// that no two different requests share their encoding.
+pub fn request_digest(method: &str, path: &str, body: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for part in [method.as_bytes(), path.as_bytes(), body] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    h.finalize().into()
+}
+
+/// What the log holds for a key and a request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lookup<'a> {
+    /// Nothing: the request runs.
+    Miss,
+    /// The reply to this very request (a retry).
+    Repeat(&'a Entry),
+    /// The key was used by another request: refused, nothing runs.
+    Reused,
+}
+
 /// A reply the log keeps.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
+    /// Digest of the request it answered ([`request_digest`]).
+    pub request: [u8; 32],
     /// HTTP status.
     pub status: u16,
     /// Headers.
@@ -41,7 +72,7 @@ pub struct Entry {
 
 impl Entry {
     fn bytes(&self, key: &str) -> usize {
-        32 + key.len()
+        64 + key.len()
             + self.body.len()
             + self
                 .headers
@@ -81,6 +112,15 @@ impl ReplyLog {
     /// The reply logged under `key`.
     pub fn get(&self, key: &str) -> Option<&Entry> {
         self.entries.get(key).map(|(_, e)| e)
+    }
+
+    /// What the log holds for `key` and the request of digest `request`.
+    pub fn lookup(&self, key: &str, request: &[u8; 32]) -> Lookup<'_> {
+        match self.get(key) {
+            None => Lookup::Miss,
+            Some(e) if &e.request == request => Lookup::Repeat(e),
+            Some(_) => Lookup::Reused,
+        }
     }
 
     /// Entries kept.
@@ -223,6 +263,7 @@ impl ReplyLog {
         for (k, e) in present {
             Self::put(&mut out, k.as_bytes());
             out.extend_from_slice(&e.at_ms.to_le_bytes());
+            out.extend_from_slice(&e.request);
             out.extend_from_slice(&e.status.to_le_bytes());
             out.extend_from_slice(&(e.headers.len() as u32).to_le_bytes());
             for (n, v) in &e.headers {
@@ -296,10 +337,11 @@ impl ReplyLog {
         }
         let mut r = R(host);
         let mut parsed = Parsed::default();
-        let count = r.count(22)?;
+        let count = r.count(54)?;
         for _ in 0..count {
             let key = r.string()?;
             let at_ms = u64::from_le_bytes(r.take(8)?.try_into().expect("8 bytes"));
+            let request: [u8; 32] = r.take(32)?.try_into().expect("32 bytes");
             let status = u16::from_le_bytes(r.take(2)?.try_into().expect("2 bytes"));
             let nh = r.count(8)?;
             let mut headers = Vec::with_capacity(nh);
@@ -310,6 +352,7 @@ impl ReplyLog {
             parsed.added.push((
                 key,
                 Entry {
+                    request,
                     status,
                     headers,
                     body,
@@ -364,6 +407,7 @@ mod tests {
             log.insert(
                 format!("k{i}"),
                 Entry {
+                    request: [0; 32],
                     status: 200,
                     headers: vec![],
                     body: big.clone(),
@@ -383,11 +427,34 @@ mod tests {
 
     fn entry(body: &str, at_ms: u64) -> Entry {
         Entry {
+            request: request_digest("POST", "/x", body.as_bytes()),
             status: 200,
             headers: vec![("content-type".into(), "text/plain".into())],
             body: body.as_bytes().to_vec(),
             at_ms,
         }
+    }
+
+    #[test]
+    fn a_key_is_bound_to_its_request() {
+        let mut l = ReplyLog::default();
+        l.insert("k".into(), entry("a", 1));
+        let same = request_digest("POST", "/x", b"a");
+        assert_eq!(l.lookup("k", &same), Lookup::Repeat(&entry("a", 1)));
+        for other in [
+            request_digest("POST", "/x", b"b"),
+            request_digest("PUT", "/x", b"a"),
+            request_digest("POST", "/y", b"a"),
+            // Length prefixes: moving bytes between parts is another request.
+            request_digest("POST", "/xa", b""),
+        ] {
+            assert_eq!(l.lookup("k", &other), Lookup::Reused);
+        }
+        assert_eq!(l.lookup("other", &same), Lookup::Miss);
+        // The digest travels in checkpoints.
+        let mut s = ReplyLog::default();
+        s.apply(ReplyLog::parse(&l.take_full()).unwrap(), true);
+        assert_eq!(s.lookup("k", &same), Lookup::Repeat(&entry("a", 1)));
     }
 
     fn keys(l: &ReplyLog) -> Vec<String> {

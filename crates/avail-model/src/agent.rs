@@ -22,6 +22,9 @@ pub struct JoinRequest {
     pub tags: BTreeMap<String, String>,
     /// Capacity offered.
     pub capacity: Resources,
+    /// The most workload replicas the node takes.
+    #[serde(default = "crate::node::default_max_workloads")]
+    pub max_workloads: u32,
     /// Agent version.
     pub agent_version: String,
     /// Identifies this run of the agent process: a new value means the node restarted
@@ -54,6 +57,8 @@ pub struct KeyProof {
 pub const MAX_NODE_TAGS: usize = 64;
 /// Largest CPU a node may offer, millicores (1,024 cores).
 pub const MAX_NODE_CPU_MILLIS: u32 = 1_024_000;
+/// Most workload replicas a node may take.
+pub const MAX_NODE_WORKLOADS: u32 = 10_000;
 /// Largest memory a node may offer, MiB (16 TiB).
 pub const MAX_NODE_MEMORY_MIB: u32 = 16 << 20;
 
@@ -118,6 +123,15 @@ impl JoinRequest {
                 format!(
                     "{} is out of range 1..={MAX_NODE_MEMORY_MIB}",
                     self.capacity.memory_mib
+                ),
+            );
+        }
+        if !(1..=MAX_NODE_WORKLOADS).contains(&self.max_workloads) {
+            return err(
+                "max_workloads",
+                format!(
+                    "{} is out of range 1..={MAX_NODE_WORKLOADS}",
+                    self.max_workloads
                 ),
             );
         }

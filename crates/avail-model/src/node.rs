@@ -7,6 +7,16 @@ use utoipa::ToSchema;
 
 use crate::{Resources, TimeMs};
 
+/// The most workload replicas a node takes unless its agent says otherwise
+/// (`avail agent --max-workloads`): Kubernetes' default max-pods. Each replica costs
+/// the agent a thread and some memory whatever `cpu_millis` it asks for.
+pub const DEFAULT_MAX_WORKLOADS: u32 = 110;
+
+/// Serde default of a node's workload limit (records written before it existed).
+pub fn default_max_workloads() -> u32 {
+    DEFAULT_MAX_WORKLOADS
+}
+
 /// Liveness and scheduling state of a node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -48,6 +58,12 @@ pub struct Node {
     pub capacity: Resources,
     /// Resources of the workloads placed on it.
     pub allocated: Resources,
+    /// Workload replicas placed on it (primaries and `ft` secondaries).
+    #[serde(default)]
+    pub workloads: u32,
+    /// The most replicas it takes (its workload limit).
+    #[serde(default = "default_max_workloads")]
+    pub max_workloads: u32,
     /// Liveness state.
     pub state: NodeState,
     /// Time of the last heartbeat the server saw (0: never since the server started).

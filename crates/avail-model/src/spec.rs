@@ -318,6 +318,11 @@ pub const MAX_MEMORY_MIB: u32 = 4096;
 /// at most 32 MiB plus one reply of up to 64 MiB) must fit one checkpoint frame (1 GiB).
 pub const MAX_FT_MEMORY_MIB: u32 = 900;
 
+/// The least CPU a workload may ask for, thousandths of a core. Admission counts what a
+/// workload asks for, so a floor keeps a node from being promised more instances than it
+/// can run (1,100 workloads of 1 millicore each once loaded 2 cores to 1,100).
+pub const MIN_CPU_MILLIS: u32 = 10;
+
 /// Whether `s` is a DNS label: 1-63 of `[a-z0-9-]`, not starting or ending with `-`.
 pub fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
@@ -457,10 +462,13 @@ impl WorkloadSpec {
                 ),
             ));
         }
-        if self.resources.cpu_millis == 0 {
+        if self.resources.cpu_millis < MIN_CPU_MILLIS {
             return Err(ValidationError::new(
                 "resources.cpu_millis",
-                "must be at least 1",
+                format!(
+                    "must be at least {MIN_CPU_MILLIS} (a hundredth of a core), got {}",
+                    self.resources.cpu_millis
+                ),
             ));
         }
         for (i, c) in self.placement.constraints.iter().enumerate() {
@@ -563,6 +571,10 @@ mod tests {
             (
                 "resources.cpu_millis",
                 Box::new(|s| s.resources.cpu_millis = 0),
+            ),
+            (
+                "resources.cpu_millis",
+                Box::new(|s| s.resources.cpu_millis = MIN_CPU_MILLIS - 1),
             ),
             (
                 "artifact",

@@ -18,6 +18,12 @@
 //!
 //! Within one batch the plan accounts for what it has already placed, so a batch never
 //! over-commits a node; [`plan_all`] is the all-or-nothing form (a template).
+//!
+//! Admission. Besides cpu and memory, a node takes at most
+//! [`NodeView::max_workloads`] replicas (its workload limit, like Kubernetes'
+//! max-pods): a count kept beside the allocation, checked in the same place as the
+//! capacity, so it costs nothing per filter. A request no node can take stays
+//! unplaceable with the reason ("2 at their workload limit"); a node is never over.
 
 mod bitset;
 
@@ -54,6 +60,11 @@ pub struct NodeView {
     pub capacity: Resources,
     /// Already allocated.
     pub allocated: Resources,
+    /// Replicas placed on it (primaries and `ft` secondaries; reservations do not
+    /// count): [`ClusterView::allocate`] adds one, [`ClusterView::release`] takes one.
+    pub workloads: u32,
+    /// The most replicas it takes (its workload limit).
+    pub max_workloads: u32,
     /// Whether the node takes new work (ready, not draining).
     pub schedulable: bool,
     /// Capacity held for workloads that would restart here (HA soft reservations).
@@ -63,6 +74,11 @@ pub struct NodeView {
 impl NodeView {
     fn free(&self) -> Resources {
         self.capacity.saturating_sub(self.allocated)
+    }
+
+    /// Replicas it may still take.
+    fn slots_free(&self) -> u32 {
+        self.max_workloads.saturating_sub(self.workloads)
     }
 }
 
@@ -193,12 +209,14 @@ impl ClusterView {
         self.slots[i].take()
     }
 
-    /// Add `r` to a node's allocation (a placement applied). `false`: no such node.
+    /// Add one replica of `r` to a node's allocation (a placement applied). `false`: no
+    /// such node.
     pub fn allocate(&mut self, name: &str, r: Resources) -> bool {
         let Some(n) = self.by_name.get(name).and_then(|i| self.slots[*i].as_mut()) else {
             return false;
         };
         n.allocated = n.allocated.saturating_add(r);
+        n.workloads = n.workloads.saturating_add(1);
         self.revision += 1;
         true
     }
@@ -241,10 +259,11 @@ impl ClusterView {
         }
     }
 
-    /// Take `r` off a node's allocation (a workload gone).
+    /// Take one replica of `r` off a node's allocation (a workload gone).
     pub fn release(&mut self, name: &str, r: Resources) {
         if let Some(n) = self.by_name.get(name).and_then(|i| self.slots[*i].as_mut()) {
             n.allocated = n.allocated.saturating_sub(r);
+            n.workloads = n.workloads.saturating_sub(1);
             self.revision += 1;
         }
     }
@@ -263,6 +282,7 @@ impl ClusterView {
             .fold(n.allocated, |a, r| a.saturating_add(r.resources));
         n.schedulable
             && req.constraints.iter().all(|c| c.matches(&n.tags))
+            && n.slots_free() > 0
             && n.capacity.saturating_sub(held).fits(req.resources)
     }
 
@@ -442,6 +462,7 @@ enum Filtered {
     NotSchedulable,
     Constraint(String),
     AntiAffinity,
+    AtWorkloadLimit,
     ShortOfCpu,
     ShortOfMemory,
 }
@@ -452,6 +473,7 @@ impl Filtered {
             Filtered::NotSchedulable => "not ready".into(),
             Filtered::AntiAffinity => "hold another replica or share its fault domain".into(),
             Filtered::Constraint(c) => format!("filtered by constraint {c}"),
+            Filtered::AtWorkloadLimit => "at their workload limit".into(),
             Filtered::ShortOfCpu => "short of cpu".into(),
             Filtered::ShortOfMemory => "short of memory".into(),
         }
@@ -462,6 +484,8 @@ impl Filtered {
 struct Batch<'a> {
     view: &'a ClusterView,
     used: HashMap<usize, Resources>,
+    /// Replicas this batch placed, per slot (against the workload limit).
+    count: HashMap<usize, u32>,
     /// Reservations made by this batch, per slot.
     reserved: HashMap<usize, Vec<Reservation>>,
     /// Per group: its members so far.
@@ -533,12 +557,22 @@ impl Batch<'_> {
             memory_mib: 0,
         });
         *u = u.saturating_add(r);
+        *self.count.entry(i).or_default() += 1;
     }
 
     fn give_back(&mut self, i: usize, r: Resources) {
         if let Some(u) = self.used.get_mut(&i) {
             *u = u.saturating_sub(r);
         }
+        if let Some(c) = self.count.get_mut(&i) {
+            *c = c.saturating_sub(1);
+        }
+    }
+
+    /// Whether node `i` may take one more replica (its workload limit, this batch's
+    /// placements counted).
+    fn below_limit(&self, i: usize, n: &NodeView) -> bool {
+        n.slots_free() > self.count.get(&i).copied().unwrap_or(0)
     }
 
     /// The slots the hard rules allow (before capacity), and the avoid set.
@@ -780,6 +814,9 @@ impl Batch<'_> {
             let Some(n) = self.view.slots[i].as_ref() else {
                 continue;
             };
+            if !self.below_limit(i, n) {
+                continue;
+            }
             let free = self.free(i, n, req);
             if !free.fits(req.resources) {
                 continue;
@@ -834,16 +871,21 @@ impl Batch<'_> {
         if out > 0 {
             reasons.push((Filtered::AntiAffinity, out));
         }
-        let (mut cpu, mut mem) = (0, 0);
+        let (mut full, mut cpu, mut mem) = (0, 0, 0);
         for i in remaining.iter_from(0) {
             if let Some(n) = v.slots[i].as_ref() {
                 let free = self.free(i, n, req);
-                if req.resources.cpu_millis > free.cpu_millis {
+                if !self.below_limit(i, n) {
+                    full += 1;
+                } else if req.resources.cpu_millis > free.cpu_millis {
                     cpu += 1;
                 } else if req.resources.memory_mib > free.memory_mib {
                     mem += 1;
                 }
             }
+        }
+        if full > 0 {
+            reasons.push((Filtered::AtWorkloadLimit, full));
         }
         if cpu > 0 {
             reasons.push((Filtered::ShortOfCpu, cpu));
@@ -921,6 +963,7 @@ pub fn plan(view: &ClusterView, requests: &[Request], rng: &mut impl Rng) -> Pla
     let mut batch = Batch {
         view,
         used: HashMap::new(),
+        count: HashMap::new(),
         reserved: HashMap::new(),
         groups: HashMap::new(),
     };
@@ -944,6 +987,7 @@ pub fn plan_all(
     let mut batch = Batch {
         view,
         used: HashMap::new(),
+        count: HashMap::new(),
         reserved: HashMap::new(),
         groups: HashMap::new(),
     };
@@ -989,6 +1033,8 @@ mod tests {
                 .collect(),
             capacity: res(cpu, mem),
             allocated: res(0, 0),
+            workloads: 0,
+            max_workloads: 110,
             schedulable: true,
             reserved: vec![],
         }
@@ -1076,6 +1122,46 @@ mod tests {
         );
         assert!(
             matches!(&p.decisions[0].1, Decision::Unplaceable { explanation } if explanation == "no nodes in the cluster")
+        );
+    }
+
+    #[test]
+    fn nodes_at_their_workload_limit_take_nothing_more() {
+        let mut a = node("a", &[], 100_000, 100_000);
+        a.max_workloads = 2;
+        let mut b = node("b", &[], 100_000, 100_000);
+        b.max_workloads = 3;
+        b.workloads = 2;
+        let mut view = ClusterView::from_nodes([a, b]);
+        // Room for three more replicas in all, whatever the cpu and memory left.
+        let reqs: Vec<Request> = (0..5).map(|i| req(&format!("w{i}"), 10, 1, &[])).collect();
+        let p = plan(&view, &reqs, &mut SplitMix64(7));
+        let mut ns = nodes_of(&p);
+        ns.sort();
+        assert_eq!(ns, ["a", "a", "b"]);
+        for (_, d) in &p.decisions[3..] {
+            assert_eq!(
+                d,
+                &Decision::Unplaceable {
+                    explanation: "2 nodes: 2 at their workload limit".into()
+                }
+            );
+        }
+        // Applied to the view: counted there too; a release frees a slot.
+        view.allocate("b", res(10, 1));
+        assert_eq!(view.node("b").unwrap().workloads, 3);
+        assert!(!view.fits("b", &reqs[0]));
+        view.release("b", res(10, 1));
+        assert!(view.fits("b", &reqs[0]));
+        // The limit is counted before cpu: a node both full and short says "limit".
+        let mut c = node("c", &[], 5, 5);
+        c.max_workloads = 0;
+        let view = ClusterView::from_nodes([c, node("d", &[], 5, 5)]);
+        assert_eq!(
+            plan(&view, &[req("w", 10, 1, &[])], &mut SplitMix64(1)).decisions[0].1,
+            Decision::Unplaceable {
+                explanation: "2 nodes: 1 at their workload limit, 1 short of cpu".into()
+            }
         );
     }
 
@@ -1322,12 +1408,14 @@ mod tests {
     fn feasible_somewhere(
         view: &ClusterView,
         used: &HashMap<String, Resources>,
+        count: &HashMap<String, u32>,
         r: &Request,
         avoid: &Avoid,
     ) -> bool {
         view.nodes().any(|n| {
             let u = blocked(n, r, used.get(&n.name).copied().unwrap_or(res(0, 0)));
             n.schedulable
+                && n.workloads + count.get(&n.name).copied().unwrap_or(0) < n.max_workloads
                 && r.constraints.iter().all(|c| c.matches(&n.tags))
                 && !avoid.nodes.contains(&n.name)
                 && !avoid
@@ -1341,14 +1429,18 @@ mod tests {
     proptest! {
         #[test]
         fn plans_hold_every_rule_and_unplaceable_is_really_infeasible(
-            nodes in prop::collection::vec((0u8..3, 0u8..3, 0u32..4000, 0u32..4000, any::<bool>(), 0u8..20, prop::collection::vec((0i32..4, 0u32..1500), 0..3)), 0..10),
+            nodes in prop::collection::vec((0u8..3, 0u8..3, 0u32..4000, 0u32..4000, any::<bool>(), 0u8..20, prop::collection::vec((0i32..4, 0u32..1500), 0..3), (0u32..6, 0u32..6)), 0..10),
             reqs in prop::collection::vec((0u8..6, 1u32..2000, 1u32..2000, any::<bool>(), any::<bool>(), 0i32..4), 0..30),
             seed in any::<u64>(),
         ) {
             let zones = ["a", "b", "c"];
-            let view = ClusterView::from_nodes(nodes.iter().enumerate().map(|(i, (z, rack, c, m, up, ver, held))| {
+            let view = ClusterView::from_nodes(nodes.iter().enumerate().map(|(i, (z, rack, c, m, up, ver, held, (max, running)))| {
                 let mut n = node(&format!("n{i}"), &[("zone", zones[*z as usize]), ("rack", &format!("r{rack}")), ("ver", &format!("1.{ver}"))], *c, *m);
                 n.schedulable = *up;
+                // A workload limit, sometimes already reached (or passed: a limit
+                // lowered under running workloads).
+                n.max_workloads = *max;
+                n.workloads = *running;
                 n.reserved = held.iter().enumerate().map(|(k, (p, size))| Reservation { workload: format!("held{k}"), priority: *p, resources: res(*size, *size) }).collect();
                 n
             }));
@@ -1365,6 +1457,7 @@ mod tests {
             let p = plan(&view, &requests, &mut SplitMix64(seed));
             prop_assert_eq!(p.decisions.len(), requests.len());
             let mut used: HashMap<String, Resources> = HashMap::new();
+            let mut count: HashMap<String, u32> = HashMap::new();
             let mut group_nodes: Vec<String> = Vec::new();
             for ((name, d), r) in p.decisions.iter().zip(&requests) {
                 prop_assert_eq!(name, &r.workload);
@@ -1382,6 +1475,9 @@ mod tests {
                             // Allocations, the plan's placements and the reservations this
                             // request may not use all fit.
                             prop_assert!(nv.free().fits(blocked(nv, r, *u)), "over-committed {}", n);
+                            let k = count.entry(n.clone()).or_default();
+                            *k += 1;
+                            prop_assert!(nv.workloads + *k <= nv.max_workloads, "{} over its workload limit", n);
                         }
                         if r.group.is_some() {
                             for n in &replicas {
@@ -1403,7 +1499,7 @@ mod tests {
                             if r.group.is_some() {
                                 avoid.nodes.extend(group_nodes.clone());
                             }
-                            prop_assert!(!feasible_somewhere(&view, &used, r, &avoid), "{} was placeable", r.workload);
+                            prop_assert!(!feasible_somewhere(&view, &used, &count, r, &avoid), "{} was placeable", r.workload);
                         }
                     }
                 }

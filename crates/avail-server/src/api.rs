@@ -1,7 +1,6 @@
 //! The HTTP API: routes, authentication extractors, handlers and the OpenAPI document.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,12 +23,13 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use futures_util::stream::{self, StreamExt};
+use futures_util::stream;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use utoipa::{OpenApi, ToSchema};
 
 use crate::auth::{Claims, Role, TokenError};
+use crate::followers::Next as FollowerNext;
 use crate::metrics::FtFigures;
 use crate::state::{AppState, NodeRecord, StateError};
 use crate::{keys, now_ms, now_s};
@@ -354,6 +354,9 @@ async fn metrics(State(state): State<AppStateRef>) -> Response {
             })
         })
         .collect();
+    state
+        .metrics
+        .set_followers(state.events.followers.figures());
     let text = state.metrics.scrape(&node_states, &phases, &ft);
     drop(view);
     (
@@ -425,27 +428,38 @@ async fn create_workload(
     let mut checkpointable = true;
     if spec.driver == DriverKind::Wasm {
         let path = state.artifacts_dir().join(artifact_file(&spec.artifact));
-        let module = tokio::fs::read(&path).await.map_err(|_| {
-            ApiErr::invalid(
-                "artifact",
-                format!(
-                    "{} has not been uploaded (PUT /v1/artifacts)",
-                    spec.artifact
-                ),
-            )
-        })?;
-        let ft = spec.level == avail_model::Level::Ft;
-        checkpointable = tokio::task::spawn_blocking(move || {
-            avail_driver::wasm::check(&module)?;
-            match avail_statepoint::rewrite::rewrite(&module) {
-                Ok(_) => Ok(true),
-                Err(e) if ft => Err(e.to_string()),
-                Err(_) => Ok(false),
+        // Checked once per artifact digest (the bytes are named by it).
+        let checked = match state.module_checks.get(&spec.artifact) {
+            Some(c) => c,
+            None => {
+                let module = tokio::fs::read(&path).await.map_err(|_| {
+                    ApiErr::invalid(
+                        "artifact",
+                        format!(
+                            "{} has not been uploaded (PUT /v1/artifacts)",
+                            spec.artifact
+                        ),
+                    )
+                })?;
+                let c = tokio::task::spawn_blocking(move || {
+                    crate::module_checks::ModuleChecks::check(&module)
+                })
+                .await
+                .map_err(|e| {
+                    ApiErr::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+                })?;
+                state.module_checks.put(&spec.artifact, c.clone());
+                c
             }
-        })
-        .await
-        .map_err(|e| ApiErr::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-        .map_err(|m| ApiErr::invalid("artifact", m))?;
+        };
+        checked.valid.map_err(|m| ApiErr::invalid("artifact", m))?;
+        checkpointable = match checked.rewrite {
+            Ok(()) => true,
+            Err(e) if spec.level == avail_model::Level::Ft => {
+                return Err(ApiErr::invalid("artifact", e));
+            }
+            Err(_) => false,
+        };
     }
     let name = spec.name.clone();
     let _guard = state.placement.lock().await;
@@ -978,38 +992,89 @@ async fn events(
     if !q.follow {
         return Ok(Json(state.events.history(q.since, None, limit, q.tail).await?).into_response());
     }
-    // Subscribe before reading history so nothing falls between the two; drop repeats by seq.
-    let rx = state.events.subscribe();
-    // Replay everything kept after `since` (bounded by the store's history), so the
-    // stream has no gap between replay and live.
-    let history = state
+    // Subscribe before reading history so nothing falls between the two; drop repeats
+    // by seq. Followers are bounded in number, queue and replay (crate::followers).
+    let Some(follower) = state.events.followers.follow(state.events.subscribe()) else {
+        return Err(ApiErr::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_followers",
+            format!(
+                "{} event followers are connected already; retry later",
+                crate::followers::MAX_FOLLOWERS
+            ),
+        ));
+    };
+    // Replay what is kept after `since` up to the last event recorded before the
+    // subscription, a page at a time, then follow live.
+    enum Phase {
+        Replay(std::vec::IntoIter<ClusterEvent>, bool),
+        Live,
+    }
+    let upto = state.events.last_seq().await;
+    let first = state
         .events
-        .history(q.since, None, crate::events::KEEP_EVENTS as usize, false)
+        .page(q.since, upto, crate::followers::REPLAY_PAGE)
         .await?;
-    let last = history.last().map(|e| e.seq).unwrap_or(q.since);
-    let live = stream::unfold((rx, last), |(mut rx, last)| async move {
-        loop {
-            match rx.recv().await {
-                Ok(ev) if ev.seq <= last => continue,
-                Ok(ev) => {
-                    let seq = ev.seq;
-                    return Some((ev, (rx, seq)));
+    let more = first.last().is_some_and(|e| e.seq < upto);
+    let s = stream::unfold(
+        (
+            state.clone(),
+            follower,
+            q.since,
+            Phase::Replay(first.into_iter(), more),
+        ),
+        move |(state, follower, mut last, mut phase)| async move {
+            loop {
+                match &mut phase {
+                    Phase::Replay(page, more) => {
+                        if let Some(ev) = page.next() {
+                            last = ev.seq;
+                            return Some((to_sse(ev), (state, follower, last, phase)));
+                        }
+                        phase = if *more {
+                            match state
+                                .events
+                                .page(last, upto, crate::followers::REPLAY_PAGE)
+                                .await
+                            {
+                                Ok(p) => {
+                                    let more = p.last().is_some_and(|e| e.seq < upto);
+                                    Phase::Replay(p.into_iter(), more)
+                                }
+                                Err(e) => {
+                                    let err = std::io::Error::other(format!("event history: {e}"));
+                                    return Some((Err(err), (state, follower, last, Phase::Live)));
+                                }
+                            }
+                        } else {
+                            Phase::Live
+                        };
+                    }
+                    Phase::Live => match follower.next().await {
+                        FollowerNext::Event(ev) if ev.seq <= last => continue,
+                        FollowerNext::Event(ev) => {
+                            last = ev.seq;
+                            return Some((to_sse(ev), (state, follower, last, phase)));
+                        }
+                        FollowerNext::Dropped => {
+                            // The connection is closed; the client resumes with `since`.
+                            let err = std::io::Error::other(
+                                "event follower dropped: it fell behind; reconnect with since",
+                            );
+                            return Some((Err(err), (state, follower, last, phase)));
+                        }
+                        FollowerNext::Closed => return None,
+                    },
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!("event stream subscriber lagged by {n}");
-                    continue;
-                }
-                Err(_) => return None,
             }
-        }
-    });
-    let s = stream::iter(history).chain(live).map(to_sse);
+        },
+    );
     Ok(Sse::new(s)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
 }
 
-fn to_sse(ev: ClusterEvent) -> Result<SseEvent, Infallible> {
+fn to_sse(ev: ClusterEvent) -> Result<SseEvent, std::io::Error> {
     Ok(SseEvent::default()
         .event("event")
         .id(ev.seq.to_string())

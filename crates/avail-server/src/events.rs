@@ -12,7 +12,8 @@ use crate::keys;
 pub const KEEP_EVENTS: u64 = 10_000;
 /// Trim once per this many events.
 const TRIM_EVERY: u64 = 500;
-/// Live subscribers that fall this far behind miss events (the server logs it).
+/// Events the broadcast to followers holds (shared by all); a follower's forwarder
+/// that falls this far behind is dropped ([`crate::followers`]).
 pub const STREAM_BUFFER: usize = 1024;
 
 /// Records events and fans them out.
@@ -22,6 +23,8 @@ pub struct Events {
     /// followers see events in sequence order with no gaps.
     next_seq: tokio::sync::Mutex<u64>,
     tx: broadcast::Sender<ClusterEvent>,
+    /// Followers of the live stream, bounded.
+    pub followers: crate::followers::Followers,
 }
 
 impl Events {
@@ -37,6 +40,7 @@ impl Events {
             store,
             next_seq: tokio::sync::Mutex::new(last + 1),
             tx,
+            followers: Default::default(),
         })
     }
 
@@ -110,6 +114,36 @@ impl Events {
         };
         if out.len() > limit {
             out.drain(..out.len() - limit);
+        }
+        Ok(out)
+    }
+
+    /// The last sequence number given (0: none yet). Taken after an event being recorded
+    /// is persisted and broadcast.
+    pub async fn last_seq(&self) -> u64 {
+        *self.next_seq.lock().await - 1
+    }
+
+    /// Stored events with `after < seq <= upto`, oldest first, at most `limit`: point
+    /// reads of their keys (a page costs `limit` lookups, not a read of the history).
+    /// Events trimmed or never persisted are skipped.
+    pub async fn page(
+        &self,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> avail_store::Result<Vec<ClusterEvent>> {
+        let from = (after + 1).max(upto.saturating_sub(KEEP_EVENTS) + 1);
+        let mut out = Vec::new();
+        for seq in from..=upto {
+            if out.len() >= limit {
+                break;
+            }
+            if let Some(kv) = self.store.get(&keys::event(seq)).await?
+                && let Ok(ev) = serde_json::from_slice::<ClusterEvent>(&kv.value)
+            {
+                out.push(ev);
+            }
         }
         Ok(out)
     }

@@ -334,6 +334,7 @@ fn node_record(
         agent_tags: req.tags.clone(),
         tag_overrides: old.map(|o| o.tag_overrides.clone()).unwrap_or_default(),
         capacity: req.capacity,
+        max_workloads: req.max_workloads,
         joined_ms: old.map(|o| o.joined_ms).unwrap_or_else(now_ms),
         agent_version: req.agent_version.clone(),
         replication_addr: req.replication_addr.clone(),

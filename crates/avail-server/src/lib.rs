@@ -11,11 +11,13 @@ pub mod api;
 mod api_identity;
 pub mod auth;
 pub mod events;
+pub mod followers;
 pub mod identity;
 pub mod join;
 pub mod join_tokens;
 pub mod keys;
 pub mod metrics;
+pub mod module_checks;
 pub mod state;
 
 use std::net::SocketAddr;

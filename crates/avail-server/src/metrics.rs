@@ -89,6 +89,9 @@ pub struct Metrics {
     /// Level `ft` figures per workload (and, for `ft_tracker`, dirty tracker), set at
     /// scrape time from what the primaries report.
     ft: Vec<(&'static str, Family<Labels, Gauge>)>,
+    /// Event stream followers: connected, live events queued for them, dropped for
+    /// falling behind (since the start), set at scrape time.
+    followers: [Gauge; 3],
     scrape_lock: std::sync::Mutex<()>,
 }
 
@@ -172,8 +175,23 @@ impl Metrics {
                 (*name, f)
             })
             .collect();
+        let followers = [Gauge::default(), Gauge::default(), Gauge::default()];
+        for (g, (name, help)) in followers.iter().zip([
+            ("event_followers", "Followers of the event stream connected"),
+            (
+                "event_follower_queued_events",
+                "Live events queued for event stream followers, in all",
+            ),
+            (
+                "event_followers_dropped",
+                "Event stream followers dropped for falling behind, since the server started",
+            ),
+        ]) {
+            registry.register(name, help, g.clone());
+        }
         Metrics {
             ft,
+            followers,
             registry,
             http_requests,
             nodes,
@@ -236,6 +254,13 @@ impl Metrics {
                 .set(count(phases, ph));
         }
         self.render()
+    }
+
+    /// Set the event follower gauges.
+    pub fn set_followers(&self, f: crate::followers::FollowerFigures) {
+        self.followers[0].set(f.active as i64);
+        self.followers[1].set(f.queued as i64);
+        self.followers[2].set(f.dropped as i64);
     }
 
     /// Count one request. Unknown methods are counted as `other`, so a client cannot

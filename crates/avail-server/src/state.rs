@@ -44,6 +44,9 @@ pub struct NodeRecord {
     pub tag_overrides: BTreeMap<String, Option<String>>,
     /// Capacity.
     pub capacity: Resources,
+    /// The most workload replicas it takes.
+    #[serde(default = "avail_model::node::default_max_workloads")]
+    pub max_workloads: u32,
     /// First join.
     pub joined_ms: u64,
     /// Agent version.
@@ -104,6 +107,8 @@ pub struct View {
     /// Resources placed on each node (primaries and ft secondaries), kept up to date as
     /// workloads change: no scan of the workloads per node.
     pub allocated: HashMap<String, Resources>,
+    /// Replicas placed on each node (against its workload limit), kept like `allocated`.
+    pub replicas: HashMap<String, u32>,
     /// The scheduler's indexed view, kept up to date as nodes, their tags, their
     /// allocations and (from the liveness tick) their readiness change.
     pub sched: ClusterView,
@@ -144,11 +149,14 @@ impl View {
                 cpu_millis: 0,
                 memory_mib: 0,
             });
+            let k = self.replicas.entry(n.to_string()).or_default();
             if add {
                 *a = a.saturating_add(w.spec.resources);
+                *k = k.saturating_add(1);
                 self.sched.allocate(n, w.spec.resources);
             } else {
                 *a = a.saturating_sub(w.spec.resources);
+                *k = k.saturating_sub(1);
                 self.sched.release(n, w.spec.resources);
             }
         }
@@ -192,6 +200,8 @@ impl View {
                 cpu_millis: 0,
                 memory_mib: 0,
             }),
+            workloads: self.replicas.get(&rec.name).copied().unwrap_or(0),
+            max_workloads: rec.max_workloads,
             schedulable,
             reserved,
         });
@@ -309,6 +319,8 @@ pub struct AppState {
     drain_blocked: Mutex<HashMap<String, String>>,
     /// Placements decided so far: the seed of each plan's random sample.
     placements: std::sync::atomic::AtomicU64,
+    /// Module checks remembered per artifact digest.
+    pub module_checks: crate::module_checks::ModuleChecks,
     /// Serialises placement decisions so two never use the same capacity.
     pub placement: tokio::sync::Mutex<()>,
 }
@@ -365,6 +377,7 @@ impl AppState {
             failed_on: Mutex::new(HashMap::new()),
             drain_blocked: Mutex::new(HashMap::new()),
             placements: std::sync::atomic::AtomicU64::new(0),
+            module_checks: Default::default(),
         });
         let rev = state.load().await?;
         let watch = state.store.watch("/", rev).await?;
@@ -541,6 +554,8 @@ impl AppState {
             tags: rec.tags.clone(),
             capacity: rec.capacity,
             allocated,
+            workloads: view.replicas.get(&rec.name).copied().unwrap_or(0),
+            max_workloads: rec.max_workloads,
             state: self.node_state(&rec.name, view),
             last_heartbeat_ms: last,
             joined_ms: rec.joined_ms,
@@ -819,7 +834,19 @@ impl AppState {
             let Some((mut w, rev)) = self.workload(&name) else {
                 continue;
             };
-            if let (Decision::Place { node, .. }, at) = self.decide(&w) {
+            let (decision, at) = self.decide(&w);
+            if let Decision::Unplaceable { explanation } = &decision {
+                // The reason kept with the workload follows the cluster (a node that was
+                // not ready may now be at its workload limit): written when it changes.
+                let message = format!("unplaceable: {explanation}");
+                if w.status.message.as_deref() != Some(message.as_str()) {
+                    w.status.message = Some(message);
+                    w.status.updated_ms = now_ms();
+                    let _ = self.write_workload(&w, rev).await;
+                }
+                continue;
+            }
+            if let Decision::Place { node, .. } = decision {
                 w.status.phase = Phase::Placed;
                 w.status.node = Some(node.clone());
                 w.status.incarnation += 1;
@@ -2409,6 +2436,7 @@ mod tests {
                 cpu_millis: 1000,
                 memory_mib: 1000,
             },
+            max_workloads: avail_model::node::DEFAULT_MAX_WORKLOADS,
             joined_ms: 0,
             agent_version: String::new(),
             replication_addr: String::new(),

@@ -232,6 +232,12 @@ impl Primary {
         self.mode
     }
 
+    /// Whether [`Primary::tick`] has anything to do (a secondary to heartbeat and
+    /// watch): without one, a caller need not wake up for it.
+    pub fn needs_time(&self) -> bool {
+        self.has_secondary && !matches!(self.mode, PrimaryMode::Fenced | PrimaryMode::Suspect)
+    }
+
     /// Generation.
     pub fn generation(&self) -> Generation {
         self.generation

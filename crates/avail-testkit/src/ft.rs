@@ -139,6 +139,8 @@ pub async fn bank_trial(bin: &Path, seed: u64, deaths: usize) -> Result<TrialRep
     let mut applied = Vec::new();
     let mut failovers = Vec::new();
     let mut n = 0;
+    // The last transfer sent (from, to, amount): repeated at the end.
+    let mut last = (0, 1, 1);
     for death in 0..=deaths {
         let w = protected(&c, "bank").await;
         let primary = w.status.node.clone().unwrap();
@@ -162,15 +164,11 @@ pub async fn bank_trial(bin: &Path, seed: u64, deaths: usize) -> Result<TrialRep
             }
             let (from, to) = (rng.next_u64() % 100, rng.next_u64() % 100);
             let to = if to == from { (to + 1) % 100 } else { to };
-            let v = transfer(
-                &ingress,
-                &format!("t-{seed}-{n}"),
-                from,
-                to,
-                1 + rng.next_u64() % 50,
-            )
-            .await
-            .map_err(fail)?;
+            let amount = 1 + rng.next_u64() % 50;
+            last = (from, to, amount);
+            let v = transfer(&ingress, &format!("t-{seed}-{n}"), from, to, amount)
+                .await
+                .map_err(fail)?;
             if let Some(t) = killed.take() {
                 failovers.push(t.elapsed());
             }
@@ -200,8 +198,10 @@ pub async fn bank_trial(bin: &Path, seed: u64, deaths: usize) -> Result<TrialRep
             }
         }
     }
-    // A repeated key is answered from the reply log, not run again.
-    let again = transfer(&ingress, &format!("t-{seed}-{}", n - 1), 0, 1, 1)
+    // A repeated request (same key, same body) is answered from the reply log, not run
+    // again. (The same key with another body is refused: `422`.)
+    let (from, to, amount) = last;
+    let again = transfer(&ingress, &format!("t-{seed}-{}", n - 1), from, to, amount)
         .await
         .map_err(fail)?;
     if again["_status"] == 200

@@ -250,6 +250,14 @@ impl Cluster {
         let tcp = tokio::net::TcpStream::connect(&addr)
             .await
             .expect("connect to the API");
+        self.tls_over(tcp).await
+    }
+
+    /// TLS to the API over a TCP connection already made to it.
+    pub async fn tls_over(
+        &self,
+        tcp: tokio::net::TcpStream,
+    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
         let ip: std::net::IpAddr = format!("{}.1", self.net).parse().expect("an address");
         tokio_rustls::TlsConnector::from(self.tls())
             .connect(rustls::pki_types::ServerName::IpAddress(ip.into()), tcp)
@@ -386,6 +394,13 @@ impl Cluster {
         ];
         if let Some(t) = join_token {
             args.extend(["--join-token".into(), t.to_string()]);
+        }
+        // Tests were written for nodes of 4 cores and 4 GiB whatever the machine: keep
+        // that unless the test sets its own (a node offers its machine by default).
+        for (flag, value) in [("--cpu-millis", "4000"), ("--memory-mib", "4096")] {
+            if !extra.iter().any(|a| a == flag) {
+                args.extend([flag.to_string(), value.to_string()]);
+            }
         }
         args.extend(extra.iter().cloned());
         Proc::spawn(

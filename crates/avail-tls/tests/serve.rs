@@ -15,7 +15,8 @@ async fn start(limits: Limits, tls: Option<std::sync::Arc<rustls::ServerConfig>>
     let app = axum::Router::new().route(
         "/",
         get(|peer: Option<axum::Extension<PeerCert>>| async move {
-            peer.map(|p| p.0.digest).unwrap_or_else(|| "anonymous".into())
+            peer.map(|p| p.0.digest)
+                .unwrap_or_else(|| "anonymous".into())
         }),
     );
     let l = tokio::net::TcpListener::bind((LO, 0)).await.unwrap();
@@ -39,7 +40,9 @@ async fn closed_within(s: &mut TcpStream, deadline: Duration) -> bool {
 }
 
 async fn get_ok(s: &mut TcpStream) -> bool {
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = [0u8; 1024];
     let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
         .await
@@ -95,7 +98,9 @@ async fn slow_headers_and_idle_connections_are_closed() {
     let addr = start(limits, None).await;
     // Slowloris: a request's headers never end.
     let mut slow = TcpStream::connect(addr).await.unwrap();
-    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     assert!(closed_within(&mut slow, Duration::from_secs(10)).await);
     // A kept-alive connection that goes quiet after a request.
     let mut idle = TcpStream::connect(addr).await.unwrap();

@@ -211,12 +211,17 @@ struct AgentArgs {
     /// Tags, `key=value` separated by commas.
     #[arg(long, value_delimiter = ',')]
     tags: Vec<String>,
-    /// CPU offered, thousandths of a core.
-    #[arg(long, default_value_t = 4000)]
-    cpu_millis: u32,
-    /// Memory offered, MiB.
-    #[arg(long, default_value_t = 4096)]
-    memory_mib: u32,
+    /// CPU offered, thousandths of a core (default: the machine's cores x 1000, or its
+    /// cgroup quota if stricter).
+    #[arg(long)]
+    cpu_millis: Option<u32>,
+    /// Memory offered, MiB (default: the machine's memory, or its cgroup limit if
+    /// stricter, less a reserve for the agent: a tenth, at least 256 MiB).
+    #[arg(long)]
+    memory_mib: Option<u32>,
+    /// The most workload replicas this node takes.
+    #[arg(long, default_value_t = avail_model::node::DEFAULT_MAX_WORKLOADS)]
+    max_workloads: u32,
     /// Memory the node's ft secondaries may hold in checkpoint images, MiB (default:
     /// the memory offered). A secondary that would pass it fails and is replaced.
     #[arg(long)]
@@ -975,6 +980,11 @@ async fn agent(a: AgentArgs) -> CliResult {
             a.name
         )));
     }
+    let machine = avail_agent::capacity::machine();
+    let capacity = Resources {
+        cpu_millis: a.cpu_millis.unwrap_or(machine.cpu_millis),
+        memory_mib: a.memory_mib.unwrap_or(machine.memory_mib),
+    };
     let cfg = avail_agent::AgentConfig {
         data_dir: a
             .data_dir
@@ -996,11 +1006,11 @@ async fn agent(a: AgentArgs) -> CliResult {
             pids_max: a.workload_pids_max,
             ..Default::default()
         },
-        ft_secondary_memory_mib: a.ft_secondary_memory_mib.unwrap_or(u64::from(a.memory_mib)),
-        capacity: Resources {
-            cpu_millis: a.cpu_millis,
-            memory_mib: a.memory_mib,
-        },
+        ft_secondary_memory_mib: a
+            .ft_secondary_memory_mib
+            .unwrap_or(u64::from(capacity.memory_mib)),
+        capacity,
+        max_workloads: a.max_workloads,
     };
     avail_agent::run(cfg, shutdown_signal())
         .await
@@ -1268,6 +1278,7 @@ fn print_nodes(ns: &[Node], fmt: Format) {
                     .join(","),
                 format!("{}/{}", n.allocated.cpu_millis, n.capacity.cpu_millis),
                 format!("{}/{}", n.allocated.memory_mib, n.capacity.memory_mib),
+                format!("{}/{}", n.workloads, n.max_workloads),
                 output::age(now, n.last_heartbeat_ms),
             ]
         })
@@ -1280,6 +1291,7 @@ fn print_nodes(ns: &[Node], fmt: Format) {
             "TAGS",
             "CPU",
             "MEMORY_MIB",
+            "WORKLOADS",
             "HEARTBEAT",
         ],
         &rows,

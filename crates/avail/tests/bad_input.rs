@@ -42,6 +42,8 @@ async fn invalid_specs_are_refused_with_the_field_named() {
         (format!(r#"{{"name":"a","driver":"wasm","artifact":"{counter}","resources":{{"memory_mib":0}}}}"#), "resources.memory_mib"),
         (format!(r#"{{"name":"a","driver":"wasm","artifact":"{counter}","level":"ft","resources":{{"memory_mib":2048}}}}"#), "resources.memory_mib"),
         (format!(r#"{{"name":"a","driver":"wasm","artifact":"{counter}","resources":{{"cpu_millis":-5}}}}"#), "resources.cpu_millis"),
+        // Below the floor of 10 millicores (admission counts what a workload asks for).
+        (format!(r#"{{"name":"a","driver":"wasm","artifact":"{counter}","resources":{{"cpu_millis":1}}}}"#), "resources.cpu_millis"),
         (format!(r#"{{"name":"a","driver":"wasm","artifact":"{counter}","resources":{{"memory_mib":99999999999}}}}"#), "resources.memory_mib"),
         (format!(r#"{{"name":"a","driver":"wasm","artifact":"{counter}","placement":{{"policy":"tight"}}}}"#), "placement.policy"),
         (format!(r#"{{"name":"a","driver":"wasm","artifact":"{counter}","colour":"red"}}"#), "colour"),
@@ -119,6 +121,20 @@ async fn invalid_specs_are_refused_with_the_field_named() {
     ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("resources.memory_mib"));
+    let out = c.cli(&[
+        "workload",
+        "run",
+        "--name",
+        "b",
+        "--driver",
+        "wasm",
+        "--artifact",
+        &guest("counter"),
+        "--cpu-millis",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resources.cpu_millis"));
     let spec = c.dir.path().join("bad.toml");
     std::fs::write(
         &spec,

@@ -183,6 +183,7 @@ async fn only_a_nodes_own_key_speaks_for_it() {
             cpu_millis: 1_000_000,
             memory_mib: 1 << 20,
         },
+        max_workloads: 110,
         agent_version: "evil".into(),
         boot_id: "evil".into(),
         replication_addr: format!("{}:9998", c.agent_addr(1)),

@@ -29,7 +29,7 @@ use avail_model::Level;
 use tokio::sync::oneshot;
 
 use super::{DELIVERED_HEADER, now_ms};
-use crate::replylog::{Entry, ReplyLog};
+use crate::replylog::{Entry, Lookup, ReplyLog, request_digest};
 
 /// The guest and its reply log: on the replica's thread between batches, on the guest
 /// thread during one.
@@ -132,6 +132,25 @@ fn serve_batch(workload: &str, module: &FtModule, batch: Batch) {
     });
 }
 
+/// The reply to a request whose `Idempotency-Key` answered another request: `422`,
+/// nothing run.
+fn key_reused() -> HttpResponse {
+    let body = avail_model::ApiErrorBody {
+        error: avail_model::ApiError {
+            code: "idempotency_key_reused".into(),
+            message: "this Idempotency-Key was used by a different request (method, path \
+                      or body); use a new key for a new request"
+                .into(),
+            field: Some("Idempotency-Key".into()),
+        },
+    };
+    HttpResponse {
+        status: 422,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: serde_json::to_vec(&body).expect("error serialises").into(),
+    }
+}
+
 fn idempotency_key(req: &HttpRequest) -> Option<String> {
     req.headers
         .iter()
@@ -159,6 +178,14 @@ fn serve(
         side.log.delivered(v.split(',').map(str::trim));
     }
     let key = idempotency_key(&req);
+    let digest = request_digest(&req.method, &req.path, &req.body);
+    // A key is bound to its request: another request under it runs nothing.
+    if key
+        .as_ref()
+        .is_some_and(|k| side.log.lookup(k, &digest) == Lookup::Reused)
+    {
+        return (key_reused(), None);
+    }
     let logged = !matches!(req.method.as_str(), "GET" | "HEAD");
     let new_key = logged && key.as_ref().is_some_and(|k| side.log.get(k).is_none());
     // Below ft the log is best effort (nothing fails over relying on it): the oldest
@@ -211,6 +238,7 @@ fn serve(
         side.log.insert(
             k,
             Entry {
+                request: digest,
                 status: resp.status,
                 headers: resp.headers.clone(),
                 body: resp.body.to_vec(),

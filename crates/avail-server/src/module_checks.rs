@@ -1,0 +1,61 @@
+//! Checks of uploaded wasm modules, remembered per artifact digest.
+//!
+//! Creating a wasm workload checks its module (it loads, exports the guest ABI) and
+//! whether the checkpoint rewrite takes it (levels `ha`/`ft`, live level changes). Both
+//! depend only on the module's bytes, and an artifact is named by the digest of its
+//! bytes, so the answer is kept per digest: creating 2,000 workloads of one module
+//! checks it once. At most [`MAX_ENTRIES`] answers are kept (the whole map is dropped
+//! when it is full: a later create checks again).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// Digests whose answers are kept, at most.
+pub const MAX_ENTRIES: usize = 1024;
+
+/// What a module check said.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checked {
+    /// `Err`: the module is not a valid guest (why).
+    pub valid: Result<(), String>,
+    /// `Err`: the checkpoint rewrite refuses it (why); it runs only as a plain instance.
+    pub rewrite: Result<(), String>,
+}
+
+/// Answers by digest.
+#[derive(Default)]
+pub struct ModuleChecks {
+    answers: Mutex<HashMap<String, Checked>>,
+}
+
+impl ModuleChecks {
+    /// The answer for `digest`, if it was checked.
+    pub fn get(&self, digest: &str) -> Option<Checked> {
+        self.answers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(digest)
+            .cloned()
+    }
+
+    /// Keep the answer for `digest`.
+    pub fn put(&self, digest: &str, checked: Checked) {
+        let mut a = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+        if a.len() >= MAX_ENTRIES {
+            a.clear();
+        }
+        a.insert(digest.to_string(), checked);
+    }
+
+    /// Check `module` (on the caller's thread: a blocking one).
+    pub fn check(module: &[u8]) -> Checked {
+        let valid = avail_driver::wasm::check(module);
+        let rewrite = match &valid {
+            Ok(()) => avail_statepoint::rewrite::rewrite(module)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.clone()),
+        };
+        Checked { valid, rewrite }
+    }
+}

@@ -138,17 +138,7 @@ impl Client {
         local: Option<IpAddr>,
         tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Client {
-        let tls = tls.unwrap_or_else(|| {
-            Arc::new(
-                rustls::ClientConfig::builder_with_provider(Arc::new(
-                    rustls::crypto::ring::default_provider(),
-                ))
-                .with_safe_default_protocol_versions()
-                .expect("ring supports the default versions")
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth(),
-            )
-        });
+        let tls = tls.unwrap_or_else(avail_tls::config::trusting_nothing);
         let spec = PoolSpec { local, tls };
         Client {
             base: base.trim_end_matches('/').to_string(),

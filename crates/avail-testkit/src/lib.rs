@@ -89,6 +89,23 @@ impl Proc {
     pub fn output(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Wait (at most `deadline`) until it exits, check that it failed, and return its
+    /// output.
+    pub async fn failed_exit(&mut self, deadline: Duration) -> String {
+        let end = Instant::now() + deadline;
+        while self.running() {
+            assert!(
+                Instant::now() < end,
+                "still running after {deadline:?}:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let status = self.child.wait().expect("wait");
+        assert!(!status.success(), "exited with success:\n{}", self.output());
+        self.output()
+    }
 }
 
 impl Drop for Proc {

@@ -142,3 +142,15 @@ pub fn client_config(
     };
     Ok(Arc::new(cfg))
 }
+
+/// A client configuration that trusts no certificate at all (plain `http://` only:
+/// every `https://` server is refused).
+pub fn trusting_nothing() -> Arc<ClientConfig> {
+    Arc::new(
+        ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default versions")
+            .with_root_certificates(RootCertStore::empty())
+            .with_no_client_auth(),
+    )
+}

@@ -282,19 +282,8 @@ async fn auth_is_required_and_checked() {
     let id = c.join_token().split('.').nth(1).unwrap().to_string();
     let foreign = format!("avj.{id}.bm90IHRoZSBzZWNyZXQ");
     let mut bad = c.spawn_agent(5, &foreign);
-    wait_until("bad agent exits", Duration::from_secs(20), || {
-        let done = !bad.running();
-        async move {
-            if done {
-                Ok(())
-            } else {
-                Err("still running".into())
-            }
-        }
-    })
-    .await;
-    assert!(!bad.child.wait().unwrap().success());
-    assert!(bad.output().contains("join refused"), "{}", bad.output());
+    let out = bad.failed_exit(Duration::from_secs(20)).await;
+    assert!(out.contains("join refused"), "{out}");
     let server_log = c.server.as_ref().unwrap().output();
     assert!(
         server_log.contains("unauthorized") || server_log.contains("rejected"),

@@ -11,21 +11,9 @@ use hyper::Method;
 
 const BIN: &str = env!("CARGO_BIN_EXE_avail");
 
-/// Wait until `p` exits; its output.
+/// Wait until `p` exits, failed; its output.
 async fn exits(p: &mut Proc) -> String {
-    wait_until("agent exits", Duration::from_secs(20), || {
-        let done = !p.running();
-        async move {
-            if done {
-                Ok(())
-            } else {
-                Err("still running".into())
-            }
-        }
-    })
-    .await;
-    assert!(!p.child.wait().unwrap().success());
-    p.output()
+    p.failed_exit(Duration::from_secs(20)).await
 }
 
 async fn node(c: &Cluster, name: &str) -> Node {

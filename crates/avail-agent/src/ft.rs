@@ -1,19 +1,22 @@
 //! Level `ft` on a node: one replica (primary or secondary) of a pair, as an actor
 //! task that owns the guest and carries out the pair protocol's actions
-//! (`avail_statepoint::pair`) over a TCP link to the other replica's agent. The guest's
+//! (`avail_statepoint::pair`) over a mutual-TLS link to the other replica's agent. The guest's
 //! calls run on a thread of their own (`ft/guest_thread.rs`), so the link and its
 //! heartbeats never wait for a handler; links arrive through the replication listener
 //! (`ft/listener.rs`).
 //!
 //! ```text
-//!  ingress --Request--> [replica actor: primary] --frames--> TCP --> [replica actor: secondary]
-//!        <--reply (held until the ack of its epoch)--  <--acks-- TCP <--
+//!  ingress --Request--> [replica actor: primary] --frames--> TLS --> [replica actor: secondary]
+//!        <--reply (held until the ack of its epoch)--  <--acks-- TLS <--
 //!  secondary: primary silent -> POST /v1/agent/pairs/<w>/lease {g -> g+1}
 //!             granted -> restore the guest from the last applied image -> primary
 //! ```
 //!
-//! The link: the primary dials the secondary's replication address (bound to its own
-//! node address), says `Hello`, then both sides send length-prefixed messages:
+//! The link: the primary dials the secondary's peer port (bound to its own node
+//! address) with mutual TLS (ALPN `avail-repl/1`; it verifies the secondary's node
+//! name, the secondary checks that the certificate is its primary's: see
+//! `crate::peers` and `ft/listener.rs`), says `Hello`, then both sides send
+//! length-prefixed messages:
 //! `u32 length | u8 kind | body` with kinds 1 Hello (JSON), 2 checkpoint frame
 //! (`avail_statepoint::frame`), 3 Ack, 4 NeedFull, 5 Heartbeat (generation, epoch as
 //! u64 LE).
@@ -26,10 +29,10 @@
 mod guest_thread;
 mod listener;
 
-pub use listener::{HelloError, serve_replication};
+pub use listener::{HelloError, LINK_QUEUE, serve_replication};
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -48,9 +51,9 @@ use avail_statepoint::pair::{
 use avail_statepoint::state::{StateDelta, StateImage};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::peers::{Link, Peers};
 use crate::replylog::ReplyLog;
 use guest_thread::{Batch, Done, GuestSide, GuestThread, Pending};
 
@@ -189,14 +192,14 @@ enum Cmd {
     Assign(Level, ReplicaRole, Option<Peer>, u64, bool),
     /// The server's answer to a handover (none: not known).
     Handover(Option<bool>),
-    Link(TcpStream),
+    Link(Link),
     FromPeer(Wire),
     /// The link with this number went down.
     LinkDown(u64),
     /// Bytes of a frame of this generation are arriving (liveness only).
     PeerAlive(u64),
     /// A dial (with its number) connected.
-    Dialled(TcpStream, u64),
+    Dialled(Link, u64),
     Lease(bool),
     Stop,
 }
@@ -231,12 +234,12 @@ pub struct FtReplica {
 /// What a replica needs from its node.
 #[derive(Clone)]
 pub struct FtContext {
-    /// The node's own address (links bind to it).
-    pub addr: IpAddr,
     /// The server client with the node token.
     pub client: Client,
     /// Memory the node's secondaries may hold in checkpoint images, shared by them.
     pub budget: Arc<ImageBudget>,
+    /// The other nodes (links are dialled with mutual TLS).
+    pub peers: Arc<Peers>,
 }
 
 /// The memory a node lets its secondaries' checkpoint images take (they live in memory,
@@ -439,7 +442,7 @@ impl FtReplica {
     }
 
     /// Hand an accepted link to this replica (a secondary).
-    pub fn link(&self, stream: TcpStream) {
+    pub fn link(&self, stream: Link) {
         let _ = self.control.try_send(Cmd::Link(stream));
     }
 
@@ -952,7 +955,7 @@ impl Actor {
         let pause = (self.redials > 0)
             .then(|| Duration::from_millis((25u64 << self.redials.min(5)).min(1000)));
         self.redials += 1;
-        let (addr_local, tx) = (self.ctx.addr, self.tx.clone());
+        let (peers, tx) = (self.ctx.peers.clone(), self.tx.clone());
         if let Some(old) = self.dial_task.take() {
             old.abort();
         }
@@ -967,34 +970,17 @@ impl Actor {
                 if tx.is_closed() {
                     return;
                 }
-                let sock = if addr_local.is_ipv4() {
-                    tokio::net::TcpSocket::new_v4()
-                } else {
-                    tokio::net::TcpSocket::new_v6()
-                };
-                let connected = match sock {
-                    Ok(s) => {
-                        let _ = s.set_nodelay(true);
-                        match s.bind(SocketAddr::new(addr_local, 0)) {
-                            Ok(()) => {
-                                tokio::time::timeout(Duration::from_secs(1), s.connect(target))
-                                    .await
-                                    .ok()
-                                    .and_then(|r| r.ok())
-                            }
-                            Err(_) => None,
+                // Mutual TLS: the peer must prove it is `peer.node`, and sees that
+                // this is its pair's primary.
+                match peers.dial_link(&peer.node, target).await {
+                    Ok(mut stream) => {
+                        let hello = encode_wire(&Wire::Hello(hello.clone()));
+                        if stream.write_all(&hello).await.is_ok() && stream.flush().await.is_ok() {
+                            let _ = tx.send(Cmd::Dialled(stream, dial)).await;
+                            return;
                         }
                     }
-                    Err(_) => None,
-                };
-                if let Some(mut stream) = connected
-                    && stream
-                        .write_all(&encode_wire(&Wire::Hello(hello.clone())))
-                        .await
-                        .is_ok()
-                {
-                    let _ = tx.send(Cmd::Dialled(stream, dial)).await;
-                    return;
+                    Err(e) => tracing::debug!(peer = %peer.node, "replication dial: {e}"),
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -1002,17 +988,16 @@ impl Actor {
     }
 
     /// Start the reader and writer of a link.
-    fn attach_link(&mut self, stream: TcpStream) {
-        // Accepted on the agent's runtime: move it to this replica's.
-        let Ok(stream) = stream.into_std().and_then(TcpStream::from_std) else {
-            tracing::warn!(workload = %self.spec.name, "replication link lost while moving it to the replica");
+    fn attach_link(&mut self, mut stream: Link) {
+        // Accepted on the agent's runtime: move its socket to this replica's.
+        if let Err(e) = stream.get_mut().0.rehome() {
+            tracing::warn!(workload = %self.spec.name, "replication link lost while moving it to the replica: {e}");
             if matches!(self.state, Role::Primary(_)) {
                 self.dial();
             }
             return;
-        };
-        let _ = stream.set_nodelay(true);
-        let (r, w) = stream.into_split();
+        }
+        let (r, w) = tokio::io::split(stream);
         // Buffered both ways: a burst of small messages (acks, heartbeats) is one
         // syscall; a large frame goes straight through.
         let mut r = tokio::io::BufReader::with_capacity(LINK_BUFFER, r);

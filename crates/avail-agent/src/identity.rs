@@ -12,14 +12,14 @@ use std::time::Duration;
 
 use avail_client::Client;
 use avail_model::agent::{JoinRequest, KeyProof, RenewRequest, RenewResponse};
-use avail_tls::{ClientIdentity, NodeKey};
+use avail_tls::{NodeCert, NodeKey};
 
 use crate::{AgentConfig, AgentError};
 
 /// The node's key and the certificate it presents.
 pub struct Identity {
     key: NodeKey,
-    presented: Arc<ClientIdentity>,
+    presented: Arc<NodeCert>,
     cert_path: PathBuf,
     ca_pem: String,
     server: Client,
@@ -38,7 +38,7 @@ impl Identity {
             .map_err(|e| setup("node key", e))?;
         // Checked now: a wrong CA file is a start-up error, not a retry loop.
         avail_tls::config::parse_certs(&cfg.ca_pem).map_err(|e| setup("--ca-file", e))?;
-        let presented = ClientIdentity::new();
+        let presented = NodeCert::new();
         let tls = avail_tls::client_config(&cfg.ca_pem, Some(presented.clone()))
             .map_err(|e| setup("TLS", e))?;
         Ok(Identity {
@@ -49,6 +49,12 @@ impl Identity {
             server: Client::with_tls(&cfg.server, None, Some(cfg.addr), Some(tls))
                 .for_node(&cfg.name),
         })
+    }
+
+    /// The node's certificate, as presented to the server and to peers (renewed in
+    /// place).
+    pub fn node_cert(&self) -> Arc<NodeCert> {
+        self.presented.clone()
     }
 
     /// The client for the server's agent calls: TLS verified against the cluster CA,
@@ -117,7 +123,8 @@ impl Identity {
     /// Renew the certificate at half its remaining life, for as long as the agent
     /// runs. A failed renewal is tried again every 5 s; an expired certificate makes
     /// the heartbeat fail with 401, and the agent then re-joins with its key's proof.
-    pub async fn renew_loop(self: Arc<Identity>, mut expires_s: u64) {
+    /// `renewed` runs after each renewal (the peers' connections are made anew).
+    pub async fn renew_loop(self: Arc<Identity>, mut expires_s: u64, renewed: impl Fn()) {
         let client = self.server_client();
         loop {
             let now = now_s();
@@ -134,6 +141,7 @@ impl Identity {
                     Ok(()) => {
                         tracing::info!("node certificate renewed");
                         expires_s = r.certificate_expires_s;
+                        renewed();
                     }
                     Err(e) => tracing::warn!("renewal: {e}"),
                 },

@@ -2,8 +2,9 @@
 //! active replica wherever it runs.
 //!
 //! - served locally when this node runs the active instance;
-//! - otherwise forwarded once to the ingress of the node in the route table (marked
-//!   with `avail-forwarded`, so a stale route never loops);
+//! - otherwise forwarded once to the node in the route table, on its peer port (mutual
+//!   TLS: `crate::peers`), marked with `avail-forwarded: <this node>` so a stale route
+//!   never loops;
 //! - unknown workload: `404` JSON; known but not running: `503` with `Retry-After`.
 //!
 //! Every reply carries `Avail-Node` (the node that ran the request) and
@@ -11,6 +12,15 @@
 //!
 //! Request bodies are bounded each and together ([`crate::body_budget`]): `413` past
 //! 16 MiB, `503` when the node already holds 64 MiB of bodies.
+//!
+//! Two doors, one handler:
+//! - the public port (7480, plain HTTP): every request is a client's. The internal
+//!   headers (`avail-forwarded`, `avail-delivered`) a client sends count for nothing
+//!   and never reach the workload; there is no contact probe here;
+//! - the peer port (7481, mutual TLS, HTTP by ALPN beside the replication links): a
+//!   request counts as forwarded only when the node its `avail-forwarded` names is a
+//!   node of the cluster and the connection's certificate is that node's (else `403`);
+//!   the fencing contact probe (`/_avail/contact`) answers here only.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -18,6 +28,8 @@ use std::time::Duration;
 
 use avail_driver::process::is_hop_by_hop;
 use avail_driver::{HttpRequest, HttpResponse};
+use avail_model::agent::ContactReply;
+use avail_tls::serve::{Handoff, PeerCert};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -26,9 +38,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use tokio::sync::mpsc;
 
 use crate::body_budget::{self, BodyError};
 use crate::ft::{DELIVERED_HEADER, NOT_RUN_HEADER};
@@ -44,7 +54,6 @@ pub const FORWARDED: &str = "avail-forwarded";
 
 struct Ingress {
     sup: Arc<Supervisor>,
-    peers: Client<HttpConnector, Full<Bytes>>,
     /// Per ft workload: keys this ingress assigned whose replies it delivered, to be
     /// reported on the next request (the replica trims them from its reply log).
     delivered: Mutex<HashMap<String, VecDeque<String>>>,
@@ -77,37 +86,54 @@ impl Ingress {
     }
 }
 
-/// Serve the ingress on `listener` until the task is aborted.
-pub async fn serve(listener: tokio::net::TcpListener, sup: Arc<Supervisor>) {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_local_address(Some(sup.addr()));
-    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+/// Serve the public ingress on `public` and the node's peer port on `peer` (HTTP from
+/// other nodes here; replication links go to `links`) until the task is aborted.
+pub async fn serve(
+    public: tokio::net::TcpListener,
+    peer: tokio::net::TcpListener,
+    peer_tls: Arc<rustls::ServerConfig>,
+    links: mpsc::Sender<Handoff>,
+    sup: Arc<Supervisor>,
+) {
     let state = Arc::new(Ingress {
         delivered: Mutex::new(HashMap::new()),
         sup,
-        peers: Client::builder(TokioExecutor::new()).build(connector),
     });
-    let app = Router::new()
+    let not_found = || async {
+        error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "ingress paths are /w/<workload>/<path>",
+        )
+    };
+    let public_app = Router::new()
         .route("/livez", get(|| async { "ok\n" }))
+        .route("/w/{*rest}", any(handle_public))
+        .fallback(not_found)
+        .with_state(state.clone());
+    let peer_app = Router::new()
         .route("/_avail/contact", get(contact))
-        .route("/w/{*rest}", any(handle))
-        .fallback(|| async {
-            error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                "ingress paths are /w/<workload>/<path>",
-            )
-        })
+        .route("/w/{*rest}", any(handle_peer))
+        .fallback(not_found)
         .with_state(state);
     // The public side: plain HTTP, bounded like every listener (connections, header
     // and idle timeouts); more connections than the API, as clients come here.
-    let limits = avail_tls::serve::Limits {
+    let public_limits = avail_tls::serve::Limits {
         max_connections: 4096,
+        max_per_ip: 4096,
         ..Default::default()
     };
-    if let Err(e) = avail_tls::serve::serve(listener, None, app, limits).await {
-        tracing::error!("ingress stopped: {e}");
+    // The peer side: other nodes only (their forwarding pools, contact probes).
+    let peer_limits = avail_tls::serve::Limits {
+        max_connections: 2048,
+        max_per_ip: 512,
+        ..Default::default()
+    };
+    let public = avail_tls::serve::serve(public, None, public_app, public_limits);
+    let peer = avail_tls::serve::serve_peer(peer, peer_tls, peer_app, peer_limits, links);
+    tokio::select! {
+        r = public => if let Err(e) = r { tracing::error!("ingress stopped: {e}") },
+        r = peer => if let Err(e) = r { tracing::error!("peer port stopped: {e}") },
     }
 }
 
@@ -203,7 +229,32 @@ pub const FT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long an ingress keeps retrying a request to an `ft` workload across a failover.
 pub const FT_RETRY_FOR: Duration = Duration::from_secs(15);
 
-async fn handle(State(ing): State<Arc<Ingress>>, req: Request) -> Response {
+/// A client's request (the public port).
+async fn handle_public(State(ing): State<Arc<Ingress>>, req: Request) -> Response {
+    handle(&ing, req, false).await
+}
+
+/// A request another node's ingress forwarded (the peer port): it counts as forwarded
+/// only from a node of the cluster whose certificate names it.
+async fn handle_peer(State(ing): State<Arc<Ingress>>, req: Request) -> Response {
+    let from = req
+        .headers()
+        .get(FORWARDED)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let cert = req.extensions().get::<PeerCert>();
+    let proven = cert.is_some_and(|c| c.names_node(from)) && ing.sup.peers().is_member(from);
+    if !proven {
+        return error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "a forwarded request needs avail-forwarded naming a node of the cluster whose certificate the connection presented",
+        );
+    }
+    handle(&ing, req, true).await
+}
+
+async fn handle(ing: &Ingress, req: Request, forwarded: bool) -> Response {
     let path_and_query = req
         .uri()
         .path_and_query()
@@ -220,14 +271,15 @@ async fn handle(State(ing): State<Arc<Ingress>>, req: Request) -> Response {
         format!("/{rest}")
     };
     let name = name.to_string();
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    parts.headers.remove(FORWARDED);
     // Held until the request is answered: the body may be sent again.
     let (body, _held) = match read_body(body, &parts.headers).await {
         Ok(b) => b,
         Err(r) => return r,
     };
     let mut inc = Incoming {
-        forwarded: parts.headers.contains_key(FORWARDED),
+        forwarded,
         method: parts.method,
         name,
         rest,
@@ -274,7 +326,7 @@ async fn handle(State(ing): State<Arc<Ingress>>, req: Request) -> Response {
     }
     let deadline = std::time::Instant::now() + FT_RETRY_FOR;
     loop {
-        match attempt(&ing, &inc).await {
+        match attempt(ing, &inc).await {
             Ok(r) => {
                 // This ingress will never send that key again: its log entry can go.
                 if let Some(key) = assigned {
@@ -299,9 +351,10 @@ async fn handle(State(ing): State<Arc<Ingress>>, req: Request) -> Response {
 
 /// How long since this node last heard the control plane (peers ask, to tell an
 /// isolated node from a control plane that is away).
-async fn contact(State(ing): State<Arc<Ingress>>) -> Response {
-    let age = ing.sup.contact_age().as_millis() as u64;
-    axum::Json(serde_json::json!({ "contact_age_ms": age })).into_response()
+async fn contact(State(ing): State<Arc<Ingress>>) -> axum::Json<ContactReply> {
+    axum::Json(ContactReply {
+        contact_age_ms: ing.sup.contact_age().as_millis() as u64,
+    })
 }
 
 /// One try: `Ok` is final, `Err` a reply that a retry might improve (503, unreachable).
@@ -358,22 +411,22 @@ async fn attempt(ing: &Ingress, inc: &Incoming) -> Result<Response, Response> {
             &format!("no workload named {name:?}"),
         ));
     };
-    match (&route.node, &route.ingress_url) {
-        (Some(node), Some(url)) if node != me && !inc.forwarded => {
+    match &route.node {
+        Some(node) if node != me && !inc.forwarded => {
             if route.ft {
                 // A primary whose host died mid-request never answers: give up on this
                 // try soon and retry (same key) against the route then in force.
-                match tokio::time::timeout(FT_ATTEMPT_TIMEOUT, forward(ing, inc, url)).await {
+                match tokio::time::timeout(FT_ATTEMPT_TIMEOUT, forward(ing, inc, node)).await {
                     Ok(r) => r,
                     Err(_) => Err(unavailable(&format!(
                         "no reply from {node} in time; retrying"
                     ))),
                 }
             } else {
-                forward(ing, inc, url).await
+                forward(ing, inc, node).await
             }
         }
-        (None, _) => Err(unavailable(&format!(
+        None => Err(unavailable(&format!(
             "workload {name} is not placed on any node"
         ))),
         // Routed here but not (yet) running here, or a peer's stale route: never loop.
@@ -381,10 +434,14 @@ async fn attempt(ing: &Ingress, inc: &Incoming) -> Result<Response, Response> {
     }
 }
 
-async fn forward(ing: &Ingress, inc: &Incoming, ingress_url: &str) -> Result<Response, Response> {
+/// Send the request to `node`'s peer port.
+async fn forward(ing: &Ingress, inc: &Incoming, node: &str) -> Result<Response, Response> {
+    let Some((peer, base)) = ing.sup.peers().http(node) else {
+        return Err(unavailable(&format!("node {node} has no known peer port")));
+    };
     let mut b = hyper::Request::builder()
         .method(inc.method.clone())
-        .uri(format!("{ingress_url}/w/{}{}", inc.name, inc.rest))
+        .uri(format!("{base}/w/{}{}", inc.name, inc.rest))
         .header(FORWARDED, ing.sup.node());
     for (n, v) in inc.headers.iter() {
         if !is_hop_by_hop(n.as_str()) && n != "host" {
@@ -399,11 +456,10 @@ async fn forward(ing: &Ingress, inc: &Incoming, ingress_url: &str) -> Result<Res
         ));
     };
     let exchange = async {
-        let resp = ing
-            .peers
+        let resp = peer
             .request(out)
             .await
-            .map_err(|e| unavailable(&format!("node at {ingress_url} unreachable: {e}")))?;
+            .map_err(|e| unavailable(&format!("node {node} unreachable: {e}")))?;
         let (parts, body) = resp.into_parts();
         match Limited::new(body, MAX_BODY_BYTES * 4).collect().await {
             Ok(b) => {
@@ -417,7 +473,7 @@ async fn forward(ing: &Ingress, inc: &Incoming, ingress_url: &str) -> Result<Res
             Err(e) => Err(error(
                 StatusCode::BAD_GATEWAY,
                 "bad_gateway",
-                &format!("reading the reply of {ingress_url}: {e}"),
+                &format!("reading the reply of {node}: {e}"),
             )),
         }
     };
@@ -427,7 +483,7 @@ async fn forward(ing: &Ingress, inc: &Incoming, ingress_url: &str) -> Result<Res
             StatusCode::GATEWAY_TIMEOUT,
             "timeout",
             &format!(
-                "no reply from {ingress_url} within {} s",
+                "no reply from {node} within {} s",
                 FORWARD_TIMEOUT.as_secs()
             ),
         )),

@@ -18,6 +18,7 @@ pub mod contain;
 pub mod ft;
 pub mod identity;
 pub mod ingress;
+pub mod peers;
 pub mod replylog;
 pub mod supervisor;
 
@@ -29,7 +30,7 @@ use std::time::Duration;
 
 use avail_client::{Client, ClientError};
 use avail_model::Resources;
-use avail_model::agent::{Heartbeat, JoinResponse};
+use avail_model::agent::{ContactReply, Heartbeat, HeartbeatReply, JoinResponse};
 
 use crate::identity::Identity;
 use crate::supervisor::Supervisor;
@@ -164,16 +165,35 @@ pub async fn run(
     let id = Arc::new(Identity::load(&cfg)?);
     let client = id.server_client();
     let joined = join(&cfg, &id).await?;
-    let renewal = tokio::spawn(id.clone().renew_loop(joined.certificate_expires_s));
-    let sup = Arc::new(Supervisor::new(cfg.clone(), client.clone()).map_err(AgentError::Driver)?);
-    let ingress = tokio::spawn(ingress::serve(listener, sup.clone()));
+    let peers = Arc::new(
+        peers::Peers::new(&cfg.name, cfg.addr, &cfg.ca_pem, id.node_cert())
+            .map_err(|e| AgentError::Driver(format!("peer TLS: {e}")))?,
+    );
+    let peer_tls = peers
+        .server_config()
+        .map_err(|e| AgentError::Driver(format!("peer TLS: {e}")))?;
+    let renewed = peers.clone();
+    let renewal = tokio::spawn(
+        id.clone()
+            .renew_loop(joined.certificate_expires_s, move || renewed.renew()),
+    );
+    let sup =
+        Arc::new(Supervisor::new(cfg.clone(), client.clone(), peers).map_err(AgentError::Driver)?);
+    let (links_tx, links) = tokio::sync::mpsc::channel(ft::LINK_QUEUE);
+    let ingress = tokio::spawn(ingress::serve(
+        listener,
+        repl_listener,
+        peer_tls,
+        links_tx,
+        sup.clone(),
+    ));
     let finder = sup.clone();
-    let replication = tokio::spawn(ft::serve_replication(repl_listener, move |w, uid| {
-        finder.secondary(w, uid)
+    let replication = tokio::spawn(ft::serve_replication(links, move |hello, cert| {
+        finder.secondary(hello, cert)
     }));
     let heartbeat = tokio::spawn(heartbeat_loop(cfg.clone(), id, client, sup.clone(), joined));
     let desired = tokio::spawn(supervisor::follow_desired(sup.clone()));
-    tracing::info!(node = %cfg.name, "agent ready; ingress on http://{listen}");
+    tracing::info!(node = %cfg.name, "agent ready; ingress on http://{listen}, peer port {repl_addr}");
     shutdown.await;
     tracing::info!("shutting down: stopping workloads");
     heartbeat.abort();
@@ -202,21 +222,18 @@ async fn fence_watch(sup: Arc<Supervisor>) {
         if !sup.isolated() || sup.is_fenced() {
             continue;
         }
-        // Every peer at once (from this node's own address, like every connection of
-        // the agent). Meanwhile the ingress already refuses the ha workloads (the node
+        // Every peer at once, on their peer ports (mutual TLS: an answer comes from the
+        // node named, never from whoever holds a socket). Meanwhile the ingress already refuses the ha workloads (the node
         // is isolated and the control plane not shown away), so a late verdict is
         // safe, and a busy peer gets time to answer: 500 ms to 1 s.
         let window = sup.fence_after();
         let timeout = window.clamp(Duration::from_millis(500), Duration::from_secs(1));
         let mut asks = tokio::task::JoinSet::new();
-        for url in sup.peer_ingresses() {
-            let peer = Client::new(&url, None, Some(sup.addr())).with_timeout(timeout);
-            asks.spawn(async move {
-                peer.get::<serde_json::Value>("/_avail/contact")
-                    .await
-                    .ok()
-                    .map(|v| v["contact_age_ms"].as_u64().unwrap_or(u64::MAX))
-            });
+        for name in sup.peers().others() {
+            let Some((peer, base)) = sup.peers().http(&name) else {
+                continue;
+            };
+            asks.spawn(async move { contact_age(&peer, &base, timeout).await });
         }
         let mut answered = 0;
         let mut server_heard_by_peer = false;
@@ -254,6 +271,28 @@ async fn fence_watch(sup: Arc<Supervisor>) {
     }
 }
 
+/// A peer's contact age, asked on its peer port (mutual TLS: only that node answers).
+async fn contact_age(peer: &peers::PeerClient, base: &str, timeout: Duration) -> Option<u64> {
+    use http_body_util::BodyExt as _;
+    let req = hyper::Request::get(format!("{base}/_avail/contact"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .ok()?;
+    let ask = async {
+        let resp = peer.request(req).await.ok()?;
+        if resp.status() != hyper::StatusCode::OK {
+            return None;
+        }
+        let body = http_body_util::Limited::new(resp.into_body(), 4096)
+            .collect()
+            .await
+            .ok()?
+            .to_bytes();
+        serde_json::from_slice::<ContactReply>(&body).ok()
+    };
+    let reply = tokio::time::timeout(timeout, ask).await.ok()??;
+    Some(reply.contact_age_ms)
+}
+
 async fn heartbeat_loop(
     cfg: AgentConfig,
     id: Arc<Identity>,
@@ -275,17 +314,13 @@ async fn heartbeat_loop(
         // server judges this node by when it received it, which is no earlier.
         let sent = std::time::Instant::now();
         match authed
-            .post::<_, serde_json::Value>("/v1/agent/heartbeat", &hb)
+            .post::<_, HeartbeatReply>("/v1/agent/heartbeat", &hb)
             .await
         {
             Ok(reply) => {
                 // The windows may have changed (a server restarted with others).
-                if let Some(ttl) = reply["lease_ttl_ms"].as_u64() {
-                    sup.set_lease_ttl(Duration::from_millis(ttl));
-                }
-                if let Some(hb) = reply["heartbeat_interval_ms"].as_u64() {
-                    joined.heartbeat_interval_ms = hb;
-                }
+                sup.set_lease_ttl(Duration::from_millis(reply.lease_ttl_ms));
+                joined.heartbeat_interval_ms = reply.heartbeat_interval_ms;
                 // Back from an isolation (a pause, a partition) that the peers did not
                 // show to be the control plane's: stop the ha workloads first; the fresh
                 // desired state says which still belong here. After a control-plane

@@ -18,7 +18,9 @@ use avail_model::{DriverKind, Level};
 use sha2::{Digest, Sha256};
 
 use crate::AgentConfig;
-use crate::ft::{FtContext, FtReplica};
+use crate::ft::{FtContext, FtReplica, Hello};
+use crate::peers::Peers;
+use avail_tls::serve::PeerCert;
 
 /// Most log lines buffered between heartbeats; older ones are dropped.
 pub const MAX_BUFFERED_LOG_LINES: usize = 5000;
@@ -141,8 +143,8 @@ pub struct Supervisor {
     fence_after: Mutex<Duration>,
     /// Whether the ha workloads are stopped for isolation.
     fenced: AtomicBool,
-    /// The other nodes' ingress URLs.
-    peers: Mutex<Vec<String>>,
+    /// The other nodes and mutual TLS to them.
+    peers: Arc<Peers>,
     /// Whether the peers, asked while the server was silent, have lost it too (the
     /// control plane is away, not this node): ha workloads go on serving.
     control_plane_away: AtomicBool,
@@ -161,7 +163,7 @@ fn now_ms() -> u64 {
 
 impl Supervisor {
     /// A supervisor talking to the server with `client` (node token set).
-    pub fn new(cfg: AgentConfig, client: Client) -> Result<Supervisor, String> {
+    pub fn new(cfg: AgentConfig, client: Client, peers: Arc<Peers>) -> Result<Supervisor, String> {
         let contain = Arc::new(crate::contain::probe(&cfg)?);
         Ok(Supervisor {
             image_budget: Arc::new(crate::ft::ImageBudget::new(
@@ -178,7 +180,7 @@ impl Supervisor {
             last_contact: Mutex::new(Instant::now()),
             fence_after: Mutex::new(DEFAULT_FENCE_AFTER),
             fenced: AtomicBool::new(false),
-            peers: Mutex::new(Vec::new()),
+            peers,
             control_plane_away: AtomicBool::new(false),
             fences: Mutex::new(Vec::new()),
         })
@@ -309,7 +311,7 @@ impl Supervisor {
 
     /// Bring the node to `desired`.
     pub fn apply(self: &Arc<Self>, desired: &DesiredState) {
-        *self.peers.lock().unwrap_or_else(|p| p.into_inner()) = desired.peers.clone();
+        self.peers.set(&desired.peers);
         let fenced = self.fenced.load(Ordering::Acquire);
         {
             let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
@@ -479,7 +481,7 @@ impl Supervisor {
                 Err(e) => return Err(e.to_string()),
             };
             let ctx = FtContext {
-                addr: self.cfg.addr,
+                peers: self.peers.clone(),
                 client: self.client(),
                 budget: self.image_budget.clone(),
             };
@@ -532,11 +534,17 @@ impl Supervisor {
 
     /// The secondary replica of `workload` (run `uid`) on this node, for a replication
     /// link.
-    pub fn secondary(&self, workload: &str, uid: &str) -> Option<Arc<FtReplica>> {
+    pub fn secondary(&self, hello: &Hello, cert: &PeerCert) -> Option<Arc<FtReplica>> {
         let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let s = slots.get(workload)?;
+        let s = slots.get(&hello.workload)?;
         let r = s.ft.as_ref()?;
-        (s.assignment.uid == uid && r.role() == ReplicaRole::Secondary).then(|| r.clone())
+        // Only the primary this secondary is paired with may feed it: another node's
+        // certificate (valid as it may be) names another node.
+        let primary = s.assignment.peer.as_ref()?;
+        (s.assignment.uid == hello.uid
+            && r.role() == ReplicaRole::Secondary
+            && cert.names_node(&primary.node))
+        .then(|| r.clone())
     }
 
     /// A module by digest: from the node's cache, else from the server; the digest is
@@ -707,16 +715,9 @@ impl Supervisor {
         *q = f;
     }
 
-    /// The ingress URLs of the other nodes (from the last desired state).
-    pub fn peer_ingresses(&self) -> Vec<String> {
-        let mine = format!("http://{}:", self.cfg.addr);
-        self.peers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|u| !u.starts_with(&mine))
-            .cloned()
-            .collect()
+    /// The other nodes (from the last desired state) and mutual TLS to them.
+    pub fn peers(&self) -> &Arc<Peers> {
+        &self.peers
     }
 
     /// Stop everything (agent shutdown).

@@ -30,8 +30,8 @@ pub struct JoinRequest {
     /// Identifies this run of the agent process: a new value means the node restarted
     /// and every workload on it is a new run (new incarnation).
     pub boot_id: String,
-    /// The agent's replication listener (`ip:port`) for `ft` checkpoint streams.
-    #[serde(default)]
+    /// The agent's peer port (`ip:port`, mutual TLS): replication links, requests
+    /// forwarded by other nodes' ingresses, and the fencing contact probe.
     pub replication_addr: String,
     /// The node's public key: an uncompressed P-256 point, base64url without padding.
     /// The server signs a certificate for it; its private half never leaves the node.
@@ -87,11 +87,10 @@ impl JoinRequest {
                 format!("{:?} is not http://{ip}:<port>", self.ingress_url),
             );
         }
-        let replication_ok = self.replication_addr.is_empty()
-            || self
-                .replication_addr
-                .parse::<std::net::SocketAddr>()
-                .is_ok_and(|sa| sa.ip() == ip);
+        let replication_ok = self
+            .replication_addr
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|sa| sa.ip() == ip);
         if !replication_ok {
             return err(
                 "replication_addr",
@@ -281,10 +280,9 @@ pub struct LeaseReply {
 pub struct Route {
     /// Workload name.
     pub workload: String,
-    /// Node of the active replica; none while the workload is not placed.
+    /// Node of the active replica; none while the workload is not placed. Another
+    /// node's ingress forwards to that node's peer port ([`DesiredState::peers`]).
     pub node: Option<String>,
-    /// That node's ingress base URL.
-    pub ingress_url: Option<String>,
     /// Incarnation of the active replica.
     pub incarnation: u64,
     /// Level `ft`: an ingress retries a request that got no reply against the replica
@@ -302,10 +300,38 @@ pub struct DesiredState {
     pub assignments: Vec<Assignment>,
     /// Every workload's route, for the ingress.
     pub routes: Vec<Route>,
-    /// The ingress URL of every node: whom an agent asks, when the server is silent,
-    /// whether the others still hear it (fencing).
+    /// Every node of the cluster and its peer port: where an ingress forwards, whom an
+    /// agent asks, when the server is silent, whether the others still hear it
+    /// (fencing), and the only names whose certificates a peer port accepts.
     #[serde(default)]
-    pub peers: Vec<String>,
+    pub peers: Vec<PeerNode>,
+}
+
+/// A node as the other nodes reach it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PeerNode {
+    /// Its name (its certificate names `<name>.node.avail`).
+    pub name: String,
+    /// Its peer port, `ip:port`.
+    pub addr: String,
+}
+
+/// A node's answer to the contact probe (`GET /_avail/contact` on its peer port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ContactReply {
+    /// How long since the node last heard the control plane, ms.
+    pub contact_age_ms: u64,
+}
+
+/// The server's answer to a heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HeartbeatReply {
+    /// The node's state as the server sees it.
+    pub state: crate::NodeState,
+    /// How often to heartbeat, ms (the windows may change when the server restarts).
+    pub heartbeat_interval_ms: u64,
+    /// The down window, ms: the agent's isolation window follows it.
+    pub lease_ttl_ms: u64,
 }
 
 /// State of one instance on a node.

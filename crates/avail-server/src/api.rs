@@ -5,12 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use avail_model::agent::{
-    DesiredState, HandoverRequest, Heartbeat, LeaseReply, LeaseRequest, LogLine, SecondaryFailure,
+    DesiredState, HandoverRequest, Heartbeat, HeartbeatReply, LeaseReply, LeaseRequest, LogLine,
+    SecondaryFailure,
 };
 use avail_model::spec::LevelPolicy;
 use avail_model::spec::is_digest;
 use avail_model::{
-    ApiErrorBody, ClusterEvent, DriverKind, Level, Node, NodeState, Phase, Workload, WorkloadSpec,
+    ApiErrorBody, ClusterEvent, DriverKind, Level, Node, Phase, Workload, WorkloadSpec,
     WorkloadStatus,
 };
 use avail_sched::Decision;
@@ -1156,17 +1157,6 @@ async fn get_artifact(
         .await
         .map_err(|_| ApiErr::not_found("artifact", &digest))?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
-}
-
-/// The server's answer to a heartbeat.
-#[derive(Serialize, Deserialize, ToSchema)]
-pub struct HeartbeatReply {
-    /// The node's state as the server sees it.
-    pub state: NodeState,
-    /// How often to heartbeat, ms (the windows may change when the server restarts).
-    pub heartbeat_interval_ms: u64,
-    /// The down window, ms: the agent's isolation window follows it.
-    pub lease_ttl_ms: u64,
 }
 
 #[utoipa::path(post, path = "/v1/agent/heartbeat", request_body = Heartbeat,

@@ -2,7 +2,6 @@
 //! identity ([`crate::identity`] decides; this applies).
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 
 use avail_model::agent::{JoinRequest, JoinResponse, RenewResponse};
 use avail_model::token::{JoinTokenCreated, JoinTokenInfo, JoinTokenRequest};
@@ -72,7 +71,7 @@ impl AppState {
         req: JoinRequest,
         token: Option<&str>,
     ) -> Result<JoinResponse, JoinError> {
-        let ip: IpAddr = req.validate()?;
+        req.validate()?;
         let raw = public_key_raw(&req.public_key)?;
         let now = now_s();
         let proof = req.proof.as_ref().map(|p| {
@@ -123,7 +122,7 @@ impl AppState {
             }
             let issued =
                 self.ca
-                    .issue_node(&req.name, ip, &raw, self.config.node_cert_ttl.as_secs())?;
+                    .issue_node(&req.name, &raw, self.config.node_cert_ttl.as_secs())?;
             let rec = node_record(&req, old.as_ref(), &issued);
             writes.push(Op::Put {
                 key: node_key.clone(),
@@ -186,13 +185,9 @@ impl AppState {
                 )
                 .into());
             }
-            let ip: IpAddr = rec
-                .address
-                .parse()
-                .map_err(|_| JoinError::NotFound(format!("address of node {node}")))?;
             let issued = self
                 .ca
-                .issue_node(node, ip, &raw, self.config.node_cert_ttl.as_secs())?;
+                .issue_node(node, &raw, self.config.node_cert_ttl.as_secs())?;
             rec.identity = rec.identity.with_cert(public_key, &issued);
             let value = serde_json::to_vec(&rec).expect("node serialises");
             if let Some(rev) = self

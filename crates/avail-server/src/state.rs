@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use avail_model::agent::{
-    Assignment, DesiredState, InstanceState, InstanceStatus, LogLine, Peer, ReplicaRole, Route,
+    Assignment, DesiredState, InstanceState, InstanceStatus, LogLine, Peer, PeerNode, ReplicaRole,
+    Route,
 };
 use avail_model::{Level, Node, NodeState, Phase, Resources, Workload, WorkloadStatus};
 use avail_sched::{ClusterView, Decision, NodeView, Preference, Request};
@@ -2306,7 +2307,14 @@ impl AppState {
         let v = self.view.read().unwrap_or_else(|p| p.into_inner());
         let mut out = DesiredState {
             revision,
-            peers: v.nodes.values().map(|n| n.ingress_url.clone()).collect(),
+            peers: v
+                .nodes
+                .values()
+                .map(|n| PeerNode {
+                    name: n.name.clone(),
+                    addr: n.replication_addr.clone(),
+                })
+                .collect(),
             ..DesiredState::default()
         };
         for (w, _) in v.workloads.values() {
@@ -2352,9 +2360,6 @@ impl AppState {
             out.routes.push(Route {
                 workload: w.spec.name.clone(),
                 node: n.map(str::to_string),
-                ingress_url: n
-                    .and_then(|n| v.nodes.get(n))
-                    .map(|r| r.ingress_url.clone()),
                 incarnation: w.status.incarnation,
                 ft: w.spec.level == Level::Ft,
             });

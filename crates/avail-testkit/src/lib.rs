@@ -18,6 +18,7 @@ use avail_client::Client;
 use avail_model::{Node, NodeState, Phase};
 
 pub mod ft;
+pub mod peer;
 pub mod slow_guest;
 
 /// A child process killed with its process group on drop.

@@ -167,25 +167,24 @@ impl ClusterCa {
         ))
     }
 
-    /// A node's certificate for the raw P-256 public key it sent: CN and DNS name
-    /// `name`, IP SAN `ip`, for both serving and connecting.
+    /// A node's certificate for the raw P-256 public key it sent: CN `name` and the one
+    /// DNS name [`crate::peer::node_dns_name`] (`<name>.node.avail`), for both serving
+    /// and connecting. No IP address and no name outside `.node.avail`: a node's
+    /// certificate can never pass for the API server's (its IPs, `localhost`) nor for
+    /// another node's.
     pub fn issue_node(
         &self,
         name: &str,
-        ip: IpAddr,
         public_key: &[u8],
         ttl_s: u64,
     ) -> Result<Issued, TlsError> {
         check_public_key(public_key).map_err(|e| TlsError::bad("node public key", e))?;
         let mut p = leaf_params(name, ttl_s)?;
-        p.subject_alt_names = vec![
-            SanType::DnsName(
-                name.to_string()
-                    .try_into()
-                    .map_err(|e| TlsError::bad("node name", e))?,
-            ),
-            SanType::IpAddress(ip),
-        ];
+        p.subject_alt_names = vec![SanType::DnsName(
+            crate::peer::node_dns_name(name)
+                .try_into()
+                .map_err(|e| TlsError::bad("node name", e))?,
+        )];
         p.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,

@@ -1,6 +1,8 @@
 //! rustls configurations: the server side (with an optional client certificate,
 //! verified against the cluster CA), and the client side (trusting only the cluster
 //! CA, presenting a node certificate that can be replaced while connections go on).
+//! The node-to-node configurations (mutual TLS on the peer port) are in
+//! [`crate::peer`].
 
 use std::sync::{Arc, RwLock};
 
@@ -9,12 +11,13 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
 
 use crate::TlsError;
 
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -33,7 +36,7 @@ fn parse_key(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::bad("key PEM", e))
 }
 
-fn roots(ca_pem: &str) -> Result<RootCertStore, TlsError> {
+pub(crate) fn roots(ca_pem: &str) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for c in parse_certs(ca_pem)? {
         roots
@@ -70,17 +73,18 @@ pub fn server_config(
     Ok(Arc::new(cfg))
 }
 
-/// The certificate a client presents, replaceable in place (a renewed node
-/// certificate): new connections use the new one, open ones keep theirs.
+/// The node's certificate, replaceable in place (a renewed node certificate): new
+/// connections present the new one, open ones keep theirs. The agent presents it as a
+/// client (to the server and to peers) and as a server (its peer port).
 #[derive(Debug, Default)]
-pub struct ClientIdentity {
+pub struct NodeCert {
     current: RwLock<Option<Arc<CertifiedKey>>>,
 }
 
-impl ClientIdentity {
-    /// An identity holding nothing yet (the client presents no certificate).
-    pub fn new() -> Arc<ClientIdentity> {
-        Arc::new(ClientIdentity::default())
+impl NodeCert {
+    /// A node certificate holding nothing yet (nothing is presented).
+    pub fn new() -> Arc<NodeCert> {
+        Arc::new(NodeCert::default())
     }
 
     /// Present `chain_pem` with `key_pem` from now on.
@@ -101,18 +105,22 @@ impl ClientIdentity {
             .unwrap_or_else(|p| p.into_inner())
             .is_some()
     }
+
+    fn get(&self) -> Option<Arc<CertifiedKey>> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
-impl ResolvesClientCert for ClientIdentity {
+impl ResolvesClientCert for NodeCert {
     fn resolve(
         &self,
         _root_hint_subjects: &[&[u8]],
         _sigschemes: &[SignatureScheme],
     ) -> Option<Arc<CertifiedKey>> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.get()
     }
 
     fn has_certs(&self) -> bool {
@@ -120,10 +128,16 @@ impl ResolvesClientCert for ClientIdentity {
     }
 }
 
+impl ResolvesServerCert for NodeCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.get()
+    }
+}
+
 /// A client configuration trusting only `ca_pem`, presenting `identity` when given.
 pub fn client_config(
     ca_pem: &str,
-    identity: Option<Arc<ClientIdentity>>,
+    identity: Option<Arc<NodeCert>>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()

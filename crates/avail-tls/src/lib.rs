@@ -16,11 +16,13 @@ pub mod ca;
 pub mod config;
 pub mod files;
 pub mod node_key;
+pub mod peer;
 pub mod serve;
 
 pub use ca::{ClusterCa, Issued};
-pub use config::{ClientIdentity, client_config, server_config};
+pub use config::{NodeCert, client_config, server_config};
 pub use node_key::NodeKey;
+pub use peer::MovableTcp;
 
 /// Errors of key and certificate handling.
 #[derive(Debug, thiserror::Error)]

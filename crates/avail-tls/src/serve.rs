@@ -1,9 +1,10 @@
-//! The bounded HTTP/1.1 serving loop behind every listener (the API, the ingress).
+//! The bounded HTTP/1.1 serving loop behind every listener (the API, the ingress, a
+//! node's peer port).
 //!
 //! Bounds, each stated in [`Limits`]:
-//! - at most `max_connections` open at once; past that a new connection is closed at
-//!   once (the accept loop never waits, so an attacker holding sockets cannot stop the
-//!   loop from accepting and refusing);
+//! - at most `max_connections` open at once, and `max_per_ip` from one address; past
+//!   that a new connection is closed at once (the accept loop never waits, so an
+//!   attacker holding sockets cannot stop the loop from accepting and refusing);
 //! - a TLS handshake must finish within `handshake_timeout`;
 //! - a request's headers must arrive within `header_read_timeout` (hyper's timer);
 //! - a connection that moves no byte either way for `idle_timeout` is closed
@@ -13,11 +14,14 @@
 //! With TLS, a client certificate verified against the cluster CA is handed to the
 //! handlers as a [`PeerCert`] request extension; without one there is none. Handlers
 //! decide what a certificate may do; this loop only proves which one was presented.
+//! On a peer port ([`serve_peer`]) a connection that asked for the replication protocol
+//! by ALPN is handed over after its handshake instead of being served HTTP.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -26,17 +30,23 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
 
+use rustls::pki_types::CertificateDer;
+
 use crate::cert_digest;
+use crate::peer::MovableTcp;
 
 /// The bounds of one listener.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     /// Connections open at once.
     pub max_connections: usize,
+    /// Connections open at once from one IP address (one client holding sockets
+    /// cannot take every slot).
+    pub max_per_ip: usize,
     /// Longest TLS handshake.
     pub handshake_timeout: Duration,
     /// Longest wait for a request's headers.
@@ -46,10 +56,12 @@ pub struct Limits {
 }
 
 impl Default for Limits {
-    /// 1,024 connections, 5 s handshake, 10 s headers, 60 s idle.
+    /// 1,024 connections (256 from one address), 5 s handshake, 10 s headers, 60 s
+    /// idle.
     fn default() -> Limits {
         Limits {
             max_connections: 1024,
+            max_per_ip: 256,
             handshake_timeout: Duration::from_secs(5),
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
@@ -62,7 +74,27 @@ impl Default for Limits {
 pub struct PeerCert {
     /// [`cert_digest`] of the leaf certificate.
     pub digest: String,
+    /// The leaf certificate.
+    pub der: CertificateDer<'static>,
 }
+
+impl PeerCert {
+    fn of(der: &CertificateDer<'_>) -> PeerCert {
+        PeerCert {
+            digest: cert_digest(der),
+            der: der.clone().into_owned(),
+        }
+    }
+
+    /// Whether the certificate is node `name`'s ([`crate::peer::names_node`]).
+    pub fn names_node(&self, name: &str) -> bool {
+        crate::peer::names_node(&self.der, name)
+    }
+}
+
+/// A connection on a peer port that asked for another protocol than HTTP (a
+/// replication link), after its handshake, with its verified certificate.
+pub type Handoff = (tokio_rustls::server::TlsStream<MovableTcp>, PeerCert);
 
 /// Serve `app` on `listener` until the listener fails, with TLS when `tls` is given.
 pub async fn serve(
@@ -71,7 +103,74 @@ pub async fn serve(
     app: axum::Router,
     limits: Limits,
 ) -> std::io::Result<()> {
+    serve_with(listener, tls, app, limits, None).await
+}
+
+/// Serve a peer port: TLS with `tls` (which requires a client certificate); HTTP
+/// connections go to `app`, [`crate::peer::ALPN_REPLICATION`] ones to `links` (when
+/// it is full, the new one is closed).
+pub async fn serve_peer(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: axum::Router,
+    limits: Limits,
+    links: mpsc::Sender<Handoff>,
+) -> std::io::Result<()> {
+    serve_with(listener, Some(tls), app, limits, Some(links)).await
+}
+
+/// Connections open per address.
+#[derive(Default)]
+struct PerIp(Mutex<HashMap<IpAddr, usize>>);
+
+/// A connection's place: released when the connection ends.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    per_ip: Arc<PerIp>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut m = self.per_ip.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+fn take_slot(
+    slots: &Arc<Semaphore>,
+    per_ip: &Arc<PerIp>,
+    ip: IpAddr,
+    max_per_ip: usize,
+) -> Option<Slot> {
+    let permit = slots.clone().try_acquire_owned().ok()?;
+    let mut m = per_ip.0.lock().unwrap_or_else(|p| p.into_inner());
+    let n = m.entry(ip).or_default();
+    if *n >= max_per_ip {
+        return None;
+    }
+    *n += 1;
+    Some(Slot {
+        _permit: permit,
+        per_ip: per_ip.clone(),
+        ip,
+    })
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    app: axum::Router,
+    limits: Limits,
+    links: Option<mpsc::Sender<Handoff>>,
+) -> std::io::Result<()> {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let per_ip = Arc::new(PerIp::default());
     let acceptor = tls.map(TlsAcceptor::from);
     loop {
         let (stream, remote) = match listener.accept().await {
@@ -84,59 +183,48 @@ pub async fn serve(
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(%remote, "connection refused: {} open", limits.max_connections);
+        let Some(slot) = take_slot(&slots, &per_ip, remote.ip(), limits.max_per_ip) else {
+            tracing::debug!(%remote, "connection refused: {} open (at most {} from one address)", limits.max_connections, limits.max_per_ip);
             drop(stream);
             continue;
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let acceptor = acceptor.clone();
+        let links = links.clone();
         tokio::spawn(async move {
-            let _slot = slot;
-            match acceptor {
-                Some(acceptor) => {
-                    let tls = match tokio::time::timeout(
-                        limits.handshake_timeout,
-                        acceptor.accept(stream),
-                    )
-                    .await
-                    {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%remote, "TLS handshake: {e}");
-                            return;
-                        }
-                        Err(_) => return,
-                    };
-                    let peer = tls
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .map(|c| PeerCert {
-                            digest: cert_digest(c),
-                        });
-                    serve_connection(
-                        IdleIo::new(tls, limits.idle_timeout),
-                        app,
-                        peer,
-                        remote,
-                        limits,
-                    )
-                    .await
+            let Some(acceptor) = acceptor else {
+                let _slot = slot;
+                let io = IdleIo::new(stream, limits.idle_timeout);
+                return serve_connection(io, app, None, remote, limits).await;
+            };
+            let accept = acceptor.accept(MovableTcp::new(stream));
+            let tls = match tokio::time::timeout(limits.handshake_timeout, accept).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%remote, "TLS handshake: {e}");
+                    return;
                 }
-                None => {
-                    serve_connection(
-                        IdleIo::new(stream, limits.idle_timeout),
-                        app,
-                        None,
-                        remote,
-                        limits,
-                    )
-                    .await
+                Err(_) => return,
+            };
+            let conn = tls.get_ref().1;
+            let peer = conn
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(PeerCert::of);
+            if conn.alpn_protocol() == Some(crate::peer::ALPN_REPLICATION) {
+                // A link lives as long as its replica: it holds no connection slot
+                // (the receiver bounds the links waiting for their hello).
+                if let (Some(links), Some(peer)) = (links, peer)
+                    && links.try_send((tls, peer)).is_err()
+                {
+                    tracing::debug!(%remote, "replication link refused: too many waiting");
                 }
+                return;
             }
+            let _slot = slot;
+            let io = IdleIo::new(tls, limits.idle_timeout);
+            serve_connection(io, app, peer, remote, limits).await
         });
     }
 }

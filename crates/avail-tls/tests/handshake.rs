@@ -3,7 +3,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::fs::PermissionsExt;
 
-use avail_tls::{ClientIdentity, ClusterCa, NodeKey, client_config, server_config};
+use avail_tls::{ClusterCa, NodeCert, NodeKey, client_config, server_config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
@@ -36,7 +36,7 @@ fn node_keys_are_checked() {
     let d = tempfile::tempdir().unwrap();
     let ca = ClusterCa::load_or_create(d.path()).unwrap();
     for bad in [&[][..], &[4u8; 64][..], &[2u8; 65][..]] {
-        assert!(ca.issue_node("node-1", LO, bad, 3600).is_err());
+        assert!(ca.issue_node("node-1", bad, 3600).is_err());
     }
 }
 
@@ -49,10 +49,8 @@ async fn handshake(
     let (chain, key) = server_ca.issue_server(&[LO], 3600).unwrap();
     let scfg = server_config(&chain, &key, Some(server_ca.cert_pem())).unwrap();
     let node = NodeKey::load_or_create(&d.path().join("node.key")).unwrap();
-    let issued = ca
-        .issue_node("node-1", LO, node.public_raw(), 3600)
-        .unwrap();
-    let id = ClientIdentity::new();
+    let issued = ca.issue_node("node-1", node.public_raw(), 3600).unwrap();
+    let id = NodeCert::new();
     if present {
         id.set(&issued.cert_pem, &node.private_pem()).unwrap();
     }

@@ -54,6 +54,7 @@ async fn get_ok(s: &mut TcpStream) -> bool {
 fn long() -> Limits {
     Limits {
         max_connections: 2,
+        max_per_ip: 100,
         handshake_timeout: Duration::from_secs(60),
         header_read_timeout: Duration::from_secs(60),
         idle_timeout: Duration::from_secs(60),
@@ -73,6 +74,29 @@ async fn connections_past_the_cap_are_closed_and_slots_come_back() {
     // Freed slots take new connections.
     let ok = served_again(addr).await;
     assert!(ok, "a new connection is served once the others closed");
+}
+
+/// One address holding its share of connections does not lock out another address.
+#[tokio::test]
+async fn one_address_cannot_take_every_slot() {
+    let limits = Limits {
+        max_connections: 10,
+        max_per_ip: 2,
+        ..long()
+    };
+    let addr = start(limits, None).await;
+    let mut a = TcpStream::connect(addr).await.unwrap();
+    let mut b = TcpStream::connect(addr).await.unwrap();
+    assert!(get_ok(&mut a).await && get_ok(&mut b).await);
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    assert!(closed_within(&mut c, Duration::from_secs(10)).await);
+    // Another loopback address is served meanwhile.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind((Ipv4Addr::new(127, 0, 0, 2), 0).into()).unwrap();
+    let mut other = sock.connect(addr).await.unwrap();
+    assert!(get_ok(&mut other).await);
+    drop((a, b));
+    assert!(served_again(addr).await);
 }
 
 async fn served_again(addr: SocketAddr) -> bool {
@@ -128,8 +152,8 @@ async fn tls_handshakes_are_bounded_and_client_certificates_reach_handlers() {
     assert!(closed_within(&mut mute, Duration::from_secs(10)).await);
     // A node certificate reaches the handler as its digest.
     let node = avail_tls::NodeKey::load_or_create(&d.path().join("n.key")).unwrap();
-    let issued = ca.issue_node("n1", LO, node.public_raw(), 3600).unwrap();
-    let id = avail_tls::ClientIdentity::new();
+    let issued = ca.issue_node("n1", node.public_raw(), 3600).unwrap();
+    let id = avail_tls::NodeCert::new();
     id.set(&issued.cert_pem, &node.private_pem()).unwrap();
     let ccfg = avail_tls::client_config(ca.cert_pem(), Some(id)).unwrap();
     let tcp = TcpStream::connect(addr).await.unwrap();

@@ -205,7 +205,8 @@ struct AgentArgs {
     /// Ingress port.
     #[arg(long, default_value_t = avail_agent::DEFAULT_INGRESS_PORT)]
     port: u16,
-    /// Replication port (checkpoint streams of `ft` workloads).
+    /// Peer port: mutual TLS between nodes (replication links of `ft` workloads,
+    /// requests forwarded by other nodes' ingresses, the fencing contact probe).
     #[arg(long, default_value_t = avail_agent::ft::DEFAULT_REPLICATION_PORT)]
     replication_port: u16,
     /// Tags, `key=value` separated by commas.

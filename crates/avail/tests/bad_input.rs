@@ -216,6 +216,7 @@ async fn invalid_specs_are_refused_with_the_field_named() {
     let join = c.api(Some(c.join_token()));
     let bad_join = serde_json::json!({
         "name": "evil", "address": "127.0.0.99", "ingress_url": "http://10.1.2.3:80",
+        "replication_addr": "127.0.0.99:7481",
         "tags": {}, "capacity": {"cpu_millis": 1, "memory_mib": 1},
         "agent_version": "0", "boot_id": "x", "public_key": ""
     });

@@ -412,28 +412,31 @@ async fn secondary_out_of_memory_is_replaced_elsewhere() {
     }
 }
 
-/// Bad frames reach a live secondary over its real replication port, from a peer that
-/// says Hello like its primary: a corrupt frame, a torn one, one of an older generation
-/// and one for another workload are refused whole (never acked; the secondary asks for a
-/// full image); a link for a workload the node does not hold is closed at once. The
-/// pair then heals and the workload's state is intact. (The replication link has no
-/// authentication yet: see docs/ft.md.)
+/// The replication port of a live secondary, attacked. Without a certificate of the
+/// cluster (plain TCP, TLS without a client certificate) nothing is heard; with another
+/// node's certificate (a bystander's, stolen from its data dir) a Hello as the primary
+/// is closed at once. With the primary's own certificate (a compromised primary), bad
+/// frames are refused whole: a corrupt frame, a torn one, one of an older generation and
+/// one for another workload are never acked (the secondary asks for a full image); a
+/// link for a workload the node does not hold is closed at once. The pair then heals
+/// and the workload's state is intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_on_the_replication_link_are_refused_whole() {
     use avail_statepoint::frame::{self, Frame};
     use avail_statepoint::state::StateDelta;
     use avail_testkit::ft::{protected, transfer};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use avail_testkit::peer::{Alpn, As, dial};
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
     use tokio::net::TcpStream;
 
-    async fn send(s: &mut TcpStream, kind: u8, body: &[u8]) {
+    async fn send<S: AsyncWrite + Unpin>(s: &mut S, kind: u8, body: &[u8]) {
         let mut m = ((body.len() + 1) as u32).to_le_bytes().to_vec();
         m.push(kind);
         m.extend_from_slice(body);
         s.write_all(&m).await.unwrap();
     }
     /// The kinds of the messages the secondary sends within `ms` (acks with epochs).
-    async fn replies(s: &mut TcpStream, ms: u64) -> Vec<(u8, u64)> {
+    async fn replies<S: AsyncRead + Unpin>(s: &mut S, ms: u64) -> Vec<(u8, u64)> {
         let mut out = Vec::new();
         let end = tokio::time::Instant::now() + Duration::from_millis(ms);
         loop {
@@ -480,26 +483,55 @@ async fn bad_frames_on_the_replication_link_are_refused_whole() {
             .unwrap();
     }
     let secondary = index(w.status.secondary.as_deref().unwrap());
+    let primary = index(w.status.node.as_deref().unwrap());
     let target = format!("{}:7481", c.agent_addr(secondary));
     let g = w.status.generation;
+    let bank_hello = hello("bank", &w.uid, g);
+
+    // Plain TCP, speaking the link's protocol: no TLS, nothing heard.
+    let mut s = TcpStream::connect(&target).await.unwrap();
+    send(&mut s, 1, bank_hello.as_bytes()).await;
+    assert!(replies(&mut s, 500).await.is_empty());
+    // TLS without a client certificate: refused in the handshake.
+    let r = match dial(&c, As::Anonymous, secondary, Alpn::Replication).await {
+        Ok(mut s) => {
+            send(&mut s, 1, bank_hello.as_bytes()).await;
+            replies(&mut s, 500).await
+        }
+        Err(_) => vec![],
+    };
+    assert!(r.is_empty(), "an anonymous link was answered: {r:?}");
+    // A bystander's certificate, saying Hello as the primary: closed at once.
+    let mut s = dial(&c, As::Node(entry), secondary, Alpn::Replication)
+        .await
+        .expect("a node certificate passes the handshake");
+    send(&mut s, 1, bank_hello.as_bytes()).await;
+    let mut b = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_secs(3), s.read(&mut b)).await;
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "another node's link as the primary closed: {r:?}"
+    );
 
     // A workload this node holds no secondary of: closed at once.
-    let mut s = TcpStream::connect(&target).await.unwrap();
+    let mut s = dial(&c, As::Node(primary), secondary, Alpn::Replication)
+        .await
+        .unwrap();
     send(&mut s, 1, hello("nobody", "x", g).as_bytes()).await;
-    let mut b = [0u8; 1];
     let r = tokio::time::timeout(Duration::from_secs(3), s.read(&mut b)).await;
     assert!(
         matches!(r, Ok(Ok(0)) | Ok(Err(_))),
         "link for an unknown workload closed: {r:?}"
     );
 
-    let mut s = TcpStream::connect(&target).await.unwrap();
+    let mut s = dial(&c, As::Node(primary), secondary, Alpn::Replication)
+        .await
+        .unwrap();
     // The real primary is cut off from its secondary first, or it would dial again and
     // take the link back (the newest link wins) within a millisecond; without it, the
     // secondary waits a failure window before anything else happens.
-    let primary = index(w.status.node.as_deref().unwrap());
     let cut = avail_testkit::LinkCut::new(&c.agent_addr(primary), &c.agent_addr(secondary));
-    send(&mut s, 1, hello("bank", &w.uid, g).as_bytes()).await;
+    send(&mut s, 1, bank_hello.as_bytes()).await;
     // Corrupt: a good frame with one bit flipped.
     let mut bad = frame("bank", g, 1_000_000);
     let mid = bad.len() / 2;

@@ -112,7 +112,7 @@ async fn join_tokens_are_bounded_and_held_names_cannot_be_taken() {
 
 /// A client presenting the node certificate kept in `data_dir`, naming `claim`.
 fn as_node(c: &Cluster, data_dir: &std::path::Path, claim: &str) -> Client {
-    let id = avail_tls::ClientIdentity::new();
+    let id = avail_tls::NodeCert::new();
     id.set(
         &std::fs::read_to_string(data_dir.join("node.crt")).unwrap(),
         &std::fs::read_to_string(data_dir.join("node.key")).unwrap(),
@@ -272,4 +272,101 @@ async fn node_certificates_are_renewed_and_old_ones_expire() {
         heartbeat_status(&as_node(&c, &dir.join("node-1"), "node-1")).await,
         200
     );
+}
+
+/// A process workload that answers every `GET` with the request's headers (lowercased).
+const ECHO_HEADERS: &str = r#"exec python3 -c 'import http.server, os
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(s):
+        b = str(s.headers).lower().encode()
+        s.send_response(200); s.send_header("content-length", str(len(b))); s.end_headers(); s.wfile.write(b)
+http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()'"#;
+
+/// The ingress's two doors, attacked. On the public port the internal headers a client
+/// sends count for nothing (a forged `avail-forwarded` does not stop forwarding, neither
+/// it nor `avail-delivered` reaches the workload) and there is no contact probe. The
+/// peer port speaks only to nodes of the cluster (mutual TLS), and a node may forward
+/// only in its own name.
+#[tokio::test]
+async fn internal_headers_and_the_peer_port_count_only_from_nodes() {
+    use avail_testkit::peer::{Alpn, As, dial, http_get};
+    let c = Cluster::start(BIN.as_ref(), 2).await;
+    ok(&c.run_sh("echo", ECHO_HEADERS, &[]));
+    let node = c
+        .wait_workload("echo", "running", Duration::from_secs(30), |w| {
+            match (&w.status.phase, &w.status.node) {
+                (avail_model::Phase::Running, Some(n)) => Ok(n.clone()),
+                _ => Err(format!("{:?}", w.status)),
+            }
+        })
+        .await;
+    let here = avail_testkit::ft::index(&node);
+    let other = 1 - here;
+    let forged = [
+        ("avail-forwarded", Cluster::agent_name(other)),
+        ("avail-delivered", "k-1".to_string()),
+    ];
+    let forged: Vec<(&str, &str)> = forged.iter().map(|(k, v)| (*k, v.as_str())).collect();
+
+    // Public port, both nodes: served (the other node forwards despite the forged
+    // mark), and the workload sees neither internal header.
+    for i in [here, other] {
+        let ingress = Client::new(&c.ingress(i), None, None);
+        let r = wait_until("the echo answers", Duration::from_secs(20), || {
+            let ingress = ingress.clone();
+            let forged = forged.clone();
+            async move {
+                let r = ingress
+                    .raw(Method::GET, "/w/echo/", None, &forged)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if r.status == 200 {
+                    Ok(r)
+                } else {
+                    Err(format!("{} {}", r.status, String::from_utf8_lossy(&r.body)))
+                }
+            }
+        })
+        .await;
+        let seen = String::from_utf8_lossy(&r.body).into_owned();
+        assert!(seen.contains("host:"), "{seen}");
+        assert!(
+            !seen.contains("avail-forwarded") && !seen.contains("avail-delivered"),
+            "through node {i}: {seen}"
+        );
+        // No contact probe on the public port.
+        let r = ingress
+            .raw(Method::GET, "/_avail/contact", None, &[])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 404);
+    }
+
+    // The peer port: no certificate of the cluster, no conversation.
+    let anon = match dial(&c, As::Anonymous, here, Alpn::Http).await {
+        Ok(s) => http_get(s, "/w/echo/", &[]).await.0,
+        Err(_) => 0,
+    };
+    assert_eq!(anon, 0, "an anonymous peer was answered");
+    // A node forwarding in another node's name: 403. Nor may a node name itself.
+    let other_name = Cluster::agent_name(other);
+    for claim in [Cluster::agent_name(here), "node-9".into()] {
+        let s = dial(&c, As::Node(other), here, Alpn::Http).await.unwrap();
+        let (status, body) = http_get(s, "/w/echo/", &[("avail-forwarded", &claim)]).await;
+        assert_eq!(status, 403, "claiming {claim}: {body}");
+    }
+    let s = dial(&c, As::Node(other), here, Alpn::Http).await.unwrap();
+    let (status, body) = http_get(s, "/w/echo/", &[]).await;
+    assert_eq!(status, 403, "unmarked: {body}");
+    // In its own name: served, and the mark stops at the ingress.
+    let s = dial(&c, As::Node(other), here, Alpn::Http).await.unwrap();
+    let (status, body) = http_get(s, "/w/echo/", &[("avail-forwarded", &other_name)]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.contains("avail-forwarded"), "{body}");
+    // The contact probe answers a node, typed.
+    let s = dial(&c, As::Node(other), here, Alpn::Http).await.unwrap();
+    let (status, body) = http_get(s, "/_avail/contact", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let reply: avail_model::agent::ContactReply = serde_json::from_str(&body).unwrap();
+    assert!(reply.contact_age_ms < 60_000, "{reply:?}");
 }

@@ -1,9 +1,12 @@
-//! The replication listener (port 7481): accepts the links primaries dial, reads each
-//! link's `Hello`, and hands the link to the secondary replica it names.
+//! The replication side of the peer port (7481): takes the links primaries dial (after
+//! their mutual-TLS handshake, from `avail_tls::serve::serve_peer`), reads each link's
+//! `Hello`, and hands the link to the secondary replica it names, when the link's
+//! certificate is that secondary's primary's.
 //!
 //! ```text
-//!  accept --> hello task: one Hello (<= 4 KiB) within 2 s --> find the secondary --> link
-//!             at most 256 links waiting for their hello; one more closes the oldest
+//!  TLS (ALPN avail-repl/1) --> hello task: one Hello (<= 4 KiB) within 2 s
+//!     --> find the secondary, check the certificate names its peer --> link
+//!  at most 256 links waiting for their hello; one more closes the oldest
 //! ```
 //!
 //! Hellos are read concurrently, each with its own deadline, so a connection that says
@@ -17,11 +20,13 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use avail_tls::serve::{Handoff, PeerCert};
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 
 use super::{FtReplica, Hello};
+use crate::peers::Link;
 
 /// How long a new link has to say hello.
 pub const HELLO_DEADLINE: Duration = Duration::from_secs(2);
@@ -74,65 +79,66 @@ pub async fn handshake<S: AsyncRead + Unpin>(
     Ok((hello, stream))
 }
 
-/// Accept replication links on `listener` and hand each to its secondary replica.
+/// Links waiting between the peer port's handshake and their hello task, at most.
+pub const LINK_QUEUE: usize = 64;
+
+/// Take replication links from `links` and hand each to its secondary replica:
+/// `find(hello, certificate)` names the replica only when the certificate is its
+/// primary's.
 pub async fn serve_replication(
-    listener: TcpListener,
-    find: impl Fn(&str, &str) -> Option<Arc<FtReplica>> + Send + 'static,
+    links: mpsc::Receiver<Handoff>,
+    find: impl Fn(&Hello, &PeerCert) -> Option<Arc<FtReplica>> + Send + 'static,
 ) {
     serve_hellos(
-        listener,
+        links,
         HELLO_DEADLINE,
         MAX_PENDING_HELLOS,
-        |h, stream| match find(&h.workload, &h.uid) {
-            Some(r) => r.link(stream),
+        |h, stream, cert| match find(&h, &cert) {
+            Some(r) => r.link(Link::Server(stream)),
             None => {
-                tracing::debug!(workload = %h.workload, "replication link for no local secondary")
+                tracing::debug!(workload = %h.workload, "replication link for no local secondary of that peer")
             }
         },
     )
     .await
 }
 
-/// A link's hello and the link, or why there is none.
-type HelloResult = Result<(Hello, TcpStream), HelloError>;
+/// A link's hello, the link and what came with it, or why there is none.
+type HelloResult<S, C> = Result<(Hello, S, C), HelloError>;
 
-/// Accept links on `listener`, read their hellos concurrently (each within
-/// `deadline`, at most `max_pending` waiting), and give each link with its hello to
-/// `linked`. A link dropped by `linked` is closed.
-async fn serve_hellos(
-    listener: TcpListener,
+/// Take links from `links`, read their hellos concurrently (each within `deadline`,
+/// at most `max_pending` waiting), and give each link with its hello to `linked`. A
+/// link dropped by `linked` is closed.
+async fn serve_hellos<S, C>(
+    mut links: mpsc::Receiver<(S, C)>,
     deadline: Duration,
     max_pending: usize,
-    mut linked: impl FnMut(Hello, TcpStream),
-) {
+    mut linked: impl FnMut(Hello, S, C),
+) where
+    S: AsyncRead + Unpin + Send + 'static,
+    C: Send + 'static,
+{
     assert!(max_pending > 0, "room for one hello at least");
-    let mut hellos: JoinSet<(u64, HelloResult)> = JoinSet::new();
+    let mut hellos: JoinSet<(u64, HelloResult<S, C>)> = JoinSet::new();
     // The links waiting for their hello, oldest first (at most `max_pending` live ones).
     let mut waiting: VecDeque<(u64, AbortHandle)> = VecDeque::with_capacity(max_pending + 1);
     let mut next: u64 = 0;
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        // Out of descriptors, most likely: the next accept would fail at
-                        // once too, so pause instead of spinning.
-                        tracing::warn!("replication listener: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
+            link = links.recv() => {
+                let Some((stream, with)) = link else { return };
                 waiting.retain(|(_, h)| !h.is_finished());
                 if waiting.len() >= max_pending
                     && let Some((_, oldest)) = waiting.pop_front()
                 {
-                    tracing::debug!("replication listener: {max_pending} links without a hello; closing the oldest");
+                    tracing::debug!("replication: {max_pending} links without a hello; closing the oldest");
                     oldest.abort();
                 }
                 next += 1;
                 let id = next;
-                let handle = hellos.spawn(async move { (id, handshake(stream, deadline).await) });
+                let handle = hellos.spawn(async move {
+                    (id, handshake(stream, deadline).await.map(|(h, s)| (h, s, with)))
+                });
                 waiting.push_back((id, handle));
             }
             Some(joined) = hellos.join_next(), if !hellos.is_empty() => {
@@ -140,7 +146,7 @@ async fn serve_hellos(
                 let Ok((id, result)) = joined else { continue };
                 waiting.retain(|(i, _)| *i != id);
                 match result {
-                    Ok((hello, stream)) => linked(hello, stream),
+                    Ok((hello, stream, with)) => linked(hello, stream, with),
                     Err(e) => tracing::debug!("replication link closed: {e}"),
                 }
             }
@@ -152,7 +158,7 @@ async fn serve_hellos(
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
-    use tokio::sync::mpsc;
+    use tokio::net::{TcpListener, TcpStream};
 
     fn hello_bytes(workload: &str) -> Vec<u8> {
         let body = serde_json::to_vec(&Hello {
@@ -174,12 +180,20 @@ mod tests {
     ) -> (std::net::SocketAddr, mpsc::Receiver<String>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        // The peer port hands over accepted links (plain TCP here: the hello logic does
+        // not depend on the stream).
+        let (links_tx, links) = mpsc::channel(LINK_QUEUE);
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let _ = links_tx.send((s, ())).await;
+            }
+        });
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(serve_hellos(
-            listener,
+            links,
             deadline,
             max_pending,
-            move |h, _| {
+            move |h, _, ()| {
                 let _ = tx.try_send(h.workload);
             },
         ));

@@ -17,8 +17,15 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
 
 use crate::TlsError;
 
+/// ring's provider, with AES-128-GCM first among the TLS 1.3 suites (both ends prefer
+/// it): as strong as a cluster key needs, and the fastest bulk cipher on machines with
+/// AES instructions, which counts on replication links carrying checkpoints
+/// (docs/benchmarks.md, "The cost of TLS").
 pub(crate) fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(p)
 }
 
 /// The certificates in a PEM text.

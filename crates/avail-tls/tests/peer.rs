@@ -166,6 +166,13 @@ async fn replication_links_are_handed_over_and_move_runtimes() {
     let mut s = dial(cfg, addr, peer::server_name("n2").unwrap())
         .await
         .unwrap();
+    // TLS 1.3 with the fastest bulk cipher both ends prefer.
+    let session = s.get_ref().1;
+    assert_eq!(
+        session.negotiated_cipher_suite().map(|c| c.suite()),
+        Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+    );
+    assert_eq!(session.alpn_protocol(), Some(ALPN_REPLICATION));
     s.write_all(b"hello").await.unwrap();
     s.flush().await.unwrap();
     let (link, cert) = tokio::time::timeout(Duration::from_secs(10), links.recv())

@@ -30,6 +30,7 @@ use sha2::{Digest, Sha256};
 use utoipa::{OpenApi, ToSchema};
 
 use crate::auth::{Claims, Role, TokenError};
+use crate::events::NewEvent;
 use crate::followers::Next as FollowerNext;
 use crate::metrics::FtFigures;
 use crate::state::{AppState, NodeRecord, StateError};
@@ -551,11 +552,21 @@ async fn create_workload(
                 if w.spec.level == avail_model::Level::Ft {
                     w.status.level_state = Some("ft:unprotected".into());
                 }
-                state.write_placement(&w, 0, at).await
+                let placed = NewEvent::new(
+                    "workload.placed",
+                    Some(&name),
+                    Some(node),
+                    format!("placed on {node} (incarnation 1)"),
+                );
+                let events = vec![created_event(&w), placed];
+                state.write_placement_with_events(&w, 0, at, events).await
             }
             Decision::Unplaceable { explanation } => {
                 w.status.message = Some(format!("unplaceable: {explanation}"));
-                state.write_workload(&w, 0).await
+                let unplaceable =
+                    NewEvent::new("workload.unplaceable", Some(&name), None, explanation);
+                let events = vec![created_event(&w), unplaceable];
+                state.write_workload_with_events(&w, 0, events).await
             }
         };
         match written {
@@ -588,39 +599,21 @@ async fn create_workload(
             w = now;
         }
     }
-    state
-        .events
-        .emit(
-            "workload.created",
-            Some(&name),
-            None,
-            format!(
-                "{} workload at level {}",
-                w.spec.driver.as_str(),
-                w.spec.level.as_str()
-            ),
-        )
-        .await;
-    match decision {
-        Decision::Place { node, .. } => {
-            state
-                .events
-                .emit(
-                    "workload.placed",
-                    Some(&name),
-                    Some(&node),
-                    format!("placed on {node} (incarnation 1)"),
-                )
-                .await
-        }
-        Decision::Unplaceable { explanation } => {
-            state
-                .events
-                .emit("workload.unplaceable", Some(&name), None, explanation)
-                .await
-        }
-    }
     Ok((StatusCode::CREATED, Json(w)).into_response())
+}
+
+/// The `workload.created` event, committed with the workload's first write.
+fn created_event(w: &Workload) -> NewEvent {
+    NewEvent::new(
+        "workload.created",
+        Some(&w.spec.name),
+        None,
+        format!(
+            "{} workload at level {}",
+            w.spec.driver.as_str(),
+            w.spec.level.as_str()
+        ),
+    )
 }
 
 #[utoipa::path(get, path = "/v1/workloads", responses((status = 200, body = [Workload])), security(("bearer" = [])))]
@@ -659,16 +652,20 @@ async fn delete_workload(
     let Some((w, rev)) = state.workload(&name) else {
         return Err(ApiErr::not_found("workload", &name));
     };
-    let res = state
-        .store
-        .txn(avail_store::Txn {
-            compares: vec![avail_store::Compare::ModRev(keys::workload(&name), rev)],
-            success: vec![avail_store::Op::Delete {
-                key: keys::workload(&name),
-            }],
-            failure: vec![],
-        })
-        .await?;
+    let deleted = NewEvent::new(
+        "workload.deleted",
+        Some(&name),
+        w.status.node.as_deref(),
+        "deleted",
+    );
+    let txn = avail_store::Txn {
+        compares: vec![avail_store::Compare::ModRev(keys::workload(&name), rev)],
+        success: vec![avail_store::Op::Delete {
+            key: keys::workload(&name),
+        }],
+        failure: vec![],
+    };
+    let res = state.events.commit(txn, vec![deleted]).await?;
     if !res.succeeded {
         return Err(ApiErr::new(
             StatusCode::CONFLICT,
@@ -682,15 +679,6 @@ async fn delete_workload(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&name);
-    state
-        .events
-        .emit(
-            "workload.deleted",
-            Some(&name),
-            w.status.node.as_deref(),
-            "deleted",
-        )
-        .await;
     Ok(Json(Deleted { deleted: name }))
 }
 
@@ -796,32 +784,31 @@ async fn put_level_policy(
     policy
         .validate()
         .map_err(|e| ApiErr(StatusCode::BAD_REQUEST, e.into()))?;
-    state
-        .store
-        .put(
-            keys::LEVEL_POLICY,
-            serde_json::to_vec(&policy).expect("policy serialises"),
-            None,
-        )
-        .await?;
-    state
-        .events
-        .emit(
-            "cluster.levels",
-            None,
-            None,
-            format!(
-                "default level {}; minimums {}",
-                policy.default.as_str(),
-                policy
-                    .minimums
-                    .iter()
-                    .map(|m| format!("{}: {}", m.tag, m.level.as_str()))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        )
-        .await;
+    let levels = NewEvent::new(
+        "cluster.levels",
+        None,
+        None,
+        format!(
+            "default level {}; minimums {}",
+            policy.default.as_str(),
+            policy
+                .minimums
+                .iter()
+                .map(|m| format!("{}: {}", m.tag, m.level.as_str()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+    let txn = avail_store::Txn {
+        compares: vec![],
+        success: vec![avail_store::Op::Put {
+            key: keys::LEVEL_POLICY.into(),
+            value: serde_json::to_vec(&policy).expect("policy serialises"),
+            lease: None,
+        }],
+        failure: vec![],
+    };
+    state.events.commit(txn, vec![levels]).await?;
     Ok(Json(policy))
 }
 
@@ -951,21 +938,18 @@ async fn patch_node_tags(
         }
         rec.tags = rec.tags_in_force();
         let value = serde_json::to_vec(&rec).expect("node serialises");
+        let tagged = NewEvent::new(
+            "node.tagged",
+            None,
+            Some(&name),
+            format!("tags now {:?}", rec.tags),
+        );
         if let Some(rev) = state
-            .store
-            .compare_and_swap(&keys::node(&name), kv.mod_rev, value)
+            .events
+            .compare_and_swap(&keys::node(&name), kv.mod_rev, value, vec![tagged])
             .await?
         {
             state.wait_view(rev).await;
-            state
-                .events
-                .emit(
-                    "node.tagged",
-                    None,
-                    Some(&name),
-                    format!("tags now {:?}", rec.tags),
-                )
-                .await;
             return state
                 .nodes()
                 .into_iter()
@@ -1286,22 +1270,12 @@ async fn drain_node(
     State(state): State<AppStateRef>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Node>> {
+    // The `node.draining` event is committed with the record (none when it was
+    // draining already).
     let node = state
         .start_drain(&name)
         .await?
         .ok_or_else(|| ApiErr::not_found("node", &name))?;
-    state
-        .events
-        .emit(
-            "node.draining",
-            None,
-            Some(&name),
-            format!(
-                "drain of {name} started: {} to move",
-                node.drain.as_ref().map(|d| d.remaining).unwrap_or(0)
-            ),
-        )
-        .await;
     Ok(Json(node))
 }
 
@@ -1313,19 +1287,11 @@ async fn undrain_node(
     State(state): State<AppStateRef>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Node>> {
+    // `node.undrained` is committed with the record (none when it was not draining).
     let node = state
         .undrain(&name)
         .await?
         .ok_or_else(|| ApiErr::not_found("node", &name))?;
-    state
-        .events
-        .emit(
-            "node.undrained",
-            None,
-            Some(&name),
-            format!("{name} takes work again"),
-        )
-        .await;
     Ok(Json(node))
 }
 

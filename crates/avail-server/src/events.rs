@@ -1,12 +1,58 @@
 //! The cluster's event history: persisted in the store (bounded), streamed live.
+//!
+//! # An event commits with the write it describes
+//!
+//! A write that has events (a workload placed, a node drained, a token created)
+//! hands them to [`Events::commit`] (or [`Events::compare_and_swap`]) together with
+//! its store transaction: the events' puts are appended to the transaction's
+//! `success` branch, so the write and its events are one revision, or neither is
+//! there. An event with no write of its own (the server started, a node's liveness
+//! changed by the clock, a fence an agent reported) is recorded alone by
+//! [`Events::emit`]. A write with no events goes straight to the store.
+//!
+//! ```text
+//!  writer                       Events (next_seq lock)               store   followers
+//!    | commit(txn, [e1, e2]) ---> lock; seq s, s+1 given; next = s+2
+//!    |                            txn.success += put e1@s, put e2@s+1 -> txn
+//!    |                              compares hold:  <- committed -------------> e1, e2
+//!    |                              compares fail:  <- refused; next = s  (no event,
+//!    |                                                                  nothing sent)
+//!    |                              store error:    <- ?; next stays s+2 (a gap)
+//!    | <--- result ---------------- unlock; trim when due
+//! ```
+//!
+//! Sequence numbers, and why they stay dense:
+//! - They are given under the `next_seq` lock, and the lock is held across the
+//!   transaction and the broadcast. So event-bearing writes are serialised, one store
+//!   transaction at a time: acceptable, they are rare control-plane writes (placements,
+//!   failovers, drains, joins), and [`Events::emit`] already held the lock across its
+//!   store put. Writes without events (heartbeat status, liveness) never take it.
+//! - A transaction whose compare fails commits nothing: its numbers are handed back
+//!   (the next event reuses them), so followers see no gap and no event is recorded or
+//!   broadcast for a write that did not happen.
+//! - A transaction that ends in a store error, or whose caller is dropped while the
+//!   store works, may have committed (a timed-out etcd transaction, a redb commit on the
+//!   blocking pool): its numbers are never reused, so no event can overwrite another;
+//!   this is the one way a gap appears. Nothing is broadcast for it; if it did commit,
+//!   the history (and a follower's replay after a reconnect) has it.
+//! - Followers see events in sequence order: broadcast happens under the lock, and
+//!   [`Events::last_seq`] waits for a transaction under way.
+//! - Retry loops (conflict, re-read, retry) stage their events with each attempt:
+//!   only the attempt that commits records them, once.
+//!
+//! The numbers are this server's: two servers on one store would each count on their
+//! own (as before this module staged events with writes).
 
 use std::sync::Arc;
 
 use avail_model::ClusterEvent;
-use avail_store::{Op, Store, Txn};
+use avail_store::{Compare, Op, Revision, Store, Txn, TxnResult};
 use tokio::sync::broadcast;
 
 use crate::keys;
+
+#[cfg(test)]
+mod tests;
 
 /// How many events the store keeps; older ones are trimmed in batches.
 pub const KEEP_EVENTS: u64 = 10_000;
@@ -15,12 +61,63 @@ const TRIM_EVERY: u64 = 500;
 /// Events the broadcast to followers holds (shared by all); a follower's forwarder
 /// that falls this far behind is dropped ([`crate::followers`]).
 pub const STREAM_BUFFER: usize = 1024;
+/// Events one write may carry, at most (a restart batch carries one per workload).
+pub const MAX_EVENTS_PER_WRITE: usize = 256;
+
+/// An event not recorded yet: staged with a write ([`Events::commit`]) or recorded
+/// alone ([`Events::emit`]). Its sequence number and time are given when it commits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewEvent {
+    /// Kind, e.g. `workload.placed`.
+    pub kind: String,
+    /// The workload it is about.
+    pub workload: Option<String>,
+    /// The node it is about.
+    pub node: Option<String>,
+    /// What happened, for people.
+    pub message: String,
+}
+
+impl NewEvent {
+    /// An event of `kind` about `workload` and `node`.
+    pub fn new(
+        kind: impl Into<String>,
+        workload: Option<&str>,
+        node: Option<&str>,
+        message: impl Into<String>,
+    ) -> NewEvent {
+        NewEvent {
+            kind: kind.into(),
+            workload: workload.map(str::to_string),
+            node: node.map(str::to_string),
+            message: message.into(),
+        }
+    }
+
+    fn at(self, seq: u64, time_ms: u64) -> ClusterEvent {
+        ClusterEvent {
+            seq,
+            time_ms,
+            kind: self.kind,
+            workload: self.workload,
+            node: self.node,
+            message: self.message,
+        }
+    }
+}
+
+/// The multiple of [`TRIM_EVERY`] past [`KEEP_EVENTS`] among `first..=last`, if any:
+/// when it commits, the events more than [`KEEP_EVENTS`] older than it are trimmed.
+fn trim_due(first: u64, last: u64) -> Option<u64> {
+    let due = last - last % TRIM_EVERY;
+    (due >= first && due > KEEP_EVENTS).then_some(due)
+}
 
 /// Records events and fans them out.
 pub struct Events {
     store: Arc<dyn Store>,
-    /// The next sequence number; held while an event is persisted and broadcast, so
-    /// followers see events in sequence order with no gaps.
+    /// The next sequence number. Held while events are committed (with their write)
+    /// and broadcast, so followers see events in sequence order (see the module docs).
     next_seq: tokio::sync::Mutex<u64>,
     tx: broadcast::Sender<ClusterEvent>,
     /// Followers of the live stream, bounded.
@@ -44,7 +141,8 @@ impl Events {
         })
     }
 
-    /// Record an event. A store failure is logged, never fatal to the caller.
+    /// Record an event that has no write of its own. A store failure is logged, never
+    /// fatal to the caller.
     pub async fn emit(
         &self,
         kind: &str,
@@ -52,42 +150,150 @@ impl Events {
         node: Option<&str>,
         message: impl Into<String>,
     ) {
-        let mut next = self.next_seq.lock().await;
-        let seq = *next;
-        *next += 1;
-        let ev = ClusterEvent {
-            seq,
-            time_ms: crate::now_ms(),
-            kind: kind.to_string(),
-            workload: workload.map(str::to_string),
-            node: node.map(str::to_string),
-            message: message.into(),
-        };
-        tracing::info!(seq, kind, workload, node, message = %ev.message, "event");
-        let value = serde_json::to_vec(&ev).expect("event serialises");
-        if let Err(e) = self.store.put(&keys::event(seq), value, None).await {
-            tracing::warn!("event {seq} not persisted: {e}");
+        let ev = NewEvent::new(kind, workload, node, message);
+        if let Err(e) = self.commit(Txn::default(), vec![ev]).await {
+            tracing::warn!(kind, "event not persisted: {e}");
         }
-        let _ = self.tx.send(ev);
-        drop(next);
-        if seq.is_multiple_of(TRIM_EVERY) && seq > KEEP_EVENTS {
-            let from = seq.saturating_sub(KEEP_EVENTS + TRIM_EVERY);
-            let ops = (from..=seq - KEEP_EVENTS)
-                .map(|s| Op::Delete {
-                    key: keys::event(s),
-                })
-                .collect();
-            if let Err(e) = self
-                .store
-                .txn(Txn {
-                    compares: vec![],
-                    success: ops,
-                    failure: vec![],
-                })
-                .await
-            {
-                tracing::warn!("event trim failed: {e}");
+    }
+
+    /// Run `txn` with `events` in its `success` branch: when its compares hold, the
+    /// write and the events commit in one revision and the events are then broadcast;
+    /// otherwise no event is recorded or broadcast, and their sequence numbers go to the
+    /// next events. Without events this is just the store's transaction.
+    pub async fn commit(
+        &self,
+        mut txn: Txn,
+        events: Vec<NewEvent>,
+    ) -> avail_store::Result<TxnResult> {
+        if events.is_empty() {
+            return self.store.txn(txn).await;
+        }
+        assert!(
+            events.len() <= MAX_EVENTS_PER_WRITE,
+            "{} events in one write",
+            events.len()
+        );
+        let n = events.len() as u64;
+        let mut next = self.next_seq.lock().await;
+        let first = *next;
+        let time_ms = crate::now_ms();
+        let staged: Vec<ClusterEvent> = events
+            .into_iter()
+            .zip(first..)
+            .map(|(e, seq)| e.at(seq, time_ms))
+            .collect();
+        txn.success.extend(staged.iter().map(|ev| Op::Put {
+            key: keys::event(ev.seq),
+            value: serde_json::to_vec(ev).expect("event serialises"),
+            lease: None,
+        }));
+        // Taken before the store is asked: a caller dropped while the store works (the
+        // transaction may still commit) leaves a gap, never a number given twice.
+        *next = first + n;
+        let result = self.store.txn(txn).await;
+        match &result {
+            Ok(r) if r.succeeded => {
+                for ev in staged {
+                    tracing::info!(
+                        seq = ev.seq,
+                        kind = %ev.kind,
+                        workload = ev.workload.as_deref(),
+                        node = ev.node.as_deref(),
+                        message = %ev.message,
+                        revision = r.revision,
+                        "event"
+                    );
+                    let _ = self.tx.send(ev);
+                }
             }
+            Ok(_) => {
+                // Nothing committed: the numbers are free again (still under the lock,
+                // so none was given since).
+                debug_assert_eq!(*next, first + n);
+                *next = first;
+            }
+            Err(e) => {
+                tracing::warn!(first, last = first + n - 1, "events of a failed write: {e}");
+            }
+        }
+        drop(next);
+        if result.as_ref().is_ok_and(|r| r.succeeded) {
+            self.trim(first, first + n - 1).await;
+        }
+        result
+    }
+
+    /// [`Store::compare_and_swap`] with `events` committed with the put (see
+    /// [`Events::commit`]): the new revision, or `None` when `key`'s `mod_rev` was not
+    /// `expected` (and then no event is recorded).
+    pub async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Revision,
+        value: Vec<u8>,
+        events: Vec<NewEvent>,
+    ) -> avail_store::Result<Option<Revision>> {
+        let r = self
+            .commit(
+                Txn {
+                    compares: vec![Compare::ModRev(key.to_string(), expected)],
+                    success: vec![Op::Put {
+                        key: key.to_string(),
+                        value,
+                        lease: None,
+                    }],
+                    failure: vec![],
+                },
+                events,
+            )
+            .await?;
+        Ok(r.succeeded.then_some(r.revision))
+    }
+
+    /// Record `event` alone unless `written` says a write already committed it: for
+    /// events that describe a report (a standby failed) and ride on the write the report
+    /// causes when there is one. A store error leaves the write's outcome unknown: the
+    /// event is then not recorded again, only logged.
+    pub(crate) async fn unless_written(
+        &self,
+        written: Result<bool, crate::state::StateError>,
+        event: Option<NewEvent>,
+    ) {
+        let Some(ev) = event else { return };
+        match written {
+            Ok(true) => {}
+            Ok(false) | Err(crate::state::StateError::Conflict(_)) => {
+                self.emit(
+                    &ev.kind,
+                    ev.workload.as_deref(),
+                    ev.node.as_deref(),
+                    ev.message,
+                )
+                .await
+            }
+            Err(e) => tracing::warn!(kind = %ev.kind, "event of a failed write: {e}"),
+        }
+    }
+
+    /// Trim the oldest events once per [`TRIM_EVERY`]: when a multiple of it is among
+    /// the sequence numbers `first..=last` just committed.
+    async fn trim(&self, first: u64, last: u64) {
+        let Some(due) = trim_due(first, last) else {
+            return;
+        };
+        let from = due.saturating_sub(KEEP_EVENTS + TRIM_EVERY);
+        let ops = (from..=due - KEEP_EVENTS)
+            .map(|s| Op::Delete {
+                key: keys::event(s),
+            })
+            .collect();
+        let trim = Txn {
+            compares: vec![],
+            success: ops,
+            failure: vec![],
+        };
+        if let Err(e) = self.store.txn(trim).await {
+            tracing::warn!("event trim failed: {e}");
         }
     }
 
@@ -118,8 +324,8 @@ impl Events {
         Ok(out)
     }
 
-    /// The last sequence number given (0: none yet). Taken after an event being recorded
-    /// is persisted and broadcast.
+    /// The last sequence number given (0: none yet). Taken after a write under way with
+    /// events has committed (or not) and its events are broadcast.
     pub async fn last_seq(&self) -> u64 {
         *self.next_seq.lock().await - 1
     }

@@ -7,6 +7,7 @@ use avail_model::agent::{JoinRequest, JoinResponse, RenewResponse};
 use avail_model::token::{JoinTokenCreated, JoinTokenInfo, JoinTokenRequest};
 use avail_store::{Compare, Op, Txn};
 
+use crate::events::NewEvent;
 use crate::identity::{JoinKind, JoinRefusal, PROOF_WINDOW_S, decide_join};
 use crate::join_tokens::{self, Refusal, TokenRecord};
 use crate::state::{AppState, NodeRecord, StateError, occupies};
@@ -129,31 +130,26 @@ impl AppState {
                 value: serde_json::to_vec(&rec).expect("node serialises"),
                 lease: None,
             });
-            let r = self
-                .store
-                .txn(Txn {
-                    compares,
-                    success: writes,
-                    failure: vec![],
-                })
-                .await?;
+            let joined = NewEvent::new(
+                if old.is_some() {
+                    "node.rejoined"
+                } else {
+                    "node.joined"
+                },
+                None,
+                Some(&rec.name),
+                format!("{} at {} tags {:?}", rec.name, rec.address, rec.tags),
+            );
+            let txn = Txn {
+                compares,
+                success: writes,
+                failure: vec![],
+            };
+            let r = self.events.commit(txn, vec![joined]).await?;
             if !r.succeeded {
                 continue;
             }
             self.wait_view(r.revision).await;
-            let what = if old.is_some() {
-                "node.rejoined"
-            } else {
-                "node.joined"
-            };
-            self.events
-                .emit(
-                    what,
-                    None,
-                    Some(&rec.name),
-                    format!("{} at {} tags {:?}", rec.name, rec.address, rec.tags),
-                )
-                .await;
             if old.as_ref().is_some_and(|o| o.boot_id != rec.boot_id) {
                 self.node_rebooted(&rec.name).await?;
             }
@@ -227,30 +223,26 @@ impl AppState {
                 holding.join(", ")
             )));
         }
-        let r = self
-            .store
-            .txn(Txn {
-                compares: vec![],
-                success: vec![
-                    Op::Delete {
-                        key: keys::node(name),
-                    },
-                    Op::Delete {
-                        key: keys::alive(name),
-                    },
-                ],
-                failure: vec![],
-            })
-            .await?;
+        let removed = NewEvent::new(
+            "node.removed",
+            None,
+            Some(name),
+            format!("{name} removed; its key is forgotten"),
+        );
+        let txn = Txn {
+            compares: vec![],
+            success: vec![
+                Op::Delete {
+                    key: keys::node(name),
+                },
+                Op::Delete {
+                    key: keys::alive(name),
+                },
+            ],
+            failure: vec![],
+        };
+        let r = self.events.commit(txn, vec![removed]).await?;
         self.wait_view(r.revision).await;
-        self.events
-            .emit(
-                "node.removed",
-                None,
-                Some(name),
-                format!("{name} removed; its key is forgotten"),
-            )
-            .await;
         Ok(())
     }
 
@@ -261,24 +253,25 @@ impl AppState {
     ) -> Result<JoinTokenCreated, JoinError> {
         req.validate()?;
         let (token, rec) = join_tokens::mint(req, now_ms());
-        self.store
-            .put(
-                &keys::token(&rec.id),
-                serde_json::to_vec(&rec).expect("token serialises"),
-                None,
-            )
-            .await?;
-        self.events
-            .emit(
-                "token.created",
-                None,
-                None,
-                format!(
-                    "join token {} for {} join(s), {} s",
-                    rec.id, rec.uses_left, req.ttl_s
-                ),
-            )
-            .await;
+        let created = NewEvent::new(
+            "token.created",
+            None,
+            None,
+            format!(
+                "join token {} for {} join(s), {} s",
+                rec.id, rec.uses_left, req.ttl_s
+            ),
+        );
+        let txn = Txn {
+            compares: vec![],
+            success: vec![Op::Put {
+                key: keys::token(&rec.id),
+                value: serde_json::to_vec(&rec).expect("token serialises"),
+                lease: None,
+            }],
+            failure: vec![],
+        };
+        self.events.commit(txn, vec![created]).await?;
         Ok(join_tokens::created(token, &rec))
     }
 
@@ -296,20 +289,30 @@ impl AppState {
         Ok(out)
     }
 
-    /// Revoke (delete) a join token.
+    /// Revoke (delete) a join token: by compare on its revision (a join may be
+    /// consuming a use of it), retried, so the event goes with the delete that happened.
     pub async fn revoke_join_token(&self, id: &str) -> Result<(), JoinError> {
-        if !self.store.delete(&keys::token(id)).await? {
-            return Err(JoinError::NotFound(format!("join token {id}")));
-        }
-        self.events
-            .emit(
+        let key = keys::token(id);
+        for _ in 0..10 {
+            let Some(kv) = self.store.get(&key).await? else {
+                return Err(JoinError::NotFound(format!("join token {id}")));
+            };
+            let revoked = NewEvent::new(
                 "token.revoked",
                 None,
                 None,
                 format!("join token {id} revoked"),
-            )
-            .await;
-        Ok(())
+            );
+            let txn = Txn {
+                compares: vec![Compare::ModRev(key.clone(), kv.mod_rev)],
+                success: vec![Op::Delete { key: key.clone() }],
+                failure: vec![],
+            };
+            if self.events.commit(txn, vec![revoked]).await?.succeeded {
+                return Ok(());
+            }
+        }
+        Err(StateError::Conflict(format!("join token {id} kept changing; try again")).into())
     }
 }
 

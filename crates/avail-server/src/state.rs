@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::auth::Auth;
-use crate::events::Events;
+use crate::events::{Events, NewEvent};
 use crate::metrics::Metrics;
 use crate::{ServerConfig, keys, now_ms};
 
@@ -714,10 +714,21 @@ impl AppState {
     /// Write a workload if its `mod_rev` is still `expected` (0: create). Returns the
     /// new revision, after the view has caught up with it.
     pub async fn write_workload(&self, w: &Workload, expected: u64) -> Result<u64, StateError> {
+        self.write_workload_with_events(w, expected, vec![]).await
+    }
+
+    /// [`write_workload`](Self::write_workload) with `events` committed in the same
+    /// transaction (none when the compare fails: [`Events::commit`]).
+    pub async fn write_workload_with_events(
+        &self,
+        w: &Workload,
+        expected: u64,
+        events: Vec<NewEvent>,
+    ) -> Result<u64, StateError> {
         let value = serde_json::to_vec(w).expect("workload serialises");
         match self
-            .store
-            .compare_and_swap(&keys::workload(&w.spec.name), expected, value)
+            .events
+            .compare_and_swap(&keys::workload(&w.spec.name), expected, value, events)
             .await?
         {
             Some(rev) => {
@@ -741,29 +752,40 @@ impl AppState {
         expected: u64,
         placement_rev: u64,
     ) -> Result<u64, StateError> {
+        self.write_placement_with_events(w, expected, placement_rev, vec![])
+            .await
+    }
+
+    /// [`write_placement`](Self::write_placement) with `events` committed in the same
+    /// transaction (none when it is refused).
+    pub async fn write_placement_with_events(
+        &self,
+        w: &Workload,
+        expected: u64,
+        placement_rev: u64,
+        events: Vec<NewEvent>,
+    ) -> Result<u64, StateError> {
         let key = keys::workload(&w.spec.name);
-        let r = self
-            .store
-            .txn(avail_store::Txn {
-                compares: vec![
-                    avail_store::Compare::ModRev(key.clone(), expected),
-                    avail_store::Compare::ModRev(keys::PLACEMENT.into(), placement_rev),
-                ],
-                success: vec![
-                    avail_store::Op::Put {
-                        key,
-                        value: serde_json::to_vec(w).expect("workload serialises"),
-                        lease: None,
-                    },
-                    avail_store::Op::Put {
-                        key: keys::PLACEMENT.into(),
-                        value: w.spec.name.clone().into_bytes(),
-                        lease: None,
-                    },
-                ],
-                failure: vec![],
-            })
-            .await?;
+        let txn = avail_store::Txn {
+            compares: vec![
+                avail_store::Compare::ModRev(key.clone(), expected),
+                avail_store::Compare::ModRev(keys::PLACEMENT.into(), placement_rev),
+            ],
+            success: vec![
+                avail_store::Op::Put {
+                    key,
+                    value: serde_json::to_vec(w).expect("workload serialises"),
+                    lease: None,
+                },
+                avail_store::Op::Put {
+                    key: keys::PLACEMENT.into(),
+                    value: w.spec.name.clone().into_bytes(),
+                    lease: None,
+                },
+            ],
+            failure: vec![],
+        };
+        let r = self.events.commit(txn, events).await?;
         if r.succeeded {
             self.wait_view(r.revision).await;
             return Ok(r.revision);
@@ -786,18 +808,35 @@ impl AppState {
         name: &str,
         f: impl Fn(&mut WorkloadStatus),
     ) -> Result<(), StateError> {
+        self.update_status_with_events(name, |s| {
+            f(s);
+            vec![]
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// [`update_status`](Self::update_status) where `f` also says which events its
+    /// change makes: each attempt asks `f` again, and the events of the attempt that
+    /// commits are committed with it (so once). Whether it wrote (an unchanged status
+    /// is not written, and its events are not recorded).
+    pub async fn update_status_with_events(
+        &self,
+        name: &str,
+        f: impl Fn(&mut WorkloadStatus) -> Vec<NewEvent>,
+    ) -> Result<bool, StateError> {
         for _ in 0..10 {
             let Some((mut w, rev)) = self.workload(name) else {
-                return Ok(());
+                return Ok(false);
             };
             let before = w.status.clone();
-            f(&mut w.status);
+            let events = f(&mut w.status);
             if w.status == before {
-                return Ok(());
+                return Ok(false);
             }
             w.status.updated_ms = now_ms();
-            match self.write_workload(&w, rev).await {
-                Ok(_) => return Ok(()),
+            match self.write_workload_with_events(&w, rev, events).await {
+                Ok(_) => return Ok(true),
                 Err(StateError::Conflict(_)) => {
                     let mut v = self.view_rev.subscribe();
                     let _ = tokio::time::timeout(Duration::from_millis(50), v.changed()).await;
@@ -858,16 +897,15 @@ impl AppState {
                     w.status.level_state = Some("ft:unprotected".into());
                 }
                 // A stale plan is tried again at the next pass (every second).
-                if self.write_placement(&w, rev, at).await.is_ok() {
-                    self.events
-                        .emit(
-                            "workload.placed",
-                            Some(&name),
-                            Some(&node),
-                            format!("placed on {node} (incarnation {})", w.status.incarnation),
-                        )
-                        .await;
-                }
+                let placed = NewEvent::new(
+                    "workload.placed",
+                    Some(&name),
+                    Some(&node),
+                    format!("placed on {node} (incarnation {})", w.status.incarnation),
+                );
+                let _ = self
+                    .write_placement_with_events(&w, rev, at, vec![placed])
+                    .await;
             }
         }
         drop(_guard);
@@ -889,16 +927,15 @@ impl AppState {
             // Where a secondary would go: not the node, nor its fault domain.
             if let (Decision::Place { node: r, .. }, at) = self.decide_secondary(&w, None) {
                 w.status.reservation = Some(r.clone());
-                if self.write_placement(&w, rev, at).await.is_ok() {
-                    self.events
-                        .emit(
-                            "workload.reserved",
-                            Some(&name),
-                            Some(&r),
-                            format!("restart capacity held on {r}"),
-                        )
-                        .await;
-                }
+                let reserved = NewEvent::new(
+                    "workload.reserved",
+                    Some(&name),
+                    Some(&r),
+                    format!("restart capacity held on {r}"),
+                );
+                let _ = self
+                    .write_placement_with_events(&w, rev, at, vec![reserved])
+                    .await;
             }
         }
     }
@@ -919,30 +956,32 @@ impl AppState {
     }
 
     /// Take away `name`'s reservation if it is on `node` (a new one is made by the next
-    /// reservation pass, away from what made this one go).
-    async fn drop_reservation(&self, name: &str, node: &str) {
-        let _ = self
-            .update_status(name, |s| {
-                if s.reservation.as_deref() == Some(node) {
-                    s.reservation = None;
+    /// reservation pass, away from what made this one go). `why`, an event, is
+    /// committed with that write, or recorded alone when there was nothing to write.
+    async fn drop_reservation(&self, name: &str, node: &str, why: Option<NewEvent>) {
+        let res = self
+            .update_status_with_events(name, |s| {
+                if s.reservation.as_deref() != Some(node) {
+                    return vec![];
                 }
+                s.reservation = None;
+                why.iter().cloned().collect()
             })
             .await;
+        self.events.unless_written(res, why).await;
     }
 
     /// Reservations a higher-priority placement took: the workloads they were held for
     /// get new ones from the next pass.
     pub async fn release_displaced(&self, displaced: &[String], on: &str) {
         for name in displaced {
-            self.drop_reservation(name, on).await;
-            self.events
-                .emit(
-                    "workload.reservation_displaced",
-                    Some(name),
-                    Some(on),
-                    format!("its reservation on {on} was taken by a higher priority"),
-                )
-                .await;
+            let why = NewEvent::new(
+                "workload.reservation_displaced",
+                Some(name),
+                Some(on),
+                format!("its reservation on {on} was taken by a higher priority"),
+            );
+            self.drop_reservation(name, on, Some(why)).await;
         }
     }
 
@@ -967,16 +1006,15 @@ impl AppState {
                     w.status.secondary = Some(node.clone());
                     w.status.level_state = Some("ft:syncing".into());
                     w.status.updated_ms = now_ms();
-                    if self.write_placement(&w, rev, at).await.is_ok() {
-                        self.events
-                            .emit(
-                                "workload.secondary_placed",
-                                Some(&name),
-                                Some(&node),
-                                format!("secondary on {node} (generation {})", w.status.generation),
-                            )
-                            .await;
-                    }
+                    let placed = NewEvent::new(
+                        "workload.secondary_placed",
+                        Some(&name),
+                        Some(&node),
+                        format!("secondary on {node} (generation {})", w.status.generation),
+                    );
+                    let _ = self
+                        .write_placement_with_events(&w, rev, at, vec![placed])
+                        .await;
                 }
                 (Decision::Unplaceable { explanation }, _) => {
                     let msg = format!("no node for the secondary: {explanation}");
@@ -1015,18 +1053,16 @@ impl AppState {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(node.to_string(), Instant::now());
-            self.drop_reservation(name, node).await;
-            self.events
-                .emit(
-                    "workload.standby_failed",
-                    Some(name),
-                    Some(node),
-                    format!(
-                        "standby on {node} failed: {}",
-                        why.unwrap_or("no reason given")
-                    ),
-                )
-                .await;
+            let failed = NewEvent::new(
+                "workload.standby_failed",
+                Some(name),
+                Some(node),
+                format!(
+                    "standby on {node} failed: {}",
+                    why.unwrap_or("no reason given")
+                ),
+            );
+            self.drop_reservation(name, node, Some(failed)).await;
             return;
         }
         if w.spec.level != Level::Ft || generation > w.status.generation {
@@ -1057,36 +1093,39 @@ impl AppState {
                 .and_then(|(w, _)| w.status.node.clone())
                 .is_some_and(|n| self.node_state(&n, &v) == NodeState::Down)
         };
+        // Recorded once: with the write the failure makes, or alone.
+        let event = first.then(|| {
+            NewEvent::new(
+                "workload.secondary_failed",
+                Some(name),
+                Some(node),
+                format!(
+                    "secondary on {node} (generation {generation}) failed: {}",
+                    why.unwrap_or("no reason given")
+                ),
+            )
+        });
+        let mut res = Ok(false);
         if current && primary_down {
             // Failed in the same write: no later placement may give the dead primary a
             // secondary that would count as a survivor.
             let why = why.unwrap_or("no reason given").to_string();
-            let _ = self
-                .update_status(name, |s| {
-                    if s.secondary.as_deref() == Some(node) && s.generation == generation {
-                        s.secondary = None;
-                        s.phase = Phase::Failed;
-                        s.message = Some(format!(
-                            "node {} is down and the secondary on {node} failed: {why}",
-                            s.node.clone().unwrap_or_default()
-                        ));
+            res = self
+                .update_status_with_events(name, |s| {
+                    if s.secondary.as_deref() != Some(node) || s.generation != generation {
+                        return vec![];
                     }
+                    s.secondary = None;
+                    s.phase = Phase::Failed;
+                    s.message = Some(format!(
+                        "node {} is down and the secondary on {node} failed: {why}",
+                        s.node.clone().unwrap_or_default()
+                    ));
+                    event.iter().cloned().collect()
                 })
                 .await;
         }
-        if first {
-            self.events
-                .emit(
-                    "workload.secondary_failed",
-                    Some(name),
-                    Some(node),
-                    format!(
-                        "secondary on {node} (generation {generation}) failed: {}",
-                        why.unwrap_or("no reason given")
-                    ),
-                )
-                .await;
-        }
+        self.events.unless_written(res, event).await;
     }
 
     /// Move the pair lease of an `ft` workload from generation `from` to `to` for
@@ -1103,7 +1142,7 @@ impl AppState {
         // A compare-and-swap conflict with an unrelated write (a heartbeat's status) is
         // not a refusal: read again and retry while the generation is still `from`.
         let mut attempts = 0;
-        let (w, promoted, lost) = loop {
+        let lost = loop {
             attempts += 1;
             let Some((mut w, rev)) = self.workload(name) else {
                 return Ok((false, 0));
@@ -1163,23 +1202,24 @@ impl AppState {
             }
             w.status.ft = None;
             w.status.updated_ms = now_ms();
-            match self.write_workload(&w, rev).await {
-                Ok(_) => break (w, promoted, lost),
+            let what = if promoted {
+                format!(
+                    "secondary on {node} took over at generation {to} (incarnation {})",
+                    w.status.incarnation
+                )
+            } else {
+                format!("primary on {node} lost its secondary; runs at generation {to}")
+            };
+            let failover = NewEvent::new("workload.failover", Some(name), Some(node), what);
+            match self
+                .write_workload_with_events(&w, rev, vec![failover])
+                .await
+            {
+                Ok(_) => break lost,
                 Err(StateError::Conflict(_)) if attempts < 20 => continue,
                 Err(e) => return Err(e),
             }
         };
-        let what = if promoted {
-            format!(
-                "secondary on {node} took over at generation {to} (incarnation {})",
-                w.status.incarnation
-            )
-        } else {
-            format!("primary on {node} lost its secondary; runs at generation {to}")
-        };
-        self.events
-            .emit("workload.failover", Some(name), Some(node), what)
-            .await;
         self.place_secondaries_avoiding(lost.as_deref().map(|l| (name, l)))
             .await;
         Ok((true, to))
@@ -1307,11 +1347,12 @@ impl AppState {
             if w.status.node.as_deref() != Some(node) || w.status.incarnation != inst.incarnation {
                 continue;
             }
-            let was = w.status.phase;
             // The run is checked again inside the update: the workload may have been
-            // re-created or moved since it was read.
+            // re-created or moved since it was read. A new phase is an event, committed
+            // with the status that has it.
             let res = self
-                .update_status(&inst.workload, |s| {
+                .update_status_with_events(&inst.workload, |s| {
+                    let was = s.phase;
                     if s.node.as_deref() == Some(node) && s.incarnation == inst.incarnation {
                         s.phase = phase;
                         s.restarts = inst.restarts;
@@ -1325,6 +1366,17 @@ impl AppState {
                             s.ft = Some(ft.clone());
                         }
                     }
+                    (s.phase != was)
+                        .then(|| {
+                            NewEvent::new(
+                                format!("workload.{}", phase.as_str()),
+                                Some(&inst.workload),
+                                Some(node),
+                                inst.message.clone().unwrap_or_default(),
+                            )
+                        })
+                        .into_iter()
+                        .collect()
                 })
                 .await;
             if let Err(e) = res {
@@ -1332,16 +1384,6 @@ impl AppState {
                 // other reports: log it; the next heartbeat reports again.
                 tracing::warn!(workload = %inst.workload, "status not recorded: {e}");
                 continue;
-            }
-            if was != phase {
-                self.events
-                    .emit(
-                        &format!("workload.{}", phase.as_str()),
-                        Some(&inst.workload),
-                        Some(node),
-                        inst.message.clone().unwrap_or_default(),
-                    )
-                    .await;
             }
             // An ha workload that cannot start on its node, or keeps crashing there
             // (local restarts), is restarted on another one.
@@ -1407,7 +1449,7 @@ impl AppState {
         // checkpoint, rather than fresh on the restarted node.
         let names = self.resume_on_standby(names, node, "restarted").await;
         for name in names {
-            self.update_status(&name, |s| {
+            self.update_status_with_events(&name, |s| {
                 s.phase = Phase::Placed;
                 s.incarnation += 1;
                 // A new run: a standby or secondary of the old one is replaced.
@@ -1415,20 +1457,14 @@ impl AppState {
                 s.moving_to = None;
                 s.restarts = 0;
                 s.message = Some(format!("node {node} restarted"));
-            })
-            .await?;
-            let inc = self
-                .workload(&name)
-                .map(|(w, _)| w.status.incarnation)
-                .unwrap_or(0);
-            self.events
-                .emit(
+                vec![NewEvent::new(
                     "workload.placed",
                     Some(&name),
                     Some(node),
-                    format!("node restarted; starting incarnation {inc}"),
-                )
-                .await;
+                    format!("node restarted; starting incarnation {}", s.incarnation),
+                )]
+            })
+            .await?;
         }
         Ok(())
     }
@@ -1598,20 +1634,22 @@ impl AppState {
             self.restart_elsewhere(&ha, &down).await;
         }
         for name in affected {
-            let res = self
-                .update_status(&name, |s| {
+            let _ = self
+                .update_status_with_events(&name, |s| {
+                    let was = s.phase;
                     s.phase = Phase::Failed;
                     s.message = Some(format!(
                         "node {} is down",
                         s.node.clone().unwrap_or_default()
                     ));
+                    (was != Phase::Failed)
+                        .then(|| {
+                            NewEvent::new("workload.failed", Some(&name), None, "its node is down")
+                        })
+                        .into_iter()
+                        .collect()
                 })
                 .await;
-            if res.is_ok() {
-                self.events
-                    .emit("workload.failed", Some(&name), None, "its node is down")
-                    .await;
-            }
         }
     }
 
@@ -1752,7 +1790,14 @@ impl AppState {
                 }],
                 failure: vec![],
             };
-            for (w, rev, ..) in &planned {
+            let mut events = Vec::with_capacity(planned.len());
+            for (w, rev, kind, node, what, ..) in &planned {
+                events.push(NewEvent::new(
+                    *kind,
+                    Some(&w.spec.name),
+                    node.as_deref(),
+                    what.clone(),
+                ));
                 let key = keys::workload(&w.spec.name);
                 txn.compares
                     .push(avail_store::Compare::ModRev(key.clone(), *rev));
@@ -1762,7 +1807,8 @@ impl AppState {
                     lease: None,
                 });
             }
-            match self.store.txn(txn).await {
+            // The restarts and their events in one transaction.
+            match self.events.commit(txn, events).await {
                 Ok(r) if r.succeeded => {
                     self.wait_view(r.revision).await;
                     self.metrics.restarts.inc_by(planned.len() as u64);
@@ -1778,10 +1824,7 @@ impl AppState {
                                 .observe(at.elapsed().as_secs_f64());
                         }
                     }
-                    for (w, _, kind, node, what, displaced, _) in planned {
-                        self.events
-                            .emit(kind, Some(&w.spec.name), node.as_deref(), what)
-                            .await;
+                    for (_, _, _, node, _, displaced, _) in planned {
                         if let Some(n) = &node {
                             self.release_displaced(&displaced, n).await;
                         }
@@ -1833,21 +1876,22 @@ impl AppState {
                 Level::None => None,
             };
             w.status.updated_ms = now_ms();
-            match self.write_workload(&w, rev).await {
+            let changed = NewEvent::new(
+                "workload.level_changed",
+                Some(name),
+                w.status.node.as_deref(),
+                format!(
+                    "level {} -> {} (live, no restart)",
+                    was.as_str(),
+                    level.as_str()
+                ),
+            );
+            match self
+                .write_workload_with_events(&w, rev, vec![changed])
+                .await
+            {
                 Ok(_) => {
                     self.metrics.level_changes.inc();
-                    self.events
-                        .emit(
-                            "workload.level_changed",
-                            Some(name),
-                            w.status.node.as_deref(),
-                            format!(
-                                "level {} -> {} (live, no restart)",
-                                was.as_str(),
-                                level.as_str()
-                            ),
-                        )
-                        .await;
                     self.place_secondaries().await;
                     self.place_reservations().await;
                     return Ok(self.workload(name).map(|(w, _)| (w, was)));
@@ -1963,16 +2007,24 @@ impl AppState {
     /// drain pass moves everything on it off, the highest priority first.
     pub async fn start_drain(&self, node: &str) -> Result<Option<Node>, StateError> {
         self.update_node(node, |rec, v| {
-            if rec.drain.is_none() {
-                rec.drain = Some(DrainRecord {
-                    started_ms: now_ms(),
-                    total: v
-                        .workloads
-                        .values()
-                        .filter(|(w, _)| occupies(w, node))
-                        .count() as u64,
-                });
+            if rec.drain.is_some() {
+                return None;
             }
+            let total = v
+                .workloads
+                .values()
+                .filter(|(w, _)| occupies(w, node))
+                .count() as u64;
+            rec.drain = Some(DrainRecord {
+                started_ms: now_ms(),
+                total,
+            });
+            Some(NewEvent::new(
+                "node.draining",
+                None,
+                Some(node),
+                format!("drain of {node} started: {total} to move"),
+            ))
         })
         .await
     }
@@ -1983,13 +2035,25 @@ impl AppState {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(node);
-        self.update_node(node, |rec, _| rec.drain = None).await
+        self.update_node(node, |rec, _| {
+            rec.drain.take().map(|_| {
+                NewEvent::new(
+                    "node.undrained",
+                    None,
+                    Some(node),
+                    format!("{node} takes work again"),
+                )
+            })
+        })
+        .await
     }
 
+    /// Change `node`'s record with `f` (by compare-and-swap, retried), and the event
+    /// `f` gives for its change, committed with it.
     async fn update_node(
         &self,
         node: &str,
-        f: impl Fn(&mut NodeRecord, &View),
+        f: impl Fn(&mut NodeRecord, &View) -> Option<NewEvent>,
     ) -> Result<Option<Node>, StateError> {
         for _ in 0..10 {
             let Some(kv) = self.store.get(&keys::node(node)).await? else {
@@ -2001,15 +2065,20 @@ impl AppState {
                 )));
             };
             let before = rec.clone();
-            {
+            let event = {
                 let v = self.view.read().unwrap_or_else(|p| p.into_inner());
-                f(&mut rec, &v);
-            }
+                f(&mut rec, &v)
+            };
             if rec != before {
                 let value = serde_json::to_vec(&rec).expect("node serialises");
                 match self
-                    .store
-                    .compare_and_swap(&keys::node(node), kv.mod_rev, value)
+                    .events
+                    .compare_and_swap(
+                        &keys::node(node),
+                        kv.mod_rev,
+                        value,
+                        event.into_iter().collect(),
+                    )
                     .await?
                 {
                     Some(rev) => self.wait_view(rev).await,
@@ -2075,7 +2144,7 @@ impl AppState {
                     blocked = Some(format!("{name}: {e}"));
                 }
             } else if w.status.reservation.as_deref() == here {
-                self.drop_reservation(&name, node).await;
+                self.drop_reservation(&name, node, None).await;
             } else if w.status.node.as_deref() == here {
                 if let Some(t) = w.status.moving_to.as_deref() {
                     let started = self
@@ -2132,16 +2201,15 @@ impl AppState {
                 w.status.secondary = Some(to.clone());
                 w.status.level_state = Some("ft:syncing".into());
                 w.status.updated_ms = now_ms();
-                if self.write_placement(&w, rev, at).await.is_ok() {
-                    self.events
-                        .emit(
-                            "workload.secondary_moved",
-                            Some(name),
-                            Some(&to),
-                            format!("secondary moved from {node} (draining) to {to}"),
-                        )
-                        .await;
-                }
+                let moved = NewEvent::new(
+                    "workload.secondary_moved",
+                    Some(name),
+                    Some(&to),
+                    format!("secondary moved from {node} (draining) to {to}"),
+                );
+                let _ = self
+                    .write_placement_with_events(&w, rev, at, vec![moved])
+                    .await;
                 Ok(())
             }
             (Decision::Unplaceable { explanation }, _) => {
@@ -2196,24 +2264,22 @@ impl AppState {
             w.status.reservation = None;
         }
         w.status.updated_ms = now_ms();
+        let moving = vec![NewEvent::new(
+            "workload.moving",
+            Some(name),
+            Some(&target),
+            format!("moving live from {node} to {target}"),
+        )];
         let written = if at == 0 {
-            self.write_workload(&w, rev).await
+            self.write_workload_with_events(&w, rev, moving).await
         } else {
-            self.write_placement(&w, rev, at).await
+            self.write_placement_with_events(&w, rev, at, moving).await
         };
         written.map_err(|e| e.to_string())?;
         self.moves
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(name.to_string(), Instant::now());
-        self.events
-            .emit(
-                "workload.moving",
-                Some(name),
-                Some(&target),
-                format!("moving live from {node} to {target}"),
-            )
-            .await;
         Ok(())
     }
 
@@ -2264,31 +2330,33 @@ impl AppState {
             };
             w.status.message = Some(format!("moved live from {node} to {target}"));
             w.status.updated_ms = now_ms();
-            match self.write_workload(&w, rev).await {
+            let took = self
+                .moves
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(name)
+                .map(|t| t.elapsed());
+            let moved = NewEvent::new(
+                "workload.moved",
+                Some(name),
+                Some(&target),
+                format!(
+                    "moved live from {node} to {target} (incarnation {}){}",
+                    w.status.incarnation,
+                    took.map(|t| format!(" in {} ms", t.as_millis()))
+                        .unwrap_or_default()
+                ),
+            );
+            match self.write_workload_with_events(&w, rev, vec![moved]).await {
                 Ok(_) => {
-                    let took = self
-                        .moves
+                    self.moves
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .remove(name)
-                        .map(|t| t.elapsed());
+                        .remove(name);
                     self.metrics.moves.inc();
                     if let Some(t) = took {
                         self.metrics.move_seconds.observe(t.as_secs_f64());
                     }
-                    self.events
-                        .emit(
-                            "workload.moved",
-                            Some(name),
-                            Some(&target),
-                            format!(
-                                "moved live from {node} to {target} (incarnation {}){}",
-                                w.status.incarnation,
-                                took.map(|t| format!(" in {} ms", t.as_millis()))
-                                    .unwrap_or_default()
-                            ),
-                        )
-                        .await;
                     self.place_secondaries().await;
                     self.place_reservations().await;
                     return Ok((true, from + 1));

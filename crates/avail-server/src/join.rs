@@ -73,6 +73,7 @@ impl AppState {
         token: Option<&str>,
     ) -> Result<JoinResponse, JoinError> {
         req.validate()?;
+        self.check_declared_tags(&req)?;
         let raw = public_key_raw(&req.public_key)?;
         let now = now_s();
         let proof = req.proof.as_ref().map(|p| {
@@ -244,6 +245,21 @@ impl AppState {
         let r = self.events.commit(txn, vec![removed]).await?;
         self.wait_view(r.revision).await;
         Ok(())
+    }
+
+    /// A node may declare any tag but those only an administrator sets.
+    fn check_declared_tags(&self, req: &JoinRequest) -> Result<(), JoinError> {
+        match req.tags.keys().find(|k| self.config.admin_tags.contains(*k)) {
+            Some(k) => Err(avail_model::ValidationError::new(
+                format!("tags.{k}"),
+                format!(
+                    "only an administrator sets tag {k:?} (`avail node tag {} {k}=...`); a node may not declare it",
+                    req.name
+                ),
+            )
+            .into()),
+            None => Ok(()),
+        }
     }
 
     /// Create a join token.

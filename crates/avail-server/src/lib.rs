@@ -76,7 +76,14 @@ pub struct ServerConfig {
     pub startup_grace: Duration,
     /// Life of a node certificate; agents renew theirs at half of it.
     pub node_cert_ttl: Duration,
+    /// Tag keys only an administrator sets (`avail node tag`): a node may not declare
+    /// them at its join, so a node cannot make itself eligible for workloads that
+    /// require them (as Kubernetes' NodeRestriction keeps kubelets off reserved labels).
+    pub admin_tags: std::collections::BTreeSet<String>,
 }
+
+/// Tag keys only an administrator sets, unless configured otherwise.
+pub const DEFAULT_ADMIN_TAGS: &[&str] = &["compliance"];
 
 /// Why a liveness configuration is refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -100,7 +107,20 @@ impl ServerConfig {
             down_after: Duration::from_millis(1000),
             startup_grace: Duration::from_secs(5),
             node_cert_ttl: Duration::from_secs(3600),
+            admin_tags: DEFAULT_ADMIN_TAGS.iter().map(|k| k.to_string()).collect(),
         }
+    }
+
+    /// Set the tag keys only an administrator sets (each a valid tag key).
+    pub fn with_admin_tags(mut self, keys: &[String]) -> Result<ServerConfig, ConfigError> {
+        for k in keys {
+            avail_model::constraint::parse_tag(&format!("{k}=x")).map_err(|e| ConfigError {
+                field: "admin-tags",
+                reason: format!("{k:?}: {}", e.message),
+            })?;
+        }
+        self.admin_tags = keys.iter().cloned().collect();
+        Ok(self)
     }
 
     /// Set the life of node certificates (10 s to 30 days).

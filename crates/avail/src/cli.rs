@@ -175,6 +175,10 @@ struct ServerArgs {
     /// Life of node certificates, seconds; agents renew theirs at half of it.
     #[arg(long, default_value_t = 3600)]
     node_cert_ttl_s: u64,
+    /// Tag keys only an administrator sets (`avail node tag`); a node declaring one at
+    /// its join is refused. Empty (`--admin-tags ''`): nodes declare any tag.
+    #[arg(long, value_delimiter = ',', default_values_t = avail_server::DEFAULT_ADMIN_TAGS.iter().map(|k| k.to_string()))]
+    admin_tags: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -920,6 +924,15 @@ async fn server(a: ServerArgs) -> CliResult {
     let config = avail_server::ServerConfig::new(a.data_dir.clone(), a.listen)
         .with_windows(a.heartbeat_ms, a.suspect_after_ms, a.down_after_ms)
         .and_then(|c| c.with_node_cert_ttl(a.node_cert_ttl_s))
+        .and_then(|c| {
+            let keys: Vec<String> = a
+                .admin_tags
+                .iter()
+                .filter(|k| !k.is_empty())
+                .cloned()
+                .collect();
+            c.with_admin_tags(&keys)
+        })
         .map_err(|e| CliError::invalid(format!("--{e}")))?;
     let running = avail_server::start(config)
         .await

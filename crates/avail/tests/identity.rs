@@ -54,6 +54,51 @@ async fn join_tokens_are_bounded_and_held_names_cannot_be_taken() {
         "no secret listed"
     );
 
+    // A node may not declare a tag only an administrator sets: refused, naming it.
+    let pci = [
+        "--tags".to_string(),
+        "compliance=pci,zone=tokyo".to_string(),
+    ];
+    let fake = c.create_join_token(1, 600).await;
+    let mut fake_pci = c.spawn_agent_as(3, "node-pci", &dir.join("node-pci"), Some(&fake), &pci);
+    let out = exits(&mut fake_pci).await;
+    assert!(
+        out.contains("tags.compliance") && out.contains("avail node tag"),
+        "{out}"
+    );
+    let nodes: Vec<Node> = c.client().get("/v1/nodes").await.unwrap();
+    assert!(nodes.iter().all(|n| n.name != "node-pci"));
+    // The administrator sets it, and it outlives the node's re-joins (here one that
+    // moves the node to another address, which only its key may do).
+    ok(&c.cli(&["node", "tag", "node-3", "compliance=pci"]));
+    third.kill();
+    let mut third = c.spawn_agent_as(4, "node-3", &dir.join("node-3"), None, &tags);
+    let moved = c.agent_addr(4);
+    wait_until(
+        "node-3 re-joined at its new address",
+        Duration::from_secs(20),
+        || {
+            let (c, moved) = (&c, moved.clone());
+            async move {
+                let n = node(c, "node-3").await;
+                if n.address == moved && n.state == NodeState::Ready {
+                    Ok(())
+                } else {
+                    Err(format!("{} {:?}", n.address, n.state))
+                }
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        node(&c, "node-3")
+            .await
+            .tags
+            .get("compliance")
+            .map(String::as_str),
+        Some("pci")
+    );
+
     // A revoked token is refused.
     let revoked = ok(&c.cli(&["token", "create"])).trim().to_string();
     let id = revoked.split('.').nth(1).unwrap();
@@ -166,7 +211,7 @@ async fn only_a_nodes_own_key_speaks_for_it() {
         name: "node-1".into(),
         address: c.agent_addr(1),
         ingress_url: format!("http://{}:9999", c.agent_addr(1)),
-        tags: [("compliance".to_string(), "pci".to_string())].into(),
+        tags: [("perf".to_string(), "high".to_string())].into(),
         capacity: avail_model::Resources {
             cpu_millis: 1_000_000,
             memory_mib: 1 << 20,

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked --bin avail
-AVAIL=target/release/avail
+AVAIL=${CARGO_TARGET_DIR:-target}/release/avail
 DATA=${AVAIL_DATA:-avail-data}
 # A cluster.json of an earlier run on this data dir is stale: wait for this run's.
 rm -f "$DATA/cluster.json"

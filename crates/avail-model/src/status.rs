@@ -6,10 +6,11 @@ use utoipa::ToSchema;
 use crate::{TimeMs, WorkloadSpec};
 
 /// Lifecycle phase of a workload.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
     /// Not placed yet (no node fits; see the status message).
+    #[default]
     Pending,
     /// Placed on a node, not yet reported running.
     Placed,
@@ -34,8 +35,8 @@ impl Phase {
     }
 }
 
-/// Observed status of a workload.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+/// Observed status of a workload (the default: pending, never placed).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct WorkloadStatus {
     /// Phase.
     pub phase: Phase,

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use utoipa::{OpenApi, ToSchema};
 
+use crate::admission::Placement;
 use crate::auth::{Claims, Role, TokenError};
 use crate::events::NewEvent;
 use crate::followers::Next as FollowerNext;
@@ -417,7 +418,7 @@ async fn create_workload(
     let mut spec =
         WorkloadSpec::parse(text).map_err(|e| ApiErr(StatusCode::BAD_REQUEST, e.into()))?;
     // A spec that names no level gets the cluster's default (at most ha for a process).
-    let policy = state.level_policy().await?;
+    let policy = state.level_policy();
     if !WorkloadSpec::names_level(text) {
         spec.level = match (spec.driver, policy.default) {
             (DriverKind::Process, Level::Ft) => Level::Ha,
@@ -525,38 +526,31 @@ async fn create_workload(
         let (decision, at) = state.decide(&w);
         let written = match &decision {
             Decision::Place { node, .. } => {
-                // The policy's minimum for the node's tags raises the level.
-                if let Some((min, tag)) = state.minimum_on(&policy, node)
-                    && min.rank() > w.spec.level.rank()
-                {
-                    if min == Level::Ft && (w.spec.driver != DriverKind::Wasm || !checkpointable) {
-                        return Err(ApiErr::invalid(
-                            "level",
-                            format!(
-                                "node {node} has {tag}, where the cluster requires level ft; this workload cannot run at ft (a process, or a module that cannot be checkpointed)"
-                            ),
-                        ));
+                // Admitted at the node's minimum level; the plan kept it off the nodes
+                // where it cannot run at theirs (tags changed since: plan again).
+                let Ok(admitted) = state.admit_on(&w, node, Placement::Start) else {
+                    if attempts < 5 {
+                        continue;
                     }
-                    let mut raised = w.spec.clone();
-                    raised.level = min;
-                    raised
-                        .validate()
-                        .map_err(|e| ApiErr(StatusCode::BAD_REQUEST, e.into()))?;
-                    w.spec.level = min;
-                    w.status.message = Some(format!("level {} required on {tag}", min.as_str()));
-                }
+                    return Err(ApiErr::new(
+                        StatusCode::CONFLICT,
+                        "conflict",
+                        "the nodes' tags kept changing under the plan; try again",
+                    ));
+                };
+                crate::state::apply_admitted(&mut w, &admitted);
                 w.status.phase = Phase::Placed;
                 w.status.node = Some(node.clone());
                 w.status.incarnation = 1;
                 w.status.generation = 1;
-                if w.spec.level == avail_model::Level::Ft {
-                    w.status.level_state = Some("ft:unprotected".into());
-                }
                 let placed = NewEvent::new(
                     "workload.placed",
                     Some(&name),
                     Some(node),
-                    format!("placed on {node} (incarnation 1)"),
+                    crate::state::with_admission(
+                        format!("placed on {node} (incarnation 1)"),
+                        &admitted,
+                    ),
                 );
                 let events = vec![created_event(&w), placed];
                 state.write_placement_with_events(&w, 0, at, events).await
@@ -769,7 +763,7 @@ async fn get_level_policy(
     _: Admin,
     State(state): State<AppStateRef>,
 ) -> ApiResult<Json<LevelPolicy>> {
-    Ok(Json(state.level_policy().await?))
+    Ok(Json(state.level_policy()))
 }
 
 #[utoipa::path(put, path = "/v1/cluster/levels", request_body = LevelPolicy,
@@ -808,7 +802,9 @@ async fn put_level_policy(
         }],
         failure: vec![],
     };
-    state.events.commit(txn, vec![levels]).await?;
+    // Read back from the view (every placement decides on it): wait until it has it.
+    let r = state.events.commit(txn, vec![levels]).await?;
+    state.wait_view(r.revision).await;
     Ok(Json(policy))
 }
 
@@ -848,7 +844,7 @@ async fn set_workload_level(
     spec.validate()
         .map_err(|e| ApiErr(StatusCode::BAD_REQUEST, e.into()))?;
     // Not below the cluster's minimum for the node it runs on.
-    let policy = state.level_policy().await?;
+    let policy = state.level_policy();
     if let Some(node) = &w.status.node
         && let Some((min, tag)) = state.minimum_on(&policy, node)
         && change.level.rank() < min.rank()

@@ -7,6 +7,7 @@
 //! It does not run workloads (agents do) and does not decide placement itself (the
 //! scheduler does; the server applies its plan).
 
+pub mod admission;
 pub mod api;
 mod api_identity;
 pub mod auth;

@@ -20,6 +20,7 @@ use avail_store::{Event, LeaseId, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::admission::{self, Placement};
 use crate::auth::Auth;
 use crate::events::{Events, NewEvent};
 use crate::metrics::Metrics;
@@ -94,6 +95,34 @@ impl NodeRecord {
     }
 }
 
+/// A stored level policy; an unreadable one is the default (and said in the log).
+fn decode_policy(bytes: &[u8]) -> avail_model::spec::LevelPolicy {
+    serde_json::from_slice(bytes).unwrap_or_else(|e| {
+        tracing::error!("unreadable level policy, using the default: {e}");
+        Default::default()
+    })
+}
+
+/// Give a workload what admission decided: its level raised to the node's minimum
+/// (said in its status message), and an `ft` workload starts unprotected.
+pub fn apply_admitted(w: &mut Workload, admitted: &admission::Admitted) {
+    if let admission::Admitted::Raised { level, .. } = admitted {
+        w.spec.level = *level;
+        w.status.message = admitted.message();
+    }
+    if w.spec.level == Level::Ft {
+        w.status.level_state = Some("ft:unprotected".into());
+    }
+}
+
+/// An event's message, with the level raise admission made, if any.
+pub fn with_admission(what: String, admitted: &admission::Admitted) -> String {
+    match admitted.message() {
+        Some(raised) => format!("{what}; {raised}"),
+        None => what,
+    }
+}
+
 /// The cluster as last read from the store.
 #[derive(Debug, Default)]
 pub struct View {
@@ -115,6 +144,8 @@ pub struct View {
     pub sched: ClusterView,
     /// `mod_rev` of the placement key: the revision a plan is made at.
     pub placement_rev: u64,
+    /// The cluster's level policy (the default when none is stored).
+    pub policy: avail_model::spec::LevelPolicy,
 }
 
 impl View {
@@ -411,6 +442,9 @@ impl AppState {
         for kv in self.store.range(keys::ALIVE).await?.0 {
             v.alive.insert(kv.key[keys::ALIVE.len()..].to_string());
         }
+        if let Some(kv) = self.store.get(keys::LEVEL_POLICY).await? {
+            v.policy = decode_policy(&kv.value);
+        }
         v.placement_rev = self
             .store
             .get(keys::PLACEMENT)
@@ -449,6 +483,11 @@ impl AppState {
                     }
                     Event::Delete { .. } => v.delete_node(name),
                 }
+            } else if key == keys::LEVEL_POLICY {
+                v.policy = match ev {
+                    Event::Put(kv) => decode_policy(&kv.value),
+                    Event::Delete { .. } => Default::default(),
+                };
             } else if key == keys::PLACEMENT {
                 v.placement_rev = match ev {
                     Event::Put(kv) => kv.mod_rev,
@@ -594,7 +633,7 @@ impl AppState {
     /// Decide where a workload goes, given the current view (caller holds `placement`),
     /// and the placement revision the plan was made at (for [`AppState::write_placement`]).
     pub fn decide(&self, w: &Workload) -> (Decision, u64) {
-        self.decide_avoiding(w, None, None)
+        self.decide_avoiding(w, None, None, Placement::Start)
     }
 
     /// Where `w` would go now, both replicas for an `ft` workload (its secondary on
@@ -607,7 +646,7 @@ impl AppState {
                 .clone()
                 .unwrap_or_else(|| "rack".into())
         });
-        self.decide_avoiding(w, None, pair).0
+        self.decide_avoiding(w, None, pair, Placement::Start).0
     }
 
     /// Where the `ft` secondary of `w` goes: not on the primary's node, nor in its fault
@@ -644,6 +683,7 @@ impl AppState {
                 fault_domain: domain.map(|d| (tag, vec![d])),
             }),
             None,
+            Placement::Start,
         )
     }
 
@@ -659,8 +699,10 @@ impl AppState {
         w: &Workload,
         avoid: Option<avail_sched::Avoid>,
         pair: Option<String>,
+        kind: Placement,
     ) -> (Decision, u64) {
-        let req = self.request(w, avoid.unwrap_or_default(), pair);
+        let policy = self.level_policy();
+        let req = self.request(w, avoid.unwrap_or_default(), pair, &policy, kind);
         let seed = self
             .placements
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -671,23 +713,34 @@ impl AppState {
             let plan = avail_sched::plan(&v.sched, &[req], &mut avail_model::rng::SplitMix64(seed));
             (plan, v.placement_rev)
         };
-        let d =
-            plan.decisions
-                .into_iter()
-                .next()
-                .map(|(_, d)| d)
-                .unwrap_or(Decision::Unplaceable {
-                    explanation: "no decision".into(),
-                });
+        let d = match plan.decisions.into_iter().next().map(|(_, d)| d) {
+            Some(Decision::Unplaceable { explanation }) => Decision::Unplaceable {
+                explanation: admission::explain(w, &policy, kind, &explanation),
+            },
+            Some(d) => d,
+            None => Decision::Unplaceable {
+                explanation: "no decision".into(),
+            },
+        };
         (d, at)
     }
 
-    /// The scheduler's request for `w`.
-    fn request(&self, w: &Workload, avoid: avail_sched::Avoid, pair: Option<String>) -> Request {
+    /// The scheduler's request for `w`: its own rules, and kept off the nodes where the
+    /// level policy would not admit it ([`admission::kept_off`]).
+    fn request(
+        &self,
+        w: &Workload,
+        avoid: avail_sched::Avoid,
+        pair: Option<String>,
+        policy: &avail_model::spec::LevelPolicy,
+        kind: Placement,
+    ) -> Request {
+        let mut constraints = w.spec.constraints();
+        constraints.extend(admission::kept_off(w, policy, kind));
         Request {
             workload: w.spec.name.clone(),
             resources: w.spec.resources,
-            constraints: w.spec.constraints(),
+            constraints,
             preferences: w
                 .spec
                 .placement
@@ -887,21 +940,27 @@ impl AppState {
                 continue;
             }
             if let Decision::Place { node, .. } = decision {
+                // Admitted at the node's minimum level (the plan kept it off nodes
+                // where it cannot be; their tags may have changed since: next pass).
+                let Ok(admitted) = self.admit_on(&w, &node, Placement::Start) else {
+                    continue;
+                };
                 w.status.phase = Phase::Placed;
                 w.status.node = Some(node.clone());
                 w.status.incarnation += 1;
                 w.status.message = None;
                 w.status.updated_ms = now_ms();
                 w.status.generation = w.status.generation.max(1);
-                if w.spec.level == Level::Ft {
-                    w.status.level_state = Some("ft:unprotected".into());
-                }
+                apply_admitted(&mut w, &admitted);
                 // A stale plan is tried again at the next pass (every second).
                 let placed = NewEvent::new(
                     "workload.placed",
                     Some(&name),
                     Some(&node),
-                    format!("placed on {node} (incarnation {})", w.status.incarnation),
+                    with_admission(
+                        format!("placed on {node} (incarnation {})", w.status.incarnation),
+                        &admitted,
+                    ),
                 );
                 let _ = self
                     .write_placement_with_events(&w, rev, at, vec![placed])
@@ -1681,6 +1740,7 @@ impl AppState {
                 .placements
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let started = Instant::now();
+            let policy = self.level_policy();
             // (workload, its mod_rev, event kind, node, what, displaced, lost node)
             let mut planned = Vec::new();
             for name in names {
@@ -1697,8 +1757,11 @@ impl AppState {
                         fault_domain: None,
                     },
                     None,
+                    &policy,
+                    Placement::Start,
                 );
-                // Its reservation is its own: the node holding it first.
+                // Its reservation is its own: the node holding it first (if the policy
+                // still admits it there: the request's constraints say).
                 let reserved = w
                     .status
                     .reservation
@@ -1742,6 +1805,19 @@ impl AppState {
                 w.status.restarts += 1;
                 w.status.ft = None;
                 w.status.updated_ms = now_ms();
+                // Admitted at the node's minimum level (the plan kept it off the nodes
+                // where it cannot run at theirs).
+                let admitted = match &decision {
+                    Decision::Place { node, .. } => self.admit_on(&w, node, Placement::Start),
+                    Decision::Unplaceable { .. } => Ok(admission::Admitted::AsIs),
+                };
+                let (decision, admitted) = match (decision, admitted) {
+                    (Decision::Place { .. }, Err(why)) => (
+                        Decision::Unplaceable { explanation: why },
+                        admission::Admitted::AsIs,
+                    ),
+                    (d, a) => (d, a.unwrap_or(admission::Admitted::AsIs)),
+                };
                 match decision {
                     Decision::Place {
                         node, displaced, ..
@@ -1750,13 +1826,20 @@ impl AppState {
                         for d in &displaced {
                             work.unreserve(&node, d);
                         }
+                        apply_admitted(&mut w, &admitted);
                         w.status.phase = Phase::Placed;
                         w.status.node = Some(node.clone());
-                        w.status.message = Some(format!("restarted: node {lost} is {why}"));
-                        let what = format!(
-                            "node {lost} is {why}: restarting on {node} (incarnation {}), planned in {} us",
-                            w.status.incarnation,
-                            started.elapsed().as_micros()
+                        w.status.message = Some(match admitted.message() {
+                            Some(raised) => format!("restarted: node {lost} is {why}; {raised}"),
+                            None => format!("restarted: node {lost} is {why}"),
+                        });
+                        let what = with_admission(
+                            format!(
+                                "node {lost} is {why}: restarting on {node} (incarnation {}), planned in {} us",
+                                w.status.incarnation,
+                                started.elapsed().as_micros()
+                            ),
+                            &admitted,
                         );
                         planned.push((
                             w,
@@ -1934,6 +2017,8 @@ impl AppState {
                 fault_domain: None,
             },
             None,
+            &self.level_policy(),
+            Placement::Start,
         );
         let candidates = {
             let v = self.view.read().unwrap_or_else(|p| p.into_inner());
@@ -1960,12 +2045,30 @@ impl AppState {
             .await;
     }
 
-    /// The cluster's level policy (the default when none is stored).
-    pub async fn level_policy(&self) -> Result<avail_model::spec::LevelPolicy, StateError> {
-        Ok(match self.store.get(keys::LEVEL_POLICY).await? {
-            Some(kv) => serde_json::from_slice(&kv.value).unwrap_or_default(),
-            None => avail_model::spec::LevelPolicy::default(),
-        })
+    /// The cluster's level policy (the default when none is stored), from the view.
+    pub fn level_policy(&self) -> avail_model::spec::LevelPolicy {
+        self.view
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .policy
+            .clone()
+    }
+
+    /// Admit `w` onto `node` under the level policy ([`admission::admit`]); a node
+    /// not in the view has no tags.
+    pub fn admit_on(
+        &self,
+        w: &Workload,
+        node: &str,
+        kind: Placement,
+    ) -> Result<admission::Admitted, String> {
+        let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+        let tags = v
+            .nodes
+            .get(node)
+            .map(|n| n.tags.clone())
+            .unwrap_or_default();
+        admission::admit(w, &v.policy, &tags, kind)
     }
 
     /// The minimum level the policy sets for workloads on `node`, with the tag.
@@ -2250,7 +2353,7 @@ impl AppState {
                     nodes: vec![node.to_string()],
                     fault_domain: None,
                 };
-                match self.decide_avoiding(&w, Some(avoid), None) {
+                match self.decide_avoiding(&w, Some(avoid), None, Placement::Move) {
                     (Decision::Place { node: t, .. }, at) => (t, at),
                     (Decision::Unplaceable { explanation }, _) => {
                         return Err(format!("no node can take it: {explanation}"));

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use avail_client::Client;
-use avail_model::{Level, Workload};
+use avail_model::{Level, Phase, Workload};
 use avail_testkit::{Cluster, ok};
 use hyper::Method;
 
@@ -126,10 +126,22 @@ async fn bad_level_changes_are_refused() {
 }
 
 /// The cluster's level policy: a default for specs that name no level, and a minimum
-/// by node tag that raises what lands on such nodes and refuses going below it.
+/// by node tag that raises what lands on such nodes and refuses going below it, on
+/// every path a workload takes onto a node: its create, a pending workload placed
+/// later, an `ha` restart after its node died. What cannot run at the minimum is kept
+/// off such nodes (pending, saying why), never placed below it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_level_policy_sets_defaults_and_minimums() {
-    let c = Cluster::start(BIN.as_ref(), 3).await;
+    let mut c = Cluster::start(BIN.as_ref(), 3).await;
+    // An ha workload on node-1 (tokyo) before anything else: node-3, the other tokyo
+    // node, is drained meanwhile.
+    ok(&c.cli(&["node", "drain", "node-3"]));
+    ok(&c.run_wasm(
+        "hop",
+        "counter",
+        &["--level", "ha", "--constraint", "zone == tokyo"],
+    ));
+    ok(&c.cli(&["node", "undrain", "node-3"]));
     ok(&c.cli(&["node", "tag", "node-3", "compliance=pci"]));
     // Bad input: named, exit 2, nothing stored.
     let out = c.cli(&["cluster", "set-levels", "--default", "gold"]);
@@ -178,12 +190,71 @@ async fn the_level_policy_sets_defaults_and_minimums() {
     let out = c.cli(&["workload", "set-level", "card", "ha"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("compliance=pci"));
-    // A process cannot be ft: refused on a pci node, with the reason.
+    // A process cannot be ft: kept off the pci node, pending with the reason.
     let out = c.run_sh("web", "sleep 100", &["--constraint", "compliance == pci"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("requires level ft"));
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        api.get::<Workload>("/v1/workloads/web").await.is_err(),
-        "nothing created"
+        err.contains("not placed") && err.contains("kept off nodes with compliance=pci"),
+        "{err}"
+    );
+    let w: Workload = api.get("/v1/workloads/web").await.unwrap();
+    assert_eq!((w.status.phase, w.status.node), (Phase::Pending, None));
+
+    // A pending workload placed later, when a node comes to fit: raised on the pci
+    // node. (The process stays pending: it fits there now too, but cannot be ft.)
+    let out = c.run_wasm(
+        "later",
+        "counter",
+        &["--level", "none", "--constraint", "perf == high"],
+    );
+    assert_eq!(out.status.code(), Some(2), "pending at first");
+    ok(&c.cli(&["node", "tag", "node-3", "perf=high"]));
+    let w = c
+        .wait_workload("later", "placed", Duration::from_secs(20), |w| {
+            w.status
+                .node
+                .clone()
+                .map(|_| w.clone())
+                .ok_or("pending".to_string())
+        })
+        .await;
+    assert_eq!(w.status.node.as_deref(), Some("node-3"));
+    assert_eq!(w.spec.level, Level::Ft, "{:?}", w.status);
+    assert_raised(&c, "later", "workload.placed").await;
+    let w: Workload = api.get("/v1/workloads/web").await.unwrap();
+    assert_eq!(w.status.phase, Phase::Pending, "{:?}", w.status);
+
+    // An ha restart: node-1 dies, and its ha workload restarts on node-3, the only
+    // tokyo node left, at the level required there.
+    let w: Workload = api.get("/v1/workloads/hop").await.unwrap();
+    assert_eq!(w.status.node.as_deref(), Some("node-1"), "{:?}", w.status);
+    assert_eq!(w.spec.level, Level::Ha);
+    c.kill_agent(0);
+    let w = c
+        .wait_workload("hop", "restarted on node-3", Duration::from_secs(30), |w| {
+            if w.status.node.as_deref() == Some("node-3") && w.status.phase == Phase::Running {
+                Ok(w.clone())
+            } else {
+                Err(format!("{:?}", w.status))
+            }
+        })
+        .await;
+    assert_eq!(w.spec.level, Level::Ft, "{:?}", w.status);
+    assert_raised(&c, "hop", "workload.restarted").await;
+}
+
+/// The `kind` event of workload `name` says its level was raised on the pci node.
+async fn assert_raised(c: &Cluster, name: &str, kind: &str) {
+    let events: Vec<avail_model::ClusterEvent> = c
+        .client()
+        .get(&format!("/v1/workloads/{name}/events"))
+        .await
+        .unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == kind && e.message.ends_with("; level ft required on compliance=pci")),
+        "{events:?}"
     );
 }

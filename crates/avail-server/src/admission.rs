@@ -151,6 +151,60 @@ pub fn explain(w: &Workload, policy: &LevelPolicy, kind: Placement, explanation:
     )
 }
 
+/// A running workload below the minimum of the node it is on (the policy or the node's
+/// tags changed after it started).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Below {
+    /// Raise it live to `level` (no restart), as `tag` requires.
+    Raise {
+        /// The workload.
+        name: String,
+        /// The level required.
+        level: Level,
+        /// The tag that requires it.
+        tag: String,
+    },
+    /// It cannot run at the level required: left as it is, said why.
+    Cannot {
+        /// The workload.
+        name: String,
+        /// Why, for its status and an event.
+        why: String,
+    },
+}
+
+/// The workloads running below their node's minimum, and what to do about each: a pure
+/// verdict over the workloads, the nodes' tags and the policy. Workloads not on a node,
+/// or moving, are left to their placement.
+pub fn below_minimum<'a>(
+    workloads: impl IntoIterator<Item = &'a Workload>,
+    tags_of: impl Fn(&str) -> Option<&'a BTreeMap<String, String>>,
+    policy: &LevelPolicy,
+) -> Vec<Below> {
+    if policy.minimums.is_empty() {
+        return Vec::new();
+    }
+    workloads
+        .into_iter()
+        .filter(|w| w.status.moving_to.is_none())
+        .filter_map(|w| {
+            let tags = tags_of(w.status.node.as_deref()?)?;
+            match admit(w, policy, tags, Placement::Start) {
+                Ok(Admitted::AsIs) => None,
+                Ok(Admitted::Raised { level, tag }) => Some(Below::Raise {
+                    name: w.spec.name.clone(),
+                    level,
+                    tag,
+                }),
+                Err(why) => Some(Below::Cannot {
+                    name: w.spec.name.clone(),
+                    why: format!("below the level policy: {why}"),
+                }),
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,6 +314,50 @@ mod tests {
         let off = kept_off(&w, &p, Placement::Move);
         assert_eq!(off.len(), 1);
         assert_eq!(off[0].to_string(), "compliance != pci");
+    }
+
+    #[test]
+    fn running_workloads_below_their_nodes_minimum_are_found() {
+        let p = policy(&[("compliance=pci", Level::Ft), ("zone=osaka", Level::Ha)]);
+        let nodes: BTreeMap<String, BTreeMap<String, String>> = [
+            ("n1".to_string(), tags(&[("zone", "osaka")])),
+            ("n2".to_string(), tags(&[("compliance", "pci")])),
+            ("n3".to_string(), tags(&[("zone", "tokyo")])),
+        ]
+        .into();
+        let on = |mut w: Workload, name: &str, node: Option<&str>| {
+            w.spec.name = name.into();
+            w.status.node = node.map(str::to_string);
+            w
+        };
+        let mut moving = on(workload("wasm", "none", false), "moving", Some("n2"));
+        moving.status.moving_to = Some("n3".into());
+        let ws = [
+            on(workload("wasm", "none", false), "raise-ha", Some("n1")),
+            on(workload("wasm", "ha", false), "at-ha", Some("n1")),
+            on(workload("wasm", "none", false), "raise-ft", Some("n2")),
+            on(workload("process", "ha", false), "cannot", Some("n2")),
+            on(workload("wasm", "none", false), "free", Some("n3")),
+            on(workload("wasm", "none", false), "pending", None),
+            moving,
+        ];
+        let got = below_minimum(&ws, |n| nodes.get(n), &p);
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(
+            got[0],
+            Below::Raise {
+                name: "raise-ha".into(),
+                level: Level::Ha,
+                tag: "zone=osaka".into()
+            }
+        );
+        assert!(
+            matches!(&got[1], Below::Raise { name, level: Level::Ft, .. } if name == "raise-ft")
+        );
+        assert!(
+            matches!(&got[2], Below::Cannot { name, why } if name == "cannot" && why.contains("compliance=pci requires level ft"))
+        );
+        assert!(below_minimum(&ws, |n| nodes.get(n), &LevelPolicy::default()).is_empty());
     }
 
     #[test]

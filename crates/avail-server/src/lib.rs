@@ -17,6 +17,7 @@ pub mod identity;
 pub mod join;
 pub mod join_tokens;
 pub mod keys;
+pub mod level_policy;
 pub mod metrics;
 pub mod module_checks;
 pub mod state;
@@ -307,6 +308,7 @@ async fn background(state: std::sync::Weak<AppState>) {
         s.check_liveness().await;
         if n.is_multiple_of(20) {
             s.place_pending().await;
+            s.enforce_level_policy().await;
         }
         s.drain_pass().await;
         n += 1;

@@ -23,6 +23,8 @@ use tokio::sync::watch;
 use crate::admission::{self, Placement};
 use crate::auth::Auth;
 use crate::events::{Events, NewEvent};
+use crate::level_policy::decode_policy;
+pub use crate::level_policy::{apply_admitted, with_admission};
 use crate::metrics::Metrics;
 use crate::{ServerConfig, keys, now_ms};
 
@@ -92,34 +94,6 @@ impl NodeRecord {
             }
         }
         t
-    }
-}
-
-/// A stored level policy; an unreadable one is the default (and said in the log).
-fn decode_policy(bytes: &[u8]) -> avail_model::spec::LevelPolicy {
-    serde_json::from_slice(bytes).unwrap_or_else(|e| {
-        tracing::error!("unreadable level policy, using the default: {e}");
-        Default::default()
-    })
-}
-
-/// Give a workload what admission decided: its level raised to the node's minimum
-/// (said in its status message), and an `ft` workload starts unprotected.
-pub fn apply_admitted(w: &mut Workload, admitted: &admission::Admitted) {
-    if let admission::Admitted::Raised { level, .. } = admitted {
-        w.spec.level = *level;
-        w.status.message = admitted.message();
-    }
-    if w.spec.level == Level::Ft {
-        w.status.level_state = Some("ft:unprotected".into());
-    }
-}
-
-/// An event's message, with the level raise admission made, if any.
-pub fn with_admission(what: String, admitted: &admission::Admitted) -> String {
-    match admitted.message() {
-        Some(raised) => format!("{what}; {raised}"),
-        None => what,
     }
 }
 
@@ -1935,6 +1909,16 @@ impl AppState {
         name: &str,
         level: Level,
     ) -> Result<Option<(Workload, Level)>, StateError> {
+        self.set_level_because(name, level, None).await
+    }
+
+    /// [`set_level`](Self::set_level), the event saying `why` (the level policy).
+    pub async fn set_level_because(
+        &self,
+        name: &str,
+        level: Level,
+        why: Option<&str>,
+    ) -> Result<Option<(Workload, Level)>, StateError> {
         let mut from = None;
         for _ in 0..10 {
             let Some((mut w, rev)) = self.workload(name) else {
@@ -1964,9 +1948,10 @@ impl AppState {
                 Some(name),
                 w.status.node.as_deref(),
                 format!(
-                    "level {} -> {} (live, no restart)",
+                    "level {} -> {} (live, no restart){}",
                     was.as_str(),
-                    level.as_str()
+                    level.as_str(),
+                    why.map(|w| format!(": {w}")).unwrap_or_default()
                 ),
             );
             match self
@@ -2043,45 +2028,6 @@ impl AppState {
         }
         self.restart_batch(&[name.to_string()], &tried, "failing it")
             .await;
-    }
-
-    /// The cluster's level policy (the default when none is stored), from the view.
-    pub fn level_policy(&self) -> avail_model::spec::LevelPolicy {
-        self.view
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .policy
-            .clone()
-    }
-
-    /// Admit `w` onto `node` under the level policy ([`admission::admit`]); a node
-    /// not in the view has no tags.
-    pub fn admit_on(
-        &self,
-        w: &Workload,
-        node: &str,
-        kind: Placement,
-    ) -> Result<admission::Admitted, String> {
-        let v = self.view.read().unwrap_or_else(|p| p.into_inner());
-        let tags = v
-            .nodes
-            .get(node)
-            .map(|n| n.tags.clone())
-            .unwrap_or_default();
-        admission::admit(w, &v.policy, &tags, kind)
-    }
-
-    /// The minimum level the policy sets for workloads on `node`, with the tag.
-    pub fn minimum_on(
-        &self,
-        policy: &avail_model::spec::LevelPolicy,
-        node: &str,
-    ) -> Option<(Level, String)> {
-        let v = self.view.read().unwrap_or_else(|p| p.into_inner());
-        let rec = v.nodes.get(node)?;
-        policy
-            .minimum_for(&rec.tags)
-            .map(|(l, t)| (l, t.to_string()))
     }
 
     /// Of `names`, restart the ha workloads placed on `node` (its agent restarted, or it

@@ -225,6 +225,36 @@ async fn the_level_policy_sets_defaults_and_minimums() {
     let w: Workload = api.get("/v1/workloads/web").await.unwrap();
     assert_eq!(w.status.phase, Phase::Pending, "{:?}", w.status);
 
+    // A minimum added later raises, live, what already runs on such nodes: `named`
+    // (level none, on osaka's node-2) goes to ha without a restart.
+    ok(&c.cli(&[
+        "cluster",
+        "set-levels",
+        "--default",
+        "ha",
+        "--minimum",
+        "compliance=pci:ft",
+        "--minimum",
+        "zone=osaka:ha",
+    ]));
+    let w = c
+        .wait_workload("named", "raised to ha", Duration::from_secs(20), |w| {
+            if w.spec.level == Level::Ha {
+                Ok(w.clone())
+            } else {
+                Err(format!("{:?} {:?}", w.spec.level, w.status))
+            }
+        })
+        .await;
+    assert_eq!(w.status.incarnation, 1, "no restart: {:?}", w.status);
+    let events: Vec<avail_model::ClusterEvent> =
+        api.get("/v1/workloads/named/events").await.unwrap();
+    assert!(
+        events.iter().any(|e| e.kind == "workload.level_changed"
+            && e.message.ends_with(": level ha required on zone=osaka")),
+        "{events:?}"
+    );
+
     // An ha restart: node-1 dies, and its ha workload restarts on node-3, the only
     // tokyo node left, at the level required there.
     let w: Workload = api.get("/v1/workloads/hop").await.unwrap();

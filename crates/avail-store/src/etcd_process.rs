@@ -260,9 +260,25 @@ impl EtcdCluster {
         self.members[i].kill();
     }
 
-    /// SIGSTOP member `i`: it holds its connections but answers nothing.
+    /// SIGSTOP member `i` and wait until all its threads are stopped: it holds its
+    /// connections but answers nothing.
     pub fn pause(&self, i: usize) {
-        self.members[i].signal(libc::SIGSTOP);
+        let m = &self.members[i];
+        m.signal(libc::SIGSTOP);
+        let pid = m.pid().expect("pause of a member that is not running");
+        let deadline = Instant::now() + START_WAIT;
+        loop {
+            let states = thread_states(pid);
+            if !states.is_empty() && states.iter().all(|s| *s == 'T') {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not stopped within {START_WAIT:?}: thread states {states:?}",
+                m.name
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// SIGCONT member `i` after [`pause`](Self::pause).
@@ -371,6 +387,18 @@ impl Drop for EtcdCluster {
         }
         let _ = std::fs::remove_dir_all(&self.root);
     }
+}
+
+/// The state letter (`R`, `S`, `T`, ...) of every thread of process `pid`, from `/proc`.
+fn thread_states(pid: u32) -> Vec<char> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
+        // The state follows the command name, which is in parentheses.
+        .filter_map(|stat| stat.rsplit_once(") ")?.1.chars().next())
+        .collect()
 }
 
 /// Free bytes of the file system at `dir`, if it can be asked.

@@ -125,14 +125,14 @@ impl Shared {
                     )));
                 }
             };
-            let again = match retry {
-                Retry::Always => is_unavailable(&e),
-                Retry::IfNotApplied => is_not_applied(&e),
-            };
-            if !again {
+            if !is_unavailable(&e) {
                 return Ok(Err(e));
             }
+            // Whether or not this request goes again, the next one goes elsewhere.
             self.failed(i);
+            if retry == Retry::IfNotApplied && !is_not_applied(&e) {
+                return Ok(Err(e));
+            }
             if Instant::now() + pause >= deadline {
                 return Ok(Err(e));
             }
@@ -150,16 +150,35 @@ fn grpc(e: &etcd_client::Error) -> Option<(Code, &str)> {
     }
 }
 
-/// The request surely did not reach the cluster's log: no connection was made, or the
-/// member had no leader.
+/// The request surely did not reach the cluster's log: no connection was made, the
+/// connection closed before the request was written to it (hyper cancels it: "connection
+/// closed", "connection was not ready"), or the member had no leader.
 pub(super) fn is_not_applied(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::TransportError(_) => true,
-        _ => grpc(e).is_some_and(|(c, m)| {
-            c == Code::Unavailable
-                && (m.contains("connect") || m.contains("no leader") || m.contains("not ready"))
-        }),
+        etcd_client::Error::GRpcStatus(s) => match s.code() {
+            Code::Unavailable => {
+                let m = s.message();
+                m.contains("connect") || m.contains("no leader") || m.contains("not ready")
+            }
+            Code::Cancelled => source_says(s, &["connection closed", "connection was not ready"]),
+            _ => false,
+        },
+        _ => false,
     }
+}
+
+/// Whether an error that caused `e` (its source chain) says one of `texts`.
+fn source_says(e: &(dyn std::error::Error + 'static), texts: &[&str]) -> bool {
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if texts.iter().any(|t| text.contains(t)) {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// The member is unavailable for now (the request may or may not have been applied).

@@ -6,8 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # command:Debian package. python3: the process workloads of the tests; pgrep/ps
-# (procps): process checks; curl: the quickstart; iptables: the ft link-cut test.
-needs=(python3:python3 pgrep:procps ps:procps curl:curl iptables:iptables)
+# (procps): process checks; curl: the quickstart; iptables: the ft link-cut test;
+# etcd: the etcd store backend's tests (avail-store/tests/etcd_conformance.rs);
+# protoc: building etcd-client (its build script compiles etcd's .proto files).
+needs=(python3:python3 pgrep:procps ps:procps curl:curl iptables:iptables
+    etcd:etcd-server protoc:protobuf-compiler)
 missing=()
 for n in "${needs[@]}"; do
     command -v "${n%%:*}" >/dev/null 2>&1 || missing+=("${n##*:}")

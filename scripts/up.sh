@@ -3,6 +3,10 @@
 # counter guest and curl it. The cluster keeps running until Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if ! command -v protoc >/dev/null 2>&1; then
+    echo "up.sh: missing protoc, which building the etcd client needs (apt-get install protobuf-compiler)" >&2
+    exit 1
+fi
 cargo build --release --locked --bin avail
 AVAIL=${CARGO_TARGET_DIR:-target}/release/avail
 DATA=${AVAIL_DATA:-avail-data}

@@ -2,9 +2,11 @@
 //!
 //! Owns the [`Store`] trait (get, range, put, delete, compare-and-swap on a revision,
 //! multi-key transactions, watch from a revision, leases whose expiry deletes keys),
-//! the embedded [`redb`](crate::redb_store) backend that a single server uses, and the
-//! [`conformance`] suite that every backend must pass (the etcd backend will run the same
-//! suite). It does not own what keys mean: that is the server's business.
+//! its two backends — the embedded [`redb`](crate::redb_store) one that a single server
+//! uses, and the [`etcd`](crate::etcd_store) one for several servers — the
+//! [`conformance`] suite that both pass, and the [`etcd_process`] kit that starts real
+//! etcd processes for tests. It does not own what keys mean: that is the server's
+//! business.
 //!
 //! The model follows etcd's, so that the etcd backend is a thin mapping:
 //! - one global, monotonically increasing **revision**; every write (put or delete,
@@ -18,8 +20,27 @@
 //!   events) when the lease expires or is revoked. Lease liveness is held in memory:
 //!   after a restart every surviving lease gets its full TTL again, as in etcd after a
 //!   leader change.
+//!
+//! Where the backends differ (each backend's module docs say more):
+//!
+//! | | redb | etcd |
+//! |---|---|---|
+//! | first revision of a fresh store | 0 | 1 (etcd's initial revision; the first write is 2) |
+//! | history | the latest [`RedbOptions::history_events`], trimmed on write | everything until etcd is compacted (`--auto-compaction-*`, [`EtcdStore::compact`]) |
+//! | `Compacted::oldest` | newest trimmed revision | etcd's compact revision |
+//! | smallest lease TTL | 1 s | etcd's floor `⌈1.5 × election timeout⌉` (2 s with default flags); a smaller TTL is raised to it |
+//! | largest value | about 3 GiB | a whole request up to etcd's `--max-request-bytes` (1.5 MiB by default), else `Invalid` |
+//! | other writers | none | every client of the etcd cluster: the revision is etcd-wide, keys are namespaced by [`EtcdOptions::key_prefix`] |
+//! | a member or connection lost | cannot happen | calls move to another member, or fail with `Backend` within the request timeout; watches resume by themselves |
+//! | a write that failed with `Backend` | not applied | maybe applied (a timeout, a connection lost mid-request): re-read before trying again |
+//!
+//! None of these is visible to the conformance suite: it counts revisions relative to
+//! the store's own, uses TTLs of 1 s (the test kit starts etcd with a 1 s floor) and
+//! values of 1 MiB.
 
 pub mod conformance;
+pub mod etcd_process;
+pub mod etcd_store;
 pub mod redb_store;
 
 use std::fmt;
@@ -27,6 +48,7 @@ use std::fmt;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
+pub use etcd_store::{EtcdOptions, EtcdStore};
 pub use redb_store::{RedbOptions, RedbStore};
 
 /// A revision of the whole store. 0 means "never": no key has `mod_rev == 0`.

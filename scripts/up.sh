@@ -3,9 +3,17 @@
 # counter guest and curl it. The cluster keeps running until Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# protoc: building the etcd client compiles etcd's .proto files. Installed here when
+# this runs as root with apt-get (a fresh machine); elsewhere named in one line.
 if ! command -v protoc >/dev/null 2>&1; then
-    echo "up.sh: missing protoc, which building the etcd client needs (apt-get install protobuf-compiler)" >&2
-    exit 1
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "up.sh: installing protobuf-compiler" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq && apt-get install -y -qq protobuf-compiler >/dev/null
+    else
+        echo "up.sh: missing protoc, which building the etcd client needs (as root: apt-get install protobuf-compiler)" >&2
+        exit 1
+    fi
 fi
 cargo build --release --locked --bin avail
 AVAIL=${CARGO_TARGET_DIR:-target}/release/avail

@@ -7,6 +7,7 @@
 //! | `/nodes/<name>` | [`crate::state::NodeRecord`] |
 //! | `/alive/<name>` | empty; attached to the node's lease: absent means down |
 //! | `/events/<seq, 20 digits>` | [`avail_model::ClusterEvent`] (the last [`crate::events::KEEP_EVENTS`]) |
+//! | `/config/cluster_id` | the cluster's id, also in the server's data dir (`cluster.id`): a store and a data dir of different clusters are refused |
 //! | `/config/levels` | [`avail_model::spec::LevelPolicy`]: the default level and minimums by node tag |
 //! | `/tokens/<id>` | [`crate::join_tokens::TokenRecord`]: a join token's hash, life and uses |
 //! | `/placement` | the last workload placed: written with every placement, and compared in the same transaction, so a plan made on an older view is refused |
@@ -23,6 +24,8 @@ pub const EVENTS: &str = "/events/";
 pub const LEVEL_POLICY: &str = "/config/levels";
 /// Prefix of join tokens.
 pub const TOKENS: &str = "/tokens/";
+/// The cluster's id: bound to the server's data dir ([`crate::store_open`]).
+pub const CLUSTER_ID: &str = "/config/cluster_id";
 /// The placement key: every placement writes it and compares its revision.
 pub const PLACEMENT: &str = "/placement";
 

@@ -29,14 +29,13 @@ pub mod placement;
 pub mod reports;
 pub mod restarts;
 pub mod state;
+pub mod store_open;
 pub mod view;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use avail_store::{RedbStore, Store};
 
 use crate::auth::{Auth, Role};
 use crate::state::AppState;
@@ -87,6 +86,8 @@ pub struct ServerConfig {
     pub startup_grace: Duration,
     /// Life of a node certificate; agents renew theirs at half of it.
     pub node_cert_ttl: Duration,
+    /// Where the state is kept: embedded redb (default) or etcd.
+    pub store: store_open::StoreChoice,
     /// Tag keys only an administrator sets (`avail node tag`): a node may not declare
     /// them at its join, so a node cannot make itself eligible for workloads that
     /// require them (as Kubernetes' NodeRestriction keeps kubelets off reserved labels).
@@ -119,7 +120,14 @@ impl ServerConfig {
             startup_grace: Duration::from_secs(5),
             node_cert_ttl: Duration::from_secs(3600),
             admin_tags: DEFAULT_ADMIN_TAGS.iter().map(|k| k.to_string()).collect(),
+            store: store_open::StoreChoice::Redb,
         }
+    }
+
+    /// Keep the state in `store` (`redb`, or `etcd://host:port,...` under `prefix`).
+    pub fn with_store(mut self, store: &str, prefix: &str) -> Result<ServerConfig, ConfigError> {
+        self.store = store_open::StoreChoice::parse(store, prefix)?;
+        Ok(self)
     }
 
     /// Set the tag keys only an administrator sets (each a valid tag key).
@@ -267,16 +275,14 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     let dir = &config.data_dir;
     private_dir(dir)?;
     private_dir(&dir.join("artifacts"))?;
-    let store_path = dir.join("store.redb");
-    let key_path = dir.join("secret.key");
-    if !store_path.exists() && key_path.exists() {
-        return Err(ServerError::Io(format!(
-            "{}: missing, but {} exists: this data dir belongs to an existing cluster whose store is gone; refusing to start it as an empty cluster (restore the store, or start a new cluster in an empty data dir)",
-            store_path.display(),
-            key_path.display()
-        )));
-    }
-    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&store_path)?);
+    let store = store_open::open(&config.store, dir).await?;
+    let what = match &config.store {
+        store_open::StoreChoice::Redb => dir.join("store.redb").display().to_string(),
+        store_open::StoreChoice::Etcd { endpoints, prefix } => {
+            format!("etcd {} (prefix {prefix})", endpoints.join(","))
+        }
+    };
+    store_open::bind_cluster(store.as_ref(), dir, &what).await?;
     let auth = Auth::load_or_create(dir)?;
     ensure_token(&auth, &admin_token_path(dir), "admin", Role::Admin)?;
     let ca = avail_tls::ClusterCa::load_or_create(dir)?;

@@ -179,6 +179,14 @@ struct ServerArgs {
     /// its join is refused. Empty (`--admin-tags ''`): nodes declare any tag.
     #[arg(long, value_delimiter = ',', default_values_t = avail_server::DEFAULT_ADMIN_TAGS.iter().map(|k| k.to_string()))]
     admin_tags: Vec<String>,
+    /// Where the control plane keeps its state: `redb` (embedded, in the data dir) or
+    /// `etcd://host:port[,host:port...]`.
+    #[arg(long, default_value = "redb")]
+    store: String,
+    /// With an etcd store: the prefix of this cluster's keys (several clusters may share
+    /// one etcd).
+    #[arg(long, default_value = "/avail/")]
+    etcd_prefix: String,
 }
 
 #[derive(Args, Debug)]
@@ -924,6 +932,7 @@ async fn server(a: ServerArgs) -> CliResult {
     let config = avail_server::ServerConfig::new(a.data_dir.clone(), a.listen)
         .with_windows(a.heartbeat_ms, a.suspect_after_ms, a.down_after_ms)
         .and_then(|c| c.with_node_cert_ttl(a.node_cert_ttl_s))
+        .and_then(|c| c.with_store(&a.store, &a.etcd_prefix))
         .and_then(|c| {
             let keys: Vec<String> = a
                 .admin_tags

@@ -100,7 +100,7 @@ fn main() {
             let ws: Vec<Workload> = api.get("/v1/workloads").await.unwrap();
             assert!(ws.iter().all(|w| w.status.phase == Phase::Running && w.status.node.as_deref() == Some("node-3")));
             let evs: Vec<ClusterEvent> = api.get(&format!("/v1/events?since={since}&limit=10000")).await.unwrap();
-            for e in evs.iter().filter(|e| e.kind == "workload.moved") {
+            for e in evs.iter().filter(|e| e.kind == avail_model::EventKind::WorkloadMoved) {
                 if let Some(ms) = e.message.rsplit(" in ").next().and_then(|m| m.strip_suffix(" ms")).and_then(|m| m.parse::<u64>().ok()) {
                     moves.push(Duration::from_millis(ms));
                 }

@@ -43,7 +43,7 @@ async fn wait_protected(c: &Cluster, name: &str) -> Workload {
     let api = c.client();
     for _ in 0..600 {
         let w: Workload = api.get(&format!("/v1/workloads/{name}")).await.unwrap();
-        if w.status.level_state.as_deref() == Some("ft:protected") {
+        if avail_model::LevelState::is_protected(w.status.level_state, avail_model::Level::Ft) {
             return w;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

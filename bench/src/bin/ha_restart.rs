@@ -59,7 +59,7 @@ fn main() {
                     if ws.iter().all(|w| {
                         w.status.phase == Phase::Running
                             && w.status.reservation.is_some()
-                            && w.status.level_state.as_deref() == Some("ha:protected")
+                            && avail_model::LevelState::is_protected(w.status.level_state, avail_model::Level::Ha)
                     }) {
                         break;
                     }

@@ -892,7 +892,7 @@ impl Actor {
                 r.generation = p.machine.generation();
                 r.restarts = p.restarts;
                 let oldest = p.held.values().map(|(_, _, t)| *t).min();
-                r.ft.mode = format!("{:?}", p.machine.mode()).to_lowercase();
+                r.ft.mode = primary_mode(p.machine.mode());
                 r.ft.acked_epoch = p.machine.acked().unwrap_or(0);
                 r.ft.lag_ms = oldest.map(|t| t.elapsed().as_millis() as u64).unwrap_or(0);
                 r.ft.lag_bytes = p.inflight_bytes.values().sum();
@@ -907,7 +907,7 @@ impl Actor {
             }
             Role::Secondary(s) => {
                 r.role = ReplicaRole::Secondary;
-                r.ft.mode = format!("{:?}", s.machine.mode()).to_lowercase();
+                r.ft.mode = secondary_mode(s.machine.mode());
                 r.ft.acked_epoch = s.machine.applied_epoch().unwrap_or(0);
             }
             Role::Done => {}
@@ -1607,5 +1607,30 @@ impl Actor {
             }
             Role::Done => {}
         }
+    }
+}
+
+/// An active copy's mode, as the wire contract names it.
+fn primary_mode(m: PrimaryMode) -> avail_model::ReplicaMode {
+    use avail_model::ReplicaMode as R;
+    match m {
+        PrimaryMode::Syncing => R::Syncing,
+        PrimaryMode::Protected => R::Protected,
+        PrimaryMode::Suspect => R::Suspect,
+        PrimaryMode::Degraded => R::Degraded,
+        PrimaryMode::Fenced => R::Fenced,
+    }
+}
+
+/// A secondary's or standby's mode, as the wire contract names it.
+fn secondary_mode(m: avail_statepoint::pair::SecondaryMode) -> avail_model::ReplicaMode {
+    use avail_model::ReplicaMode as R;
+    use avail_statepoint::pair::SecondaryMode as S;
+    match m {
+        S::Syncing => R::Syncing,
+        S::Synced => R::Synced,
+        S::Promoting => R::Promoting,
+        S::Active => R::Active,
+        S::Fenced => R::Fenced,
     }
 }

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod constraint;
 pub mod error;
 pub mod event;
+pub mod level_state;
 pub mod node;
 pub mod rng;
 pub mod spec;
@@ -17,7 +18,8 @@ pub mod token;
 
 pub use constraint::{Constraint, ConstraintOp};
 pub use error::{ApiError, ApiErrorBody, ValidationError};
-pub use event::ClusterEvent;
+pub use event::{ClusterEvent, EventKind};
+pub use level_state::{LevelState, Protection, ReplicaMode};
 pub use node::{Node, NodeState};
 pub use spec::{
     DriverKind, FtSpec, HaSpec, Level, Placement, Resources, SecondaryLoss, WorkloadSpec,

@@ -40,9 +40,10 @@ impl Phase {
 pub struct WorkloadStatus {
     /// Phase.
     pub phase: Phase,
-    /// Level state (`ft:protected`, `ha:reserved`, ...); none for level `none`.
+    /// Level state (`ft:protected`, `ha:syncing`, ...); none for level `none`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub level_state: Option<String>,
+    #[schema(value_type = Option<String>, example = "ft:protected")]
+    pub level_state: Option<crate::LevelState>,
     /// The node running the active replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
@@ -81,8 +82,9 @@ pub struct WorkloadStatus {
 /// Replication figures of an `ft` workload, as its primary reports them.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct FtStatus {
-    /// `syncing`, `protected`, `suspect`, `degraded` or `fenced`.
-    pub mode: String,
+    /// The replica's mode (an active copy's: `syncing`, `protected`, `suspect`,
+    /// `degraded` or `fenced`).
+    pub mode: crate::ReplicaMode,
     /// Last epoch the secondary acknowledged.
     pub acked_epoch: u64,
     /// Age of the oldest output still held, ms (0: none held).

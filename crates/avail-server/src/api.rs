@@ -1,5 +1,6 @@
 //! The HTTP API: routes, authentication extractors, handlers and the OpenAPI document.
 
+use avail_model::EventKind;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -351,7 +352,7 @@ async fn metrics(State(state): State<AppStateRef>) -> Response {
         .filter_map(|(w, _)| {
             Some(FtFigures {
                 workload: &w.spec.name,
-                level_state: w.status.level_state.as_deref().unwrap_or(""),
+                level_state: w.status.level_state,
                 generation: w.status.generation,
                 status: w.status.ft.as_ref()?,
             })
@@ -544,7 +545,7 @@ async fn create_workload(
                 w.status.incarnation = 1;
                 w.status.generation = 1;
                 let placed = NewEvent::new(
-                    "workload.placed",
+                    EventKind::WorkloadPlaced,
                     Some(&name),
                     Some(node),
                     crate::state::with_admission(
@@ -557,8 +558,12 @@ async fn create_workload(
             }
             Decision::Unplaceable { explanation } => {
                 w.status.message = Some(format!("unplaceable: {explanation}"));
-                let unplaceable =
-                    NewEvent::new("workload.unplaceable", Some(&name), None, explanation);
+                let unplaceable = NewEvent::new(
+                    EventKind::WorkloadUnplaceable,
+                    Some(&name),
+                    None,
+                    explanation,
+                );
                 let events = vec![created_event(&w), unplaceable];
                 state.write_workload_with_events(&w, 0, events).await
             }
@@ -599,7 +604,7 @@ async fn create_workload(
 /// The `workload.created` event, committed with the workload's first write.
 fn created_event(w: &Workload) -> NewEvent {
     NewEvent::new(
-        "workload.created",
+        EventKind::WorkloadCreated,
         Some(&w.spec.name),
         None,
         format!(
@@ -647,7 +652,7 @@ async fn delete_workload(
         return Err(ApiErr::not_found("workload", &name));
     };
     let deleted = NewEvent::new(
-        "workload.deleted",
+        EventKind::WorkloadDeleted,
         Some(&name),
         w.status.node.as_deref(),
         "deleted",
@@ -779,7 +784,7 @@ async fn put_level_policy(
         .validate()
         .map_err(|e| ApiErr(StatusCode::BAD_REQUEST, e.into()))?;
     let levels = NewEvent::new(
-        "cluster.levels",
+        EventKind::ClusterLevels,
         None,
         None,
         format!(
@@ -935,7 +940,7 @@ async fn patch_node_tags(
         rec.tags = rec.tags_in_force();
         let value = serde_json::to_vec(&rec).expect("node serialises");
         let tagged = NewEvent::new(
-            "node.tagged",
+            EventKind::NodeTagged,
             None,
             Some(&name),
             format!("tags now {:?}", rec.tags),
@@ -1162,7 +1167,7 @@ async fn heartbeat(
         state
             .events
             .emit(
-                "node.fenced",
+                EventKind::NodeFenced,
                 None,
                 Some(&node),
                 format!(

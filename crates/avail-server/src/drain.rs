@@ -1,6 +1,7 @@
 //! Drain: nodes taking no new work, and the pass that moves everything off them (live
 //! moves of wasm workloads, restarts of the rest).
 
+use avail_model::EventKind;
 use std::time::Instant;
 
 use avail_model::{Level, Node, NodeState, Workload};
@@ -29,7 +30,7 @@ impl AppState {
                 total,
             });
             Some(NewEvent::new(
-                "node.draining",
+                EventKind::NodeDraining,
                 None,
                 Some(node),
                 format!("drain of {node} started: {total} to move"),
@@ -47,7 +48,7 @@ impl AppState {
         self.update_node(node, |rec, _| {
             rec.drain.take().map(|_| {
                 NewEvent::new(
-                    "node.undrained",
+                    EventKind::NodeUndrained,
                     None,
                     Some(node),
                     format!("{node} takes work again"),
@@ -208,10 +209,13 @@ impl AppState {
         match self.decide_secondary(&w, Some(node.to_string())) {
             (Decision::Place { node: to, .. }, at) => {
                 w.status.secondary = Some(to.clone());
-                w.status.level_state = Some("ft:syncing".into());
+                w.status.level_state = Some(avail_model::LevelState::new(
+                    Level::Ft,
+                    avail_model::Protection::Syncing,
+                ));
                 w.status.updated_ms = now_ms();
                 let moved = NewEvent::new(
-                    "workload.secondary_moved",
+                    EventKind::WorkloadSecondaryMoved,
                     Some(name),
                     Some(&to),
                     format!("secondary moved from {node} (draining) to {to}"),
@@ -274,7 +278,7 @@ impl AppState {
         }
         w.status.updated_ms = now_ms();
         let moving = vec![NewEvent::new(
-            "workload.moving",
+            EventKind::WorkloadMoving,
             Some(name),
             Some(&target),
             format!("moving live from {node} to {target}"),

@@ -45,7 +45,7 @@
 
 use std::sync::Arc;
 
-use avail_model::ClusterEvent;
+use avail_model::{ClusterEvent, EventKind};
 use avail_store::{Compare, Op, Revision, Store, Txn, TxnResult};
 use tokio::sync::broadcast;
 
@@ -69,7 +69,7 @@ pub const MAX_EVENTS_PER_WRITE: usize = 256;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewEvent {
     /// Kind, e.g. `workload.placed`.
-    pub kind: String,
+    pub kind: EventKind,
     /// The workload it is about.
     pub workload: Option<String>,
     /// The node it is about.
@@ -81,13 +81,13 @@ pub struct NewEvent {
 impl NewEvent {
     /// An event of `kind` about `workload` and `node`.
     pub fn new(
-        kind: impl Into<String>,
+        kind: EventKind,
         workload: Option<&str>,
         node: Option<&str>,
         message: impl Into<String>,
     ) -> NewEvent {
         NewEvent {
-            kind: kind.into(),
+            kind,
             workload: workload.map(str::to_string),
             node: node.map(str::to_string),
             message: message.into(),
@@ -145,14 +145,14 @@ impl Events {
     /// fatal to the caller.
     pub async fn emit(
         &self,
-        kind: &str,
+        kind: EventKind,
         workload: Option<&str>,
         node: Option<&str>,
         message: impl Into<String>,
     ) {
         let ev = NewEvent::new(kind, workload, node, message);
         if let Err(e) = self.commit(Txn::default(), vec![ev]).await {
-            tracing::warn!(kind, "event not persisted: {e}");
+            tracing::warn!(kind = %kind, "event not persisted: {e}");
         }
     }
 
@@ -264,7 +264,7 @@ impl Events {
             Ok(true) => {}
             Ok(false) | Err(crate::state::StateError::Conflict(_)) => {
                 self.emit(
-                    &ev.kind,
+                    ev.kind,
                     ev.workload.as_deref(),
                     ev.node.as_deref(),
                     ev.message,

@@ -225,7 +225,7 @@ mod tests {
         ClusterEvent {
             seq,
             time_ms: 0,
-            kind: "test".into(),
+            kind: avail_model::EventKind::ServerStarted,
             workload: None,
             node: None,
             message: String::new(),

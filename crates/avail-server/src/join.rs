@@ -1,6 +1,7 @@
 //! Joining, renewing and removing nodes, and join tokens: the store side of node
 //! identity ([`crate::identity`] decides; this applies).
 
+use avail_model::EventKind;
 use std::collections::BTreeMap;
 
 use avail_model::agent::{JoinRequest, JoinResponse, RenewResponse};
@@ -133,9 +134,9 @@ impl AppState {
             });
             let joined = NewEvent::new(
                 if old.is_some() {
-                    "node.rejoined"
+                    EventKind::NodeRejoined
                 } else {
-                    "node.joined"
+                    EventKind::NodeJoined
                 },
                 None,
                 Some(&rec.name),
@@ -225,7 +226,7 @@ impl AppState {
             )));
         }
         let removed = NewEvent::new(
-            "node.removed",
+            EventKind::NodeRemoved,
             None,
             Some(name),
             format!("{name} removed; its key is forgotten"),
@@ -270,7 +271,7 @@ impl AppState {
         req.validate()?;
         let (token, rec) = join_tokens::mint(req, now_ms());
         let created = NewEvent::new(
-            "token.created",
+            EventKind::TokenCreated,
             None,
             None,
             format!(
@@ -314,7 +315,7 @@ impl AppState {
                 return Err(JoinError::NotFound(format!("join token {id}")));
             };
             let revoked = NewEvent::new(
-                "token.revoked",
+                EventKind::TokenRevoked,
                 None,
                 None,
                 format!("join token {id} revoked"),

@@ -1,5 +1,6 @@
 //! A workload's level changed while it runs (no restart).
 
+use avail_model::EventKind;
 use avail_model::{Level, Workload};
 
 use crate::events::NewEvent;
@@ -46,14 +47,10 @@ impl AppState {
                 w.status.reservation = None;
             }
             w.status.ft = None;
-            w.status.level_state = match level {
-                Level::Ft => Some("ft:unprotected".into()),
-                Level::Ha => Some("ha:unprotected".into()),
-                Level::None => None,
-            };
+            w.status.level_state = avail_model::LevelState::unprotected(level);
             w.status.updated_ms = now_ms();
             let changed = NewEvent::new(
-                "workload.level_changed",
+                EventKind::WorkloadLevelChanged,
                 Some(name),
                 w.status.node.as_deref(),
                 format!(

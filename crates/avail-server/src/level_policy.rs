@@ -2,6 +2,7 @@
 //! ([`crate::admission`]) to every placement, and enforced on what already runs when
 //! the policy or a node's tags change (a pass of the background loop).
 
+use avail_model::EventKind;
 use avail_model::{Level, Workload};
 
 use crate::admission::{self, Below, Placement};
@@ -24,7 +25,7 @@ pub fn apply_admitted(w: &mut Workload, admitted: &admission::Admitted) {
         w.status.message = admitted.message();
     }
     if w.spec.level == Level::Ft {
-        w.status.level_state = Some("ft:unprotected".into());
+        w.status.level_state = avail_model::LevelState::unprotected(Level::Ft);
     }
 }
 
@@ -113,7 +114,7 @@ impl AppState {
         w.status.message = Some(why.to_string());
         w.status.updated_ms = crate::now_ms();
         let ev = NewEvent::new(
-            "workload.below_policy",
+            EventKind::WorkloadBelowPolicy,
             Some(name),
             w.status.node.as_deref(),
             why,

@@ -32,6 +32,7 @@ pub mod state;
 pub mod store_open;
 pub mod view;
 
+use avail_model::EventKind;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -301,7 +302,12 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     let state = AppState::open(store, auth, ca, config).await?;
     state
         .events
-        .emit("server.started", None, None, format!("listening on {addr}"))
+        .emit(
+            EventKind::ServerStarted,
+            None,
+            None,
+            format!("listening on {addr}"),
+        )
         .await;
     tokio::spawn(background(Arc::downgrade(&state)));
     let app = api::router(state.clone());

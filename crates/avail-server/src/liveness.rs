@@ -1,6 +1,7 @@
 //! Liveness: a node's heartbeats renew its lease; the verdicts (ready, suspect, down)
 //! and what follows a node's death or reboot.
 
+use avail_model::EventKind;
 use std::time::Instant;
 
 use avail_model::{Level, NodeState, Phase};
@@ -160,7 +161,7 @@ impl AppState {
                 s.restarts = 0;
                 s.message = Some(format!("node {node} restarted"));
                 vec![NewEvent::new(
-                    "workload.placed",
+                    EventKind::WorkloadPlaced,
                     Some(&name),
                     Some(node),
                     format!("node restarted; starting incarnation {}", s.incarnation),
@@ -222,7 +223,7 @@ impl AppState {
                 _ => format!("node {name} is {}", st.as_str()),
             };
             self.events
-                .emit(&format!("node.{}", st.as_str()), None, Some(&name), what)
+                .emit(EventKind::for_node_state(st), None, Some(&name), what)
                 .await;
         }
         let down: Vec<String> = states
@@ -346,7 +347,12 @@ impl AppState {
                     ));
                     (was != Phase::Failed)
                         .then(|| {
-                            NewEvent::new("workload.failed", Some(&name), None, "its node is down")
+                            NewEvent::new(
+                                EventKind::WorkloadFailed,
+                                Some(&name),
+                                None,
+                                "its node is down",
+                            )
                         })
                         .into_iter()
                         .collect()

@@ -49,7 +49,7 @@ pub struct FtFigures<'a> {
     /// Workload name.
     pub workload: &'a str,
     /// `ft:protected`, `ft:syncing`, ...
-    pub level_state: &'a str,
+    pub level_state: Option<avail_model::LevelState>,
     /// Pair generation.
     pub generation: u64,
     /// The primary's report.
@@ -222,7 +222,13 @@ impl Metrics {
             let labels: Labels = vec![("workload".into(), w.workload.to_string())];
             let s = w.status;
             let values = [
-                ("ft_protected", i64::from(w.level_state == "ft:protected")),
+                (
+                    "ft_protected",
+                    i64::from(avail_model::LevelState::is_protected(
+                        w.level_state,
+                        avail_model::Level::Ft,
+                    )),
+                ),
                 ("ft_generation", w.generation as i64),
                 ("ft_acked_epoch", s.acked_epoch as i64),
                 ("ft_lag_ms", s.lag_ms as i64),

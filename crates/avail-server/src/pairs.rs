@@ -1,6 +1,7 @@
 //! `ft` pairs: a secondary's failure, the pair lease that arbitrates a failover, the
 //! handover of a live move.
 
+use avail_model::EventKind;
 use std::time::Instant;
 
 use avail_model::{Level, NodeState, Phase};
@@ -36,7 +37,7 @@ impl AppState {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(node.to_string(), Instant::now());
             let failed = NewEvent::new(
-                "workload.standby_failed",
+                EventKind::WorkloadStandbyFailed,
                 Some(name),
                 Some(node),
                 format!(
@@ -78,7 +79,7 @@ impl AppState {
         // Recorded once: with the write the failure makes, or alone.
         let event = first.then(|| {
             NewEvent::new(
-                "workload.secondary_failed",
+                EventKind::WorkloadSecondaryFailed,
                 Some(name),
                 Some(node),
                 format!(
@@ -175,7 +176,10 @@ impl AppState {
             w.status.secondary = None;
             // A move under way is over: the pair changed under it.
             w.status.moving_to = None;
-            w.status.level_state = Some("ft:degraded".into());
+            w.status.level_state = Some(avail_model::LevelState::new(
+                Level::Ft,
+                avail_model::Protection::Degraded,
+            ));
             if promoted {
                 w.status.node = Some(node.to_string());
                 w.status.incarnation += 1;
@@ -192,7 +196,7 @@ impl AppState {
             } else {
                 format!("primary on {node} lost its secondary; runs at generation {to}")
             };
-            let failover = NewEvent::new("workload.failover", Some(name), Some(node), what);
+            let failover = NewEvent::new(EventKind::WorkloadFailover, Some(name), Some(node), what);
             match self
                 .write_workload_with_events(&w, rev, vec![failover])
                 .await
@@ -240,9 +244,11 @@ impl AppState {
             w.status.phase = Phase::Running;
             w.status.ft = None;
             w.status.level_state = match w.spec.level {
-                Level::Ft => Some("ft:degraded".into()),
-                Level::Ha => Some("ha:unprotected".into()),
-                Level::None => None,
+                Level::Ft => Some(avail_model::LevelState::new(
+                    Level::Ft,
+                    avail_model::Protection::Degraded,
+                )),
+                l => avail_model::LevelState::unprotected(l),
             };
             w.status.message = Some(format!("moved live from {node} to {target}"));
             w.status.updated_ms = now_ms();
@@ -253,7 +259,7 @@ impl AppState {
                 .get(name)
                 .map(|t| t.elapsed());
             let moved = NewEvent::new(
-                "workload.moved",
+                EventKind::WorkloadMoved,
                 Some(name),
                 Some(&target),
                 format!(

@@ -2,6 +2,7 @@
 //! placement key; the passes that place pending workloads, `ha` reservations and `ft`
 //! secondaries.
 
+use avail_model::EventKind;
 use avail_model::{Level, Phase, Workload, WorkloadStatus};
 use avail_sched::{Decision, Preference, Request};
 
@@ -247,7 +248,7 @@ impl AppState {
                 apply_admitted(&mut w, &admitted);
                 // A stale plan is tried again at the next pass (every second).
                 let placed = NewEvent::new(
-                    "workload.placed",
+                    EventKind::WorkloadPlaced,
                     Some(&name),
                     Some(&node),
                     with_admission(
@@ -280,7 +281,7 @@ impl AppState {
             if let (Decision::Place { node: r, .. }, at) = self.decide_secondary(&w, None) {
                 w.status.reservation = Some(r.clone());
                 let reserved = NewEvent::new(
-                    "workload.reserved",
+                    EventKind::WorkloadReserved,
                     Some(&name),
                     Some(&r),
                     format!("restart capacity held on {r}"),
@@ -332,7 +333,7 @@ impl AppState {
     pub async fn release_displaced(&self, displaced: &[String], on: &str) {
         for name in displaced {
             let why = NewEvent::new(
-                "workload.reservation_displaced",
+                EventKind::WorkloadReservationDisplaced,
                 Some(name),
                 Some(on),
                 format!("its reservation on {on} was taken by a higher priority"),
@@ -360,10 +361,13 @@ impl AppState {
             match self.decide_secondary(&w, skip) {
                 (Decision::Place { node, .. }, at) => {
                     w.status.secondary = Some(node.clone());
-                    w.status.level_state = Some("ft:syncing".into());
+                    w.status.level_state = Some(avail_model::LevelState::new(
+                        Level::Ft,
+                        avail_model::Protection::Syncing,
+                    ));
                     w.status.updated_ms = now_ms();
                     let placed = NewEvent::new(
-                        "workload.secondary_placed",
+                        EventKind::WorkloadSecondaryPlaced,
                         Some(&name),
                         Some(&node),
                         format!("secondary on {node} (generation {})", w.status.generation),
@@ -376,7 +380,7 @@ impl AppState {
                     let msg = format!("no node for the secondary: {explanation}");
                     if w.status.message.as_deref() != Some(msg.as_str()) {
                         w.status.message = Some(msg);
-                        w.status.level_state = Some("ft:unprotected".into());
+                        w.status.level_state = avail_model::LevelState::unprotected(Level::Ft);
                         let _ = self.write_workload(&w, rev).await;
                     }
                 }

@@ -1,5 +1,6 @@
 //! Agents' reports: instance status and logs, applied to the workloads they are about.
 
+use avail_model::EventKind;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -122,14 +123,16 @@ impl AppState {
                         if let (Some(ft), Level::Ft | Level::Ha) = (&inst.ft, w.spec.level)
                             && inst.level.is_none_or(|l| l == w.spec.level)
                         {
-                            s.level_state = Some(format!("{}:{}", w.spec.level.as_str(), ft.mode));
+                            if let Some(p) = ft.mode.protection() {
+                                s.level_state = Some(avail_model::LevelState::new(w.spec.level, p));
+                            }
                             s.ft = Some(ft.clone());
                         }
                     }
                     (s.phase != was)
                         .then(|| {
                             NewEvent::new(
-                                format!("workload.{}", phase.as_str()),
+                                EventKind::for_phase(phase),
                                 Some(&inst.workload),
                                 Some(node),
                                 inst.message.clone().unwrap_or_default(),

@@ -1,6 +1,7 @@
 //! Restarts: `ha` workloads of a dead or drained node restarted elsewhere, in batches
 //! of one transaction each; a workload that keeps failing tried on other nodes.
 
+use avail_model::EventKind;
 use std::time::Instant;
 
 use avail_model::{Level, Phase};
@@ -145,7 +146,7 @@ impl AppState {
                         planned.push((
                             w,
                             rev,
-                            "workload.restarted",
+                            EventKind::WorkloadRestarted,
                             Some(node),
                             what,
                             displaced,
@@ -158,7 +159,15 @@ impl AppState {
                         let what =
                             format!("node {lost} is {why} and no node can take it: {explanation}");
                         w.status.message = Some(format!("unplaceable: {what}"));
-                        planned.push((w, rev, "workload.unplaceable", None, what, vec![], lost));
+                        planned.push((
+                            w,
+                            rev,
+                            EventKind::WorkloadUnplaceable,
+                            None,
+                            what,
+                            vec![],
+                            lost,
+                        ));
                     }
                 }
             }
@@ -265,7 +274,7 @@ impl AppState {
         if candidates == 0 {
             self.events
                 .emit(
-                    "workload.failed",
+                    EventKind::WorkloadFailed,
                     Some(name),
                     Some(node),
                     format!(

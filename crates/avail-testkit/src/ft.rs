@@ -20,7 +20,9 @@ use crate::Cluster;
 /// The workload `name`, waited for until it is `ft:protected` with a secondary.
 pub async fn protected(c: &Cluster, name: &str) -> Workload {
     c.wait_workload(name, "ft:protected", Duration::from_secs(30), |w| {
-        if w.status.level_state.as_deref() == Some("ft:protected") && w.status.secondary.is_some() {
+        if avail_model::LevelState::is_protected(w.status.level_state, avail_model::Level::Ft)
+            && w.status.secondary.is_some()
+        {
             Ok(w.clone())
         } else {
             Err(format!("{:?}", w.status))

@@ -894,9 +894,11 @@ async fn set_level(
     }
     let protected = |w: &Workload| match w.spec.level {
         avail_model::Level::None => true,
-        avail_model::Level::Ft => w.status.level_state.as_deref() == Some("ft:protected"),
+        avail_model::Level::Ft => {
+            avail_model::LevelState::is_protected(w.status.level_state, avail_model::Level::Ft)
+        }
         avail_model::Level::Ha if w.spec.driver == avail_model::DriverKind::Wasm => {
-            w.status.level_state.as_deref() == Some("ha:protected")
+            avail_model::LevelState::is_protected(w.status.level_state, avail_model::Level::Ha)
                 && w.status.reservation.is_some()
         }
         avail_model::Level::Ha => w.status.reservation.is_some(),
@@ -910,7 +912,7 @@ async fn set_level(
                 w.status
                     .message
                     .clone()
-                    .or(w.status.level_state.clone())
+                    .or(w.status.level_state.map(|s| s.to_string()))
                     .unwrap_or_default()
             )));
         }
@@ -921,7 +923,10 @@ async fn set_level(
         Format::Json => output::json(&w),
         Format::Table if !no_wait => println!(
             "workload {name}: {}",
-            w.status.level_state.as_deref().unwrap_or("level none")
+            w.status
+                .level_state
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "level none".into())
         ),
         Format::Table => {}
     }
@@ -1336,7 +1341,7 @@ fn event_row(e: &ClusterEvent) -> Vec<String> {
     vec![
         e.seq.to_string(),
         output::age(now_ms(), e.time_ms),
-        e.kind.clone(),
+        e.kind.to_string(),
         e.workload.clone().unwrap_or_else(|| "-".into()),
         e.node.clone().unwrap_or_else(|| "-".into()),
         e.message.clone(),

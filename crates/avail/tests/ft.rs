@@ -603,7 +603,7 @@ async fn failovers(c: &Cluster, name: &str) -> Vec<String> {
         .await
         .unwrap();
     ev.into_iter()
-        .filter(|e| e.kind == "workload.failover")
+        .filter(|e| e.kind == avail_model::EventKind::WorkloadFailover)
         .map(|e| e.message)
         .collect()
 }

@@ -84,7 +84,7 @@ async fn ha_workloads_restart_elsewhere_when_their_node_dies() {
             Duration::from_secs(10),
             |w| match (
                 w.status.reservation.as_deref(),
-                w.status.level_state.as_deref(),
+                w.status.level_state.map(|s| s.to_string()).as_deref(),
                 &w.status.ft,
             ) {
                 (Some("node-3"), Some("ha:protected"), Some(ft)) => Ok(ft.acked_epoch),
@@ -503,7 +503,7 @@ async fn the_bank_checker_sees_one_copy_at_a_time_across_a_host_death() {
     ok(&c.run_wasm("bank", "bank", HA_ON_NODE_1));
     c.wait_workload("bank", "ha:protected", Duration::from_secs(20), |w| match (
         w.status.node.as_deref(),
-        w.status.level_state.as_deref(),
+        w.status.level_state.map(|s| s.to_string()).as_deref(),
     ) {
         (Some("node-1"), Some("ha:protected")) => Ok(()),
         _ => Err(format!("{:?}", w.status)),

@@ -33,12 +33,18 @@ async fn a_workload_changes_level_live_under_load() {
         assert_eq!(w.spec.level.as_str(), level);
         match w.spec.level {
             Level::Ft => {
-                assert_eq!(w.status.level_state.as_deref(), Some("ft:protected"));
+                assert_eq!(
+                    w.status.level_state.map(|s| s.to_string()).as_deref(),
+                    Some("ft:protected")
+                );
                 assert!(w.status.secondary.is_some());
                 assert_eq!(w.status.reservation, None);
             }
             Level::Ha => {
-                assert_eq!(w.status.level_state.as_deref(), Some("ha:protected"));
+                assert_eq!(
+                    w.status.level_state.map(|s| s.to_string()).as_deref(),
+                    Some("ha:protected")
+                );
                 assert!(w.status.reservation.is_some());
                 assert_eq!(w.status.secondary, None);
             }
@@ -221,7 +227,7 @@ async fn the_level_policy_sets_defaults_and_minimums() {
         .await;
     assert_eq!(w.status.node.as_deref(), Some("node-3"));
     assert_eq!(w.spec.level, Level::Ft, "{:?}", w.status);
-    assert_raised(&c, "later", "workload.placed").await;
+    assert_raised(&c, "later", avail_model::EventKind::WorkloadPlaced).await;
     let w: Workload = api.get("/v1/workloads/web").await.unwrap();
     assert_eq!(w.status.phase, Phase::Pending, "{:?}", w.status);
 
@@ -250,8 +256,10 @@ async fn the_level_policy_sets_defaults_and_minimums() {
     let events: Vec<avail_model::ClusterEvent> =
         api.get("/v1/workloads/named/events").await.unwrap();
     assert!(
-        events.iter().any(|e| e.kind == "workload.level_changed"
-            && e.message.ends_with(": level ha required on zone=osaka")),
+        events
+            .iter()
+            .any(|e| e.kind == avail_model::EventKind::WorkloadLevelChanged
+                && e.message.ends_with(": level ha required on zone=osaka")),
         "{events:?}"
     );
 
@@ -271,11 +279,11 @@ async fn the_level_policy_sets_defaults_and_minimums() {
         })
         .await;
     assert_eq!(w.spec.level, Level::Ft, "{:?}", w.status);
-    assert_raised(&c, "hop", "workload.restarted").await;
+    assert_raised(&c, "hop", avail_model::EventKind::WorkloadRestarted).await;
 }
 
 /// The `kind` event of workload `name` says its level was raised on the pci node.
-async fn assert_raised(c: &Cluster, name: &str, kind: &str) {
+async fn assert_raised(c: &Cluster, name: &str, kind: avail_model::EventKind) {
     let events: Vec<avail_model::ClusterEvent> = c
         .client()
         .get(&format!("/v1/workloads/{name}/events"))

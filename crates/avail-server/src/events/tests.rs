@@ -1,6 +1,7 @@
 //! Events commit with their write: against the real redb store, through [`Events`]
 //! and through the server's state.
 
+use avail_model::EventKind;
 use std::sync::Arc;
 
 use avail_model::{ClusterEvent, Level, Phase, Workload, WorkloadStatus};
@@ -24,8 +25,8 @@ fn put(key: &str, value: &[u8]) -> Op {
     }
 }
 
-fn event(kind: &str) -> NewEvent {
-    NewEvent::new(kind, Some("w"), None, kind)
+fn event(kind: EventKind) -> NewEvent {
+    NewEvent::new(kind, Some("w"), None, kind.as_str())
 }
 
 /// Every stored event with its `mod_rev`, in sequence order.
@@ -68,7 +69,9 @@ async fn a_refused_write_records_and_broadcasts_nothing() {
         success: vec![put("/workloads/w", b"v2")],
         failure: vec![],
     };
-    let r = events.commit(txn, vec![event("workload.placed")]).await;
+    let r = events
+        .commit(txn, vec![event(EventKind::WorkloadPlaced)])
+        .await;
     assert!(!r.unwrap().succeeded);
     assert_eq!(
         store.get("/workloads/w").await.unwrap().unwrap().value,
@@ -82,7 +85,12 @@ async fn a_refused_write_records_and_broadcasts_nothing() {
     assert_eq!(events.last_seq().await, 0);
     // The same by compare-and-swap.
     let cas = events
-        .compare_and_swap("/workloads/w", 0, b"v3".to_vec(), vec![event("x")])
+        .compare_and_swap(
+            "/workloads/w",
+            0,
+            b"v3".to_vec(),
+            vec![event(EventKind::WorkloadPlaced)],
+        )
         .await
         .unwrap();
     assert_eq!(cas, None);
@@ -105,7 +113,10 @@ async fn a_write_and_its_events_commit_in_one_revision() {
     let r = events
         .commit(
             txn,
-            vec![event("workload.created"), event("workload.placed")],
+            vec![
+                event(EventKind::WorkloadCreated),
+                event(EventKind::WorkloadPlaced),
+            ],
         )
         .await
         .unwrap();
@@ -115,13 +126,18 @@ async fn a_write_and_its_events_commit_in_one_revision() {
     let evs = stored(&*store).await;
     assert_eq!(seqs(&evs), [1, 2]);
     assert!(evs.iter().all(|(_, rev)| *rev == r.revision), "{evs:?}");
-    assert_eq!(evs[0].0.kind, "workload.created");
-    assert_eq!(evs[1].0.kind, "workload.placed");
+    assert_eq!(evs[0].0.kind, EventKind::WorkloadCreated);
+    assert_eq!(evs[1].0.kind, EventKind::WorkloadPlaced);
     assert_eq!(broadcast(&mut rx), [1, 2]);
     assert_eq!(events.last_seq().await, 2);
     // Compare-and-swap likewise.
     let rev = events
-        .compare_and_swap("/workloads/w", w.mod_rev, b"v2".to_vec(), vec![event("x")])
+        .compare_and_swap(
+            "/workloads/w",
+            w.mod_rev,
+            b"v2".to_vec(),
+            vec![event(EventKind::WorkloadPlaced)],
+        )
         .await
         .unwrap()
         .expect("compare holds");
@@ -137,23 +153,37 @@ async fn sequence_numbers_stay_dense_after_a_refused_write() {
     let (_dir, store) = store();
     let events = Events::open(store.clone()).await.unwrap();
     let mut rx = events.subscribe();
-    events.emit("server.started", None, None, "up").await;
+    events
+        .emit(EventKind::ServerStarted, None, None, "up")
+        .await;
     for _ in 0..3 {
         let refused = events
-            .compare_and_swap("/nodes/a", 99, b"x".to_vec(), vec![event("a"), event("b")])
+            .compare_and_swap(
+                "/nodes/a",
+                99,
+                b"x".to_vec(),
+                vec![event(EventKind::NodeJoined), event(EventKind::NodeReady)],
+            )
             .await
             .unwrap();
         assert_eq!(refused, None);
     }
     let rev = events
-        .compare_and_swap("/nodes/a", 0, b"x".to_vec(), vec![event("node.joined")])
+        .compare_and_swap(
+            "/nodes/a",
+            0,
+            b"x".to_vec(),
+            vec![event(EventKind::NodeJoined)],
+        )
         .await
         .unwrap();
     assert!(rev.is_some());
-    events.emit("node.ready", None, Some("a"), "ready").await;
+    events
+        .emit(EventKind::NodeReady, None, Some("a"), "ready")
+        .await;
     let evs = stored(&*store).await;
     assert_eq!(seqs(&evs), [1, 2, 3]);
-    assert_eq!(evs[1].0.kind, "node.joined");
+    assert_eq!(evs[1].0.kind, EventKind::NodeJoined);
     assert_eq!(broadcast(&mut rx), [1, 2, 3]);
     // A new server counts on from the store.
     let again = Events::open(store.clone()).await.unwrap();
@@ -177,14 +207,16 @@ async fn a_store_error_never_gives_a_number_twice() {
         }],
         failure: vec![],
     };
-    let err = events.commit(txn, vec![event("node.ready")]).await;
+    let err = events.commit(txn, vec![event(EventKind::NodeReady)]).await;
     assert!(
         matches!(err, Err(avail_store::StoreError::LeaseNotFound(_))),
         "{err:?}"
     );
     assert!(stored(&*store).await.is_empty());
     assert_eq!(broadcast(&mut rx), Vec::<u64>::new());
-    events.emit("after", None, None, "after").await;
+    events
+        .emit(EventKind::ServerStarted, None, None, "after")
+        .await;
     assert_eq!(seqs(&stored(&*store).await), [2]);
     assert_eq!(broadcast(&mut rx), [2]);
 }
@@ -196,20 +228,28 @@ async fn a_report_is_recorded_alone_only_when_no_write_carried_it() {
     let (_dir, store) = store();
     let events = Events::open(store.clone()).await.unwrap();
     events
-        .unless_written(Ok(true), Some(event("carried")))
+        .unless_written(Ok(true), Some(event(EventKind::WorkloadStandbyFailed)))
         .await;
     assert!(stored(&*store).await.is_empty());
-    events.unless_written(Ok(false), Some(event("alone"))).await;
+    events
+        .unless_written(Ok(false), Some(event(EventKind::WorkloadSecondaryFailed)))
+        .await;
     let conflict = Err(StateError::Conflict("kept changing".into()));
     events
-        .unless_written(conflict, Some(event("given up")))
+        .unless_written(conflict, Some(event(EventKind::WorkloadFailed)))
         .await;
-    let kinds: Vec<String> = stored(&*store)
+    let kinds: Vec<EventKind> = stored(&*store)
         .await
         .into_iter()
         .map(|(e, _)| e.kind)
         .collect();
-    assert_eq!(kinds, ["alone", "given up"]);
+    assert_eq!(
+        kinds,
+        [
+            EventKind::WorkloadSecondaryFailed,
+            EventKind::WorkloadFailed
+        ]
+    );
 }
 
 /// A trim is due once per [`TRIM_EVERY`], also when a write's events step over the
@@ -272,11 +312,11 @@ async fn workload_writes_commit_their_events() {
     let store = state.store.clone();
     let w = workload("w");
     let rev = state
-        .write_workload_with_events(&w, 0, vec![event("workload.created")])
+        .write_workload_with_events(&w, 0, vec![event(EventKind::WorkloadCreated)])
         .await
         .unwrap();
     let conflict = state
-        .write_workload_with_events(&w, 0, vec![event("workload.placed")])
+        .write_workload_with_events(&w, 0, vec![event(EventKind::WorkloadPlaced)])
         .await;
     assert!(
         matches!(conflict, Err(StateError::Conflict(_))),
@@ -284,15 +324,15 @@ async fn workload_writes_commit_their_events() {
     );
     let at = state.view.read().unwrap().placement_rev;
     let stale = state
-        .write_placement_with_events(&w, rev, at + 1, vec![event("workload.placed")])
+        .write_placement_with_events(&w, rev, at + 1, vec![event(EventKind::WorkloadPlaced)])
         .await;
     assert!(matches!(stale, Err(StateError::StalePlan)), "{stale:?}");
     let evs = stored(&*store).await;
     assert_eq!(evs.len(), 1, "{evs:?}");
     assert_eq!((evs[0].0.seq, evs[0].1), (1, rev));
-    assert_eq!(evs[0].0.kind, "workload.created");
+    assert_eq!(evs[0].0.kind, EventKind::WorkloadCreated);
     let placed = state
-        .write_placement_with_events(&w, rev, at, vec![event("workload.placed")])
+        .write_placement_with_events(&w, rev, at, vec![event(EventKind::WorkloadPlaced)])
         .await
         .unwrap();
     let kv = store.get(&keys::workload("w")).await.unwrap().unwrap();
@@ -312,7 +352,7 @@ async fn a_status_update_records_its_events_with_its_write() {
         let was = s.phase;
         s.phase = Phase::Failed;
         (was != Phase::Failed)
-            .then(|| event("workload.failed"))
+            .then(|| event(EventKind::WorkloadFailed))
             .into_iter()
             .collect()
     };
@@ -361,7 +401,7 @@ async fn a_failover_is_one_event_with_its_write() {
     let evs = stored(&*store).await;
     let failovers: Vec<_> = evs
         .iter()
-        .filter(|(e, _)| e.kind == "workload.failover")
+        .filter(|(e, _)| e.kind == EventKind::WorkloadFailover)
         .collect();
     assert_eq!(failovers.len(), 1, "{evs:?}");
     let (ev, rev) = failovers[0];
@@ -391,7 +431,7 @@ async fn a_drain_and_its_event_are_one_write() {
     let drains: Vec<_> = stored(&*store)
         .await
         .into_iter()
-        .filter(|(e, _)| e.kind == "node.draining" && e.message.starts_with("drain of a"))
+        .filter(|(e, _)| e.kind == EventKind::NodeDraining && e.message.starts_with("drain of a"))
         .collect();
     assert_eq!(drains.len(), 1, "{drains:?}");
     assert_eq!(drains[0].1, kv.mod_rev);
@@ -400,7 +440,7 @@ async fn a_drain_and_its_event_are_one_write() {
     let undrained: Vec<_> = stored(&*store)
         .await
         .into_iter()
-        .filter(|(e, _)| e.kind == "node.undrained")
+        .filter(|(e, _)| e.kind == EventKind::NodeUndrained)
         .map(|(_, r)| r)
         .collect();
     assert_eq!(undrained, [kv.mod_rev]);

@@ -32,6 +32,9 @@ pub enum EventKind {
     /// The server started (its address).
     #[serde(rename = "server.started")]
     ServerStarted,
+    /// A server took the lead (it decides from now on; its term).
+    #[serde(rename = "server.leader")]
+    ServerLeader,
     /// A join token was created.
     #[serde(rename = "token.created")]
     TokenCreated,
@@ -140,6 +143,7 @@ impl EventKind {
     /// Every kind this build knows.
     pub const ALL: &[EventKind] = &[
         EventKind::ServerStarted,
+        EventKind::ServerLeader,
         EventKind::TokenCreated,
         EventKind::TokenRevoked,
         EventKind::ClusterLevels,
@@ -179,6 +183,7 @@ impl EventKind {
     pub fn as_str(self) -> &'static str {
         match self {
             EventKind::ServerStarted => "server.started",
+            EventKind::ServerLeader => "server.leader",
             EventKind::TokenCreated => "token.created",
             EventKind::TokenRevoked => "token.revoked",
             EventKind::ClusterLevels => "cluster.levels",

@@ -6,6 +6,7 @@
 //! functions, so the server, the agent, the CLI and the tests agree on one definition.
 
 pub mod agent;
+pub mod api;
 pub mod constraint;
 pub mod error;
 pub mod event;

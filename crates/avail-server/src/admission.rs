@@ -14,7 +14,30 @@
 use std::collections::BTreeMap;
 
 use avail_model::spec::{DriverKind, LevelPolicy};
-use avail_model::{Constraint, Level, Workload};
+use avail_model::{Constraint, Level, Workload, WorkloadSpec};
+
+/// The level a new workload gets: its spec's, or when the spec names none
+/// (`names_level` false) the cluster's default, at most `ha` for a process.
+pub fn initial_level(spec: &WorkloadSpec, names_level: bool, policy: &LevelPolicy) -> Level {
+    if names_level {
+        return spec.level;
+    }
+    match (spec.driver, policy.default) {
+        (DriverKind::Process, Level::Ft) => Level::Ha,
+        (_, l) => l,
+    }
+}
+
+/// Whether a wasm module runs plain (without checkpoints) at `level`, from what the
+/// checkpoint rewrite said of it (`rewrite`): it does when the rewrite refuses it,
+/// except at `ft`, which cannot run without checkpoints (the rewrite's reason).
+pub fn runs_plain(level: Level, rewrite: &Result<(), String>) -> Result<bool, String> {
+    match rewrite {
+        Ok(()) => Ok(false),
+        Err(e) if level == Level::Ft => Err(e.clone()),
+        Err(_) => Ok(true),
+    }
+}
 
 /// What kind of placement is being admitted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -358,6 +381,23 @@ mod tests {
             matches!(&got[2], Below::Cannot { name, why } if name == "cannot" && why.contains("compliance=pci requires level ft"))
         );
         assert!(below_minimum(&ws, |n| nodes.get(n), &LevelPolicy::default()).is_empty());
+    }
+
+    #[test]
+    fn a_new_workload_gets_the_default_level_and_runs_plain_only_below_ft() {
+        let p = LevelPolicy {
+            default: Level::Ft,
+            minimums: vec![],
+        };
+        let wasm = workload("wasm", "none", false);
+        let process = workload("process", "none", false);
+        assert_eq!(initial_level(&wasm.spec, true, &p), Level::None);
+        assert_eq!(initial_level(&wasm.spec, false, &p), Level::Ft);
+        assert_eq!(initial_level(&process.spec, false, &p), Level::Ha);
+        let refused: Result<(), String> = Err("no".into());
+        assert_eq!(runs_plain(Level::Ha, &Ok(())), Ok(false));
+        assert_eq!(runs_plain(Level::Ha, &refused), Ok(true));
+        assert_eq!(runs_plain(Level::Ft, &refused), Err("no".into()));
     }
 
     #[test]

@@ -9,7 +9,6 @@
 
 pub mod admission;
 pub mod api;
-mod api_identity;
 pub mod auth;
 pub mod desired;
 pub mod drain;
@@ -19,6 +18,7 @@ pub mod identity;
 pub mod join;
 pub mod join_tokens;
 pub mod keys;
+pub mod leader;
 pub mod level_change;
 pub mod level_policy;
 pub mod liveness;
@@ -299,6 +299,12 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     let addr = listener
         .local_addr()
         .map_err(|e| ServerError::Io(e.to_string()))?;
+    let leadership = leader::Leadership::start(
+        store.clone(),
+        store_open::server_id(dir)?,
+        addr.to_string(),
+        leader::LEADER_TTL_S,
+    );
     let state = AppState::open(store, auth, ca, config).await?;
     state
         .events
@@ -309,7 +315,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
             format!("listening on {addr}"),
         )
         .await;
-    tokio::spawn(background(Arc::downgrade(&state)));
+    tokio::spawn(background(Arc::downgrade(&state), leadership));
     let app = api::router(state.clone());
     let task = tokio::spawn(avail_tls::serve::serve(
         listener,
@@ -320,12 +326,32 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     Ok(Running { addr, state, task })
 }
 
-async fn background(state: std::sync::Weak<AppState>) {
+/// The decision passes, on the leader only (see [`leader`]): liveness verdicts every
+/// 50 ms, pending placements and the level policy every second, drains.
+async fn background(state: std::sync::Weak<AppState>, leadership: leader::Leadership) {
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     let mut n: u64 = 0;
+    let mut led = None;
     loop {
         tick.tick().await;
         let Some(s) = state.upgrade() else { return };
+        let role = leadership.role();
+        if led.as_ref() != Some(&role) {
+            if let leader::Role::Leader { term } = role {
+                s.events
+                    .emit(
+                        EventKind::ServerLeader,
+                        None,
+                        None,
+                        format!("this server decides from term {term}"),
+                    )
+                    .await;
+            }
+            led = Some(role.clone());
+        }
+        if !matches!(role, leader::Role::Leader { .. }) {
+            continue;
+        }
         s.check_liveness().await;
         if n.is_multiple_of(20) {
             s.place_pending().await;

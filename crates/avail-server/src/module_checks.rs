@@ -59,3 +59,35 @@ impl ModuleChecks {
         Checked { valid, rewrite }
     }
 }
+
+/// Why a module could not be checked.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// No artifact of this digest was uploaded.
+    #[error("{0} has not been uploaded (PUT /v1/artifacts)")]
+    NotUploaded(String),
+    /// The check's task failed.
+    #[error("module check: {0}")]
+    Task(String),
+}
+
+impl crate::state::AppState {
+    /// The check of the uploaded module `digest`: remembered, or made now (on a
+    /// blocking thread) and remembered.
+    pub async fn module_check(&self, digest: &str) -> Result<Checked, CheckError> {
+        if let Some(c) = self.module_checks.get(digest) {
+            return Ok(c);
+        }
+        let path = self
+            .artifacts_dir()
+            .join(crate::api::artifacts::artifact_file(digest));
+        let module = tokio::fs::read(&path)
+            .await
+            .map_err(|_| CheckError::NotUploaded(digest.to_string()))?;
+        let c = tokio::task::spawn_blocking(move || ModuleChecks::check(&module))
+            .await
+            .map_err(|e| CheckError::Task(e.to_string()))?;
+        self.module_checks.put(digest, c.clone());
+        Ok(c)
+    }
+}

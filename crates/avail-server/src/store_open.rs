@@ -78,6 +78,23 @@ pub fn cluster_id_path(data_dir: &Path) -> PathBuf {
     data_dir.join("cluster.id")
 }
 
+/// This server's id (`server.id` in its data dir, made on its first start): a server
+/// restarted with its data dir is the same server (it takes its own leadership back).
+pub fn server_id(dir: &Path) -> Result<String, ServerError> {
+    let path = dir.join("server.id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+        Ok(_) => Err(ServerError::Io(format!("{}: empty", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = crate::new_uid();
+            avail_tls::files::write_private(&path, id.as_bytes())
+                .map_err(|e| ServerError::Io(format!("{}: {e}", path.display())))?;
+            Ok(id)
+        }
+        Err(e) => Err(ServerError::Io(format!("{}: {e}", path.display()))),
+    }
+}
+
 /// Open the store `choice` names for the server whose data dir is `dir`.
 pub async fn open(choice: &StoreChoice, dir: &Path) -> Result<Arc<dyn Store>, ServerError> {
     Ok(match choice {

@@ -486,7 +486,8 @@ pub async fn run(cli: Cli) -> CliResult {
                     Ok(())
                 }
                 WorkloadCmd::Rm { name } => {
-                    let r: serde_json::Value = c.delete(&format!("/v1/workloads/{name}")).await?;
+                    let r: avail_model::api::Deleted =
+                        c.delete(&format!("/v1/workloads/{name}")).await?;
                     match fmt {
                         Format::Json => output::json(&r),
                         Format::Table => println!("workload {name} deleted"),
@@ -525,7 +526,7 @@ pub async fn run(cli: Cli) -> CliResult {
                     print_nodes(&ns, fmt);
                 }
                 NodeCmd::Rm { name } => {
-                    let d: avail_server::api::Deleted =
+                    let d: avail_model::api::Deleted =
                         c.delete(&format!("/v1/nodes/{name}")).await?;
                     match fmt {
                         Format::Json => output::json(&d),
@@ -540,7 +541,7 @@ pub async fn run(cli: Cli) -> CliResult {
                     }
                 }
                 NodeCmd::Tag { name, changes } => {
-                    let mut set = serde_json::Map::new();
+                    let mut set = std::collections::BTreeMap::new();
                     let mut remove = Vec::new();
                     for ch in &changes {
                         if let Some(k) = ch.strip_suffix('-').filter(|k| !k.contains('=')) {
@@ -548,10 +549,10 @@ pub async fn run(cli: Cli) -> CliResult {
                         } else {
                             let (k, v) = avail_model::constraint::parse_tag(ch)
                                 .map_err(|e| CliError::invalid(e.to_string()))?;
-                            set.insert(k, v.into());
+                            set.insert(k, v);
                         }
                     }
-                    let body = serde_json::json!({ "set": set, "remove": remove });
+                    let body = avail_model::api::TagChange { set, remove };
                     let n: Node = c.patch(&format!("/v1/nodes/{name}/tags"), &body).await?;
                     match fmt {
                         Format::Json => output::json(&n),
@@ -882,7 +883,7 @@ async fn set_level(
     let mut w: Workload = c
         .put(
             &format!("/v1/workloads/{name}/level"),
-            &serde_json::json!({ "level": level }),
+            &avail_model::api::LevelChange { level },
         )
         .await?;
     if fmt == Format::Table {
@@ -1124,30 +1125,29 @@ async fn workload_run(c: &Client, a: RunArgs, fmt: Format) -> CliResult {
     }
     let body = serde_json::to_vec(&body).expect("spec serialises");
     if a.dry_run {
-        let p: serde_json::Value = c
+        let p: avail_model::api::PlanPreview = c
             .post_raw("/v1/workloads?dry_run=true", body.into())
             .await?;
         if fmt == Format::Json {
             output::json(&p);
         }
-        if p["placeable"] != true {
+        if !p.placeable {
             return Err(CliError::invalid(format!(
                 "workload {} would not be placed: {}",
                 spec.name,
-                p["explanation"].as_str().unwrap_or_default()
+                p.explanation.as_deref().unwrap_or_default()
             )));
         }
         if fmt == Format::Table {
-            match p["secondary"].as_str() {
+            let node = p.node.as_deref().unwrap_or_default();
+            match p.secondary.as_deref() {
                 Some(s) => println!(
-                    "workload {} would run on {}, its secondary on {s} (dry run: nothing created)",
+                    "workload {} would run on {node}, its secondary on {s} (dry run: nothing created)",
                     spec.name,
-                    p["node"].as_str().unwrap_or_default()
                 ),
                 None => println!(
-                    "workload {} would run on {} (dry run: nothing created)",
+                    "workload {} would run on {node} (dry run: nothing created)",
                     spec.name,
-                    p["node"].as_str().unwrap_or_default()
                 ),
             }
         }

@@ -103,7 +103,7 @@ pub async fn run(c: &Client, cmd: TokenCmd, fmt: Format) -> Result<(), CliError>
             }
         }
         TokenCmd::Revoke { id } => {
-            let d: avail_server::api::Deleted = c.delete(&format!("/v1/tokens/{id}")).await?;
+            let d: avail_model::api::Deleted = c.delete(&format!("/v1/tokens/{id}")).await?;
             match fmt {
                 Format::Json => output::json(&d),
                 Format::Table => println!("join token {id} revoked"),

@@ -1,6 +1,7 @@
 //! The control plane on etcd (`avail server --store etcd://...`): a real etcd started by
 //! the store's test kit, a real server and agents. The cluster works as on redb
-//! (placement, ingress, an `ha` restart after a node dies), survives a server restart,
+//! (placement, ingress, an `ha` restart after a node dies), survives a server restart
+//! (leading again at once),
 //! and the store is bound to its cluster: another data dir on this etcd, or this data
 //! dir on an etcd prefix that holds nothing, is refused.
 
@@ -88,6 +89,13 @@ async fn the_control_plane_runs_on_etcd() {
     let w: Workload = c.client().get("/v1/workloads/counter").await.unwrap();
     assert_eq!(w.status.phase, Phase::Running);
     c.wait_nodes_ready(2).await;
+    // It leads again at once (its own previous term's key taken back, not waited out).
+    let events: Vec<avail_model::ClusterEvent> = c.client().get("/v1/events").await.unwrap();
+    let terms = events
+        .iter()
+        .filter(|e| e.kind == avail_model::EventKind::ServerLeader)
+        .count();
+    assert_eq!(terms, 2, "{events:?}");
     ok(&c.run_wasm("second", "counter", &["--level", "none"]));
 
     // Another data dir on this etcd: not its cluster, refused.

@@ -10,9 +10,10 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 
-use crate::api::{Admin, AgentNode, ApiErr, ApiResult, AppStateRef, Deleted, read_json};
+use crate::api::{Admin, AgentNode, ApiErr, ApiResult, AppStateRef, read_json};
 use crate::identity::JoinRefusal;
 use crate::join::JoinError;
+use avail_model::api::Deleted;
 
 impl From<JoinError> for ApiErr {
     fn from(e: JoinError) -> ApiErr {

@@ -1,0 +1,64 @@
+//! Request and reply bodies of the API that are not resources themselves: one
+//! definition for the server, the CLI and any client.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::Level;
+
+/// Reply of a delete.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Deleted {
+    /// What was deleted (a workload, node or join token).
+    pub deleted: String,
+}
+
+/// What `POST /v1/workloads?dry_run=true` answers: where the workload would go now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PlanPreview {
+    /// Workload name.
+    pub workload: String,
+    /// Whether it fits now.
+    pub placeable: bool,
+    /// Its node (the primary, for `ft`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// `ft`: its secondary's node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secondary: Option<String>,
+    /// Why it does not fit, with counts per reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub explanation: Option<String>,
+}
+
+/// A live level change: `PUT /v1/workloads/<name>/level`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LevelChange {
+    /// The new level.
+    pub level: Level,
+}
+
+/// A change of a node's tags: `set` adds or replaces, `remove` deletes (also a tag the
+/// agent declared). Applied over the agent's own tags and kept across its rejoins.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TagChange {
+    /// Tags to set.
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    /// Tag keys to remove.
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// Reply of an artifact upload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ArtifactRef {
+    /// Content digest, `sha256:<hex>`.
+    pub digest: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+}

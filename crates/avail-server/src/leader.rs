@@ -1,0 +1,360 @@
+//! Leadership: of the servers on one store, one decides (liveness verdicts, restarts,
+//! placements of pending work, drains); every server serves the API.
+//!
+//! The leader holds the key `/control/leader`, attached to a store lease of
+//! [`LEADER_TTL_S`] that it keeps alive; the others watch the key and campaign when it
+//! goes (the leader's lease expired or was revoked). The revision at which a leader
+//! took the key is its **term**.
+//!
+//! ```text
+//!  campaign: grant lease; txn: if /control/leader absent -> put it (with the lease)
+//!            won  -> leader (term = that revision); keep the lease alive every ttl/3
+//!            lost -> follower; watch the key; on its delete, campaign again
+//!  step down: no keep-alive answered for 2/3 of the TTL (before the lease can
+//!             expire, so before anyone else can win): stop deciding at once
+//! ```
+//!
+//! A server restarted with its data dir (the same server id, `server.id`) finds its
+//! previous run's key and takes it back at once instead of waiting for the old lease
+//! to expire: one server on redb leads from its first moment.
+//!
+//! Not yet: the leader's writes do not compare its term (a deposed leader's write in
+//! flight at the moment it steps down may land); several servers also need liveness
+//! shared between them (an agent heartbeats one server).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use avail_store::{Compare, Event, LeaseId, Op, Store, StoreError, Txn};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+/// The leader's key.
+pub const LEADER_KEY: &str = "/control/leader";
+/// Life of the leader's lease, seconds (etcd's default minimum TTL is about 2 s).
+pub const LEADER_TTL_S: u64 = 2;
+
+/// This server's part.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Not deciding; `leader` is the server that leads, when known.
+    Follower {
+        /// The leading server's id.
+        leader: Option<String>,
+    },
+    /// Deciding, since `term` (the revision it took the key at).
+    Leader {
+        /// The term.
+        term: u64,
+    },
+}
+
+/// What the leader's key holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderRecord {
+    /// The server's id.
+    pub server: String,
+    /// Its API address.
+    pub addr: String,
+    /// When it took the lead.
+    pub since_ms: u64,
+}
+
+/// This server's view of the leadership, kept by a campaign task (stopped, without
+/// resigning, when the last clone is dropped).
+#[derive(Clone)]
+pub struct Leadership {
+    role: watch::Receiver<Role>,
+    _task: Arc<AbortOnDrop>,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Leadership {
+    /// Campaign on `store` as server `id` (serving at `addr`), with a lease of `ttl_s`.
+    pub fn start(store: Arc<dyn Store>, id: String, addr: String, ttl_s: u64) -> Leadership {
+        let (tx, rx) = watch::channel(Role::Follower { leader: None });
+        let task = tokio::spawn(campaign(store, id, addr, ttl_s, tx));
+        Leadership {
+            role: rx,
+            _task: Arc::new(AbortOnDrop(task)),
+        }
+    }
+
+    /// Whether this server decides now.
+    pub fn is_leader(&self) -> bool {
+        matches!(*self.role.borrow(), Role::Leader { .. })
+    }
+
+    /// This server's part now.
+    pub fn role(&self) -> Role {
+        self.role.borrow().clone()
+    }
+
+    /// Wait until the role satisfies `f` (at most `within`); whether it did.
+    pub async fn wait_for(&self, within: Duration, f: impl Fn(&Role) -> bool) -> bool {
+        let mut rx = self.role.clone();
+        tokio::time::timeout(within, rx.wait_for(|r| f(r)))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+}
+
+async fn campaign(
+    store: Arc<dyn Store>,
+    id: String,
+    addr: String,
+    ttl_s: u64,
+    tx: watch::Sender<Role>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    while !tx.is_closed() {
+        match run_once(store.as_ref(), &id, &addr, ttl_s, &tx).await {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(e) => {
+                tracing::warn!("leadership: {e}; campaigning again in {backoff:?}");
+                tx.send_replace(Role::Follower { leader: None });
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// One lease's life: campaign until won, then hold until lost. `Ok` when this server
+/// stepped down (a new campaign follows).
+async fn run_once(
+    store: &dyn Store,
+    id: &str,
+    addr: &str,
+    ttl_s: u64,
+    tx: &watch::Sender<Role>,
+) -> Result<(), StoreError> {
+    let lease = store.grant_lease(ttl_s).await?;
+    let record = LeaderRecord {
+        server: id.to_string(),
+        addr: addr.to_string(),
+        since_ms: crate::now_ms(),
+    };
+    let value = serde_json::to_vec(&record).expect("record serialises");
+    loop {
+        let won = store
+            .txn(Txn {
+                compares: vec![Compare::ModRev(LEADER_KEY.into(), 0)],
+                success: vec![Op::Put {
+                    key: LEADER_KEY.into(),
+                    value: value.clone(),
+                    lease: Some(lease),
+                }],
+                failure: vec![],
+            })
+            .await?;
+        if won.succeeded {
+            tracing::info!(term = won.revision, "this server leads");
+            tx.send_replace(Role::Leader { term: won.revision });
+            hold(store, lease, ttl_s, won.revision).await?;
+            tracing::warn!("this server stepped down");
+            tx.send_replace(Role::Follower { leader: None });
+            let _ = store.revoke_lease(lease).await;
+            return Ok(());
+        }
+        let Some(kv) = store.get(LEADER_KEY).await? else {
+            continue;
+        };
+        let holder = serde_json::from_slice::<LeaderRecord>(&kv.value)
+            .map(|r| r.server)
+            .unwrap_or_default();
+        if holder == id {
+            // A previous run of this server: take the key back now.
+            store
+                .txn(Txn {
+                    compares: vec![Compare::ModRev(LEADER_KEY.into(), kv.mod_rev)],
+                    success: vec![Op::Delete {
+                        key: LEADER_KEY.into(),
+                    }],
+                    failure: vec![],
+                })
+                .await?;
+            if let Some(old) = kv.lease.filter(|l| *l != lease) {
+                let _ = store.revoke_lease(old).await;
+            }
+            continue;
+        }
+        tx.send_replace(Role::Follower {
+            leader: Some(holder),
+        });
+        wait_until_gone(store, lease, ttl_s, kv.mod_rev).await?;
+    }
+}
+
+/// Keep `lease` alive until it cannot be, or the key taken at `term` is gone:
+/// returns when this server must stop deciding.
+async fn hold(store: &dyn Store, lease: LeaseId, ttl_s: u64, term: u64) -> Result<(), StoreError> {
+    let ttl = Duration::from_secs(ttl_s);
+    let period = ttl / 3;
+    let mut last_ok = Instant::now();
+    let mut w = store.watch(LEADER_KEY, term).await?;
+    loop {
+        let left = (ttl * 2 / 3).saturating_sub(last_ok.elapsed());
+        if left.is_zero() {
+            return Ok(());
+        }
+        tokio::select! {
+            ev = w.events.recv() => match ev {
+                // Deleted, or put by another lease: no longer this server's.
+                Some(Event::Delete { .. }) | None => return Ok(()),
+                Some(Event::Put(kv)) if kv.lease != Some(lease) => return Ok(()),
+                Some(Event::Put(_)) => {}
+            },
+            _ = tokio::time::sleep(period.min(left)) => {
+                match tokio::time::timeout(period, store.keep_alive(lease)).await {
+                    Ok(Ok(())) => last_ok = Instant::now(),
+                    Ok(Err(StoreError::LeaseNotFound(_))) => return Ok(()),
+                    Ok(Err(e)) => tracing::warn!("leader lease keep-alive: {e}"),
+                    Err(_) => tracing::warn!("leader lease keep-alive: no answer in {period:?}"),
+                }
+            }
+        }
+    }
+}
+
+/// Wait until the leader's key, as seen at `rev`, changes hands (deleted), keeping
+/// this server's own `lease` alive meanwhile.
+async fn wait_until_gone(
+    store: &dyn Store,
+    lease: LeaseId,
+    ttl_s: u64,
+    rev: u64,
+) -> Result<(), StoreError> {
+    let mut w = store.watch(LEADER_KEY, rev).await?;
+    let mut tick = tokio::time::interval(Duration::from_secs(ttl_s) / 3);
+    loop {
+        tokio::select! {
+            ev = w.events.recv() => match ev {
+                Some(Event::Delete { key, .. }) if key == LEADER_KEY => return Ok(()),
+                Some(_) => {}
+                None => return Err(StoreError::Backend("the leader watch closed".into())),
+            },
+            _ = tick.tick() => store.keep_alive(lease).await?,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use avail_store::RedbStore;
+
+    fn leads(r: &Role) -> bool {
+        matches!(r, Role::Leader { .. })
+    }
+
+    #[tokio::test]
+    async fn one_server_leads_at_once_and_again_after_its_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("s")).unwrap());
+        let a = Leadership::start(store.clone(), "a".into(), "x".into(), 5);
+        assert!(a.wait_for(Duration::from_secs(2), leads).await);
+        let Role::Leader { term } = a.role() else {
+            unreachable!()
+        };
+        // Another server waits while a holds the key.
+        let b = Leadership::start(store.clone(), "b".into(), "y".into(), 5);
+        assert!(
+            b.wait_for(Duration::from_secs(2), |r| *r
+                == Role::Follower {
+                    leader: Some("a".into())
+                })
+            .await
+        );
+        drop(b);
+        // a's process dies (its lease lives on) and a restarts: it leads at once, in a
+        // new term, without waiting for its old lease (5 s).
+        drop(a);
+        let a2 = Leadership::start(store.clone(), "a".into(), "x".into(), 5);
+        assert!(
+            a2.wait_for(
+                Duration::from_secs(2),
+                |r| matches!(r, Role::Leader { term: t } if *t > term)
+            )
+            .await
+        );
+    }
+
+    #[tokio::test]
+    async fn a_follower_takes_over_when_the_leaders_lease_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("s")).unwrap());
+        let a = Leadership::start(store.clone(), "a".into(), "x".into(), 1);
+        assert!(a.wait_for(Duration::from_secs(2), leads).await);
+        let b = Leadership::start(store.clone(), "b".into(), "y".into(), 1);
+        assert!(b.wait_for(Duration::from_secs(2), |r| !leads(r)).await);
+        // The leader's lease is revoked (as when it expires): a steps down, b leads.
+        let kv = store.get(LEADER_KEY).await.unwrap().unwrap();
+        store.revoke_lease(kv.lease.unwrap()).await.unwrap();
+        assert!(a.wait_for(Duration::from_secs(2), |r| !leads(r)).await);
+        assert!(b.wait_for(Duration::from_secs(5), leads).await);
+        let holder: LeaderRecord =
+            serde_json::from_slice(&store.get(LEADER_KEY).await.unwrap().unwrap().value).unwrap();
+        assert_eq!(holder.server, "b");
+    }
+
+    /// On a real etcd: two servers, one leads; the leader's process is gone (its
+    /// lease is not revoked), the other leads within the lease's life.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_etcd_the_other_server_leads_when_the_leader_is_gone() {
+        let etcd = avail_store::etcd_process::EtcdCluster::single();
+        let connect = || async {
+            let s: Arc<dyn Store> = Arc::new(
+                avail_store::EtcdStore::connect(&etcd.endpoints(), Default::default())
+                    .await
+                    .unwrap(),
+            );
+            s
+        };
+        // Server a on a runtime of its own, on a thread of its own, dropped whole below
+        // (a crash: its lease is not revoked).
+        let endpoints = etcd.endpoints();
+        let (a_tx, a_rx) = std::sync::mpsc::channel();
+        let (die_tx, die_rx) = std::sync::mpsc::channel::<()>();
+        let server_a = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let s: Arc<dyn Store> = Arc::new(
+                    avail_store::EtcdStore::connect(&endpoints, Default::default())
+                        .await
+                        .unwrap(),
+                );
+                a_tx.send(Leadership::start(s, "a".into(), "x".into(), LEADER_TTL_S))
+                    .unwrap();
+                // Runs until told to die.
+                tokio::task::spawn_blocking(move || die_rx.recv())
+                    .await
+                    .ok();
+            });
+            rt.shutdown_background();
+        });
+        let a = a_rx.recv().unwrap();
+        assert!(a.wait_for(Duration::from_secs(5), leads).await);
+        let b = Leadership::start(connect().await, "b".into(), "y".into(), LEADER_TTL_S);
+        assert!(b.wait_for(Duration::from_secs(5), |r| !leads(r)).await);
+        let gone = Instant::now();
+        die_tx.send(()).unwrap();
+        server_a.join().unwrap();
+        assert!(b.wait_for(Duration::from_secs(10), leads).await);
+        assert!(
+            gone.elapsed() < Duration::from_secs(LEADER_TTL_S + 3),
+            "{:?}",
+            gone.elapsed()
+        );
+    }
+}

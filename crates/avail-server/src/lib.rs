@@ -89,6 +89,8 @@ pub struct ServerConfig {
     pub node_cert_ttl: Duration,
     /// Where the state is kept: embedded redb (default) or etcd.
     pub store: store_open::StoreChoice,
+    /// Life of the leader's lease, seconds ([`leader`]).
+    pub leader_ttl_s: u64,
     /// Tag keys only an administrator sets (`avail node tag`): a node may not declare
     /// them at its join, so a node cannot make itself eligible for workloads that
     /// require them (as Kubernetes' NodeRestriction keeps kubelets off reserved labels).
@@ -122,7 +124,21 @@ impl ServerConfig {
             node_cert_ttl: Duration::from_secs(3600),
             admin_tags: DEFAULT_ADMIN_TAGS.iter().map(|k| k.to_string()).collect(),
             store: store_open::StoreChoice::Redb,
+            leader_ttl_s: leader::LEADER_TTL_S,
         }
+    }
+
+    /// Set the life of the leader's lease (1 to 60 s; a store may raise it to its
+    /// floor, about 2 s on etcd with its default timing).
+    pub fn with_leader_ttl(mut self, ttl_s: u64) -> Result<ServerConfig, ConfigError> {
+        if !(1..=60).contains(&ttl_s) {
+            return Err(ConfigError {
+                field: "leader-ttl-s",
+                reason: format!("{ttl_s} is out of range 1..=60"),
+            });
+        }
+        self.leader_ttl_s = ttl_s;
+        Ok(self)
     }
 
     /// Keep the state in `store` (`redb`, or `etcd://host:port,...` under `prefix`).
@@ -303,7 +319,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         store.clone(),
         store_open::server_id(dir)?,
         addr.to_string(),
-        leader::LEADER_TTL_S,
+        config.leader_ttl_s,
     );
     let state = AppState::open(store, auth, ca, config).await?;
     state

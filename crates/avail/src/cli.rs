@@ -187,6 +187,10 @@ struct ServerArgs {
     /// one etcd).
     #[arg(long, default_value = "/avail/")]
     etcd_prefix: String,
+    /// Life of the leader's store lease, seconds: a leader that dies is replaced
+    /// within about this long.
+    #[arg(long, default_value_t = avail_server::leader::LEADER_TTL_S)]
+    leader_ttl_s: u64,
 }
 
 #[derive(Args, Debug)]
@@ -939,6 +943,7 @@ async fn server(a: ServerArgs) -> CliResult {
         .with_windows(a.heartbeat_ms, a.suspect_after_ms, a.down_after_ms)
         .and_then(|c| c.with_node_cert_ttl(a.node_cert_ttl_s))
         .and_then(|c| c.with_store(&a.store, &a.etcd_prefix))
+        .and_then(|c| c.with_leader_ttl(a.leader_ttl_s))
         .and_then(|c| {
             let keys: Vec<String> = a
                 .admin_tags

@@ -88,12 +88,7 @@ fn main() {
     let rt = avail_bench::runtime();
     println!("machine: {}", machine());
     let etcd = EtcdCluster::start(3);
-    let hosts: Vec<String> = etcd
-        .endpoints()
-        .iter()
-        .map(|e| e.trim_start_matches("http://").to_string())
-        .collect();
-    let flag = format!("etcd://{}", hosts.join(","));
+    let flag = etcd.store_flag();
     rt.block_on(async move {
         let redb = run(&bin, "redb", vec![], per_run).await;
         let on_etcd = run(&bin, "etcd", vec!["--store".into(), flag], per_run).await;

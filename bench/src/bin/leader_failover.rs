@@ -54,12 +54,7 @@ async fn main() {
     let ttl: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(2);
     let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/avail");
     let etcd = EtcdCluster::start(3);
-    let hosts: Vec<String> = etcd
-        .endpoints()
-        .iter()
-        .map(|e| e.trim_start_matches("http://").to_string())
-        .collect();
-    let flag = format!("etcd://{}", hosts.join(","));
+    let flag = etcd.store_flag();
     let store = EtcdStore::connect(&etcd.endpoints(), Default::default())
         .await
         .expect("etcd answers");

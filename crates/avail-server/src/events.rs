@@ -165,6 +165,12 @@ impl Events {
         mut txn: Txn,
         events: Vec<NewEvent>,
     ) -> avail_store::Result<TxnResult> {
+        // A decision pass's write holds only while its leader's term does (fencing: a
+        // deposed leader's write in flight is refused, like a stale compare).
+        if let Some(term) = crate::leader::current_term() {
+            txn.compares
+                .push(Compare::ModRev(crate::leader::LEADER_KEY.into(), term));
+        }
         if events.is_empty() {
             return self.store.txn(txn).await;
         }

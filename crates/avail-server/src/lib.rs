@@ -365,15 +365,20 @@ async fn background(state: std::sync::Weak<AppState>, leadership: leader::Leader
             }
             led = Some(role.clone());
         }
-        if !matches!(role, leader::Role::Leader { .. }) {
+        let leader::Role::Leader { term } = role else {
             continue;
-        }
-        s.check_liveness().await;
-        if n.is_multiple_of(20) {
-            s.place_pending().await;
-            s.enforce_level_policy().await;
-        }
-        s.drain_pass().await;
+        };
+        let every_second = n.is_multiple_of(20);
+        leader::TERM
+            .scope(term, async {
+                s.check_liveness().await;
+                if every_second {
+                    s.place_pending().await;
+                    s.enforce_level_policy().await;
+                }
+                s.drain_pass().await;
+            })
+            .await;
         n += 1;
     }
 }

@@ -245,6 +245,16 @@ impl EtcdCluster {
         self.members.iter().map(EtcdMember::client_url).collect()
     }
 
+    /// `avail server --store` for this cluster: `etcd://host:port,host:port,...`.
+    pub fn store_flag(&self) -> String {
+        let hosts: Vec<String> = self
+            .endpoints()
+            .iter()
+            .map(|e| e.trim_start_matches("http://").to_string())
+            .collect();
+        format!("etcd://{}", hosts.join(","))
+    }
+
     /// The members.
     pub fn members(&self) -> &[EtcdMember] {
         &self.members

@@ -116,6 +116,41 @@ pub struct Txn {
     pub failure: Vec<Op>,
 }
 
+impl Txn {
+    /// The checks every backend makes before anything is written: no empty key, and
+    /// no key twice in one branch ([`StoreError::Invalid`]).
+    pub fn check(&self) -> Result<()> {
+        for c in &self.compares {
+            match c {
+                Compare::ModRev(k, _) | Compare::Value(k, _) => check_key(k)?,
+            }
+        }
+        for branch in [&self.success, &self.failure] {
+            let mut seen = std::collections::HashSet::new();
+            for op in branch {
+                let key = match op {
+                    Op::Put { key, .. } | Op::Delete { key } => key,
+                };
+                check_key(key)?;
+                if !seen.insert(key.as_str()) {
+                    return Err(StoreError::Invalid(format!(
+                        "key {key:?} appears twice in one transaction branch"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A key every backend accepts: not empty.
+pub fn check_key(key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(StoreError::Invalid("empty key".into()));
+    }
+    Ok(())
+}
+
 /// What a transaction did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TxnResult {

@@ -67,7 +67,9 @@
 //! Keys are non-empty UTF-8; values may be up to redb's limit (about 3 GiB); tests cover
 //! 4 MiB. Within one transaction branch a key may appear only once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+
+use crate::check_key;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -253,13 +255,6 @@ fn ttl_deadline(now: Instant, ttl_s: u64) -> Result<LeaseLife> {
         .checked_add(ttl)
         .ok_or_else(|| StoreError::Invalid(format!("lease TTL {ttl_s} s is too large")))?;
     Ok(LeaseLife { ttl, deadline })
-}
-
-fn check_key(key: &str) -> Result<()> {
-    if key.is_empty() {
-        return Err(StoreError::Invalid("empty key".into()));
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -834,25 +829,7 @@ impl Inner {
     }
 
     fn txn(&self, txn: Txn) -> Result<TxnResult> {
-        for c in &txn.compares {
-            match c {
-                Compare::ModRev(k, _) | Compare::Value(k, _) => check_key(k)?,
-            }
-        }
-        for branch in [&txn.success, &txn.failure] {
-            let mut seen = HashSet::new();
-            for op in branch {
-                let key = match op {
-                    Op::Put { key, .. } | Op::Delete { key } => key,
-                };
-                check_key(key)?;
-                if !seen.insert(key.as_str()) {
-                    return Err(StoreError::Invalid(format!(
-                        "key {key:?} appears twice in one transaction branch"
-                    )));
-                }
-            }
-        }
+        txn.check()?;
         let Txn {
             compares,
             success,

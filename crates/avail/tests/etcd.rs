@@ -14,16 +14,6 @@ use hyper::Method;
 
 const BIN: &str = env!("CARGO_BIN_EXE_avail");
 
-/// `etcd://host:port,...` of `etcd`'s members.
-fn store_flag(etcd: &EtcdCluster) -> String {
-    let hosts: Vec<String> = etcd
-        .endpoints()
-        .iter()
-        .map(|e| e.trim_start_matches("http://").to_string())
-        .collect();
-    format!("etcd://{}", hosts.join(","))
-}
-
 /// `POST /w/counter/incr` through agent `i`'s ingress: the counter's new value.
 async fn incr(c: &Cluster, i: usize) -> u64 {
     let ingress = avail_client::Client::new(&c.ingress(i), None, None);
@@ -49,7 +39,7 @@ async fn incr(c: &Cluster, i: usize) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_plane_runs_on_etcd() {
     let etcd = EtcdCluster::single();
-    let store = store_flag(&etcd);
+    let store = etcd.store_flag();
     let mut c = Cluster::start_full(
         BIN.as_ref(),
         3,

@@ -61,19 +61,8 @@ pub(super) async fn create_workload(
         uid: crate::new_uid(),
         spec,
         status: WorkloadStatus {
-            phase: Phase::Pending,
-            level_state: None,
-            node: None,
-            incarnation: 0,
-            restarts: 0,
-            message: None,
             updated_ms: now_ms(),
-            secondary: None,
-            generation: 0,
-            reservation: None,
-            plain: false,
-            moving_to: None,
-            ft: None,
+            ..WorkloadStatus::default()
         },
         created_ms: now_ms(),
     };

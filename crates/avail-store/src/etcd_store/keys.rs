@@ -1,9 +1,7 @@
 //! Keys under the namespace, revisions and lease ids between the model and etcd, and the
 //! argument checks made before anything is sent.
 
-use std::collections::HashSet;
-
-use crate::{Compare, KeyValue, LeaseId, Op, Result, Revision, StoreError, Txn};
+use crate::{KeyValue, LeaseId, Result, Revision, StoreError};
 
 /// The key prefix of one store in etcd.
 #[derive(Clone, Debug)]
@@ -84,37 +82,6 @@ pub(super) fn lease_id(lease: LeaseId) -> Result<i64> {
         Ok(id) if id > 0 => Ok(id),
         _ => Err(StoreError::LeaseNotFound(lease)),
     }
-}
-
-pub(super) fn check_key(key: &str) -> Result<()> {
-    if key.is_empty() {
-        return Err(StoreError::Invalid("empty key".into()));
-    }
-    Ok(())
-}
-
-/// The checks the redb backend makes, before anything is sent.
-pub(super) fn check_txn(txn: &Txn) -> Result<()> {
-    for c in &txn.compares {
-        match c {
-            Compare::ModRev(k, _) | Compare::Value(k, _) => check_key(k)?,
-        }
-    }
-    for branch in [&txn.success, &txn.failure] {
-        let mut seen = HashSet::new();
-        for op in branch {
-            let key = match op {
-                Op::Put { key, .. } | Op::Delete { key } => key,
-            };
-            check_key(key)?;
-            if !seen.insert(key.as_str()) {
-                return Err(StoreError::Invalid(format!(
-                    "key {key:?} appears twice in one transaction branch"
-                )));
-            }
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

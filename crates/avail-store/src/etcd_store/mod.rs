@@ -73,10 +73,11 @@ use etcd_client::{
     PutOptions, Txn as EtcdTxn, TxnOp,
 };
 
+use crate::check_key;
 use crate::{
     Compare, KeyValue, LeaseId, Op, Result, Revision, Store, StoreError, Txn, TxnResult, Watch,
 };
-use keys::{check_key, check_txn, header_rev, key_range, lease_id};
+use keys::{header_rev, key_range, lease_id};
 use members::{
     Member, Retry, Shared, is_compacted, is_future_rev, is_lease_not_found, store_error,
 };
@@ -365,7 +366,7 @@ impl Store for EtcdStore {
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResult> {
-        check_txn(&txn)?;
+        txn.check()?;
         let ns = &self.shared.ns;
         let compares: Vec<EtcdCompare> = txn
             .compares

@@ -168,6 +168,8 @@ impl Events {
         // A decision pass's write holds only while its leader's term does (fencing: a
         // deposed leader's write in flight is refused, like a stale compare).
         if let Some(term) = crate::leader::current_term() {
+            // A failure branch would run for a deposed leader: passes have none.
+            debug_assert!(txn.failure.is_empty(), "a fenced write with a failure branch");
             txn.compares
                 .push(Compare::ModRev(crate::leader::LEADER_KEY.into(), term));
         }

@@ -152,6 +152,9 @@ async fn run_once(
     ttl_s: u64,
     tx: &watch::Sender<Role>,
 ) -> Result<(), StoreError> {
+    // When the lease was last renewed (the request's send time): its life is counted
+    // from here, never from an answer's arrival.
+    let mut renewed = Instant::now();
     let lease = store.grant_lease(ttl_s).await?;
     let record = LeaderRecord {
         server: id.to_string(),
@@ -174,13 +177,16 @@ async fn run_once(
         if won.succeeded {
             tracing::info!(term = won.revision, "this server leads");
             tx.send_replace(Role::Leader { term: won.revision });
-            hold(store, lease, ttl_s, won.revision).await?;
+            hold(store, lease, ttl_s, won.revision, renewed).await?;
             tracing::warn!("this server stepped down");
             tx.send_replace(Role::Follower { leader: None });
             let _ = store.revoke_lease(lease).await;
             return Ok(());
         }
-        let Some(kv) = store.get(LEADER_KEY).await? else {
+        // The key and the revision it was read at, in one read: the watch below
+        // starts there (not at the key's own, perhaps long compacted, revision).
+        let (kvs, at) = store.range(LEADER_KEY).await?;
+        let Some(kv) = kvs.into_iter().find(|kv| kv.key == LEADER_KEY) else {
             continue;
         };
         let holder = serde_json::from_slice::<LeaderRecord>(&kv.value)
@@ -205,19 +211,27 @@ async fn run_once(
         tx.send_replace(Role::Follower {
             leader: Some(holder),
         });
-        wait_until_gone(store, lease, ttl_s, kv.mod_rev).await?;
+        wait_until_gone(store, lease, ttl_s, at, &mut renewed).await?;
     }
 }
 
 /// Keep `lease` alive until it cannot be, or the key taken at `term` is gone:
-/// returns when this server must stop deciding.
-async fn hold(store: &dyn Store, lease: LeaseId, ttl_s: u64, term: u64) -> Result<(), StoreError> {
+/// returns when this server must stop deciding. The lease was last renewed by a
+/// request sent at `renewed`; this server stops deciding two thirds of the TTL after
+/// the send time of its last renewal that was answered, before the lease can expire.
+async fn hold(
+    store: &dyn Store,
+    lease: LeaseId,
+    ttl_s: u64,
+    term: u64,
+    renewed: Instant,
+) -> Result<(), StoreError> {
     let ttl = Duration::from_secs(ttl_s);
     let period = ttl / 3;
-    let mut last_ok = Instant::now();
+    let mut deadline = renewed + ttl * 2 / 3;
     let mut w = store.watch(LEADER_KEY, term).await?;
     loop {
-        let left = (ttl * 2 / 3).saturating_sub(last_ok.elapsed());
+        let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Ok(());
         }
@@ -229,24 +243,31 @@ async fn hold(store: &dyn Store, lease: LeaseId, ttl_s: u64, term: u64) -> Resul
                 Some(Event::Put(_)) => {}
             },
             _ = tokio::time::sleep(period.min(left)) => {
-                match tokio::time::timeout(period, store.keep_alive(lease)).await {
-                    Ok(Ok(())) => last_ok = Instant::now(),
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(());
+                }
+                let sent = Instant::now();
+                match tokio::time::timeout(period.min(left), store.keep_alive(lease)).await {
+                    Ok(Ok(())) => deadline = sent + ttl * 2 / 3,
                     Ok(Err(StoreError::LeaseNotFound(_))) => return Ok(()),
                     Ok(Err(e)) => tracing::warn!("leader lease keep-alive: {e}"),
-                    Err(_) => tracing::warn!("leader lease keep-alive: no answer in {period:?}"),
+                    Err(_) => tracing::warn!("leader lease keep-alive: no answer in time"),
                 }
             }
         }
     }
 }
 
-/// Wait until the leader's key, as seen at `rev`, changes hands (deleted), keeping
-/// this server's own `lease` alive meanwhile.
+/// Wait until the leader's key, as read at `rev`, changes hands (deleted), keeping
+/// this server's own `lease` alive meanwhile (`renewed`: when the last renewal that
+/// was answered was sent).
 async fn wait_until_gone(
     store: &dyn Store,
     lease: LeaseId,
     ttl_s: u64,
     rev: u64,
+    renewed: &mut Instant,
 ) -> Result<(), StoreError> {
     let mut w = store.watch(LEADER_KEY, rev).await?;
     let mut tick = tokio::time::interval(Duration::from_secs(ttl_s) / 3);
@@ -257,7 +278,11 @@ async fn wait_until_gone(
                 Some(_) => {}
                 None => return Err(StoreError::Backend("the leader watch closed".into())),
             },
-            _ = tick.tick() => store.keep_alive(lease).await?,
+            _ = tick.tick() => {
+                let sent = Instant::now();
+                store.keep_alive(lease).await?;
+                *renewed = sent;
+            }
         }
     }
 }

@@ -90,6 +90,7 @@ impl AppState {
                 &v.policy,
             )
         };
+        let mut still = std::collections::HashSet::new();
         for b in below {
             match b {
                 Below::Raise { name, level, tag } => {
@@ -98,19 +99,30 @@ impl AppState {
                         tracing::warn!(workload = %name, "level policy: {e}");
                     }
                 }
-                Below::Cannot { name, why } => self.say_below(&name, &why).await,
+                Below::Cannot { name, why } => {
+                    still.insert(name.clone());
+                    self.say_below(&name, &why).await;
+                }
             }
         }
+        // What is no longer below may be said again if it comes back.
+        self.below_said
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|name, _| still.contains(name));
     }
 
-    /// Keep `why` in the status of workload `name`, with an event, when it is new.
+    /// Say `why` of workload `name` once: in its status message and an event.
     async fn say_below(&self, name: &str, why: &str) {
+        {
+            let said = self.below_said.lock().unwrap_or_else(|p| p.into_inner());
+            if said.get(name).is_some_and(|w| w == why) {
+                return;
+            }
+        }
         let Some((mut w, rev)) = self.workload(name) else {
             return;
         };
-        if w.status.message.as_deref() == Some(why) {
-            return;
-        }
         w.status.message = Some(why.to_string());
         w.status.updated_ms = crate::now_ms();
         let ev = NewEvent::new(
@@ -119,6 +131,15 @@ impl AppState {
             w.status.node.as_deref(),
             why,
         );
-        let _ = self.write_workload_with_events(&w, rev, vec![ev]).await;
+        if self
+            .write_workload_with_events(&w, rev, vec![ev])
+            .await
+            .is_ok()
+        {
+            self.below_said
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.to_string(), why.to_string());
+        }
     }
 }

@@ -142,6 +142,9 @@ pub struct AppState {
     pub(crate) moves: Mutex<HashMap<String, Instant>>,
     /// What holds each draining node's drain up.
     pub(crate) drain_blocked: Mutex<HashMap<String, String>>,
+    /// Workloads said to run below the level policy, with what was said: said once
+    /// (agents' reports overwrite status messages every heartbeat).
+    pub(crate) below_said: Mutex<HashMap<String, String>>,
     /// Placements decided so far: the seed of each plan's random sample.
     pub(crate) placements: std::sync::atomic::AtomicU64,
     /// Module checks remembered per artifact digest.
@@ -201,6 +204,7 @@ impl AppState {
             report_turns: Mutex::new(HashMap::new()),
             failed_on: Mutex::new(HashMap::new()),
             drain_blocked: Mutex::new(HashMap::new()),
+            below_said: Mutex::new(HashMap::new()),
             placements: std::sync::atomic::AtomicU64::new(0),
             module_checks: Default::default(),
         });

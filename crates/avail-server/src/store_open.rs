@@ -157,9 +157,18 @@ pub async fn bind_cluster(
             path.display()
         ))),
         (None, None) => {
-            // A first start (or a store from before cluster ids, whose data dir then
-            // holds the cluster's keys: adopted). Created by compare-and-swap, so two
-            // servers starting at once on one empty store do not both win.
+            // A first start, or a store from before cluster ids whose data dir holds the
+            // cluster's keys: adopted, but only when the store holds that cluster's
+            // nodes or workloads (keys without them are a store that lost its data).
+            let keys_here = dir.join("secret.key").exists() || dir.join("ca.key").exists();
+            if keys_here && holds_nothing(store).await? {
+                return Err(ServerError::Io(format!(
+                    "{what} holds no cluster, but this data dir ({}) holds a cluster's keys: its store lost its data (wiped, or another endpoint or prefix); refusing to start it as an empty cluster (restore the store, or start a new cluster in an empty data dir)",
+                    dir.display()
+                )));
+            }
+            // Created by compare-and-swap, so two servers starting at once on one empty
+            // store do not both win.
             let id = crate::new_uid();
             let bound = store
                 .txn(Txn {
@@ -183,6 +192,16 @@ pub async fn bind_cluster(
             Ok(id)
         }
     }
+}
+
+/// Whether `store` holds no node and no workload.
+async fn holds_nothing(store: &dyn Store) -> Result<bool, ServerError> {
+    for prefix in [keys::NODES, keys::WORKLOADS] {
+        if !store.range(prefix).await?.0.is_empty() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -232,6 +251,22 @@ mod tests {
         let e = bind_cluster(&other, &a, "t").await.unwrap_err().to_string();
         assert!(e.contains("holds no cluster"), "{e}");
         assert!(other.get(keys::CLUSTER_ID).await.unwrap().is_none());
+        // A data dir with a cluster's keys but no id (from before ids) on an empty
+        // store: refused; on a store holding its nodes: adopted.
+        let (c, d) = (dir.path().join("c"), dir.path().join("d"));
+        for x in [&c, &d] {
+            std::fs::create_dir_all(x).unwrap();
+            std::fs::write(x.join("secret.key"), b"k").unwrap();
+        }
+        let empty = RedbStore::open(&dir.path().join("u.redb")).unwrap();
+        let e = bind_cluster(&empty, &c, "u").await.unwrap_err().to_string();
+        assert!(e.contains("holds a cluster's keys"), "{e}");
+        let legacy = RedbStore::open(&dir.path().join("v.redb")).unwrap();
+        legacy
+            .put(&keys::node("n"), b"{}".to_vec(), None)
+            .await
+            .unwrap();
+        bind_cluster(&legacy, &d, "v").await.unwrap();
         // Two clusters, crossed: refused.
         bind_cluster(&other, &b, "t").await.unwrap();
         let e = bind_cluster(&other, &a, "t").await.unwrap_err().to_string();

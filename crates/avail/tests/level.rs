@@ -233,6 +233,7 @@ async fn the_level_policy_sets_defaults_and_minimums() {
 
     // A minimum added later raises, live, what already runs on such nodes: `named`
     // (level none, on osaka's node-2) goes to ha without a restart.
+    ok(&c.run_web("osaka-proc", &["--constraint", "zone == osaka"]));
     ok(&c.cli(&[
         "cluster",
         "set-levels",
@@ -262,6 +263,40 @@ async fn the_level_policy_sets_defaults_and_minimums() {
                 && e.message.ends_with(": level ha required on zone=osaka")),
         "{events:?}"
     );
+
+    // A minimum a running workload cannot meet (a process where ft is required): it
+    // is left running, said once (not at every pass, though its agent's reports
+    // rewrite its status message every heartbeat).
+    ok(&c.cli(&[
+        "cluster",
+        "set-levels",
+        "--default",
+        "ha",
+        "--minimum",
+        "compliance=pci:ft",
+        "--minimum",
+        "zone=osaka:ft",
+    ]));
+    c.wait_workload("named", "raised to ft", Duration::from_secs(20), |w| {
+        (w.spec.level == Level::Ft)
+            .then_some(())
+            .ok_or(format!("{:?}", w.spec.level))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let events: Vec<avail_model::ClusterEvent> =
+        api.get("/v1/workloads/osaka-proc/events").await.unwrap();
+    let said: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == avail_model::EventKind::WorkloadBelowPolicy)
+        .collect();
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(
+        said[0].message.contains("zone=osaka requires level ft"),
+        "{said:?}"
+    );
+    let w: Workload = api.get("/v1/workloads/osaka-proc").await.unwrap();
+    assert_eq!((w.spec.level, w.status.phase), (Level::Ha, Phase::Running));
 
     // An ha restart: node-1 dies, and its ha workload restarts on node-3, the only
     // tokyo node left, at the level required there.

@@ -169,7 +169,10 @@ impl Events {
         // deposed leader's write in flight is refused, like a stale compare).
         if let Some(term) = crate::leader::current_term() {
             // A failure branch would run for a deposed leader: passes have none.
-            debug_assert!(txn.failure.is_empty(), "a fenced write with a failure branch");
+            debug_assert!(
+                txn.failure.is_empty(),
+                "a fenced write with a failure branch"
+            );
             txn.compares
                 .push(Compare::ModRev(crate::leader::LEADER_KEY.into(), term));
         }

@@ -83,10 +83,11 @@ impl AppState {
                 let value = serde_json::to_vec(&rec).expect("node serialises");
                 match self
                     .events
-                    .compare_and_swap(
+                    .compare_and_swap_also(
                         &keys::node(node),
                         kv.mod_rev,
                         value,
+                        vec![keys::rules_changed()],
                         event.into_iter().collect(),
                     )
                     .await?

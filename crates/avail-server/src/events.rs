@@ -244,15 +244,30 @@ impl Events {
         value: Vec<u8>,
         events: Vec<NewEvent>,
     ) -> avail_store::Result<Option<Revision>> {
+        self.compare_and_swap_also(key, expected, value, vec![], events)
+            .await
+    }
+
+    /// [`Events::compare_and_swap`], with the writes `also` in the same transaction.
+    pub async fn compare_and_swap_also(
+        &self,
+        key: &str,
+        expected: Revision,
+        value: Vec<u8>,
+        also: Vec<Op>,
+        events: Vec<NewEvent>,
+    ) -> avail_store::Result<Option<Revision>> {
+        let mut success = vec![Op::Put {
+            key: key.to_string(),
+            value,
+            lease: None,
+        }];
+        success.extend(also);
         let r = self
             .commit(
                 Txn {
                     compares: vec![Compare::ModRev(key.to_string(), expected)],
-                    success: vec![Op::Put {
-                        key: key.to_string(),
-                        value,
-                        lease: None,
-                    }],
+                    success,
                     failure: vec![],
                 },
                 events,

@@ -132,6 +132,7 @@ impl AppState {
                 value: serde_json::to_vec(&rec).expect("node serialises"),
                 lease: None,
             });
+            writes.push(keys::rules_changed());
             let joined = NewEvent::new(
                 if old.is_some() {
                     EventKind::NodeRejoined

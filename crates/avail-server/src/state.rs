@@ -404,6 +404,32 @@ mod tests {
         ));
     }
 
+    /// A plan made before the rules it was made by changed (a node drained, here) is
+    /// refused as stale: a placement never lands on rules it did not see.
+    #[tokio::test]
+    async fn a_plan_made_before_a_rule_change_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn avail_store::Store> =
+            Arc::new(avail_store::RedbStore::open(&dir.path().join("s.redb")).unwrap());
+        let auth = crate::auth::Auth::load_or_create(dir.path()).unwrap();
+        let cfg = crate::ServerConfig::new(dir.path().into(), "127.0.0.1:0".parse().unwrap());
+        let ca = avail_tls::ClusterCa::load_or_create(dir.path()).unwrap();
+        let state = AppState::open(store.clone(), auth, ca, cfg).await.unwrap();
+        let rec = record("a");
+        store
+            .put(&keys::node("a"), serde_json::to_vec(&rec).unwrap(), None)
+            .await
+            .unwrap();
+        let at = state.view.read().unwrap().placement_rev;
+        assert!(state.start_drain("a").await.unwrap().is_some());
+        let w = workload("w", Some("a"), None, 10);
+        assert!(matches!(
+            state.write_placement(&w, 0, at).await,
+            Err(StateError::StalePlan)
+        ));
+        assert!(state.workload("w").is_none(), "nothing written");
+    }
+
     /// The incremental allocation and the scheduler's view agree with a fresh scan
     /// through puts, moves, secondaries, deletes and a node that arrives late.
     #[test]

@@ -40,11 +40,14 @@ pub(super) async fn put_level_policy(
     );
     let txn = avail_store::Txn {
         compares: vec![],
-        success: vec![avail_store::Op::Put {
-            key: keys::LEVEL_POLICY.into(),
-            value: serde_json::to_vec(&policy).expect("policy serialises"),
-            lease: None,
-        }],
+        success: vec![
+            avail_store::Op::Put {
+                key: keys::LEVEL_POLICY.into(),
+                value: serde_json::to_vec(&policy).expect("policy serialises"),
+                lease: None,
+            },
+            keys::rules_changed(),
+        ],
         failure: vec![],
     };
     // Read back from the view (every placement decides on it): wait until it has it.

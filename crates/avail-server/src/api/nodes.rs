@@ -64,7 +64,13 @@ pub(super) async fn patch_node_tags(
         );
         if let Some(rev) = state
             .events
-            .compare_and_swap(&keys::node(&name), kv.mod_rev, value, vec![tagged])
+            .compare_and_swap_also(
+                &keys::node(&name),
+                kv.mod_rev,
+                value,
+                vec![keys::rules_changed()],
+                vec![tagged],
+            )
             .await?
         {
             state.wait_view(rev).await;

@@ -5,7 +5,10 @@
 //! then starts the killed one again (it follows). No agents: this measures the
 //! election, not what the new leader then does.
 //!
-//! `cargo build --release -p avail -p avail-bench && target/release/leader_failover [trials] [leader_ttl_s]`
+//! With `term` as the third argument the leader is stopped cleanly (SIGTERM: it resigns
+//! its lease) instead of SIGKILLed.
+//!
+//! `cargo build --release -p avail -p avail-bench && target/release/leader_failover [trials] [leader_ttl_s] [kill|term]`
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -52,6 +55,7 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let trials: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(20);
     let ttl: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(2);
+    let clean = args.get(3).is_some_and(|a| a == "term");
     let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/avail");
     let etcd = EtcdCluster::start(3);
     let flag = etcd.store_flag();
@@ -92,7 +96,12 @@ async fn main() {
         // Let the follower settle into its watch.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let t0 = Instant::now();
-        procs[i].as_mut().expect("running").kill();
+        let p = procs[i].as_mut().expect("running");
+        if clean {
+            p.signal(libc::SIGTERM);
+        } else {
+            p.kill();
+        }
         wait_for(
             "the other server to lead",
             Duration::from_secs(30),
@@ -109,13 +118,21 @@ async fn main() {
             t.as_millis()
         );
         took.push(t);
+        // The stopped one has exited (its port is free) before it starts again.
+        wait_for(
+            "the stopped server to exit",
+            Duration::from_secs(30),
+            async || !procs[i].as_mut().expect("a process").running(),
+        )
+        .await;
         procs[i] = Some(server(&bin, &dirs[i], &addrs[i], &flag, ttl, &log(i, n)));
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     println!("machine: {}", machine());
     took.sort();
     println!(
-        "leader failover, 3-member etcd, lease {ttl} s, {trials} trials: p50 {} ms, p99 {} ms, min {} ms, max {} ms",
+        "leader failover ({}), 3-member etcd, lease {ttl} s, {trials} trials: p50 {} ms, p99 {} ms, min {} ms, max {} ms",
+        if clean { "SIGTERM" } else { "SIGKILL" },
         percentile(&took, 0.5).as_millis(),
         percentile(&took, 0.99).as_millis(),
         took[0].as_millis(),

@@ -81,7 +81,10 @@ pub struct LeaderRecord {
 #[derive(Clone)]
 pub struct Leadership {
     role: watch::Receiver<Role>,
-    _task: Arc<AbortOnDrop>,
+    task: Arc<AbortOnDrop>,
+    store: Arc<dyn Store>,
+    /// The lease of the key while this server holds it.
+    holding: Arc<std::sync::Mutex<Option<LeaseId>>>,
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -96,10 +99,36 @@ impl Leadership {
     /// Campaign on `store` as server `id` (serving at `addr`), with a lease of `ttl_s`.
     pub fn start(store: Arc<dyn Store>, id: String, addr: String, ttl_s: u64) -> Leadership {
         let (tx, rx) = watch::channel(Role::Follower { leader: None });
-        let task = tokio::spawn(campaign(store, id, addr, ttl_s, tx));
+        let holding = Arc::new(std::sync::Mutex::new(None));
+        let task = tokio::spawn(campaign(
+            store.clone(),
+            id,
+            addr,
+            ttl_s,
+            tx,
+            holding.clone(),
+        ));
         Leadership {
             role: rx,
-            _task: Arc::new(AbortOnDrop(task)),
+            task: Arc::new(AbortOnDrop(task)),
+            store,
+            holding,
+        }
+    }
+
+    /// Stop campaigning and give the lead up now (a clean shutdown: another server
+    /// leads at once instead of after the lease runs out).
+    pub async fn resign(&self) {
+        self.task.0.abort();
+        let held = self
+            .holding
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(lease) = held
+            && let Err(e) = self.store.revoke_lease(lease).await
+        {
+            tracing::warn!("resigning the lead: {e}");
         }
     }
 
@@ -128,10 +157,11 @@ async fn campaign(
     addr: String,
     ttl_s: u64,
     tx: watch::Sender<Role>,
+    holding: Arc<std::sync::Mutex<Option<LeaseId>>>,
 ) {
     let mut backoff = Duration::from_millis(100);
     while !tx.is_closed() {
-        match run_once(store.as_ref(), &id, &addr, ttl_s, &tx).await {
+        match run_once(store.as_ref(), &id, &addr, ttl_s, &tx, &holding).await {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => {
                 tracing::warn!("leadership: {e}; campaigning again in {backoff:?}");
@@ -151,6 +181,7 @@ async fn run_once(
     addr: &str,
     ttl_s: u64,
     tx: &watch::Sender<Role>,
+    holding: &std::sync::Mutex<Option<LeaseId>>,
 ) -> Result<(), StoreError> {
     // When the lease was last renewed (the request's send time): its life is counted
     // from here, never from an answer's arrival.
@@ -176,8 +207,11 @@ async fn run_once(
             .await?;
         if won.succeeded {
             tracing::info!(term = won.revision, "this server leads");
+            *holding.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
             tx.send_replace(Role::Leader { term: won.revision });
-            hold(store, lease, ttl_s, won.revision, renewed).await?;
+            let held = hold(store, lease, ttl_s, won.revision, renewed).await;
+            holding.lock().unwrap_or_else(|p| p.into_inner()).take();
+            held?;
             tracing::warn!("this server stepped down");
             tx.send_replace(Role::Follower { leader: None });
             let _ = store.revoke_lease(lease).await;
@@ -359,6 +393,26 @@ mod tests {
         let holder: LeaderRecord =
             serde_json::from_slice(&store.get(LEADER_KEY).await.unwrap().unwrap().value).unwrap();
         assert_eq!(holder.server, "b");
+    }
+
+    /// A leader that resigns (a clean shutdown) is replaced at once, not after its
+    /// lease (60 s here) runs out.
+    #[tokio::test]
+    async fn a_resigning_leader_is_replaced_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("s")).unwrap());
+        let a = Leadership::start(store.clone(), "a".into(), "x".into(), 60);
+        assert!(a.wait_for(Duration::from_secs(10), leads).await);
+        let b = Leadership::start(store.clone(), "b".into(), "y".into(), 60);
+        assert!(
+            b.wait_for(Duration::from_secs(10), |r| *r
+                == Role::Follower {
+                    leader: Some("a".into())
+                })
+            .await
+        );
+        a.resign().await;
+        assert!(b.wait_for(Duration::from_secs(10), leads).await);
     }
 
     /// A write made in a term holds while the term does: once the key changed hands it

@@ -271,6 +271,8 @@ fn private_dir(dir: &Path) -> Result<(), ServerError> {
 pub struct Running {
     /// The bound address.
     pub addr: SocketAddr,
+    /// This server's part in the leadership (resign it on a clean shutdown).
+    pub leadership: leader::Leadership,
     /// Shared state (for tests and embedding).
     pub state: Arc<AppState>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -331,7 +333,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
             format!("listening on {addr}"),
         )
         .await;
-    tokio::spawn(background(Arc::downgrade(&state), leadership));
+    tokio::spawn(background(Arc::downgrade(&state), leadership.clone()));
     let app = api::router(state.clone());
     let task = tokio::spawn(avail_tls::serve::serve(
         listener,
@@ -339,7 +341,12 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         app,
         avail_tls::serve::Limits::default(),
     ));
-    Ok(Running { addr, state, task })
+    Ok(Running {
+        addr,
+        leadership,
+        state,
+        task,
+    })
 }
 
 /// The decision passes, on the leader only (see [`leader`]): liveness verdicts every

@@ -963,10 +963,13 @@ async fn server(a: ServerArgs) -> CliResult {
         avail_server::admin_token_path(&a.data_dir).display(),
         avail_server::ca_path(&a.data_dir).display()
     );
+    let leadership = running.leadership.clone();
     tokio::select! {
         r = running.wait() => r.map_err(|e| CliError::fail(e.to_string())),
         _ = shutdown_signal() => {
             eprintln!("avail server: shutting down");
+            // Another server leads at once, not after the lease runs out.
+            leadership.resign().await;
             Ok(())
         }
     }

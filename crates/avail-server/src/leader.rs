@@ -326,14 +326,19 @@ mod tests {
     use super::*;
     use avail_store::RedbStore;
 
+    fn redb() -> (tempfile::TempDir, Arc<dyn Store>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("s")).unwrap());
+        (dir, store)
+    }
+
     fn leads(r: &Role) -> bool {
         matches!(r, Role::Leader { .. })
     }
 
     #[tokio::test]
     async fn one_server_leads_at_once_and_again_after_its_restart() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("s")).unwrap());
+        let (_dir, store) = redb();
         let a = Leadership::start(store.clone(), "a".into(), "x".into(), 60);
         assert!(a.wait_for(Duration::from_secs(10), leads).await);
         let Role::Leader { term } = a.role() else {
@@ -364,8 +369,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_follower_takes_over_when_the_leaders_lease_ends() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("s")).unwrap());
+        let (_dir, store) = redb();
         let a = Leadership::start(store.clone(), "a".into(), "x".into(), 2);
         assert!(a.wait_for(Duration::from_secs(10), leads).await);
         let Role::Leader { term } = a.role() else {
@@ -399,8 +403,7 @@ mod tests {
     /// lease (60 s here) runs out.
     #[tokio::test]
     async fn a_resigning_leader_is_replaced_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("s")).unwrap());
+        let (_dir, store) = redb();
         let a = Leadership::start(store.clone(), "a".into(), "x".into(), 60);
         assert!(a.wait_for(Duration::from_secs(10), leads).await);
         let b = Leadership::start(store.clone(), "b".into(), "y".into(), 60);
@@ -419,8 +422,7 @@ mod tests {
     /// is refused, and its event is not recorded.
     #[tokio::test]
     async fn a_deposed_leaders_writes_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("s")).unwrap());
+        let (_dir, store) = redb();
         let events = crate::events::Events::open(store.clone()).await.unwrap();
         let a = Leadership::start(store.clone(), "a".into(), "x".into(), 5);
         assert!(a.wait_for(Duration::from_secs(10), leads).await);

@@ -317,6 +317,19 @@ impl AppState {
     }
 }
 
+/// A server's state on a new redb store in a temp dir, for tests.
+#[cfg(test)]
+pub(crate) async fn test_app() -> (tempfile::TempDir, Arc<AppState>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> =
+        Arc::new(avail_store::RedbStore::open(&dir.path().join("s.redb")).unwrap());
+    let auth = crate::auth::Auth::load_or_create(dir.path()).unwrap();
+    let cfg = crate::ServerConfig::new(dir.path().into(), "127.0.0.1:0".parse().unwrap());
+    let ca = avail_tls::ClusterCa::load_or_create(dir.path()).unwrap();
+    let state = AppState::open(store, auth, ca, cfg).await.unwrap();
+    (dir, state)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -377,13 +390,7 @@ mod tests {
     /// and goes through when planned again.
     #[tokio::test]
     async fn a_stale_plan_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn avail_store::Store> =
-            Arc::new(avail_store::RedbStore::open(&dir.path().join("s.redb")).unwrap());
-        let auth = crate::auth::Auth::load_or_create(dir.path()).unwrap();
-        let cfg = crate::ServerConfig::new(dir.path().into(), "127.0.0.1:0".parse().unwrap());
-        let ca = avail_tls::ClusterCa::load_or_create(dir.path()).unwrap();
-        let state = AppState::open(store, auth, ca, cfg).await.unwrap();
+        let (_dir, state) = test_app().await;
         let first = workload("first", None, None, 10);
         let second = workload("second", None, None, 10);
         let at = state.view.read().unwrap().placement_rev;
@@ -408,13 +415,8 @@ mod tests {
     /// refused as stale: a placement never lands on rules it did not see.
     #[tokio::test]
     async fn a_plan_made_before_a_rule_change_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn avail_store::Store> =
-            Arc::new(avail_store::RedbStore::open(&dir.path().join("s.redb")).unwrap());
-        let auth = crate::auth::Auth::load_or_create(dir.path()).unwrap();
-        let cfg = crate::ServerConfig::new(dir.path().into(), "127.0.0.1:0".parse().unwrap());
-        let ca = avail_tls::ClusterCa::load_or_create(dir.path()).unwrap();
-        let state = AppState::open(store.clone(), auth, ca, cfg).await.unwrap();
+        let (_dir, state) = test_app().await;
+        let store = state.store.clone();
         let rec = record("a");
         store
             .put(&keys::node("a"), serde_json::to_vec(&rec).unwrap(), None)

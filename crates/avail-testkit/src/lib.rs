@@ -164,6 +164,34 @@ where
     }
 }
 
+/// Send `method path` (with `body` and `headers`) through `client` until it is
+/// answered `200`, polling for up to `deadline`: the reply. A timeout fails with the
+/// last status and body (or error).
+pub async fn until_ok(
+    client: &Client,
+    method: hyper::Method,
+    path: &str,
+    body: Option<(hyper::body::Bytes, &str)>,
+    headers: &[(&str, &str)],
+    deadline: Duration,
+) -> avail_client::Reply {
+    wait_until(&format!("{method} {path} answered 200"), deadline, || {
+        let (method, body) = (method.clone(), body.clone());
+        async move {
+            let r = client
+                .raw(method, path, body, headers)
+                .await
+                .map_err(|e| e.to_string())?;
+            if r.status == 200 {
+                Ok(r)
+            } else {
+                Err(format!("{} {}", r.status, String::from_utf8_lossy(&r.body)))
+            }
+        }
+    })
+    .await
+}
+
 /// A running cluster.
 pub struct Cluster {
     /// The `avail` binary.

@@ -148,20 +148,15 @@ async fn ingress_bodies_are_bounded_each_and_together() {
     assert_eq!(r.status, 200);
     // The bytes come back when the holders go away.
     drop(held);
-    wait_until("a body taken again", Duration::from_secs(30), || {
-        let ing = ing.clone();
-        async move {
-            let r = ing
-                .raw(Method::POST, "/w/c/incr", small(), &[])
-                .await
-                .map_err(|e| e.to_string())?;
-            if r.status == 200 {
-                Ok(())
-            } else {
-                Err(format!("{}", r.status))
-            }
-        }
-    })
+    // A body is taken again.
+    avail_testkit::until_ok(
+        &ing,
+        Method::POST,
+        "/w/c/incr",
+        small(),
+        &[],
+        Duration::from_secs(30),
+    )
     .await;
 }
 

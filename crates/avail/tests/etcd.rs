@@ -17,20 +17,14 @@ const BIN: &str = env!("CARGO_BIN_EXE_avail");
 /// `POST /w/counter/incr` through agent `i`'s ingress: the counter's new value.
 async fn incr(c: &Cluster, i: usize) -> u64 {
     let ingress = avail_client::Client::new(&c.ingress(i), None, None);
-    let r = avail_testkit::wait_until("the counter answers", Duration::from_secs(30), || {
-        let ingress = ingress.clone();
-        async move {
-            let r = ingress
-                .raw(Method::POST, "/w/counter/incr", None, &[])
-                .await
-                .map_err(|e| e.to_string())?;
-            if r.status == 200 {
-                Ok(r)
-            } else {
-                Err(format!("{} {}", r.status, String::from_utf8_lossy(&r.body)))
-            }
-        }
-    })
+    let r = avail_testkit::until_ok(
+        &ingress,
+        Method::POST,
+        "/w/counter/incr",
+        None,
+        &[],
+        Duration::from_secs(30),
+    )
     .await;
     let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     v["value"].as_u64().unwrap()

@@ -357,21 +357,14 @@ async fn internal_headers_and_the_peer_port_count_only_from_nodes() {
     // mark), and the workload sees neither internal header.
     for i in [here, other] {
         let ingress = Client::new(&c.ingress(i), None, None);
-        let r = wait_until("the echo answers", Duration::from_secs(20), || {
-            let ingress = ingress.clone();
-            let forged = forged.clone();
-            async move {
-                let r = ingress
-                    .raw(Method::GET, "/w/echo/", None, &forged)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if r.status == 200 {
-                    Ok(r)
-                } else {
-                    Err(format!("{} {}", r.status, String::from_utf8_lossy(&r.body)))
-                }
-            }
-        })
+        let r = avail_testkit::until_ok(
+            &ingress,
+            Method::GET,
+            "/w/echo/",
+            None,
+            &forged,
+            Duration::from_secs(20),
+        )
         .await;
         let seen = String::from_utf8_lossy(&r.body).into_owned();
         assert!(seen.contains("host:"), "{seen}");

@@ -157,14 +157,7 @@ async fn the_level_policy_sets_defaults_and_minimums() {
     let out = c.cli(&["cluster", "set-levels", "--minimum", "bad tag=x:ha"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("minimums[0].tag"));
-    ok(&c.cli(&[
-        "cluster",
-        "set-levels",
-        "--default",
-        "ha",
-        "--minimum",
-        "compliance=pci:ft",
-    ]));
+    set_levels(&c, &["compliance=pci:ft"]);
     let out = c.cli(&["cluster", "levels"]);
     ok(&out);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -234,16 +227,7 @@ async fn the_level_policy_sets_defaults_and_minimums() {
     // A minimum added later raises, live, what already runs on such nodes: `named`
     // (level none, on osaka's node-2) goes to ha without a restart.
     ok(&c.run_web("osaka-proc", &["--constraint", "zone == osaka"]));
-    ok(&c.cli(&[
-        "cluster",
-        "set-levels",
-        "--default",
-        "ha",
-        "--minimum",
-        "compliance=pci:ft",
-        "--minimum",
-        "zone=osaka:ha",
-    ]));
+    set_levels(&c, &["compliance=pci:ft", "zone=osaka:ha"]);
     let w = c
         .wait_workload("named", "raised to ha", Duration::from_secs(20), |w| {
             if w.spec.level == Level::Ha {
@@ -267,16 +251,7 @@ async fn the_level_policy_sets_defaults_and_minimums() {
     // A minimum a running workload cannot meet (a process where ft is required): it
     // is left running, said once (not at every pass, though its agent's reports
     // rewrite its status message every heartbeat).
-    ok(&c.cli(&[
-        "cluster",
-        "set-levels",
-        "--default",
-        "ha",
-        "--minimum",
-        "compliance=pci:ft",
-        "--minimum",
-        "zone=osaka:ft",
-    ]));
+    set_levels(&c, &["compliance=pci:ft", "zone=osaka:ft"]);
     c.wait_workload("named", "raised to ft", Duration::from_secs(20), |w| {
         (w.spec.level == Level::Ft)
             .then_some(())
@@ -315,6 +290,15 @@ async fn the_level_policy_sets_defaults_and_minimums() {
         .await;
     assert_eq!(w.spec.level, Level::Ft, "{:?}", w.status);
     assert_raised(&c, "hop", avail_model::EventKind::WorkloadRestarted).await;
+}
+
+/// `avail cluster set-levels --default ha` with these minimums (`tag:level`).
+fn set_levels(c: &Cluster, minimums: &[&str]) {
+    let mut args = vec!["cluster", "set-levels", "--default", "ha"];
+    for m in minimums {
+        args.extend(["--minimum", m]);
+    }
+    ok(&c.cli(&args));
 }
 
 /// The `kind` event of workload `name` says its level was raised on the pci node.

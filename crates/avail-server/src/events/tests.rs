@@ -9,7 +9,7 @@ use avail_store::{Compare, Op, RedbStore, Store, Txn};
 use tokio::sync::broadcast::error::TryRecvError;
 
 use super::*;
-use crate::state::{AppState, StateError};
+use crate::state::StateError;
 
 fn store() -> (tempfile::TempDir, Arc<dyn Store>) {
     let dir = tempfile::tempdir().unwrap();
@@ -267,16 +267,6 @@ fn a_trim_is_due_when_a_batch_passes_a_multiple() {
     assert_eq!(trim_due(1, 1), None);
 }
 
-async fn app() -> (tempfile::TempDir, Arc<AppState>) {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.path().join("s.redb")).unwrap());
-    let auth = crate::auth::Auth::load_or_create(dir.path()).unwrap();
-    let cfg = crate::ServerConfig::new(dir.path().into(), "127.0.0.1:0".parse().unwrap());
-    let ca = avail_tls::ClusterCa::load_or_create(dir.path()).unwrap();
-    let state = AppState::open(store, auth, ca, cfg).await.unwrap();
-    (dir, state)
-}
-
 fn workload(name: &str) -> Workload {
     let spec = avail_model::WorkloadSpec::parse(&format!(
         r#"{{"name":"{name}","driver":"wasm","artifact":"x","resources":{{"memory_mib":10,"cpu_millis":10}}}}"#
@@ -285,21 +275,7 @@ fn workload(name: &str) -> Workload {
     Workload {
         uid: name.into(),
         spec,
-        status: WorkloadStatus {
-            phase: Phase::Pending,
-            level_state: None,
-            node: None,
-            incarnation: 0,
-            restarts: 0,
-            message: None,
-            updated_ms: 0,
-            secondary: None,
-            generation: 0,
-            reservation: None,
-            plain: false,
-            moving_to: None,
-            ft: None,
-        },
+        status: WorkloadStatus::default(),
         created_ms: 0,
     }
 }
@@ -308,7 +284,7 @@ fn workload(name: &str) -> Workload {
 /// one shares its revision with its event.
 #[tokio::test]
 async fn workload_writes_commit_their_events() {
-    let (_dir, state) = app().await;
+    let (_dir, state) = crate::state::test_app().await;
     let store = state.store.clone();
     let w = workload("w");
     let rev = state
@@ -345,7 +321,7 @@ async fn workload_writes_commit_their_events() {
 /// once; an update that changes nothing records none.
 #[tokio::test]
 async fn a_status_update_records_its_events_with_its_write() {
-    let (_dir, state) = app().await;
+    let (_dir, state) = crate::state::test_app().await;
     let store = state.store.clone();
     state.write_workload(&workload("w"), 0).await.unwrap();
     let set_failed = |s: &mut WorkloadStatus| {
@@ -384,7 +360,7 @@ async fn a_status_update_records_its_events_with_its_write() {
 /// failover is one event, in the revision of the write that moved the generation.
 #[tokio::test]
 async fn a_failover_is_one_event_with_its_write() {
-    let (_dir, state) = app().await;
+    let (_dir, state) = crate::state::test_app().await;
     let store = state.store.clone();
     let mut w = workload("p");
     w.spec.level = Level::Ft;
@@ -414,7 +390,7 @@ async fn a_failover_is_one_event_with_its_write() {
 /// A drain is one write with its event; asked again, nothing is written or recorded.
 #[tokio::test]
 async fn a_drain_and_its_event_are_one_write() {
-    let (_dir, state) = app().await;
+    let (_dir, state) = crate::state::test_app().await;
     let store = state.store.clone();
     let rec = serde_json::json!({
         "name": "a", "address": "127.0.0.1", "ingress_url": "http://127.0.0.1:1",

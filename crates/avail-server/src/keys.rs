@@ -29,15 +29,21 @@ pub const CLUSTER_ID: &str = "/config/cluster_id";
 /// The placement key: every placement writes it and compares its revision.
 pub const PLACEMENT: &str = "/placement";
 
-/// The write that makes every plan made before it stale: the placement key, put with
-/// every change of what plans are made from (a node's tags or drain, a join, the level
-/// policy), so a plan made on the old rules is refused and made again.
-pub fn rules_changed() -> avail_store::Op {
+/// A write of the placement key (its value says what: the workload placed, `restart`,
+/// `rules`): every plan made before it is stale and refused.
+pub fn placement_written(what: impl Into<Vec<u8>>) -> avail_store::Op {
     avail_store::Op::Put {
         key: PLACEMENT.into(),
-        value: b"rules".to_vec(),
+        value: what.into(),
         lease: None,
     }
+}
+
+/// The placement-key write made with every change of what plans are made from (a
+/// node's tags or drain, a join, the level policy), so a plan made on the old rules is
+/// refused and made again.
+pub fn rules_changed() -> avail_store::Op {
+    placement_written("rules")
 }
 
 /// Key of a workload.

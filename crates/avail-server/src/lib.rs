@@ -295,13 +295,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     private_dir(dir)?;
     private_dir(&dir.join("artifacts"))?;
     let store = store_open::open(&config.store, dir).await?;
-    let what = match &config.store {
-        store_open::StoreChoice::Redb => dir.join("store.redb").display().to_string(),
-        store_open::StoreChoice::Etcd { endpoints, prefix } => {
-            format!("etcd {} (prefix {prefix})", endpoints.join(","))
-        }
-    };
-    store_open::bind_cluster(store.as_ref(), dir, &what).await?;
+    store_open::bind_cluster(store.as_ref(), dir, &config.store.describe(dir)).await?;
     let auth = Auth::load_or_create(dir)?;
     ensure_token(&auth, &admin_token_path(dir), "admin", Role::Admin)?;
     let ca = avail_tls::ClusterCa::load_or_create(dir)?;

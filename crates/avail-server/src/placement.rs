@@ -182,11 +182,7 @@ impl AppState {
                     value: serde_json::to_vec(w).expect("workload serialises"),
                     lease: None,
                 },
-                avail_store::Op::Put {
-                    key: keys::PLACEMENT.into(),
-                    value: w.spec.name.clone().into_bytes(),
-                    lease: None,
-                },
+                keys::placement_written(w.spec.name.clone()),
             ],
             failure: vec![],
         };

@@ -176,11 +176,7 @@ impl AppState {
             }
             let mut txn = avail_store::Txn {
                 compares: vec![avail_store::Compare::ModRev(keys::PLACEMENT.into(), at)],
-                success: vec![avail_store::Op::Put {
-                    key: keys::PLACEMENT.into(),
-                    value: b"restart".to_vec(),
-                    lease: None,
-                }],
+                success: vec![keys::placement_written("restart")],
                 failure: vec![],
             };
             let mut events = Vec::with_capacity(planned.len());

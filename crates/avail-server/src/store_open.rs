@@ -73,6 +73,18 @@ impl StoreChoice {
     }
 }
 
+impl StoreChoice {
+    /// The store, named for errors and logs.
+    pub fn describe(&self, dir: &Path) -> String {
+        match self {
+            StoreChoice::Redb => dir.join("store.redb").display().to_string(),
+            StoreChoice::Etcd { endpoints, prefix } => {
+                format!("etcd {} (prefix {prefix})", endpoints.join(","))
+            }
+        }
+    }
+}
+
 /// Path of the data dir's cluster id.
 pub fn cluster_id_path(data_dir: &Path) -> PathBuf {
     data_dir.join("cluster.id")

@@ -233,25 +233,57 @@ impl FromRequestParts<AppStateRef> for AdminOrAgent {
     }
 }
 
+/// Past a body's limit, the server goes on reading (and dropping) at most this much
+/// more, for at most [`LINGER`], before it answers `413` and closes: a client still
+/// sending then reads the answer instead of a broken pipe (a lingering close, as
+/// nginx's). Bounded in bytes and time, and nothing is kept.
+pub const LINGER_BYTES: usize = 16 << 20;
+/// How long an oversized body is drained at most.
+pub const LINGER: Duration = Duration::from_secs(2);
+
 async fn read_body(body: Body, limit: usize) -> ApiResult<Bytes> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let too_large = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-            || e.to_string().contains("length limit");
-        if too_large {
-            ApiErr::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!("body larger than {limit} bytes"),
-            )
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut buf = bytes::BytesMut::new();
+    let mut over = 0usize;
+    let deadline = tokio::time::Instant::now() + LINGER;
+    loop {
+        let next = if over > 0 {
+            match tokio::time::timeout_at(deadline, body.frame()).await {
+                Ok(f) => f,
+                Err(_) => break,
+            }
         } else {
+            body.frame().await
+        };
+        let Some(frame) = next else { break };
+        let frame = frame.map_err(|e| {
             ApiErr::new(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
                 format!("reading body: {e}"),
             )
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if over == 0 && buf.len() + data.len() <= limit {
+            buf.extend_from_slice(&data);
+        } else {
+            over += data.len();
+            if over > LINGER_BYTES {
+                break;
+            }
         }
-    })
+    }
+    if over > 0 {
+        return Err(ApiErr::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("body larger than {limit} bytes"),
+        ));
+    }
+    Ok(buf.freeze())
 }
 
 pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(body: Body) -> ApiResult<T> {

@@ -46,8 +46,10 @@ impl Identity {
             presented,
             cert_path: cfg.data_dir.join("node.crt"),
             ca_pem: cfg.ca_pem.clone(),
+            // Every agent call is safe to repeat on another server.
             server: Client::with_tls(&cfg.server, None, Some(cfg.addr), Some(tls))
-                .for_node(&cfg.name),
+                .for_node(&cfg.name)
+                .repeatable(),
         })
     }
 

@@ -49,7 +49,7 @@ pub struct AgentConfig {
     pub ingress_port: u16,
     /// Replication port (`ft` checkpoint streams).
     pub replication_port: u16,
-    /// Server base URL.
+    /// Server base URL, or several comma-separated (failed over between).
     pub server: String,
     /// Join token (needed for the first join only: afterwards the node's key, kept in
     /// the data dir, proves who it is).

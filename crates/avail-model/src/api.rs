@@ -62,3 +62,41 @@ pub struct ArtifactRef {
     /// Size in bytes.
     pub size_bytes: u64,
 }
+
+/// Heartbeats a follower relays to the leader (`POST /v1/internal/heard`, server to
+/// server): the nodes heard since its last relay.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HeardBatch {
+    /// The nodes' names.
+    pub nodes: Vec<String>,
+}
+
+/// The leader's answer to a [`HeardBatch`]: each node's state, in the order asked
+/// (`null`: a node the leader does not know).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HeardReply {
+    /// The states.
+    pub states: Vec<Option<crate::NodeState>>,
+}
+
+/// The control plane as one server sees it (`GET /v1/cluster/control`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ControlPlane {
+    /// The answering server's id.
+    pub server: String,
+    /// Whether the answering server leads (decides).
+    pub leads: bool,
+    /// The leading server, when known.
+    pub leader: Option<LeaderInfo>,
+}
+
+/// The leading server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LeaderInfo {
+    /// Its id.
+    pub server: String,
+    /// Its API address.
+    pub addr: String,
+    /// The term: the store revision at which it took the lead.
+    pub term: u64,
+}

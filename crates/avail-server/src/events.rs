@@ -40,10 +40,16 @@
 //! - Retry loops (conflict, re-read, retry) stage their events with each attempt:
 //!   only the attempt that commits records them, once.
 //!
-//! The numbers are this server's: two servers on one store would each count on their
-//! own (as before this module staged events with writes).
+//! **Several servers** give numbers from one sequence: each starts after the last
+//! number it has seen stored, and the transaction also requires the first number it
+//! uses to be free. When another server took it, the transaction (which then commits
+//! nothing) is made again after the last number stored, once this server's store
+//! watch has passed that one on. Each server's live followers get every server's
+//! events: its own at their commit, the others' from the store's watch
+//! ([`Events::publish`]), each once, in the store's order.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use avail_model::{ClusterEvent, EventKind};
 use avail_store::{Compare, Op, Revision, Store, Txn, TxnResult};
@@ -120,6 +126,10 @@ pub struct Events {
     /// and broadcast, so followers see events in sequence order (see the module docs).
     next_seq: tokio::sync::Mutex<u64>,
     tx: broadcast::Sender<ClusterEvent>,
+    /// The highest number seen in the store (written by any server).
+    seen: AtomicU64,
+    /// The highest number sent to the live followers.
+    sent: std::sync::Mutex<u64>,
     /// Followers of the live stream, bounded.
     pub followers: crate::followers::Followers,
 }
@@ -137,6 +147,8 @@ impl Events {
             store,
             next_seq: tokio::sync::Mutex::new(last + 1),
             tx,
+            seen: AtomicU64::new(last),
+            sent: std::sync::Mutex::new(last),
             followers: Default::default(),
         })
     }
@@ -186,47 +198,80 @@ impl Events {
         );
         let n = events.len() as u64;
         let mut next = self.next_seq.lock().await;
-        let first = *next;
-        let time_ms = crate::now_ms();
-        let staged: Vec<ClusterEvent> = events
-            .into_iter()
-            .zip(first..)
-            .map(|(e, seq)| e.at(seq, time_ms))
-            .collect();
-        txn.success.extend(staged.iter().map(|ev| Op::Put {
-            key: keys::event(ev.seq),
-            value: serde_json::to_vec(ev).expect("event serialises"),
-            lease: None,
-        }));
-        // Taken before the store is asked: a caller dropped while the store works (the
-        // transaction may still commit) leaves a gap, never a number given twice.
-        *next = first + n;
-        let result = self.store.txn(txn).await;
-        match &result {
-            Ok(r) if r.succeeded => {
-                for ev in staged {
-                    tracing::info!(
-                        seq = ev.seq,
-                        kind = %ev.kind,
-                        workload = ev.workload.as_deref(),
-                        node = ev.node.as_deref(),
-                        message = %ev.message,
-                        revision = r.revision,
-                        "event"
-                    );
-                    let _ = self.tx.send(ev);
+        let mut txn = txn;
+        let base_success = txn.success.len();
+        let mut tries = 0;
+        let (first, result) = loop {
+            // After the last number any server is seen to have used: several servers
+            // give numbers from one sequence.
+            let first = (*next).max(self.seen.load(Ordering::Acquire) + 1);
+            let time_ms = crate::now_ms();
+            let staged: Vec<ClusterEvent> = events
+                .iter()
+                .cloned()
+                .zip(first..)
+                .map(|(e, seq)| e.at(seq, time_ms))
+                .collect();
+            txn.success.truncate(base_success);
+            txn.success.extend(staged.iter().map(|ev| Op::Put {
+                key: keys::event(ev.seq),
+                value: serde_json::to_vec(ev).expect("event serialises"),
+                lease: None,
+            }));
+            // The first number must be free: another server may have used it.
+            let mut attempt = txn.clone();
+            attempt
+                .compares
+                .push(Compare::ModRev(keys::event(first), 0));
+            // Taken before the store is asked: a caller dropped while the store works
+            // (the transaction may still commit) leaves a gap, never a number given
+            // twice.
+            *next = first + n;
+            let result = self.store.txn(attempt).await;
+            match &result {
+                Ok(r) if r.succeeded => {
+                    for ev in staged {
+                        tracing::info!(
+                            seq = ev.seq,
+                            kind = %ev.kind,
+                            workload = ev.workload.as_deref(),
+                            node = ev.node.as_deref(),
+                            message = %ev.message,
+                            revision = r.revision,
+                            "event"
+                        );
+                        self.send(ev);
+                    }
+                }
+                Ok(_) => {
+                    // Nothing committed: the numbers are free again (still under the
+                    // lock, so none was given since) unless another server took them.
+                    *next = first;
+                    tries += 1;
+                    if tries < 8
+                        && txn.failure.is_empty()
+                        && let Ok(Some(_)) = self.store.get(&keys::event(first)).await
+                    {
+                        // Taken by another server: after the last one stored, once this
+                        // server's watch has passed it along (followers see events in
+                        // order), or a second at most.
+                        let last = self.last_stored().await.unwrap_or(first);
+                        for _ in 0..100 {
+                            if self.seen.load(Ordering::Acquire) >= last {
+                                break;
+                            }
+                            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        }
+                        self.seen.fetch_max(last, Ordering::AcqRel);
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(first, last = first + n - 1, "events of a failed write: {e}");
                 }
             }
-            Ok(_) => {
-                // Nothing committed: the numbers are free again (still under the lock,
-                // so none was given since).
-                debug_assert_eq!(*next, first + n);
-                *next = first;
-            }
-            Err(e) => {
-                tracing::warn!(first, last = first + n - 1, "events of a failed write: {e}");
-            }
-        }
+            break (first, result);
+        };
         drop(next);
         if result.as_ref().is_ok_and(|r| r.succeeded) {
             self.trim(first, first + n - 1).await;
@@ -350,10 +395,36 @@ impl Events {
         Ok(out)
     }
 
-    /// The last sequence number given (0: none yet). Taken after a write under way with
-    /// events has committed (or not) and its events are broadcast.
+    /// The last sequence number given here or seen from any server (0: none yet).
+    /// Taken after a write under way here with events has committed (or not).
     pub async fn last_seq(&self) -> u64 {
-        *self.next_seq.lock().await - 1
+        (*self.next_seq.lock().await - 1).max(self.seen.load(Ordering::Acquire))
+    }
+
+    /// The number of the last event stored.
+    async fn last_stored(&self) -> avail_store::Result<u64> {
+        let (kvs, _) = self.store.range(keys::EVENTS).await?;
+        Ok(kvs
+            .last()
+            .and_then(|kv| kv.key.strip_prefix(keys::EVENTS)?.parse::<u64>().ok())
+            .unwrap_or(0))
+    }
+
+    /// An event as the store's watch delivers it (from any server): sent to the live
+    /// followers of this server, in the store's order.
+    pub fn publish(&self, ev: ClusterEvent) {
+        self.seen.fetch_max(ev.seq, Ordering::AcqRel);
+        self.send(ev);
+    }
+
+    /// Send `ev` to the live followers unless it (or a later one) went already: this
+    /// server's own events go at their commit, everyone's again from the watch.
+    fn send(&self, ev: ClusterEvent) {
+        let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+        if ev.seq > *sent {
+            *sent = ev.seq;
+            let _ = self.tx.send(ev);
+        }
     }
 
     /// Stored events with `after < seq <= upto`, oldest first, at most `limit`: point

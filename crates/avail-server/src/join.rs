@@ -241,6 +241,9 @@ impl AppState {
                 Op::Delete {
                     key: keys::alive(name),
                 },
+                Op::Delete {
+                    key: keys::verdict(name),
+                },
             ],
             failure: vec![],
         };

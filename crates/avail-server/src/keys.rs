@@ -6,6 +6,7 @@
 //! | `/workloads/<name>` | [`avail_model::Workload`] |
 //! | `/nodes/<name>` | [`crate::state::NodeRecord`] |
 //! | `/alive/<name>` | empty; attached to the node's lease: absent means down |
+//! | `/verdicts/<name>` | [`avail_model::NodeState`]: the leader's liveness verdict on the node, written when it changes (every server answers from it) |
 //! | `/events/<seq, 20 digits>` | [`avail_model::ClusterEvent`] (the last [`crate::events::KEEP_EVENTS`]) |
 //! | `/config/cluster_id` | the cluster's id, also in the server's data dir (`cluster.id`): a store and a data dir of different clusters are refused |
 //! | `/config/levels` | [`avail_model::spec::LevelPolicy`]: the default level and minimums by node tag |
@@ -18,6 +19,8 @@ pub const WORKLOADS: &str = "/workloads/";
 pub const NODES: &str = "/nodes/";
 /// Prefix of node liveness keys.
 pub const ALIVE: &str = "/alive/";
+/// Prefix of the leader's liveness verdicts.
+pub const VERDICTS: &str = "/verdicts/";
 /// Prefix of events.
 pub const EVENTS: &str = "/events/";
 /// The cluster's level policy.
@@ -57,6 +60,10 @@ pub fn node(name: &str) -> String {
 /// Key of a node's liveness.
 pub fn alive(name: &str) -> String {
     format!("{ALIVE}{name}")
+}
+/// Key of a node's liveness verdict.
+pub fn verdict(name: &str) -> String {
+    format!("{VERDICTS}{name}")
 }
 /// Key of an event.
 pub fn event(seq: u64) -> String {

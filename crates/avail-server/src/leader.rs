@@ -23,8 +23,8 @@
 //! middle of a pass (its lease expired while it was paused, say) has its writes
 //! refused, even before it notices.
 //!
-//! Not yet: several servers need liveness shared between them (an agent heartbeats
-//! one server).
+//! Followers relay the heartbeats they receive to the leader ([`crate::heard_relay`]),
+//! so liveness is judged by the leader alone whichever server a node speaks to.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,8 +55,8 @@ pub const LEADER_TTL_S: u64 = 2;
 pub enum Role {
     /// Not deciding; `leader` is the server that leads, when known.
     Follower {
-        /// The leading server's id.
-        leader: Option<String>,
+        /// The leading server.
+        leader: Option<LeaderRecord>,
     },
     /// Deciding, since `term` (the revision it took the key at).
     Leader {
@@ -80,6 +80,7 @@ pub struct LeaderRecord {
 /// resigning, when the last clone is dropped).
 #[derive(Clone)]
 pub struct Leadership {
+    id: String,
     role: watch::Receiver<Role>,
     task: Arc<AbortOnDrop>,
     store: Arc<dyn Store>,
@@ -102,13 +103,14 @@ impl Leadership {
         let holding = Arc::new(std::sync::Mutex::new(None));
         let task = tokio::spawn(campaign(
             store.clone(),
-            id,
+            id.clone(),
             addr,
             ttl_s,
             tx,
             holding.clone(),
         ));
         Leadership {
+            id,
             role: rx,
             task: Arc::new(AbortOnDrop(task)),
             store,
@@ -130,6 +132,30 @@ impl Leadership {
         {
             tracing::warn!("resigning the lead: {e}");
         }
+    }
+
+    /// This server's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The control plane as this server sees it: whether it leads, and the leader as
+    /// the store says now (a linearizable read).
+    pub async fn control_plane(&self) -> Result<avail_model::api::ControlPlane, StoreError> {
+        let kv = self.store.get(LEADER_KEY).await?;
+        let leader = kv.and_then(|kv| {
+            let r: LeaderRecord = serde_json::from_slice(&kv.value).ok()?;
+            Some(avail_model::api::LeaderInfo {
+                server: r.server,
+                addr: r.addr,
+                term: kv.mod_rev,
+            })
+        });
+        Ok(avail_model::api::ControlPlane {
+            server: self.id.clone(),
+            leads: self.is_leader(),
+            leader,
+        })
     }
 
     /// Whether this server decides now.
@@ -223,10 +249,12 @@ async fn run_once(
         let Some(kv) = kvs.into_iter().find(|kv| kv.key == LEADER_KEY) else {
             continue;
         };
-        let holder = serde_json::from_slice::<LeaderRecord>(&kv.value)
-            .map(|r| r.server)
-            .unwrap_or_default();
-        if holder == id {
+        let Ok(holder) = serde_json::from_slice::<LeaderRecord>(&kv.value) else {
+            return Err(StoreError::Backend(format!(
+                "{LEADER_KEY} holds no leader record"
+            )));
+        };
+        if holder.server == id {
             // A previous run of this server: take the key back now.
             store
                 .txn(Txn {
@@ -347,11 +375,9 @@ mod tests {
         // Another server waits while a holds the key.
         let b = Leadership::start(store.clone(), "b".into(), "y".into(), 60);
         assert!(
-            b.wait_for(Duration::from_secs(10), |r| *r
-                == Role::Follower {
-                    leader: Some("a".into())
-                })
-            .await
+            b.wait_for(Duration::from_secs(10), |r| matches!(r,
+                Role::Follower { leader: Some(l) } if l.server == "a" && l.addr == "x"))
+                .await
         );
         drop(b);
         // a's process dies (its lease lives on) and a restarts: it leads at once, in a
@@ -408,11 +434,9 @@ mod tests {
         assert!(a.wait_for(Duration::from_secs(10), leads).await);
         let b = Leadership::start(store.clone(), "b".into(), "y".into(), 60);
         assert!(
-            b.wait_for(Duration::from_secs(10), |r| *r
-                == Role::Follower {
-                    leader: Some("a".into())
-                })
-            .await
+            b.wait_for(Duration::from_secs(10), |r| matches!(r,
+                Role::Follower { leader: Some(l) } if l.server == "a" && l.addr == "x"))
+                .await
         );
         a.resign().await;
         assert!(b.wait_for(Duration::from_secs(10), leads).await);

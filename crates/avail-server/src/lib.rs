@@ -14,6 +14,7 @@ pub mod desired;
 pub mod drain;
 pub mod events;
 pub mod followers;
+pub mod heard_relay;
 pub mod identity;
 pub mod join;
 pub mod join_tokens;
@@ -91,6 +92,9 @@ pub struct ServerConfig {
     pub store: store_open::StoreChoice,
     /// Life of the leader's lease, seconds ([`leader`]).
     pub leader_ttl_s: u64,
+    /// Another server's data dir of the cluster this server joins: its cluster files
+    /// are copied into this one at start ([`store_open::adopt_cluster`]).
+    pub join_from: Option<PathBuf>,
     /// Tag keys only an administrator sets (`avail node tag`): a node may not declare
     /// them at its join, so a node cannot make itself eligible for workloads that
     /// require them (as Kubernetes' NodeRestriction keeps kubelets off reserved labels).
@@ -125,6 +129,7 @@ impl ServerConfig {
             admin_tags: DEFAULT_ADMIN_TAGS.iter().map(|k| k.to_string()).collect(),
             store: store_open::StoreChoice::Redb,
             leader_ttl_s: leader::LEADER_TTL_S,
+            join_from: None,
         }
     }
 
@@ -294,6 +299,9 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     let dir = &config.data_dir;
     private_dir(dir)?;
     private_dir(&dir.join("artifacts"))?;
+    if let Some(from) = &config.join_from {
+        store_open::adopt_cluster(from, dir)?;
+    }
     let store = store_open::open(&config.store, dir).await?;
     store_open::bind_cluster(store.as_ref(), dir, &config.store.describe(dir)).await?;
     let auth = Auth::load_or_create(dir)?;
@@ -311,13 +319,27 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     let addr = listener
         .local_addr()
         .map_err(|e| ServerError::Io(e.to_string()))?;
+    let server_id = store_open::server_id(dir)?;
     let leadership = leader::Leadership::start(
         store.clone(),
-        store_open::server_id(dir)?,
+        server_id.clone(),
         addr.to_string(),
         config.leader_ttl_s,
     );
+    // This server's client certificate, for what it asks of the other servers.
+    let (client_chain, client_key) = ca.issue_server_client(&server_id, SERVER_CERT_TTL_S)?;
+    let client_cert = avail_tls::config::NodeCert::new();
+    client_cert.set(&client_chain, &client_key)?;
+    let peer_tls = avail_tls::client_config(ca.cert_pem(), Some(client_cert))?;
+    let relay = heard_relay::HeardRelay::start(
+        store.clone(),
+        leadership.clone(),
+        peer_tls,
+        server_id.clone(),
+    );
     let state = AppState::open(store, auth, ca, config).await?;
+    let _ = state.leadership.set(leadership.clone());
+    let _ = state.relay.set(relay);
     state
         .events
         .emit(
@@ -355,6 +377,7 @@ async fn background(state: std::sync::Weak<AppState>, leadership: leader::Leader
         let role = leadership.role();
         if led.as_ref() != Some(&role) {
             if let leader::Role::Leader { term } = role {
+                s.begin_term();
                 s.events
                     .emit(
                         EventKind::ServerLeader,

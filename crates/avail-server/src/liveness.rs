@@ -5,11 +5,13 @@ use avail_model::EventKind;
 use std::time::Instant;
 
 use avail_model::{Level, NodeState, Phase};
-use avail_store::StoreError;
+use avail_store::{LeaseId, StoreError};
 
 use crate::events::NewEvent;
+use crate::heard_relay::Relayed;
 use crate::state::*;
 use crate::{keys, now_ms};
+use avail_store::{Op, Txn};
 
 impl AppState {
     /// Current liveness state of a node, from this server's clock: heard within
@@ -27,6 +29,21 @@ impl AppState {
     }
 
     pub(crate) fn liveness(&self, name: &str, view: &View) -> NodeState {
+        self.judge(name, view).0
+    }
+
+    /// A node's liveness, and whether it is one the leader has not heard since its
+    /// grace began (its previous verdict stands meanwhile). A follower answers from
+    /// the leader's verdicts.
+    fn judge(&self, name: &str, view: &View) -> (NodeState, bool) {
+        if !self.is_leader() {
+            let st = match view.verdicts.get(name) {
+                Some(st) => *st,
+                None if view.alive.contains(name) => NodeState::Suspect,
+                None => NodeState::Down,
+            };
+            return (st, false);
+        }
         // No heartbeat from any node for the down window: this server is the one cut
         // off (or stalled), not every node at once. Nothing is declared down then, and
         // when heartbeats come back the nodes get a grace to be heard again.
@@ -36,34 +53,50 @@ impl AppState {
         };
         let in_grace = from.elapsed() < self.config.startup_grace;
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        let (state, heard_since_grace) = match live.get(name) {
-            Some(l) => {
-                let silent = l.last_heartbeat.elapsed();
-                let st = if silent <= self.config.suspect_after {
-                    NodeState::Ready
-                } else if silent <= self.config.down_after {
-                    NodeState::Suspect
-                } else {
-                    NodeState::Down
-                };
-                (st, l.last_heartbeat >= from)
-            }
-            None if view.alive.contains(name) => (NodeState::Suspect, false),
-            None => (NodeState::Down, false),
-        };
-        // A node heard since the grace began and silent since is down at once; one not
-        // heard since then gets the grace.
-        if state == NodeState::Down && (blackout || (in_grace && !heard_since_grace)) {
-            NodeState::Suspect
-        } else {
-            state
-        }
+        let heard = live
+            .get(name)
+            .map(|l| (l.last_heartbeat.elapsed(), l.last_heartbeat >= from));
+        judge(
+            heard,
+            view.alive.contains(name),
+            in_grace,
+            blackout,
+            &self.config,
+        )
+    }
+
+    /// A new term begins here: the grace before any down verdict starts again (this
+    /// server has heard none of the nodes that spoke to the previous leader).
+    pub fn begin_term(&self) {
+        let mut g = self.grace.lock().unwrap_or_else(|p| p.into_inner());
+        g.from = Instant::now();
+        g.last_any = Instant::now();
     }
 
     /// The liveness part of a heartbeat: renew the node's lease (or create it), make it
     /// schedulable when ready. Kept short: the agent times its contact with the server
     /// by the answer (fencing), so the reports are applied apart ([`AppState::reports`]).
     pub async fn heard(&self, node: &str) -> Result<NodeState, StateError> {
+        if self.is_leader() {
+            return self.heard_here(node).await;
+        }
+        let Some(relay) = self.relay.get() else {
+            return Err(StateError::TryAnotherServer(
+                "this server does not lead and cannot reach the leader".into(),
+            ));
+        };
+        match relay.heard(node).await {
+            Relayed::Heard(st) => Ok(st),
+            Relayed::NoLeader => {
+                let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+                Ok(self.node_state(node, &v))
+            }
+            Relayed::Refused(why) => Err(StateError::TryAnotherServer(why)),
+        }
+    }
+
+    /// The leader's part of a heartbeat (its own, or relayed by a follower).
+    pub async fn heard_here(&self, node: &str) -> Result<NodeState, StateError> {
         let lease = {
             let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
             let l = live.entry(node.to_string()).or_insert(Live {
@@ -75,6 +108,13 @@ impl AppState {
             l.last_heartbeat_ms = now_ms();
             l.lease
         };
+        let lease = lease.filter(|_| {
+            self.view
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .alive
+                .contains(node)
+        });
         {
             let mut g = self.grace.lock().unwrap_or_else(|p| p.into_inner());
             if g.last_any.elapsed() > self.config.down_after {
@@ -86,36 +126,18 @@ impl AppState {
             }
             g.last_any = Instant::now();
         }
-        let renewed = match lease {
-            Some(id) => match self.store.keep_alive(id).await {
-                Ok(()) => true,
-                Err(StoreError::LeaseNotFound(_)) => false,
-                Err(e) => return Err(e.into()),
-            },
-            None => false,
-        };
-        if !renewed
-            || !self
-                .view
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .alive
-                .contains(node)
-        {
-            let id = self.store.grant_lease(self.config.lease_ttl_s()).await?;
-            let rev = self
-                .store
-                .put(&keys::alive(node), Vec::new(), Some(id))
-                .await?;
-            if let Some(l) = self
-                .live
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get_mut(node)
-            {
-                l.lease = Some(id);
+        // The node's store lease (the backstop other readers see) is renewed apart
+        // from the verdict: this server heard the node whatever the store does, so
+        // the answer never waits long for it (an etcd election, say) and a failure is
+        // not the node's. At most once a third of its life.
+        let due = lease.is_none_or(|(_, at)| at.elapsed() >= self.lease_renewal_period());
+        if due {
+            let renewal = self.renew_alive(node, lease.map(|(id, _)| id));
+            match tokio::time::timeout(self.config.heartbeat_interval, renewal).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(%node, "liveness lease not renewed: {e}"),
+                Err(_) => tracing::warn!(%node, "liveness lease: no answer from the store in time"),
             }
-            self.wait_view(rev).await;
         }
         // Heard and alive: ready, so schedulable from now on (the liveness tick takes
         // it away again when the heartbeats stop).
@@ -133,6 +155,45 @@ impl AppState {
         }
         let v = self.view.read().unwrap_or_else(|p| p.into_inner());
         Ok(self.node_state(node, &v))
+    }
+
+    /// How often a node's store lease is renewed: a third of its life.
+    fn lease_renewal_period(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.config.lease_ttl_s()) / 3
+    }
+
+    /// Renew node `node`'s store lease `lease`, or make a new one with its liveness
+    /// key when there is none (or it expired).
+    async fn renew_alive(&self, node: &str, lease: Option<LeaseId>) -> Result<(), StoreError> {
+        if let Some(id) = lease {
+            match self.store.keep_alive(id).await {
+                Ok(()) => {
+                    self.set_lease(node, id);
+                    return Ok(());
+                }
+                Err(StoreError::LeaseNotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let id = self.store.grant_lease(self.config.lease_ttl_s()).await?;
+        let rev = self
+            .store
+            .put(&keys::alive(node), Vec::new(), Some(id))
+            .await?;
+        self.set_lease(node, id);
+        self.wait_view(rev).await;
+        Ok(())
+    }
+
+    fn set_lease(&self, node: &str, id: LeaseId) {
+        if let Some(l) = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(node)
+        {
+            l.lease = Some((id, Instant::now()));
+        }
     }
 
     /// A node's agent restarted (new boot id): every workload on it is a new run.
@@ -177,13 +238,19 @@ impl AppState {
     pub async fn check_liveness(&self) {
         // States only: building the API's node (allocation, drain progress) every 50 ms
         // would scan the workloads of each draining node for nothing.
-        let states: Vec<(String, NodeState)> = {
+        let judged: Vec<(String, NodeState, Option<NodeState>)> = {
             let v = self.view.read().unwrap_or_else(|p| p.into_inner());
             v.nodes
                 .keys()
-                .map(|n| (n.clone(), self.node_state(n, &v)))
+                .map(|n| {
+                    let (st, unheard) = self.judge(n, &v);
+                    let change = verdict_change(st, v.verdicts.get(n).copied(), unheard);
+                    (n.clone(), st, change)
+                })
                 .collect()
         };
+        let states: Vec<(String, NodeState)> =
+            judged.iter().map(|(n, st, _)| (n.clone(), *st)).collect();
         // The scheduler's view follows readiness (a clock matter, not a store event).
         {
             let mut v = self.view.write().unwrap_or_else(|p| p.into_inner());
@@ -191,15 +258,10 @@ impl AppState {
                 v.sched.set_schedulable(name, *st == NodeState::Ready);
             }
         }
-        let mut changed = Vec::new();
-        {
-            let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
-            for (name, st) in &states {
-                if published.insert(name.clone(), *st) != Some(*st) {
-                    changed.push((name.clone(), *st));
-                }
-            }
-        }
+        let changed: Vec<(String, NodeState)> = judged
+            .into_iter()
+            .filter_map(|(n, _, change)| Some((n, change?)))
+            .collect();
         for (name, st) in changed {
             let silent = self
                 .live
@@ -222,9 +284,21 @@ impl AppState {
                 }
                 _ => format!("node {name} is {}", st.as_str()),
             };
-            self.events
-                .emit(EventKind::for_node_state(st), None, Some(&name), what)
-                .await;
+            // The verdict and its event, one write (fenced by the term: a deposed
+            // leader's verdict is refused).
+            let txn = Txn {
+                compares: vec![],
+                success: vec![Op::Put {
+                    key: keys::verdict(&name),
+                    value: serde_json::to_vec(&st).expect("a state serialises"),
+                    lease: None,
+                }],
+                failure: vec![],
+            };
+            let ev = NewEvent::new(EventKind::for_node_state(st), None, Some(&name), what);
+            if let Err(e) = self.events.commit(txn, vec![ev]).await {
+                tracing::warn!(node = %name, "verdict not written: {e}");
+            }
         }
         let down: Vec<String> = states
             .iter()
@@ -236,7 +310,11 @@ impl AppState {
         let revoke: Vec<avail_store::LeaseId> = {
             let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
             down.iter()
-                .filter_map(|n| live.get_mut(n).and_then(|l| l.lease.take()))
+                .filter_map(|n| {
+                    live.get_mut(n)
+                        .and_then(|l| l.lease.take())
+                        .map(|(id, _)| id)
+                })
                 .collect()
         };
         for id in revoke {
@@ -359,5 +437,117 @@ impl AppState {
                 })
                 .await;
         }
+    }
+}
+
+/// A node's liveness on the leader, from when it was last heard (how long ago, and
+/// whether since the grace began), whether its store lease lives, whether the grace
+/// lasts, and whether no node at all was heard for the down window (a blackout: this
+/// server was cut off). Returns the state and whether the node is one not heard since
+/// the grace began, whose previous verdict stands. Pure.
+pub fn judge(
+    heard: Option<(std::time::Duration, bool)>,
+    alive: bool,
+    in_grace: bool,
+    blackout: bool,
+    config: &crate::ServerConfig,
+) -> (NodeState, bool) {
+    let (state, heard_since_grace) = match heard {
+        Some((silent, since)) => {
+            let st = if silent <= config.suspect_after {
+                NodeState::Ready
+            } else if silent <= config.down_after {
+                NodeState::Suspect
+            } else {
+                NodeState::Down
+            };
+            (st, since)
+        }
+        None if alive => (NodeState::Suspect, false),
+        None => (NodeState::Down, false),
+    };
+    let unheard = in_grace && !heard_since_grace;
+    // A node heard since the grace began and silent since is down at once; one not
+    // heard since then gets the grace.
+    if state == NodeState::Down && (blackout || unheard) {
+        (NodeState::Suspect, unheard)
+    } else {
+        (state, unheard)
+    }
+}
+
+/// The verdict the leader writes for a node now, if any: its state when that differs
+/// from the verdict in force, except that a node not heard since the grace began
+/// keeps the verdict it has (a new leader does not call every node suspect while the
+/// agents find it). Pure.
+pub fn verdict_change(
+    state: NodeState,
+    in_force: Option<NodeState>,
+    unheard_in_grace: bool,
+) -> Option<NodeState> {
+    if unheard_in_grace && in_force.is_some() {
+        return None;
+    }
+    (in_force != Some(state)).then_some(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn config() -> crate::ServerConfig {
+        crate::ServerConfig::new("d".into(), "127.0.0.1:0".parse().unwrap())
+    }
+
+    #[test]
+    fn a_node_is_judged_by_its_silence_and_given_the_grace() {
+        let c = config();
+        let ms = Duration::from_millis;
+        use NodeState::*;
+        assert_eq!(
+            judge(Some((ms(100), true)), true, false, false, &c),
+            (Ready, false)
+        );
+        assert_eq!(
+            judge(Some((ms(700), true)), true, false, false, &c),
+            (Suspect, false)
+        );
+        assert_eq!(
+            judge(Some((ms(1500), true)), true, false, false, &c),
+            (Down, false)
+        );
+        // Heard in the grace and silent since: down at once.
+        assert_eq!(
+            judge(Some((ms(1500), true)), true, true, false, &c),
+            (Down, false)
+        );
+        // Not heard since the grace began: suspect at worst, its verdict stands.
+        assert_eq!(
+            judge(Some((ms(1500), false)), true, true, false, &c),
+            (Suspect, true)
+        );
+        assert_eq!(judge(None, false, true, false, &c), (Suspect, true));
+        // After the grace, never heard: down.
+        assert_eq!(judge(None, false, false, false, &c), (Down, false));
+        assert_eq!(judge(None, true, false, false, &c), (Suspect, false));
+        // A blackout: nobody down.
+        assert_eq!(
+            judge(Some((ms(5000), true)), true, false, true, &c),
+            (Suspect, false)
+        );
+    }
+
+    #[test]
+    fn a_verdict_is_written_on_a_change_and_stands_for_the_unheard_in_a_grace() {
+        use NodeState::*;
+        assert_eq!(verdict_change(Ready, None, false), Some(Ready));
+        assert_eq!(verdict_change(Ready, Some(Ready), false), None);
+        assert_eq!(verdict_change(Suspect, Some(Ready), false), Some(Suspect));
+        assert_eq!(verdict_change(Down, Some(Suspect), false), Some(Down));
+        // A new leader that has not heard the node yet keeps the old verdict...
+        assert_eq!(verdict_change(Suspect, Some(Ready), true), None);
+        // ...unless there is none.
+        assert_eq!(verdict_change(Suspect, None, true), Some(Suspect));
     }
 }

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use avail_model::agent::LogLine;
-use avail_model::{Level, Node, NodeState, Phase, Resources, Workload};
+use avail_model::{Level, Node, Phase, Resources, Workload};
 use avail_store::{LeaseId, Store, StoreError};
 use tokio::sync::watch;
 
@@ -49,7 +49,8 @@ pub(crate) struct Grace {
 pub(crate) struct Live {
     pub(crate) last_heartbeat: Instant,
     pub(crate) last_heartbeat_ms: u64,
-    pub(crate) lease: Option<LeaseId>,
+    /// The node's store lease, and when it was last renewed.
+    pub(crate) lease: Option<(LeaseId, Instant)>,
 }
 
 /// Whether a live workload occupies `node`: runs there, has its secondary or standby
@@ -114,8 +115,11 @@ pub struct AppState {
     /// Bumped when workloads or nodes change: agents long-poll on it.
     pub(crate) desired_rev: watch::Sender<u64>,
     pub(crate) live: Mutex<HashMap<String, Live>>,
-    /// Node states as last published (for transition events).
-    pub(crate) published: Mutex<HashMap<String, NodeState>>,
+    /// This server's part in the leadership (unset: alone, so leading, as in unit
+    /// tests).
+    pub leadership: std::sync::OnceLock<crate::leader::Leadership>,
+    /// A follower's relay of heartbeats to the leader ([`crate::heard_relay`]).
+    pub relay: std::sync::OnceLock<crate::heard_relay::HeardRelay>,
     /// Events.
     pub events: Events,
     /// Recent log lines per workload.
@@ -166,9 +170,18 @@ pub enum StateError {
     /// again.
     #[error("the plan is stale: another placement came first")]
     StalePlan,
+    /// This server cannot do it now and did nothing (a follower that cannot reach
+    /// the leader): another server may.
+    #[error("{0}")]
+    TryAnotherServer(String),
 }
 
 impl AppState {
+    /// Whether this server decides now (leads; alone, it does).
+    pub fn is_leader(&self) -> bool {
+        self.leadership.get().is_none_or(|l| l.is_leader())
+    }
+
     /// Load the view from the store and start following it.
     pub async fn open(
         store: Arc<dyn Store>,
@@ -188,7 +201,8 @@ impl AppState {
             view_rev,
             desired_rev,
             live: Mutex::new(HashMap::new()),
-            published: Mutex::new(HashMap::new()),
+            leadership: std::sync::OnceLock::new(),
+            relay: std::sync::OnceLock::new(),
             events,
             logs: Mutex::new(HashMap::new()),
             metrics: Metrics::new(),

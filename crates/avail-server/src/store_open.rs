@@ -85,6 +85,53 @@ impl StoreChoice {
     }
 }
 
+/// What a server's data dir holds of its cluster (the same on every server of it): the
+/// cluster id, the token signing key, the CA and the admin token. `private`: readable
+/// by the server's user only.
+pub const CLUSTER_FILES: &[(&str, bool)] = &[
+    ("cluster.id", true),
+    ("secret.key", true),
+    ("ca.key", true),
+    ("ca.crt", false),
+    ("admin.token", true),
+];
+
+/// Make `to` the data dir of another server of the cluster whose server's data dir is
+/// `from` (`avail server --join-from`): the cluster's files are copied (never this
+/// server's own id, store or artifacts). A file `to` already holds must be the same.
+pub fn adopt_cluster(from: &Path, to: &Path) -> Result<(), ServerError> {
+    let io = |p: &Path, e: std::io::Error| ServerError::Io(format!("{}: {e}", p.display()));
+    if !from.join("cluster.id").exists() {
+        return Err(ServerError::Io(format!(
+            "--join-from {}: not a server's data dir of a cluster (no cluster.id): start the first server before the others",
+            from.display()
+        )));
+    }
+    for (name, private) in CLUSTER_FILES {
+        let (src, dst) = (from.join(name), to.join(name));
+        let bytes = std::fs::read(&src).map_err(|e| io(&src, e))?;
+        match std::fs::read(&dst) {
+            Ok(mine) if mine == bytes => continue,
+            Ok(_) => {
+                return Err(ServerError::Io(format!(
+                    "{} differs from {}: this data dir belongs to another cluster (use an empty data dir)",
+                    dst.display(),
+                    src.display()
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&dst, e)),
+        }
+        let written = if *private {
+            avail_tls::files::write_private(&dst, &bytes)
+        } else {
+            avail_tls::files::write_public(&dst, &bytes)
+        };
+        written.map_err(|e| io(&dst, e))?;
+    }
+    Ok(())
+}
+
 /// Path of the data dir's cluster id.
 pub fn cluster_id_path(data_dir: &Path) -> PathBuf {
     data_dir.join("cluster.id")

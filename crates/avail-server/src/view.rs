@@ -93,6 +93,8 @@ pub struct View {
     pub nodes: BTreeMap<String, NodeRecord>,
     /// Nodes whose liveness key exists.
     pub alive: BTreeSet<String>,
+    /// The leader's liveness verdicts, as last written ([`keys::VERDICTS`]).
+    pub verdicts: HashMap<String, avail_model::NodeState>,
     /// Resources placed on each node (primaries and ft secondaries), kept up to date as
     /// workloads change: no scan of the workloads per node.
     pub allocated: HashMap<String, Resources>,
@@ -199,6 +201,21 @@ impl View {
         self.nodes.insert(rec.name.clone(), rec);
     }
 
+    /// The leader's verdict on `name` (none: deleted); the scheduler follows it.
+    pub(crate) fn set_verdict(&mut self, name: &str, st: Option<avail_model::NodeState>) {
+        match st {
+            Some(st) => {
+                self.verdicts.insert(name.to_string(), st);
+                self.sched
+                    .set_schedulable(name, st == avail_model::NodeState::Ready);
+            }
+            None => {
+                self.verdicts.remove(name);
+                self.sched.set_schedulable(name, false);
+            }
+        }
+    }
+
     pub(crate) fn delete_node(&mut self, name: &str) {
         self.nodes.remove(name);
         self.sched.remove(name);
@@ -230,6 +247,11 @@ impl AppState {
         }
         for kv in self.store.range(keys::ALIVE).await?.0 {
             v.alive.insert(kv.key[keys::ALIVE.len()..].to_string());
+        }
+        for kv in self.store.range(keys::VERDICTS).await?.0 {
+            if let Ok(st) = serde_json::from_slice(&kv.value) {
+                v.set_verdict(&kv.key[keys::VERDICTS.len()..], Some(st));
+            }
         }
         if let Some(kv) = self.store.get(keys::LEVEL_POLICY).await? {
             v.policy = decode_policy(&kv.value);
@@ -282,6 +304,20 @@ impl AppState {
                     Event::Put(kv) => kv.mod_rev,
                     Event::Delete { .. } => 0,
                 };
+            } else if let Some(name) = key.strip_prefix(keys::VERDICTS) {
+                desired = true;
+                let st = match ev {
+                    Event::Put(kv) => serde_json::from_slice(&kv.value).ok(),
+                    Event::Delete { .. } => None,
+                };
+                v.set_verdict(name, st);
+            } else if let Some(seq) = key.strip_prefix(keys::EVENTS) {
+                if let Event::Put(kv) = ev
+                    && seq.len() == 20
+                    && let Ok(e) = serde_json::from_slice(&kv.value)
+                {
+                    self.events.publish(e);
+                }
             } else if let Some(name) = key.strip_prefix(keys::ALIVE) {
                 desired = true;
                 match ev {

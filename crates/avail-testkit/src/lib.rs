@@ -200,8 +200,12 @@ pub struct Cluster {
     pub net: String,
     /// Data dir (removed on drop).
     pub dir: tempfile::TempDir,
-    /// The server process.
+    /// The server process (server 0).
     pub server: Option<Proc>,
+    /// Servers 1.. of a cluster of several servers (None once killed).
+    pub more_servers: Vec<Option<Proc>>,
+    /// How many servers the cluster has (they share one etcd).
+    pub servers: usize,
     /// Agent processes by index (None once killed).
     pub agents: Vec<Option<Proc>>,
     /// Admin token.
@@ -232,11 +236,26 @@ impl Cluster {
         agent_args: Vec<Vec<String>>,
         server_args: Vec<String>,
     ) -> Cluster {
+        Cluster::start_servers(bin, 1, nodes, agent_args, server_args).await
+    }
+
+    /// A cluster of `servers` servers (on `{net}.1`, `{net}.2`, ...; more than one
+    /// needs an etcd store in `server_args`) and `nodes` agents that know them all.
+    pub async fn start_servers(
+        bin: &Path,
+        servers: usize,
+        nodes: usize,
+        agent_args: Vec<Vec<String>>,
+        server_args: Vec<String>,
+    ) -> Cluster {
+        assert!((1..=9).contains(&servers));
         let mut c = Cluster {
             bin: bin.to_path_buf(),
             net: free_net(),
             dir: tempfile::tempdir().expect("tempdir"),
             server: None,
+            more_servers: (1..servers).map(|_| None).collect(),
+            servers,
             agents: Vec::new(),
             admin_token: String::new(),
             join_token: String::new(),
@@ -244,6 +263,9 @@ impl Cluster {
             server_args,
         };
         c.start_server().await;
+        for i in 1..servers {
+            c.start_server_at(i).await;
+        }
         c.join_token = c.create_join_token(1000, 3600).await;
         for i in 0..nodes {
             let p = c.spawn_agent(i, &c.join_token());
@@ -269,9 +291,43 @@ impl Cluster {
         c
     }
 
-    /// Server base URL.
+    /// Server base URL: every server's, comma-separated, when there are several.
     pub fn server_url(&self) -> String {
-        format!("https://{}.1:7400", self.net)
+        (0..self.servers)
+            .map(|i| self.server_url_at(i))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Base URL of server `i` alone.
+    pub fn server_url_at(&self, i: usize) -> String {
+        format!("https://{}.{}:7400", self.net, i + 1)
+    }
+
+    /// An admin client of server `i` alone.
+    pub fn client_at(&self, i: usize) -> Client {
+        Client::with_tls(
+            &self.server_url_at(i),
+            Some(self.admin_token.clone()),
+            None,
+            Some(self.tls()),
+        )
+    }
+
+    /// Data dir of server `i`.
+    pub fn server_dir_at(&self, i: usize) -> PathBuf {
+        match i {
+            0 => self.server_dir(),
+            i => self.dir.path().join(format!("server-{i}")),
+        }
+    }
+
+    /// The index of the server that leads, as server `ask` says.
+    pub async fn leader_index(&self, ask: usize) -> Option<usize> {
+        let cp: avail_model::api::ControlPlane =
+            self.client_at(ask).get("/v1/cluster/control").await.ok()?;
+        let addr = cp.leader?.addr;
+        (0..self.servers).find(|i| addr == format!("{}.{}:7400", self.net, i + 1))
     }
 
     /// The cluster CA certificate file.
@@ -366,18 +422,30 @@ impl Cluster {
 
     /// Start (or restart) the server on the same data dir and wait until it answers.
     pub async fn start_server(&mut self) {
-        let dir = self.server_dir();
+        self.start_server_at(0).await;
+    }
+
+    /// Start (or restart) server `i` on its data dir (servers after the first join
+    /// the first's cluster) and wait until it answers.
+    pub async fn start_server_at(&mut self, i: usize) {
+        let dir = self.server_dir_at(i);
         let log = self.dir.path().join(format!(
-            "server-{}.log",
+            "server{i}-{}.log",
             Instant::now().elapsed().as_nanos()
         ));
-        let args = vec![
+        let mut args = vec![
             "server".into(),
             "--data-dir".into(),
             dir.display().to_string(),
             "--listen".into(),
-            format!("{}.1:7400", self.net),
+            format!("{}.{}:7400", self.net, i + 1),
         ];
+        if i > 0 {
+            args.extend([
+                "--join-from".into(),
+                self.server_dir().display().to_string(),
+            ]);
+        }
         let args = [args, self.server_args.clone()].concat();
         let mut p = Proc::spawn(&self.bin, &args, &log);
         let end = Instant::now() + Duration::from_secs(30);
@@ -385,10 +453,10 @@ impl Cluster {
             if !p.running() {
                 panic!("server exited:\n{}", p.output());
             }
+            let url = self.server_url_at(i);
             if dir.join("admin.token").exists()
                 && self.ca_file().exists()
-                && self
-                    .api(None)
+                && Client::with_tls(&url, None, None, Some(self.tls()))
                     .with_timeout(Duration::from_secs(2))
                     .get_bytes("/readyz")
                     .await
@@ -403,7 +471,29 @@ impl Cluster {
             .expect("admin token")
             .trim()
             .to_string();
-        self.server = Some(p);
+        match i {
+            0 => self.server = Some(p),
+            i => self.more_servers[i - 1] = Some(p),
+        }
+    }
+
+    /// Server `i`'s process, while it runs.
+    pub fn server_proc(&mut self, i: usize) -> Option<&mut Proc> {
+        match i {
+            0 => self.server.as_mut(),
+            i => self.more_servers[i - 1].as_mut(),
+        }
+    }
+
+    /// SIGKILL server `i`.
+    pub fn kill_server_at(&mut self, i: usize) {
+        let p = match i {
+            0 => self.server.take(),
+            i => self.more_servers[i - 1].take(),
+        };
+        if let Some(mut p) = p {
+            p.kill();
+        }
     }
 
     /// Spawn agent `i` with a join token (not waiting).

@@ -167,6 +167,28 @@ impl ClusterCa {
         ))
     }
 
+    /// A server's client certificate, for the calls one server makes to another (a
+    /// follower relaying heartbeats to the leader), with a key made for it: CN and
+    /// the one DNS name [`crate::peer::server_dns_name`] (`<id>.server.avail`), client
+    /// use only. Returns (certificate chain PEM, key PEM).
+    pub fn issue_server_client(&self, id: &str, ttl_s: u64) -> Result<(String, String), TlsError> {
+        let key = KeyPair::generate().map_err(|e| TlsError::bad("server key", e))?;
+        let mut p = leaf_params(id, ttl_s)?;
+        p.subject_alt_names = vec![SanType::DnsName(
+            crate::peer::server_dns_name(id)
+                .try_into()
+                .map_err(|e| TlsError::bad("server id", e))?,
+        )];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = p
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| TlsError::bad("server client certificate", e))?;
+        Ok((
+            format!("{}{}", cert.pem(), self.cert_pem),
+            key.serialize_pem(),
+        ))
+    }
+
     /// A node's certificate for the raw P-256 public key it sent: CN `name` and the one
     /// DNS name [`crate::peer::node_dns_name`] (`<name>.node.avail`), for both serving
     /// and connecting. No IP address and no name outside `.node.avail`: a node's

@@ -54,10 +54,29 @@ pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(node_dns_name(name)).map_err(|e| TlsError::bad("node name", e))
 }
 
+/// The domain of the names in servers' client certificates.
+pub const SERVER_DOMAIN: &str = "server.avail";
+
+/// The one DNS name in the client certificate of server `id`: `<id>.server.avail`
+/// (a node's certificate is only ever issued under `.node.avail`).
+pub fn server_dns_name(id: &str) -> String {
+    format!("{id}.{SERVER_DOMAIN}")
+}
+
 /// Whether the certificate `der` names node `name`. Only meaningful for a certificate
 /// already verified against the cluster CA (a handshake's peer certificate).
 pub fn names_node(der: &[u8], name: &str) -> bool {
-    let Ok(dns) = server_name(name) else {
+    names_dns(der, &node_dns_name(name))
+}
+
+/// Whether the certificate `der` names server `id` ([`server_dns_name`]). Only
+/// meaningful for a certificate already verified against the cluster CA.
+pub fn names_server(der: &[u8], id: &str) -> bool {
+    names_dns(der, &server_dns_name(id))
+}
+
+fn names_dns(der: &[u8], name: &str) -> bool {
+    let Ok(dns) = ServerName::try_from(name.to_string()) else {
         return false;
     };
     let der = CertificateDer::from(der);

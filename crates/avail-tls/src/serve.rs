@@ -90,6 +90,11 @@ impl PeerCert {
     pub fn names_node(&self, name: &str) -> bool {
         crate::peer::names_node(&self.der, name)
     }
+
+    /// Whether the certificate is server `id`'s ([`crate::peer::names_server`]).
+    pub fn names_server(&self, id: &str) -> bool {
+        crate::peer::names_server(&self.der, id)
+    }
 }
 
 /// A connection on a peer port that asked for another protocol than HTTP (a

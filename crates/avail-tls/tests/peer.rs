@@ -105,6 +105,22 @@ fn a_node_certificate_names_its_node_only() {
     assert!(!peer::names_node(&der, ""));
 }
 
+#[test]
+fn server_and_node_certificates_never_pass_for_each_other() {
+    let c = Cluster::new();
+    let (chain, _key) = c.ca.issue_server_client("5eed", 3600).unwrap();
+    let server = avail_tls::config::parse_certs(&chain).unwrap().remove(0);
+    assert!(peer::names_server(&server, "5eed"));
+    assert!(!peer::names_server(&server, "5eee"));
+    assert!(!peer::names_node(&server, "5eed"));
+    // A node named like a server's name is still only a node.
+    for name in ["5eed", "5eed.server"] {
+        let (_, pem) = c.node(name);
+        let node = avail_tls::config::parse_certs(&pem).unwrap().remove(0);
+        assert!(!peer::names_server(&node, "5eed"), "{name}");
+    }
+}
+
 #[tokio::test]
 async fn the_dialer_verifies_the_name_of_the_node_it_meant() {
     let c = Cluster::new();

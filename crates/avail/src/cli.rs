@@ -191,11 +191,16 @@ struct ServerArgs {
     /// within about this long.
     #[arg(long, default_value_t = avail_server::leader::LEADER_TTL_S)]
     leader_ttl_s: u64,
+    /// Join the cluster of another server (a second or third server on the same
+    /// etcd): that server's data dir, whose cluster id, keys, CA and admin token are
+    /// copied into this one. Give it the same `--store` and `--etcd-prefix`.
+    #[arg(long)]
+    join_from: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
 struct AgentArgs {
-    /// Server URL.
+    /// Server URL, or several comma-separated (the agent fails over between them).
     #[arg(long)]
     server: String,
     /// Join token (`avail token create`): needed for the node's first join only.
@@ -954,6 +959,15 @@ async fn server(a: ServerArgs) -> CliResult {
             c.with_admin_tags(&keys)
         })
         .map_err(|e| CliError::invalid(format!("--{e}")))?;
+    let config = avail_server::ServerConfig {
+        join_from: a.join_from.clone(),
+        ..config
+    };
+    if config.join_from.is_some() && config.store == avail_server::store_open::StoreChoice::Redb {
+        return Err(CliError::invalid(
+            "--join-from: servers share one store only on etcd (--store etcd://...)".to_string(),
+        ));
+    }
     let running = avail_server::start(config)
         .await
         .map_err(|e| CliError::fail(e.to_string()))?;

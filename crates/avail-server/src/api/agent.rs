@@ -20,6 +20,10 @@ pub(super) async fn heartbeat(
         return Err(ApiErr::not_found("node", &node));
     }
     state.metrics.heartbeats.inc();
+    // Heard first: a heartbeat this server cannot vouch for (a follower without the
+    // leader) is refused before anything of it is recorded, so the agent sends its
+    // fences again, once, to the server that takes it.
+    let st = state.heard(&node).await?;
     for f in hb.fences.iter().take(100) {
         state.metrics.fences.inc();
         state
@@ -37,7 +41,6 @@ pub(super) async fn heartbeat(
             )
             .await;
     }
-    let st = state.heard(&node).await?;
     // The ha workloads a fence stopped resume on their standbys (from their last
     // checkpoint) before the agent, heard again, fetches its desired state: it must
     // not start them afresh here.

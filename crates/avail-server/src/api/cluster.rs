@@ -1,4 +1,4 @@
-//! Cluster-wide settings: the level policy.
+//! Cluster-wide settings and state: the level policy, the control plane.
 
 use super::*;
 
@@ -54,4 +54,20 @@ pub(super) async fn put_level_policy(
     let r = state.events.commit(txn, vec![levels]).await?;
     state.wait_view(r.revision).await;
     Ok(Json(policy))
+}
+
+#[utoipa::path(get, path = "/v1/cluster/control",
+    responses((status = 200, body = ControlPlane)), security(("bearer" = [])))]
+pub(super) async fn control_plane(
+    _: Admin,
+    State(state): State<AppStateRef>,
+) -> ApiResult<Json<ControlPlane>> {
+    let Some(l) = state.leadership.get() else {
+        return Err(ApiErr::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "this server takes no part in a leadership",
+        ));
+    };
+    Ok(Json(l.control_plane().await?))
 }

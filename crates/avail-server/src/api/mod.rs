@@ -8,7 +8,7 @@ use avail_model::agent::{
     DesiredState, HandoverRequest, Heartbeat, HeartbeatReply, LeaseReply, LeaseRequest, LogLine,
     SecondaryFailure,
 };
-use avail_model::api::{ArtifactRef, Deleted, LevelChange, PlanPreview, TagChange};
+use avail_model::api::{ArtifactRef, ControlPlane, Deleted, LevelChange, PlanPreview, TagChange};
 use avail_model::spec::LevelPolicy;
 use avail_model::spec::is_digest;
 use avail_model::{
@@ -44,6 +44,7 @@ mod cluster;
 mod events;
 mod identity;
 mod nodes;
+mod servers;
 mod workloads;
 
 use self::agent::*;
@@ -107,6 +108,11 @@ impl From<StateError> for ApiErr {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
                 format!("store: {e}"),
+            ),
+            StateError::TryAnotherServer(m) => ApiErr::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                avail_client::TRY_ANOTHER_SERVER,
+                m,
             ),
         }
     }
@@ -342,6 +348,8 @@ pub fn router(state: AppStateRef) -> Router {
             axum::routing::delete(identity::revoke_token),
         )
         .route("/v1/agent/heartbeat", post(heartbeat))
+        .route("/v1/internal/heard", post(servers::heard))
+        .route("/v1/cluster/control", get(control_plane))
         .route("/v1/agent/desired", get(desired))
         .route("/v1/agent/pairs/{name}/lease", post(pair_lease))
         .route("/v1/agent/pairs/{name}/failed", post(pair_secondary_failed))
@@ -433,8 +441,9 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
           identity::create_token, identity::list_tokens, identity::revoke_token,
           identity::remove_node, heartbeat, desired, pair_lease,
           pair_secondary_failed, patch_node_tags, set_workload_level,
-          pair_handover, drain_node, undrain_node, get_level_policy, put_level_policy),
-    components(schemas(Deleted, ArtifactRef, HeartbeatReply, TagChange, PlanPreview, LevelChange, LevelPolicy)),
+          pair_handover, drain_node, undrain_node, get_level_policy, put_level_policy,
+          servers::heard, control_plane),
+    components(schemas(ControlPlane, Deleted, ArtifactRef, HeartbeatReply, TagChange, PlanPreview, LevelChange, LevelPolicy)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -1,0 +1,270 @@
+//! Three servers on a three-member etcd (real processes): every server serves the API,
+//! one leads, the agents and the CLI know all three. The control plane survives the
+//! loss of any server and of an etcd member, with the workloads untouched.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use avail_model::token::{JoinTokenCreated, JoinTokenInfo, JoinTokenRequest};
+use avail_model::{Phase, Workload};
+use avail_store::etcd_process::EtcdCluster;
+use avail_testkit::{Cluster, ok, wait_until};
+use hyper::Method;
+
+const BIN: &str = env!("CARGO_BIN_EXE_avail");
+
+async fn three_servers(etcd: &EtcdCluster) -> Cluster {
+    Cluster::start_servers(
+        BIN.as_ref(),
+        3,
+        3,
+        vec![],
+        vec!["--store".into(), etcd.store_flag()],
+    )
+    .await
+}
+
+/// The server that leads, once all that answer agree on it.
+async fn leader(c: &Cluster, alive: &[usize]) -> usize {
+    wait_until("one leader", Duration::from_secs(20), || async {
+        let mut seen = Vec::new();
+        for &i in alive {
+            seen.push(c.leader_index(i).await);
+        }
+        match seen.first() {
+            Some(Some(l)) if seen.iter().all(|s| *s == Some(*l)) => Ok(*l),
+            _ => Err(format!("leaders seen: {seen:?}")),
+        }
+    })
+    .await
+}
+
+/// A loop of `POST /w/<name>/incr` through `ingress`, every 20 ms until `stop`: the
+/// statuses (and bodies of failures) it got.
+fn load(
+    ingress: String,
+    name: &str,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    let path = format!("/w/{name}/incr");
+    tokio::spawn(async move {
+        let client =
+            avail_client::Client::new(&ingress, None, None).with_timeout(Duration::from_secs(5));
+        let mut failures = Vec::new();
+        let mut last = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            match client.raw(Method::POST, &path, None, &[]).await {
+                Ok(r) if r.status == 200 => {
+                    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+                    let n = v["value"].as_u64().unwrap();
+                    if n != last + 1 {
+                        failures.push(format!("counter went from {last} to {n}"));
+                    }
+                    last = n;
+                }
+                Ok(r) => failures.push(format!(
+                    "{}: {}",
+                    r.status,
+                    String::from_utf8_lossy(&r.body)
+                )),
+                Err(e) => failures.push(e.to_string()),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        failures
+    })
+}
+
+/// A loop of API writes (join tokens created) through a client of every server, every
+/// 50 ms until `stop`: the ids of those acknowledged.
+fn writes(c: &Cluster, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<String>> {
+    let client = c.client().with_timeout(Duration::from_secs(5));
+    tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) {
+            n += 1;
+            let req = JoinTokenRequest {
+                ttl_s: 600,
+                uses: 1,
+                description: format!("load {n}"),
+            };
+            if let Ok(t) = client.post::<_, JoinTokenCreated>("/v1/tokens", &req).await {
+                acked.push(t.info.id);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        acked
+    })
+}
+
+async fn assert_all_present(c: &Cluster, acked: &[String]) {
+    let listed: Vec<JoinTokenInfo> = c.client().get("/v1/tokens").await.unwrap();
+    let missing: Vec<&String> = acked
+        .iter()
+        .filter(|id| !listed.iter().any(|t| &t.id == *id))
+        .collect();
+    assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
+}
+
+/// `run_wasm` of the counter at `ha` with `constraint`.
+fn run_counter(c: &Cluster, name: &str, constraint: &str) {
+    ok(&c.run_wasm(
+        name,
+        "counter",
+        &["--level", "ha", "--constraint", constraint],
+    ));
+}
+
+async fn node_of(c: &Cluster, name: &str) -> (String, u64) {
+    let w = c
+        .wait_workload(name, "running", Duration::from_secs(30), |w| {
+            if w.status.phase == Phase::Running {
+                Ok(w.clone())
+            } else {
+                Err(format!("{:?}", w.status))
+            }
+        })
+        .await;
+    (w.status.node.unwrap(), w.status.incarnation)
+}
+
+/// SIGKILL of the leading server under client and API load: another leads, every
+/// workload request is served (by the same copy: the counter never skips), every
+/// acknowledged API write is there, and an `ha` host that dies during the leader change
+/// is still restarted elsewhere (after the new leader's grace).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_dies_under_load_and_nothing_is_lost() {
+    let etcd = EtcdCluster::start(3);
+    let mut c = three_servers(&etcd).await;
+    // steady on node-2 (rack r2) serves the load; victim on a tokyo node loses its host.
+    run_counter(&c, "steady", "rack == r2");
+    run_counter(&c, "victim", "zone == tokyo");
+    let (steady_node, _) = node_of(&c, "steady").await;
+    assert_eq!(steady_node, "node-2");
+    let (victim_node, _) = node_of(&c, "victim").await;
+    let victim_host = avail_testkit::ft::index(&victim_node);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let requests = load(c.ingress(1), "steady", stop.clone());
+    let acked = writes(&c, stop.clone());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let old = leader(&c, &[0, 1, 2]).await;
+    let killed = Instant::now();
+    c.kill_server_at(old);
+    c.kill_agent(victim_host);
+    let alive: Vec<usize> = (0..3).filter(|i| *i != old).collect();
+    let new = wait_until("a new leader", Duration::from_secs(20), || async {
+        match c.leader_index(alive[0]).await {
+            Some(l) if l != old => Ok(l),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    eprintln!(
+        "server {new} leads {:?} after the SIGKILL of {old}",
+        killed.elapsed()
+    );
+
+    // The victim is restarted on the other tokyo node.
+    let w = c
+        .wait_workload(
+            "victim",
+            "restarted elsewhere",
+            Duration::from_secs(40),
+            |w| {
+                if w.status.phase == Phase::Running
+                    && w.status.node.as_deref() != Some(&victim_node)
+                {
+                    Ok(w.clone())
+                } else {
+                    Err(format!("{:?}", w.status))
+                }
+            },
+        )
+        .await;
+    assert!(w.status.incarnation >= 2, "{:?}", w.status);
+
+    // A few seconds of the new leader, then the tally.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let failures = requests.await.unwrap();
+    assert!(
+        failures.is_empty(),
+        "workload requests failed: {failures:?}"
+    );
+    let acked = acked.await.unwrap();
+    assert!(
+        acked.len() > 20,
+        "only {} API writes acknowledged",
+        acked.len()
+    );
+    assert_all_present(&c, &acked).await;
+    let w: Workload = c.client().get("/v1/workloads/steady").await.unwrap();
+    assert_eq!(w.status.node.as_deref(), Some("node-2"));
+    assert_eq!(
+        w.status.incarnation, 1,
+        "steady was restarted: {:?}",
+        w.status
+    );
+}
+
+/// An etcd member lost, then every server restarted in turn (a rolling restart): the
+/// API answers throughout from the servers left, the nodes stay ready, and the
+/// workload keeps its copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_member_and_each_server_in_turn_can_go() {
+    let mut etcd = EtcdCluster::start(3);
+    let mut c = three_servers(&etcd).await;
+    run_counter(&c, "steady", "rack == r2");
+    node_of(&c, "steady").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let requests = load(c.ingress(1), "steady", stop.clone());
+    let acked = writes(&c, stop.clone());
+
+    // One etcd member (the etcd leader, the worst one) dies.
+    let gone = etcd.leader().unwrap_or(0);
+    etcd.kill(gone);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    c.wait_nodes_ready(3).await;
+
+    // Each server in turn: SIGTERM (it resigns), back on its data dir.
+    for i in 0..3 {
+        c.server_proc(i).unwrap().signal(libc::SIGTERM);
+        let p = match i {
+            0 => c.server.take(),
+            i => c.more_servers[i - 1].take(),
+        };
+        let mut p = p.unwrap();
+        let end = Instant::now() + Duration::from_secs(10);
+        while p.running() {
+            assert!(Instant::now() < end, "server {i} did not stop on SIGTERM");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        c.start_server_at(i).await;
+        leader(&c, &[0, 1, 2]).await;
+    }
+    c.wait_nodes_ready(3).await;
+    stop.store(true, Ordering::Relaxed);
+    let failures = requests.await.unwrap();
+    assert!(
+        failures.is_empty(),
+        "workload requests failed: {failures:?}"
+    );
+    let acked = acked.await.unwrap();
+    assert!(
+        acked.len() > 20,
+        "only {} API writes acknowledged",
+        acked.len()
+    );
+    assert_all_present(&c, &acked).await;
+    let w: Workload = c.client().get("/v1/workloads/steady").await.unwrap();
+    assert_eq!(
+        w.status.incarnation, 1,
+        "steady was restarted: {:?}",
+        w.status
+    );
+}

@@ -161,6 +161,16 @@ impl EtcdMember {
         }
     }
 
+    /// SIGTERM, then SIGKILL when it has not exited within 5 s.
+    fn stop(&mut self) {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.running() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+    }
+
     /// Whether `/health` answers `"health":"true"` (the member has a leader and can
     /// serve), with what it said.
     fn healthy(&self) -> (bool, String) {
@@ -209,6 +219,8 @@ pub struct EtcdCluster {
     root: PathBuf,
     initial_cluster: String,
     token: String,
+    /// Whether the data outlives the cluster value (`avail up`'s etcd).
+    keep_data: bool,
 }
 
 impl EtcdCluster {
@@ -238,6 +250,43 @@ impl EtcdCluster {
             }
         }
         panic!("etcd did not start in {START_ATTEMPTS} attempts: {last_failure}");
+    }
+
+    /// Members on the addresses `ips` with their data under `root` (`m<i>.etcd`, logs
+    /// `m<i>.log`), kept when dropped: started on the data of an earlier run when it is
+    /// there (etcd then ignores its initial-cluster flags), afresh otherwise. Waits
+    /// until every member answers healthy; the error carries their logs.
+    pub fn persistent(root: &Path, ips: &[Ipv4Addr]) -> Result<EtcdCluster, String> {
+        std::fs::create_dir_all(root).map_err(|e| format!("{}: {e}", root.display()))?;
+        let members: Vec<EtcdMember> = ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| EtcdMember {
+                name: format!("m{i}"),
+                ip: *ip,
+                data_dir: root.join(format!("m{i}.etcd")),
+                log: root.join(format!("m{i}.log")),
+                child: None,
+            })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url()))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = EtcdCluster {
+            members,
+            root: root.to_path_buf(),
+            initial_cluster,
+            token: "avail-up".into(),
+            keep_data: true,
+        };
+        for i in 0..cluster.members.len() {
+            let (ic, token) = (cluster.initial_cluster.clone(), cluster.token.clone());
+            cluster.members[i].spawn(&ic, &token);
+        }
+        cluster.wait_all_healthy(START_WAIT)?;
+        Ok(cluster)
     }
 
     /// Client URLs of every member, for [`EtcdStore::connect`](crate::EtcdStore::connect).
@@ -386,6 +435,7 @@ impl EtcdCluster {
             root,
             initial_cluster,
             token,
+            keep_data: false,
         }
     }
 }
@@ -393,9 +443,15 @@ impl EtcdCluster {
 impl Drop for EtcdCluster {
     fn drop(&mut self) {
         for m in &mut self.members {
-            m.kill();
+            if self.keep_data {
+                m.stop();
+            } else {
+                m.kill();
+            }
         }
-        let _ = std::fs::remove_dir_all(&self.root);
+        if !self.keep_data {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
     }
 }
 

@@ -432,6 +432,9 @@ enum NodeCmd {
 
 #[derive(Subcommand, Debug)]
 enum ClusterCmd {
+    /// Show the control plane: which server answers, which leads (and since which
+    /// term).
+    Control,
     /// Show the level policy: the default level and the minimums by node tag.
     Levels,
     /// Set the level policy. A spec that names no level gets the default; a workload
@@ -592,6 +595,27 @@ pub async fn run(cli: Cli) -> CliResult {
                     exec,
                     timeout,
                 } => maintain(&c, &selector, &by, &exec, timeout, fmt).await?,
+            }
+            Ok(())
+        }
+        Command::Cluster {
+            conn,
+            cmd: ClusterCmd::Control,
+        } => {
+            let cp: avail_model::api::ControlPlane =
+                client(conn)?.get("/v1/cluster/control").await?;
+            match fmt {
+                Format::Json => output::json(&cp),
+                Format::Table => {
+                    let role = if cp.leads { "leads" } else { "follows" };
+                    println!("answering server: {} ({role})", cp.server);
+                    match &cp.leader {
+                        Some(l) => {
+                            println!("leader: {} at {} (term {})", l.server, l.addr, l.term)
+                        }
+                        None => println!("leader: none now"),
+                    }
+                }
             }
             Ok(())
         }

@@ -5,11 +5,16 @@
 //! with this one (`PR_SET_PDEATHSIG`). Writes `<data-dir>/cluster.json` and the CLI
 //! context, prints what to try, and on Ctrl-C stops the agents, then the server. A
 //! second `avail up` on the same data dir resumes the cluster with its workloads.
+//!
+//! `--servers 3` (or 5): an etcd of as many members on .245, .246, ... (data in
+//! `<data-dir>/etcd`) and that many servers on .1, .2, ..., the later ones joining the
+//! first's cluster; the agents and the CLI context list every server.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use avail_client::Client;
@@ -27,6 +32,10 @@ pub struct UpArgs {
     /// Number of agents.
     #[arg(long, default_value_t = 3)]
     nodes: u8,
+    /// Number of servers: 1 (its store embedded), or 3 or 5 on an etcd of as many
+    /// members, started here.
+    #[arg(long, default_value_t = 1)]
+    servers: u8,
     /// Data directory of the whole cluster.
     #[arg(long, default_value = "avail-data")]
     data_dir: PathBuf,
@@ -48,7 +57,7 @@ pub struct UpArgs {
 /// What `cluster.json` holds.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ClusterFile {
-    /// Server base URL.
+    /// Server base URL (several comma-separated, as agents and the CLI take them).
     pub server_url: String,
     /// Admin token file.
     pub token_file: PathBuf,
@@ -168,53 +177,61 @@ pub async fn run(a: UpArgs) -> Result<(), CliError> {
         }
         _ => {}
     }
-    let server_url = format!("https://{}:{}", ip(1)?, a.server_port);
-    let mut server = spawn_child(
-        &[
-            "server".into(),
-            "--data-dir".into(),
-            server_dir.display().to_string(),
-            "--listen".into(),
-            format!("{}:{}", ip(1)?, a.server_port),
-        ],
-        &[],
-        &dir.join("server.log"),
-    )?;
+    if !matches!(a.servers, 1 | 3 | 5) {
+        return Err(CliError::invalid("--servers must be 1, 3 or 5"));
+    }
+    // Several servers share an etcd of as many members, kept in the data dir.
+    let etcd = if a.servers > 1 {
+        let ips = (0..a.servers)
+            .map(|i| match ip(245 + i)? {
+                IpAddr::V4(v4) => Ok(v4),
+                IpAddr::V6(_) => unreachable!("made from IPv4 octets"),
+            })
+            .collect::<Result<Vec<Ipv4Addr>, CliError>>()?;
+        let root = dir.join("etcd");
+        let cluster = avail_store::etcd_process::EtcdCluster::persistent(&root, &ips)
+            .map_err(|e| CliError::fail(format!("etcd: {e}")))?;
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| CliError::fail(format!("{}: {e}", root.display())))?;
+        Some(cluster)
+    } else {
+        None
+    };
     let token_file = avail_server::admin_token_path(&server_dir);
     let ca_file = avail_server::ca_path(&server_dir);
-    // Wait for the server to write its CA and token, then to answer over TLS.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut servers = Vec::new();
+    let mut urls = Vec::new();
     let mut probe = None;
-    loop {
-        if let Ok(Some(st)) = server.try_wait() {
-            return Err(CliError::fail(format!(
-                "server exited ({st}); see {}",
-                dir.join("server.log").display()
-            )));
+    for i in 0..a.servers {
+        let url = format!("https://{}:{}", ip(1 + i)?, a.server_port);
+        let data = match i {
+            0 => server_dir.clone(),
+            i => dir.join(format!("server-{i}")),
+        };
+        let mut args = vec![
+            "server".into(),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--listen".into(),
+            format!("{}:{}", ip(1 + i)?, a.server_port),
+        ];
+        if let Some(etcd) = &etcd {
+            args.extend(["--store".into(), etcd.store_flag()]);
         }
-        if probe.is_none() && token_file.exists() {
-            probe = std::fs::read_to_string(&ca_file)
-                .ok()
-                .and_then(|pem| avail_tls::client_config(&pem, None).ok());
+        if i > 0 {
+            args.extend(["--join-from".into(), server_dir.display().to_string()]);
         }
-        if let Some(tls) = &probe
-            && Client::with_tls(&server_url, None, None, Some(tls.clone()))
-                .with_timeout(Duration::from_secs(2))
-                .get_bytes("/readyz")
-                .await
-                .is_ok()
-        {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(CliError::fail(format!(
-                "server not ready after 30 s; see {}",
-                dir.join("server.log").display()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let log = match i {
+            0 => dir.join("server.log"),
+            i => dir.join(format!("server-{i}.log")),
+        };
+        let mut server = spawn_child(&args, &[], &log)?;
+        probe = Some(wait_ready(&mut server, &url, &data, &log).await?);
+        servers.push(server);
+        urls.push(url);
     }
-    let tls = probe.expect("set when the server answered");
+    let server_url = urls.join(",");
+    let tls = probe.expect("at least one server");
     let token = std::fs::read_to_string(&token_file)
         .map_err(|e| CliError::fail(format!("{}: {e}", token_file.display())))?;
     let admin = Client::with_tls(&server_url, Some(token.trim().to_string()), None, Some(tls))
@@ -341,25 +358,95 @@ pub async fn run(a: UpArgs) -> Result<(), CliError> {
     .map_err(|e| CliError::fail(format!("{}: {e}", cluster_path.display())))?;
     let first = &cluster.agents[0];
     println!(
-        "avail cluster up: server {server_url}, {} agents\n{ctx_note}cluster file: {}\n\nTry:\n  avail node list\n  curl --cacert {} {server_url}/livez\n  avail workload run --name counter --driver wasm --artifact guests/counter.wasm\n  curl -X POST {}/w/counter/incr\n\nCtrl-C stops the cluster; `avail up` on the same data dir resumes it.",
+        "avail cluster up: {} {server_url}, {} agents\n{ctx_note}cluster file: {}\n\nTry:\n  avail node list\n  curl --cacert {} {}/livez\n  avail workload run --name counter --driver wasm --artifact guests/counter.wasm\n  curl -X POST {}/w/counter/incr\n\nCtrl-C stops the cluster; `avail up` on the same data dir resumes it.",
+        if urls.len() > 1 { "servers" } else { "server" },
         cluster.agents.len(),
         cluster_path.display(),
         cluster.ca_file.display(),
+        urls[0],
         first.ingress_url
     );
     let failed = tokio::select! {
         biased;
         _ = shutdown_signal() => None,
-        st = server.wait() => Some(format!("server exited: {st:?}")),
+        m = all_exited(&mut servers) => Some(m),
     };
-    eprintln!("stopping agents and server");
+    eprintln!("stopping agents and servers");
     for c in agents.iter_mut() {
         terminate(c).await;
     }
-    terminate(&mut server).await;
+    for s in servers.iter_mut() {
+        terminate(s).await;
+    }
+    // The store last (its members stop cleanly and keep their data).
+    drop(etcd);
     match failed {
         Some(m) => Err(CliError::fail(m)),
         None => Ok(()),
+    }
+}
+
+/// Wait for a server (`servers[i]`, whose data dir is `data`) to write its CA and
+/// token, then to answer over TLS at `url`: the TLS configuration that trusts it.
+async fn wait_ready(
+    server: &mut Child,
+    url: &str,
+    data: &Path,
+    log: &Path,
+) -> Result<Arc<rustls::ClientConfig>, CliError> {
+    let token_file = avail_server::admin_token_path(data);
+    let ca_file = avail_server::ca_path(data);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut probe = None;
+    loop {
+        if let Ok(Some(st)) = server.try_wait() {
+            return Err(CliError::fail(format!(
+                "server exited ({st}); see {}",
+                log.display()
+            )));
+        }
+        if probe.is_none() && token_file.exists() {
+            probe = std::fs::read_to_string(&ca_file)
+                .ok()
+                .and_then(|pem| avail_tls::client_config(&pem, None).ok());
+        }
+        if let Some(tls) = &probe
+            && Client::with_tls(url, None, None, Some(tls.clone()))
+                .with_timeout(Duration::from_secs(2))
+                .get_bytes("/readyz")
+                .await
+                .is_ok()
+        {
+            return Ok(tls.clone());
+        }
+        if Instant::now() > deadline {
+            return Err(CliError::fail(format!(
+                "server not ready after 30 s; see {}",
+                log.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Resolves when every one of `servers` has exited. One server exiting ends the
+/// cluster; of several, each that exits is reported and the others go on (the
+/// cluster outlives any one server).
+async fn all_exited(servers: &mut [Child]) -> String {
+    let mut gone = vec![false; servers.len()];
+    loop {
+        for (i, s) in servers.iter_mut().enumerate() {
+            if !gone[i]
+                && let Ok(Some(st)) = s.try_wait()
+            {
+                gone[i] = true;
+                eprintln!("avail up: server {} exited ({st})", i + 1);
+            }
+        }
+        if gone.iter().all(|g| *g) {
+            return "every server exited".into();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

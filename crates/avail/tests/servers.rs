@@ -99,6 +99,29 @@ fn writes(c: &Cluster, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<Str
     })
 }
 
+/// Stop the loads: every workload request was served, and every acknowledged API
+/// write is there.
+async fn end_load(
+    c: &Cluster,
+    stop: &AtomicBool,
+    requests: tokio::task::JoinHandle<Vec<String>>,
+    acked: tokio::task::JoinHandle<Vec<String>>,
+) {
+    stop.store(true, Ordering::Relaxed);
+    let failures = requests.await.unwrap();
+    assert!(
+        failures.is_empty(),
+        "workload requests failed: {failures:?}"
+    );
+    let acked = acked.await.unwrap();
+    assert!(
+        acked.len() > 20,
+        "only {} API writes acknowledged",
+        acked.len()
+    );
+    assert_all_present(c, &acked).await;
+}
+
 async fn assert_all_present(c: &Cluster, acked: &[String]) {
     let listed: Vec<JoinTokenInfo> = c.client().get("/v1/tokens").await.unwrap();
     let missing: Vec<&String> = acked
@@ -189,19 +212,7 @@ async fn the_leader_dies_under_load_and_nothing_is_lost() {
 
     // A few seconds of the new leader, then the tally.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    let failures = requests.await.unwrap();
-    assert!(
-        failures.is_empty(),
-        "workload requests failed: {failures:?}"
-    );
-    let acked = acked.await.unwrap();
-    assert!(
-        acked.len() > 20,
-        "only {} API writes acknowledged",
-        acked.len()
-    );
-    assert_all_present(&c, &acked).await;
+    end_load(&c, &stop, requests, acked).await;
     let w: Workload = c.client().get("/v1/workloads/steady").await.unwrap();
     assert_eq!(w.status.node.as_deref(), Some("node-2"));
     assert_eq!(
@@ -248,19 +259,7 @@ async fn an_etcd_member_and_each_server_in_turn_can_go() {
         leader(&c, &[0, 1, 2]).await;
     }
     c.wait_nodes_ready(3).await;
-    stop.store(true, Ordering::Relaxed);
-    let failures = requests.await.unwrap();
-    assert!(
-        failures.is_empty(),
-        "workload requests failed: {failures:?}"
-    );
-    let acked = acked.await.unwrap();
-    assert!(
-        acked.len() > 20,
-        "only {} API writes acknowledged",
-        acked.len()
-    );
-    assert_all_present(&c, &acked).await;
+    end_load(&c, &stop, requests, acked).await;
     let w: Workload = c.client().get("/v1/workloads/steady").await.unwrap();
     assert_eq!(
         w.status.incarnation, 1,

@@ -24,12 +24,22 @@ fn cli(home: &Path, args: &[&str]) -> std::process::Output {
 }
 
 async fn start_up(home: &Path, data: &Path, net: &str) -> (Proc, serde_json::Value) {
+    start_up_with(home, data, net, &[]).await
+}
+
+async fn start_up_with(
+    home: &Path,
+    data: &Path,
+    net: &str,
+    extra: &[&str],
+) -> (Proc, serde_json::Value) {
     let cluster_file = data.join("cluster.json");
     let _ = std::fs::remove_file(&cluster_file);
     let args: Vec<String> = ["up", "--nodes", "2", "--net", net, "--data-dir"]
         .iter()
         .map(|s| s.to_string())
         .chain([data.display().to_string()])
+        .chain(extra.iter().map(|s| s.to_string()))
         .collect();
     let log = home.join(format!(
         "up-{}.log",
@@ -148,4 +158,145 @@ async fn up_runs_a_cluster_stops_cleanly_and_resumes() {
     assert_eq!(v["value"], 1);
     up2.signal(libc::SIGINT);
     assert!(up2.child.wait().unwrap().success());
+}
+
+/// The pids of the processes whose command line contains `pattern`.
+fn pids(pattern: &str) -> Vec<i32> {
+    let out = Command::new("pgrep")
+        .args(["-f", "--", pattern])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// `avail up --servers 3`: a 3-member etcd and three servers; the CLI (through the
+/// context) and the agents know all three, so the cluster goes on when one server is
+/// killed; Ctrl-C stops everything, etcd included, and a second run resumes it.
+#[tokio::test]
+async fn up_with_three_servers_outlives_one_and_resumes() {
+    let home = tempfile::tempdir().unwrap();
+    let data = home.path().join("data");
+    let net = free_net();
+    let (mut up, cluster) = start_up_with(home.path(), &data, &net, &["--servers", "3"]).await;
+    let urls: Vec<String> = (1..=3).map(|i| format!("https://{net}.{i}:7400")).collect();
+    assert_eq!(cluster["server_url"], urls.join(","));
+    let out = cli(home.path(), &["cluster", "control", "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cp: avail_model::api::ControlPlane = serde_json::from_slice(&out.stdout).unwrap();
+    let leader = cp.leader.expect("a leader");
+    let counter = repo_root(env!("CARGO_MANIFEST_DIR")).join("examples/counter.toml");
+    let out = cli(
+        home.path(),
+        &["workload", "run", "-f", counter.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ingress = cluster["agents"][1]["ingress_url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let incr = || async {
+        let r = Client::new(&ingress, None, None)
+            .raw(Method::POST, "/w/counter/incr", None, &[])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    };
+    incr().await;
+
+    // The leading server dies: the CLI goes on through the others, a new leader
+    // comes, and the workload is served all along.
+    let dir_of = |addr: &str| {
+        let i: usize = addr
+            .split(':')
+            .next()
+            .unwrap()
+            .rsplit('.')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        match i {
+            1 => data.join("server"),
+            i => data.join(format!("server-{}", i - 1)),
+        }
+    };
+    let leader_dir = dir_of(&leader.addr);
+    let killed = pids(&format!("--data-dir {} ", leader_dir.display()));
+    assert_eq!(killed.len(), 1, "{killed:?}");
+    unsafe {
+        libc::kill(killed[0], libc::SIGKILL);
+    }
+    incr().await;
+    let home_path = home.path().to_path_buf();
+    wait_until("a new leader", Duration::from_secs(20), || {
+        let home = home_path.clone();
+        let old = leader.server.clone();
+        async move {
+            let out = cli(&home, &["cluster", "control", "-o", "json"]);
+            let cp: avail_model::api::ControlPlane =
+                serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+            match cp.leader {
+                Some(l) if l.server != old => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    incr().await;
+    let out = cli(home.path(), &["node", "list"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Ctrl-C: up says a server exited already; everything stops, etcd included.
+    up.signal(libc::SIGINT);
+    let _ = up.child.wait().unwrap();
+    let etcd = data.join("etcd");
+    wait_until("etcd stopped", Duration::from_secs(20), || {
+        let left = pids(&etcd.display().to_string());
+        async move {
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{left:?}"))
+            }
+        }
+    })
+    .await;
+
+    // Resume on the same data dir: the same cluster (the workload is there).
+    let (mut up2, _) = start_up_with(home.path(), &data, &net, &["--servers", "3"]).await;
+    let out = cli(home.path(), &["workload", "show", "counter", "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until("counter running again", Duration::from_secs(30), || async {
+        let r = Client::new(&ingress, None, None)
+            .raw(Method::POST, "/w/counter/incr", None, &[])
+            .await
+            .map_err(|e| e.to_string())?;
+        if r.status == 200 {
+            Ok(())
+        } else {
+            Err(format!("{}", r.status))
+        }
+    })
+    .await;
+    up2.signal(libc::SIGINT);
+    assert!(up2.child.wait().unwrap().success(), "{}", up2.output());
 }

@@ -371,11 +371,20 @@ async fn attempt(ing: &Ingress, inc: &Incoming) -> Result<Response, Response> {
     if let Some(slot) = ing.sup.slot(name).filter(|_| is_local_active) {
         // A node cut off from the control plane serves no ha workload: the server may be
         // restarting it elsewhere (a paused or partitioned node must not answer as a
-        // second copy).
+        // second copy). Until the peers have said whether this node is the one cut off
+        // (fenced: refused) or the control plane is away for all (served), the request
+        // waits, unrun: the ingress that took it tries again (a control plane outage
+        // delays requests by one peer check instead of failing them).
         if slot.assignment.spec.level == avail_model::Level::Ha && ing.sup.must_not_serve_ha() {
-            return Err(unavailable(&format!(
-                "workload {name}: this node has lost the control plane (fenced)"
-            )));
+            return Err(if ing.sup.is_fenced() {
+                unavailable(&format!(
+                    "workload {name}: this node has lost the control plane (fenced)"
+                ))
+            } else {
+                not_run(&format!(
+                    "workload {name}: this node cannot reach the control plane; asking its peers whether it is the one cut off"
+                ))
+            });
         }
         return match slot.state {
             SlotState::Running(inst) => {

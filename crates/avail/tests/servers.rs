@@ -267,3 +267,84 @@ async fn an_etcd_member_and_each_server_in_turn_can_go() {
         w.status
     );
 }
+
+/// etcd's quorum lost for 10 s (two of three members down): every server says it is
+/// not ready, the workloads keep serving (an `ha` one and an `ft` pair), nothing is
+/// declared down or restarted; when the quorum is back, so is the control plane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_etcd_quorum_stops_decisions_not_workloads() {
+    let mut etcd = EtcdCluster::start(3);
+    let c = three_servers(&etcd).await;
+    run_counter(&c, "steady", "rack == r2");
+    ok(&c.run_wasm("pair", "counter", &["--level", "ft"]));
+    node_of(&c, "steady").await;
+    let (pair_node, _) = node_of(&c, "pair").await;
+    let pair_entry = (avail_testkit::ft::index(&pair_node) + 1) % 3;
+    let stop = Arc::new(AtomicBool::new(false));
+    let requests = load(c.ingress(1), "steady", stop.clone());
+    let pair_requests = load(c.ingress(pair_entry), "pair", stop.clone());
+    let acked = writes(&c, stop.clone());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let lost = Instant::now();
+    etcd.kill(0);
+    etcd.kill(1);
+    wait_until("no server ready", Duration::from_secs(10), || async {
+        let mut ready = Vec::new();
+        for i in 0..3 {
+            let r = c
+                .client_at(i)
+                .with_timeout(Duration::from_secs(3))
+                .get_bytes("/readyz")
+                .await;
+            if r.is_ok() {
+                ready.push(i);
+            }
+        }
+        if ready.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("ready: {ready:?}"))
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(lost.elapsed())).await;
+    etcd.restart(0);
+    etcd.restart(1);
+    eprintln!("quorum back after {:?}", lost.elapsed());
+    leader(&c, &[0, 1, 2]).await;
+    c.wait_nodes_ready(3).await;
+    // Past the new leader's grace: still nothing declared down.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+
+    stop.store(true, Ordering::Relaxed);
+    let pair_failures = pair_requests.await.unwrap();
+    assert!(
+        pair_failures.is_empty(),
+        "ft requests failed: {pair_failures:?}"
+    );
+    end_load(&c, &stop, requests, acked).await;
+    for name in ["steady", "pair"] {
+        let w: Workload = c
+            .client()
+            .get(&format!("/v1/workloads/{name}"))
+            .await
+            .unwrap();
+        assert_eq!(
+            w.status.incarnation, 1,
+            "{name} was restarted: {:?}",
+            w.status
+        );
+    }
+    let events: Vec<avail_model::ClusterEvent> = c.client().get("/v1/events").await.unwrap();
+    let downs: Vec<_> = events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.kind,
+                avail_model::EventKind::NodeDown | avail_model::EventKind::WorkloadFailed
+            )
+        })
+        .collect();
+    assert!(downs.is_empty(), "{downs:?}");
+}

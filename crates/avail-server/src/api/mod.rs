@@ -388,7 +388,20 @@ async fn livez() -> &'static str {
 
 #[utoipa::path(get, path = "/readyz", responses((status = 200, description = "the store answers"), (status = 503, body = ApiErrorBody)))]
 async fn readyz(State(state): State<AppStateRef>) -> ApiResult<&'static str> {
-    state.store.revision().await?;
+    // Ready when the store answers a read within a second (an etcd without its quorum
+    // does not).
+    match tokio::time::timeout(Duration::from_secs(1), state.store.revision()).await {
+        Ok(r) => {
+            r?;
+        }
+        Err(_) => {
+            return Err(ApiErr::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "store: no answer within 1 s",
+            ));
+        }
+    }
     Ok("ok\n")
 }
 

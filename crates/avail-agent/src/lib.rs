@@ -15,6 +15,7 @@
 pub mod body_budget;
 pub mod capacity;
 pub mod contain;
+pub mod fence;
 pub mod ft;
 pub mod identity;
 pub mod ingress;
@@ -211,14 +212,11 @@ pub async fn run(
 /// workloads stop before the server declares it down and restarts them elsewhere. If
 /// every node that answers has lost the server too, the control plane is away: nothing
 /// is restarted elsewhere meanwhile, so nothing stops.
-async fn fence_watch(sup: Arc<Supervisor>) {
+pub(crate) async fn fence_watch(sup: Arc<Supervisor>) {
     // Rounds in a row in which no peer answered.
     let mut unanswered = 0;
     loop {
-        tokio::time::sleep(
-            (sup.fence_after() / 4).clamp(Duration::from_millis(25), Duration::from_millis(200)),
-        )
-        .await;
+        tokio::time::sleep(fence::round_period(sup.fence_after())).await;
         if !sup.isolated() || sup.is_fenced() {
             continue;
         }
@@ -227,7 +225,7 @@ async fn fence_watch(sup: Arc<Supervisor>) {
         // is isolated and the control plane not shown away), so a late verdict is
         // safe, and a busy peer gets time to answer: 500 ms to 1 s.
         let window = sup.fence_after();
-        let timeout = window.clamp(Duration::from_millis(500), Duration::from_secs(1));
+        let timeout = fence::ask_timeout(window);
         let mut asks = tokio::task::JoinSet::new();
         for name in sup.peers().others() {
             let Some((peer, base)) = sup.peers().http(&name) else {
@@ -235,37 +233,29 @@ async fn fence_watch(sup: Arc<Supervisor>) {
             };
             asks.spawn(async move { contact_age(&peer, &base, timeout).await });
         }
-        let mut answered = 0;
-        let mut server_heard_by_peer = false;
+        let mut ages = Vec::new();
         while let Some(age) = asks.join_next().await {
-            if let Ok(Some(age)) = age {
-                answered += 1;
-                // Heard within the isolation window: the peer still hears the server.
-                if u128::from(age) < window.as_millis() {
-                    server_heard_by_peer = true;
-                }
-            }
+            ages.push(age.ok().flatten());
         }
-        if server_heard_by_peer {
+        let round = fence::peer_round(&ages, window, sup.contact_age(), sup.down_after());
+        let reached = if round.heard_by_peer {
             // A peer hears the server. If this node reaches it too, the control plane
             // was away and is coming back (the peer's heartbeat got through first):
             // this node is not cut off, and its own heartbeat follows.
-            let reached = sup
-                .server_client()
-                .with_timeout(timeout)
-                .raw(hyper::Method::GET, "/livez", None, &[])
-                .await
-                .is_ok_and(|r| r.status == 200);
-            if reached {
-                continue;
-            }
-        }
-        sup.set_control_plane_away(answered > 0 && !server_heard_by_peer);
-        // Cut off from the server and every peer: isolated, once confirmed by a second
-        // round (one round of busy peers is not isolation).
-        unanswered = if answered == 0 { unanswered + 1 } else { 0 };
-        if unanswered >= 2 || server_heard_by_peer {
-            unanswered = 0;
+            Some(
+                sup.server_client()
+                    .with_timeout(timeout)
+                    .raw(hyper::Method::GET, "/livez", None, &[])
+                    .await
+                    .is_ok_and(|r| r.status == 200),
+            )
+        } else {
+            None
+        };
+        let verdict = fence::decide(round, reached, unanswered);
+        sup.set_control_plane_away(verdict.away);
+        unanswered = verdict.unanswered;
+        if verdict.fence {
             sup.fence().await;
         }
     }

@@ -36,14 +36,10 @@ pub const DESIRED_WAIT_MS: u64 = 10_000;
 /// Isolation window before the server's down window is known (that of the default
 /// 1 s window).
 pub const DEFAULT_FENCE_AFTER: Duration = Duration::from_millis(666);
+/// The server's down window before it is known (the server's default).
+pub const DEFAULT_DOWN_AFTER: Duration = Duration::from_millis(1000);
 
-/// The isolation window for a down window `ttl`: `ttl` less a margin of a third of it,
-/// at least 250 ms (and never under 100 ms in all).
-pub fn isolation_window(ttl: Duration) -> Duration {
-    let ttl = ttl.as_millis() as u64;
-    let margin = ttl.div_ceil(3).max(250);
-    Duration::from_millis(ttl.saturating_sub(margin).max(100))
-}
+pub use avail_model::node::isolation_window;
 
 /// What a slot holds.
 #[derive(Clone)]
@@ -141,13 +137,17 @@ pub struct Supervisor {
     /// Isolated this long, the agent stops its ha workloads (set from the lease TTL
     /// less a margin).
     fence_after: Mutex<Duration>,
+    /// The server's down window (its lease TTL): how long after its last contact this
+    /// node may be declared down.
+    down_after: Mutex<Duration>,
     /// Whether the ha workloads are stopped for isolation.
     fenced: AtomicBool,
     /// The other nodes and mutual TLS to them.
     peers: Arc<Peers>,
-    /// Whether the peers, asked while the server was silent, have lost it too (the
-    /// control plane is away, not this node): ha workloads go on serving.
-    control_plane_away: AtomicBool,
+    /// Until when the peers' verdict holds that the control plane is away (they lost
+    /// it too, not this node alone): ha workloads go on serving meanwhile
+    /// ([`crate::fence::away_valid_for`]).
+    control_plane_away: Mutex<Option<Instant>>,
     /// Memory the node's ft secondaries may hold in checkpoint images.
     image_budget: Arc<crate::ft::ImageBudget>,
     /// Fences not reported to the server yet.
@@ -179,9 +179,10 @@ impl Supervisor {
             synced: AtomicBool::new(false),
             last_contact: Mutex::new(Instant::now()),
             fence_after: Mutex::new(DEFAULT_FENCE_AFTER),
+            down_after: Mutex::new(DEFAULT_DOWN_AFTER),
             fenced: AtomicBool::new(false),
             peers,
-            control_plane_away: AtomicBool::new(false),
+            control_plane_away: Mutex::new(None),
             fences: Mutex::new(Vec::new()),
         })
     }
@@ -589,7 +590,10 @@ impl Supervisor {
             let mut last = self.last_contact.lock().unwrap_or_else(|p| p.into_inner());
             *last = (*last).max(sent);
         }
-        self.control_plane_away.store(false, Ordering::Release);
+        *self
+            .control_plane_away
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
         if self.fenced.load(Ordering::Acquire) {
             let this = self.clone();
             tokio::spawn(async move {
@@ -617,7 +621,13 @@ impl Supervisor {
     pub fn set_lease_ttl(&self, ttl: Duration) {
         if !ttl.is_zero() {
             *self.fence_after.lock().unwrap_or_else(|p| p.into_inner()) = isolation_window(ttl);
+            *self.down_after.lock().unwrap_or_else(|p| p.into_inner()) = ttl;
         }
+    }
+
+    /// The server's down window in force.
+    pub fn down_after(&self) -> Duration {
+        *self.down_after.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The isolation window in force.
@@ -645,20 +655,32 @@ impl Supervisor {
     /// count.
     pub fn isolated_at(&self, at: Instant) -> bool {
         let last = *self.last_contact.lock().unwrap_or_else(|p| p.into_inner());
-        at.saturating_duration_since(last) > self.fence_after()
-            && !self.control_plane_away.load(Ordering::Acquire)
+        at.saturating_duration_since(last) > self.fence_after() && !self.away_at(at)
     }
 
-    /// Record what the peers said while the server was silent: `true` when those that
-    /// answered have all lost it too.
+    /// Whether the peers' verdict that the control plane is away holds at `at`.
+    fn away_at(&self, at: Instant) -> bool {
+        self.control_plane_away
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|until| at < until)
+    }
+
+    /// Record what the peers said while the server was silent: `true` when every
+    /// other node answered and all have lost it too; the verdict holds for
+    /// [`crate::fence::away_valid_for`] unless renewed.
     pub fn set_control_plane_away(&self, away: bool) {
-        self.control_plane_away.store(away, Ordering::Release);
+        let until = away.then(|| Instant::now() + crate::fence::away_valid_for(self.fence_after()));
+        *self
+            .control_plane_away
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = until;
     }
 
     /// Whether this node's ha workloads must not serve: the server has been silent for
     /// the isolation window, and the peers have not shown that it is silent for all.
     pub fn must_not_serve_ha(&self) -> bool {
-        self.is_fenced() || (self.isolated() && !self.control_plane_away.load(Ordering::Acquire))
+        self.is_fenced() || (self.isolated() && !self.away_at(Instant::now()))
     }
 
     /// Whether the ha workloads are stopped for isolation.

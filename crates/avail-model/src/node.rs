@@ -95,3 +95,14 @@ pub struct DrainStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocked: Option<String>,
 }
+
+/// A node's isolation window for the server's down window `down`: `down` less a margin
+/// of a third of it, at least 250 ms (and never under 100 ms in all). An agent that has
+/// not been answered for this long stops serving its `ha` workloads unless its peers
+/// show the control plane away for all; the server, which hears nobody for about as
+/// long, knows the agents may have concluded so.
+pub fn isolation_window(down: std::time::Duration) -> std::time::Duration {
+    let down = down.as_millis() as u64;
+    let margin = down.div_ceil(3).max(250);
+    std::time::Duration::from_millis(down.saturating_sub(margin).max(100))
+}

@@ -26,8 +26,10 @@ pub mod liveness;
 pub mod metrics;
 pub mod module_checks;
 pub mod pairs;
+pub mod pending_plan;
 pub mod placement;
 pub mod reports;
+pub mod restart_plan;
 pub mod restarts;
 pub mod state;
 pub mod store_open;
@@ -214,6 +216,19 @@ impl ServerConfig {
         self.down_after = Duration::from_millis(down_after_ms);
         self.startup_grace = self.startup_grace.max(self.down_after * 2);
         Ok(self)
+    }
+
+    /// A blackout: this server heard no node at all for this long. The agents may then
+    /// have found the control plane away (every peer silent for their isolation
+    /// window, [`avail_model::node::isolation_window`]) and kept serving: no node is
+    /// declared down, and the nodes get the grace again. Half a heartbeat short of the
+    /// agents' window (their silence is timed from the heartbeats' sending), and over a
+    /// heartbeat and a quarter (a small cluster is not a blackout between two beats).
+    pub fn blackout_after(&self) -> Duration {
+        let window = avail_model::node::isolation_window(self.down_after);
+        window
+            .saturating_sub(self.heartbeat_interval / 2)
+            .max(self.heartbeat_interval * 5 / 4)
     }
 
     /// TTL of a node's liveness lease in the store, whole seconds (the store's unit):
@@ -413,6 +428,16 @@ mod tests {
 
     fn base() -> ServerConfig {
         ServerConfig::new("d".into(), "127.0.0.1:0".parse().unwrap())
+    }
+
+    #[test]
+    fn a_blackout_is_shorter_than_the_agents_isolation_window() {
+        // 666 ms window, less half a heartbeat.
+        assert_eq!(base().blackout_after(), Duration::from_millis(566));
+        // Long heartbeats: never under a heartbeat and a quarter.
+        let c = base().with_windows(1000, 2000, 2300).unwrap();
+        assert_eq!(c.blackout_after(), Duration::from_millis(1250));
+        assert!(c.blackout_after() < avail_model::node::isolation_window(c.down_after));
     }
 
     #[test]

@@ -49,7 +49,7 @@ impl AppState {
         // when heartbeats come back the nodes get a grace to be heard again.
         let (from, blackout) = {
             let g = self.grace.lock().unwrap_or_else(|p| p.into_inner());
-            (g.from, g.last_any.elapsed() > self.config.down_after)
+            (g.from, g.last_any.elapsed() > self.config.blackout_after())
         };
         let in_grace = from.elapsed() < self.config.startup_grace;
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
@@ -117,7 +117,7 @@ impl AppState {
         });
         {
             let mut g = self.grace.lock().unwrap_or_else(|p| p.into_inner());
-            if g.last_any.elapsed() > self.config.down_after {
+            if g.last_any.elapsed() > self.config.blackout_after() {
                 tracing::warn!(
                     "no node was heard for {} ms: this server was cut off or stalled; a grace before any node is declared down",
                     g.last_any.elapsed().as_millis()

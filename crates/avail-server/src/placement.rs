@@ -8,7 +8,7 @@ use avail_sched::{Decision, Preference, Request};
 
 use crate::admission::{self, Placement};
 use crate::events::NewEvent;
-use crate::level_policy::{apply_admitted, with_admission};
+use crate::pending_plan::Pending;
 use crate::state::*;
 use crate::{keys, now_ms};
 
@@ -108,8 +108,7 @@ impl AppState {
         (d, at)
     }
 
-    /// The scheduler's request for `w`: its own rules, and kept off the nodes where the
-    /// level policy would not admit it ([`admission::kept_off`]).
+    /// The scheduler's request for `w` ([`request_for`]).
     pub(crate) fn request(
         &self,
         w: &Workload,
@@ -118,33 +117,7 @@ impl AppState {
         policy: &avail_model::spec::LevelPolicy,
         kind: Placement,
     ) -> Request {
-        let mut constraints = w.spec.constraints();
-        constraints.extend(admission::kept_off(w, policy, kind));
-        Request {
-            workload: w.spec.name.clone(),
-            resources: w.spec.resources,
-            constraints,
-            preferences: w
-                .spec
-                .placement
-                .affinity
-                .iter()
-                .filter_map(|a| {
-                    Some(Preference {
-                        rule: avail_model::Constraint::parse(&a.rule).ok()?,
-                        weight: a.weight,
-                    })
-                })
-                .collect(),
-            avoid,
-            pair,
-            policy: match w.spec.placement.policy {
-                avail_model::spec::PlacementPolicy::Spread => avail_sched::Policy::Spread,
-                avail_model::spec::PlacementPolicy::Pack => avail_sched::Policy::Pack,
-            },
-            priority: w.spec.ha.priority,
-            ..Request::default()
-        }
+        request_for(w, avoid, pair, policy, kind)
     }
 
     /// Write a placement: the workload if its `mod_rev` is still `expected` (0: create),
@@ -217,44 +190,41 @@ impl AppState {
             let Some((mut w, rev)) = self.workload(&name) else {
                 continue;
             };
-            let (decision, at) = self.decide(&w);
-            if let Decision::Unplaceable { explanation } = &decision {
-                // The reason kept with the workload follows the cluster (a node that was
-                // not ready may now be at its workload limit): written when it changes.
-                let message = format!("unplaceable: {explanation}");
-                if w.status.message.as_deref() != Some(message.as_str()) {
-                    w.status.message = Some(message);
-                    w.status.updated_ms = now_ms();
-                    let _ = self.write_workload(&w, rev).await;
+            let seed = self
+                .placements
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (outcome, at) = {
+                let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+                let tags_of = |n: &str| v.nodes.get(n).map(|r| r.tags.clone()).unwrap_or_default();
+                (
+                    crate::pending_plan::place_pending(&v.sched, &w, &v.policy, &tags_of, seed),
+                    v.placement_rev,
+                )
+            };
+            match outcome {
+                Pending::Unplaceable(explanation) => {
+                    // The reason kept with the workload follows the cluster (a node that
+                    // was not ready may now be at its workload limit): written when it
+                    // changes.
+                    let message = format!("unplaceable: {explanation}");
+                    if w.status.message.as_deref() != Some(message.as_str()) {
+                        w.status.message = Some(message);
+                        w.status.updated_ms = now_ms();
+                        let _ = self.write_workload(&w, rev).await;
+                    }
                 }
-                continue;
-            }
-            if let Decision::Place { node, .. } = decision {
-                // Admitted at the node's minimum level (the plan kept it off nodes
-                // where it cannot be; their tags may have changed since: next pass).
-                let Ok(admitted) = self.admit_on(&w, &node, Placement::Start) else {
-                    continue;
-                };
-                w.status.phase = Phase::Placed;
-                w.status.node = Some(node.clone());
-                w.status.incarnation += 1;
-                w.status.message = None;
-                w.status.updated_ms = now_ms();
-                w.status.generation = w.status.generation.max(1);
-                apply_admitted(&mut w, &admitted);
-                // A stale plan is tried again at the next pass (every second).
-                let placed = NewEvent::new(
-                    EventKind::WorkloadPlaced,
-                    Some(&name),
-                    Some(&node),
-                    with_admission(
-                        format!("placed on {node} (incarnation {})", w.status.incarnation),
-                        &admitted,
-                    ),
-                );
-                let _ = self
-                    .write_placement_with_events(&w, rev, at, vec![placed])
-                    .await;
+                Pending::Placed {
+                    workload,
+                    node,
+                    what,
+                } => {
+                    // A stale plan is tried again at the next pass (every second).
+                    let placed =
+                        NewEvent::new(EventKind::WorkloadPlaced, Some(&name), Some(&node), what);
+                    let _ = self
+                        .write_placement_with_events(&workload, rev, at, vec![placed])
+                        .await;
+                }
             }
         }
         drop(_guard);
@@ -382,5 +352,43 @@ impl AppState {
                 }
             }
         }
+    }
+}
+
+/// The scheduler's request for `w`: its own rules, and kept off the nodes where the
+/// level policy would not admit it ([`admission::kept_off`]).
+pub fn request_for(
+    w: &Workload,
+    avoid: avail_sched::Avoid,
+    pair: Option<String>,
+    policy: &avail_model::spec::LevelPolicy,
+    kind: Placement,
+) -> Request {
+    let mut constraints = w.spec.constraints();
+    constraints.extend(admission::kept_off(w, policy, kind));
+    Request {
+        workload: w.spec.name.clone(),
+        resources: w.spec.resources,
+        constraints,
+        preferences: w
+            .spec
+            .placement
+            .affinity
+            .iter()
+            .filter_map(|a| {
+                Some(Preference {
+                    rule: avail_model::Constraint::parse(&a.rule).ok()?,
+                    weight: a.weight,
+                })
+            })
+            .collect(),
+        avoid,
+        pair,
+        policy: match w.spec.placement.policy {
+            avail_model::spec::PlacementPolicy::Spread => avail_sched::Policy::Spread,
+            avail_model::spec::PlacementPolicy::Pack => avail_sched::Policy::Pack,
+        },
+        priority: w.spec.ha.priority,
+        ..Request::default()
     }
 }

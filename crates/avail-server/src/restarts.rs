@@ -4,14 +4,15 @@
 use avail_model::EventKind;
 use std::time::Instant;
 
-use avail_model::{Level, Phase};
-use avail_sched::Decision;
+use std::collections::{BTreeMap, HashMap};
 
-use crate::admission::{self, Placement};
+use avail_model::Level;
+
+use crate::admission::Placement;
 use crate::events::NewEvent;
-use crate::level_policy::{apply_admitted, with_admission};
+use crate::keys;
+use crate::restart_plan::{Lost, plan_restarts};
 use crate::state::*;
-use crate::{keys, now_ms};
 
 impl AppState {
     /// Restart `ha` workloads whose node is down on other nodes, in the order given
@@ -34,143 +35,36 @@ impl AppState {
     pub(crate) async fn restart_batch(&self, names: &[String], down: &[String], why: &str) {
         let _guard = self.placement.lock().await;
         for _ in 0..5 {
-            let (mut work, at) = {
+            let (work, at, policy, lost, tags) = {
                 let v = self.view.read().unwrap_or_else(|p| p.into_inner());
-                (v.sched.clone(), v.placement_rev)
+                let lost: Vec<Lost> = names
+                    .iter()
+                    .filter_map(|n| v.workloads.get(n))
+                    .map(|(w, rev)| Lost {
+                        workload: w.clone(),
+                        mod_rev: *rev,
+                    })
+                    .collect();
+                let tags: HashMap<String, BTreeMap<String, String>> = v
+                    .nodes
+                    .iter()
+                    .map(|(n, r)| (n.clone(), r.tags.clone()))
+                    .collect();
+                (
+                    v.sched.clone(),
+                    v.placement_rev,
+                    v.policy.clone(),
+                    lost,
+                    tags,
+                )
             };
-            let mut seed = self
+            let seed = self
                 .placements
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let started = Instant::now();
-            let policy = self.level_policy();
-            // (workload, its mod_rev, event kind, node, what, displaced, lost node)
-            let mut planned = Vec::new();
-            for name in names {
-                let Some((mut w, rev)) = self.workload(name) else {
-                    continue;
-                };
-                let Some(lost) = w.status.node.clone().filter(|n| down.contains(n)) else {
-                    continue;
-                };
-                let req = self.request(
-                    &w,
-                    avail_sched::Avoid {
-                        nodes: down.to_vec(),
-                        fault_domain: None,
-                    },
-                    None,
-                    &policy,
-                    Placement::Start,
-                );
-                // Its reservation is its own: the node holding it first (if the policy
-                // still admits it there: the request's constraints say).
-                let reserved = w
-                    .status
-                    .reservation
-                    .clone()
-                    .filter(|r| !down.contains(r) && work.fits(r, &req));
-                let decision = match reserved {
-                    Some(r) => Decision::Place {
-                        node: r,
-                        secondary: None,
-                        reservation: None,
-                        displaced: vec![],
-                    },
-                    None => {
-                        seed = seed.wrapping_add(0x9e37_79b9);
-                        avail_sched::plan(
-                            &work,
-                            std::slice::from_ref(&req),
-                            &mut avail_model::rng::SplitMix64(seed),
-                        )
-                        .decisions
-                        .into_iter()
-                        .next()
-                        .map(|(_, d)| d)
-                        .unwrap_or(Decision::Unplaceable {
-                            explanation: "no decision".into(),
-                        })
-                    }
-                };
-                // The reservation is used (or void): a new one is made by the next pass.
-                if let Some(r) = w.status.reservation.take() {
-                    work.unreserve(&r, &w.spec.name);
-                }
-                // A move under way is over (its source is gone).
-                if let Some(t) = w.status.moving_to.take() {
-                    work.release(&t, w.spec.resources);
-                }
-                w.status.incarnation += 1;
-                // A new generation too: the old copy's checkpoints (were it still alive)
-                // are refused by the next standby.
-                w.status.generation += 1;
-                w.status.restarts += 1;
-                w.status.ft = None;
-                w.status.updated_ms = now_ms();
-                // Admitted at the node's minimum level (the plan kept it off the nodes
-                // where it cannot run at theirs).
-                let admitted = match &decision {
-                    Decision::Place { node, .. } => self.admit_on(&w, node, Placement::Start),
-                    Decision::Unplaceable { .. } => Ok(admission::Admitted::AsIs),
-                };
-                let (decision, admitted) = match (decision, admitted) {
-                    (Decision::Place { .. }, Err(why)) => (
-                        Decision::Unplaceable { explanation: why },
-                        admission::Admitted::AsIs,
-                    ),
-                    (d, a) => (d, a.unwrap_or(admission::Admitted::AsIs)),
-                };
-                match decision {
-                    Decision::Place {
-                        node, displaced, ..
-                    } => {
-                        work.allocate(&node, w.spec.resources);
-                        for d in &displaced {
-                            work.unreserve(&node, d);
-                        }
-                        apply_admitted(&mut w, &admitted);
-                        w.status.phase = Phase::Placed;
-                        w.status.node = Some(node.clone());
-                        w.status.message = Some(match admitted.message() {
-                            Some(raised) => format!("restarted: node {lost} is {why}; {raised}"),
-                            None => format!("restarted: node {lost} is {why}"),
-                        });
-                        let what = with_admission(
-                            format!(
-                                "node {lost} is {why}: restarting on {node} (incarnation {}), planned in {} us",
-                                w.status.incarnation,
-                                started.elapsed().as_micros()
-                            ),
-                            &admitted,
-                        );
-                        planned.push((
-                            w,
-                            rev,
-                            EventKind::WorkloadRestarted,
-                            Some(node),
-                            what,
-                            displaced,
-                            lost,
-                        ));
-                    }
-                    Decision::Unplaceable { explanation } => {
-                        w.status.phase = Phase::Pending;
-                        w.status.node = None;
-                        let what =
-                            format!("node {lost} is {why} and no node can take it: {explanation}");
-                        w.status.message = Some(format!("unplaceable: {what}"));
-                        planned.push((
-                            w,
-                            rev,
-                            EventKind::WorkloadUnplaceable,
-                            None,
-                            what,
-                            vec![],
-                            lost,
-                        ));
-                    }
-                }
-            }
+            let tags_of = |n: &str| tags.get(n).cloned().unwrap_or_default();
+            let planned = plan_restarts(work, lost, down, why, &policy, &tags_of, seed);
+            let planned_us = started.elapsed().as_micros();
             if planned.is_empty() {
                 return;
             }
@@ -180,19 +74,25 @@ impl AppState {
                 failure: vec![],
             };
             let mut events = Vec::with_capacity(planned.len());
-            for (w, rev, kind, node, what, ..) in &planned {
+            for r in &planned {
+                let what = match r.kind {
+                    EventKind::WorkloadRestarted => {
+                        format!("{}, planned in {planned_us} us", r.what)
+                    }
+                    _ => r.what.clone(),
+                };
                 events.push(NewEvent::new(
-                    *kind,
-                    Some(&w.spec.name),
-                    node.as_deref(),
-                    what.clone(),
+                    r.kind,
+                    Some(&r.workload.spec.name),
+                    r.node.as_deref(),
+                    what,
                 ));
-                let key = keys::workload(&w.spec.name);
+                let key = keys::workload(&r.workload.spec.name);
                 txn.compares
-                    .push(avail_store::Compare::ModRev(key.clone(), *rev));
+                    .push(avail_store::Compare::ModRev(key.clone(), r.mod_rev));
                 txn.success.push(avail_store::Op::Put {
                     key,
-                    value: serde_json::to_vec(w).expect("workload serialises"),
+                    value: serde_json::to_vec(&r.workload).expect("workload serialises"),
                     lease: None,
                 });
             }
@@ -206,16 +106,16 @@ impl AppState {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .clone();
-                    for p in planned.iter().filter(|p| p.3.is_some()) {
-                        if let Some(at) = down_at.get(&p.6) {
+                    for r in planned.iter().filter(|r| r.node.is_some()) {
+                        if let Some(at) = down_at.get(&r.lost) {
                             self.metrics
                                 .restart_seconds
                                 .observe(at.elapsed().as_secs_f64());
                         }
                     }
-                    for (_, _, _, node, _, displaced, _) in planned {
-                        if let Some(n) = &node {
-                            self.release_displaced(&displaced, n).await;
+                    for r in planned {
+                        if let Some(n) = &r.node {
+                            self.release_displaced(&r.displaced, n).await;
                         }
                     }
                     return;

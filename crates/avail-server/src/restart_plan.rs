@@ -11,7 +11,7 @@ use avail_model::{EventKind, Phase, Workload};
 use avail_sched::{ClusterView, Decision};
 
 use crate::admission::{self, Placement};
-use crate::level_policy::{apply_admitted, with_admission};
+use crate::level_policy::apply_admitted;
 
 /// A workload to restart: its record and revision, read from the view.
 #[derive(Clone, Debug)]
@@ -33,12 +33,28 @@ pub struct Restart {
     pub kind: EventKind,
     /// Where it restarts.
     pub node: Option<String>,
-    /// What happened, for the event.
+    /// What happened, for the event (without the level raise, [`Restart::raised`]).
     pub what: String,
+    /// The level raise admission made, if any ("level ft required on ...").
+    pub raised: Option<String>,
     /// Reservations of lower priority it displaced on its node.
     pub displaced: Vec<String>,
     /// The node it was lost on.
     pub lost: String,
+}
+
+impl Restart {
+    /// The event's message, with how long the plan took when given.
+    pub fn message(&self, planned_us: Option<u128>) -> String {
+        let mut m = self.what.clone();
+        if let Some(us) = planned_us {
+            m.push_str(&format!(", planned in {us} us"));
+        }
+        if let Some(r) = &self.raised {
+            m.push_str(&format!("; {r}"));
+        }
+        m
+    }
 }
 
 /// Plan the restarts of `lost` (highest priority first), away from the nodes `down`,
@@ -150,12 +166,9 @@ pub fn plan_restarts(
                     Some(raised) => format!("restarted: node {lost_on} is {why}; {raised}"),
                     None => format!("restarted: node {lost_on} is {why}"),
                 });
-                let what = with_admission(
-                    format!(
-                        "node {lost_on} is {why}: restarting on {node} (incarnation {})",
-                        w.status.incarnation
-                    ),
-                    &admitted,
+                let what = format!(
+                    "node {lost_on} is {why}: restarting on {node} (incarnation {})",
+                    w.status.incarnation
                 );
                 planned.push(Restart {
                     workload: w,
@@ -163,6 +176,7 @@ pub fn plan_restarts(
                     kind: EventKind::WorkloadRestarted,
                     node: Some(node),
                     what,
+                    raised: admitted.message(),
                     displaced,
                     lost: lost_on,
                 });
@@ -181,6 +195,7 @@ pub fn plan_restarts(
                     kind: EventKind::WorkloadUnplaceable,
                     node: None,
                     what,
+                    raised: None,
                     displaced: vec![],
                     lost: lost_on,
                 });

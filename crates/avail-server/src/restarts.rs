@@ -75,12 +75,8 @@ impl AppState {
             };
             let mut events = Vec::with_capacity(planned.len());
             for r in &planned {
-                let what = match r.kind {
-                    EventKind::WorkloadRestarted => {
-                        format!("{}, planned in {planned_us} us", r.what)
-                    }
-                    _ => r.what.clone(),
-                };
+                let what =
+                    r.message((r.kind == EventKind::WorkloadRestarted).then_some(planned_us));
                 events.push(NewEvent::new(
                     r.kind,
                     Some(&r.workload.spec.name),

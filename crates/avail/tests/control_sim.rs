@@ -865,6 +865,13 @@ fn restarts_apply_the_level_policy_minimum() {
     let plan = restart_plan::plan_restarts(sched, lost, &down, "down", &sim.policy, &tags_of, 7);
     assert_eq!(plan[0].node.as_deref(), Some("n3"), "{}", plan[0].what);
     assert_eq!(plan[0].workload.spec.level, Level::Ft, "{:?}", plan[0].what);
+    assert!(
+        plan[0]
+            .message(Some(12))
+            .ends_with(", planned in 12 us; level ft required on tier=gold"),
+        "{}",
+        plan[0].message(Some(12))
+    );
     assert_eq!(plan[1].node, None, "{}", plan[1].what);
     assert_eq!(plan[1].workload.status.phase, Phase::Pending);
     assert!(

@@ -311,6 +311,9 @@ async fn heartbeat_loop(
                 // The windows may have changed (a server restarted with others).
                 sup.set_lease_ttl(Duration::from_millis(reply.lease_ttl_ms));
                 joined.heartbeat_interval_ms = reply.heartbeat_interval_ms;
+                // The servers now (added, replaced, a blue/green switch): every call
+                // of this node goes to them from now on (the clients share the list).
+                client.set_bases(&reply.servers);
                 // Back from an isolation (a pause, a partition) that the peers did not
                 // show to be the control plane's: stop the ha workloads first; the fresh
                 // desired state says which still belong here. After a control-plane

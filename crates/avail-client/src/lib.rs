@@ -88,8 +88,9 @@ pub const MAX_SERVERS: usize = 16;
 /// A client for a server, or for several that it fails over between.
 #[derive(Clone)]
 pub struct Client {
-    /// The servers' base URLs (at least one).
-    bases: Arc<Vec<String>>,
+    /// The servers' base URLs (at least one), shared by the clones (an agent is told
+    /// the current list with each heartbeat answer).
+    bases: Arc<std::sync::RwLock<Arc<Vec<String>>>>,
     /// The index of the server used now.
     current: Arc<std::sync::atomic::AtomicUsize>,
     token: Option<String>,
@@ -178,7 +179,7 @@ impl Client {
             bases.push(String::new());
         }
         Client {
-            bases: Arc::new(bases),
+            bases: Arc::new(std::sync::RwLock::new(Arc::new(bases))),
             current: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             token,
             node: None,
@@ -233,13 +234,37 @@ impl Client {
     }
 
     /// The base URL of the server used now.
-    pub fn base(&self) -> &str {
-        &self.bases[self.current() % self.bases.len()]
+    pub fn base(&self) -> String {
+        let bases = self.snapshot();
+        bases[self.current() % bases.len()].clone()
     }
 
     /// Every server's base URL.
-    pub fn bases(&self) -> &[String] {
-        &self.bases
+    pub fn bases(&self) -> Vec<String> {
+        self.snapshot().to_vec()
+    }
+
+    /// Speak to these servers from now on (this client and its clones), unless the
+    /// list is empty or the same; the one in use stays first choice when it is among
+    /// them.
+    pub fn set_bases(&self, bases: &[String]) {
+        let new: Vec<String> = bases
+            .iter()
+            .map(|b| b.trim().trim_end_matches('/').to_string())
+            .filter(|b| !b.is_empty())
+            .take(MAX_SERVERS)
+            .collect();
+        if new.is_empty() || new == *self.snapshot() {
+            return;
+        }
+        let now = self.base();
+        let at = new.iter().position(|b| *b == now).unwrap_or(0);
+        *self.bases.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+        self.current.store(at, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> Arc<Vec<String>> {
+        self.bases.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn current(&self) -> usize {
@@ -255,14 +280,15 @@ impl Client {
         body: Option<(Bytes, &str)>,
         headers: &[(&str, &str)],
     ) -> Result<Reply, ClientError> {
-        let n = self.bases.len();
+        let bases = self.snapshot();
+        let n = bases.len();
         let start = self.current() % n;
         let read = self.repeatable || matches!(method, Method::GET | Method::HEAD);
         let mut tried = 0;
         loop {
             let at = (start + tried) % n;
             let r = self
-                .raw_at(at, method.clone(), path, body.clone(), headers)
+                .raw_at(&bases[at], method.clone(), path, body.clone(), headers)
                 .await;
             tried += 1;
             if tried >= n || !move_on(&r, read) {
@@ -282,7 +308,7 @@ impl Client {
     /// when a pooled one closed under it.
     async fn raw_at(
         &self,
-        at: usize,
+        at: &str,
         method: Method,
         path: &str,
         body: Option<(Bytes, &str)>,
@@ -305,13 +331,13 @@ impl Client {
 
     async fn raw_once(
         &self,
-        at: usize,
+        at: &str,
         method: Method,
         path: &str,
         body: Option<(Bytes, &str)>,
         headers: &[(&str, &str)],
     ) -> Result<Reply, ClientError> {
-        let url = format!("{}{}", self.bases[at], path);
+        let url = format!("{at}{path}");
         let mut b = hyper::Request::builder().method(method).uri(&url);
         if let Some(t) = &self.token {
             b = b.header("authorization", format!("Bearer {t}"));
@@ -555,6 +581,10 @@ mod tests {
         let (live, seen) = answering(200, "{}").await;
         let c = Client::new(&format!("{dead}, {live}/"), None, None);
         assert_eq!(c.bases().len(), 2);
+        // Told a new list that keeps the server in use: it stays in use.
+        c.set_bases(&[live.clone(), dead.clone()]);
+        assert_eq!(c.bases(), vec![live.clone(), dead.clone()]);
+        c.set_bases(&[dead.clone(), live.clone()]);
         // A write is sent on: the first server was never reached.
         let e = Client::new(&dead, None, None)
             .get::<serde_json::Value>("/x")

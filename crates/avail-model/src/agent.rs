@@ -332,6 +332,11 @@ pub struct HeartbeatReply {
     pub heartbeat_interval_ms: u64,
     /// The down window, ms: the agent's isolation window follows it.
     pub lease_ttl_ms: u64,
+    /// The API of every server of the cluster now (`https://ip:port`): the agent
+    /// speaks to these from now on (servers added or replaced, blue/green). Empty:
+    /// keep the list it has.
+    #[serde(default)]
+    pub servers: Vec<String>,
 }
 
 /// State of one instance on a node.

@@ -88,6 +88,25 @@ pub struct ControlPlane {
     pub leads: bool,
     /// The leading server, when known.
     pub leader: Option<LeaderInfo>,
+    /// Every server of the cluster now, as they registered in the store.
+    #[serde(default)]
+    pub servers: Vec<ServerInfo>,
+}
+
+/// A server of the cluster, as it registered in the store (`/servers/<id>`, on a
+/// lease it keeps alive while it runs).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ServerInfo {
+    /// Its id.
+    pub id: String,
+    /// Its API, `https://ip:port`.
+    pub api: String,
+    /// Its version of avail.
+    pub version: String,
+    /// The newest record schema it reads and writes.
+    pub schema: u32,
+    /// When it started, ms since the epoch.
+    pub since_ms: u64,
 }
 
 /// The leading server.

@@ -44,6 +44,9 @@ pub enum EventKind {
     /// The level policy changed.
     #[serde(rename = "cluster.levels")]
     ClusterLevels,
+    /// The cluster's record schema was raised (every server reads the new one).
+    #[serde(rename = "cluster.schema")]
+    ClusterSchema,
     /// A node joined for the first time.
     #[serde(rename = "node.joined")]
     NodeJoined,
@@ -147,6 +150,7 @@ impl EventKind {
         EventKind::TokenCreated,
         EventKind::TokenRevoked,
         EventKind::ClusterLevels,
+        EventKind::ClusterSchema,
         EventKind::NodeJoined,
         EventKind::NodeRejoined,
         EventKind::NodeRemoved,
@@ -187,6 +191,7 @@ impl EventKind {
             EventKind::TokenCreated => "token.created",
             EventKind::TokenRevoked => "token.revoked",
             EventKind::ClusterLevels => "cluster.levels",
+            EventKind::ClusterSchema => "cluster.schema",
             EventKind::NodeJoined => "node.joined",
             EventKind::NodeRejoined => "node.rejoined",
             EventKind::NodeRemoved => "node.removed",

@@ -6,9 +6,11 @@
 //! | `/workloads/<name>` | [`avail_model::Workload`] |
 //! | `/nodes/<name>` | [`crate::state::NodeRecord`] |
 //! | `/alive/<name>` | empty; attached to the node's lease: absent means down |
+//! | `/servers/<id>` | [`avail_model::api::ServerInfo`]: a server of the cluster, on its own lease ([`crate::membership`]) |
 //! | `/verdicts/<name>` | [`avail_model::NodeState`]: the leader's liveness verdict on the node, written when it changes (every server answers from it) |
 //! | `/events/<seq, 20 digits>` | [`avail_model::ClusterEvent`] (the last [`crate::events::KEEP_EVENTS`]) |
 //! | `/config/cluster_id` | the cluster's id, also in the server's data dir (`cluster.id`): a store and a data dir of different clusters are refused |
+//! | `/config/schema` | the cluster's record schema ([`crate::schema`]); absent: 1 |
 //! | `/config/levels` | [`avail_model::spec::LevelPolicy`]: the default level and minimums by node tag |
 //! | `/tokens/<id>` | [`crate::join_tokens::TokenRecord`]: a join token's hash, life and uses |
 //! | `/placement` | the last workload placed: written with every placement, and compared in the same transaction, so a plan made on an older view is refused |
@@ -19,10 +21,14 @@ pub const WORKLOADS: &str = "/workloads/";
 pub const NODES: &str = "/nodes/";
 /// Prefix of node liveness keys.
 pub const ALIVE: &str = "/alive/";
+/// Prefix of the servers' registrations.
+pub const SERVERS: &str = "/servers/";
 /// Prefix of the leader's liveness verdicts.
 pub const VERDICTS: &str = "/verdicts/";
 /// Prefix of events.
 pub const EVENTS: &str = "/events/";
+/// The cluster's record schema.
+pub const SCHEMA: &str = "/config/schema";
 /// The cluster's level policy.
 pub const LEVEL_POLICY: &str = "/config/levels";
 /// Prefix of join tokens.
@@ -60,6 +66,10 @@ pub fn node(name: &str) -> String {
 /// Key of a node's liveness.
 pub fn alive(name: &str) -> String {
     format!("{ALIVE}{name}")
+}
+/// Key of a server's registration.
+pub fn server(id: &str) -> String {
+    format!("{SERVERS}{id}")
 }
 /// Key of a node's liveness verdict.
 pub fn verdict(name: &str) -> String {

@@ -155,6 +155,7 @@ impl Leadership {
             server: self.id.clone(),
             leads: self.is_leader(),
             leader,
+            servers: vec![],
         })
     }
 
@@ -191,7 +192,15 @@ async fn campaign(
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => {
                 tracing::warn!("leadership: {e}; campaigning again in {backoff:?}");
-                tx.send_replace(Role::Follower { leader: None });
+                // A follower cut off from the store keeps the leader it knew: it relays
+                // heartbeats there, and the leader says whether it still leads (a
+                // follower that forgot it would leave its nodes unheard while the
+                // leader hears the others: they would fence).
+                let knew = match &*tx.borrow() {
+                    Role::Follower { leader } => leader.clone(),
+                    Role::Leader { .. } => None,
+                };
+                tx.send_replace(Role::Follower { leader: knew });
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }

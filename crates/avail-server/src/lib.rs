@@ -23,6 +23,7 @@ pub mod leader;
 pub mod level_change;
 pub mod level_policy;
 pub mod liveness;
+pub mod membership;
 pub mod metrics;
 pub mod module_checks;
 pub mod pairs;
@@ -31,6 +32,7 @@ pub mod placement;
 pub mod reports;
 pub mod restart_plan;
 pub mod restarts;
+pub mod schema;
 pub mod state;
 pub mod store_open;
 pub mod view;
@@ -291,6 +293,8 @@ fn private_dir(dir: &Path) -> Result<(), ServerError> {
 pub struct Running {
     /// The bound address.
     pub addr: SocketAddr,
+    /// This server's registration among the servers (leave it on a clean shutdown).
+    pub membership: membership::Membership,
     /// This server's part in the leadership (resign it on a clean shutdown).
     pub leadership: leader::Leadership,
     /// Shared state (for tests and embedding).
@@ -300,11 +304,18 @@ pub struct Running {
 
 impl Running {
     /// Serve until the task ends.
-    pub async fn wait(self) -> Result<(), ServerError> {
-        match self.task.await {
+    pub async fn wait(&mut self) -> Result<(), ServerError> {
+        match (&mut self.task).await {
             Ok(r) => r.map_err(|e| ServerError::Io(e.to_string())),
             Err(e) => Err(ServerError::Io(e.to_string())),
         }
+    }
+
+    /// A clean stop: give the lead up (another server leads at once) and leave the
+    /// servers (agents are no longer sent here).
+    pub async fn stop(&self) {
+        self.leadership.resign().await;
+        self.membership.leave().await;
     }
 }
 
@@ -319,6 +330,8 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     }
     let store = store_open::open(&config.store, dir).await?;
     store_open::bind_cluster(store.as_ref(), dir, &config.store.describe(dir)).await?;
+    let (records, _) = schema::cluster_schema(store.as_ref()).await?;
+    schema::check(records, schema::SCHEMA).map_err(ServerError::Io)?;
     let auth = Auth::load_or_create(dir)?;
     ensure_token(&auth, &admin_token_path(dir), "admin", Role::Admin)?;
     let ca = avail_tls::ClusterCa::load_or_create(dir)?;
@@ -355,6 +368,17 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     let state = AppState::open(store, auth, ca, config).await?;
     let _ = state.leadership.set(leadership.clone());
     let _ = state.relay.set(relay);
+    let membership = membership::Membership::start(
+        state.store.clone(),
+        avail_model::api::ServerInfo {
+            id: server_id.clone(),
+            api: format!("https://{addr}"),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            schema: schema::SCHEMA,
+            since_ms: now_ms(),
+        },
+        state.config.leader_ttl_s,
+    );
     state
         .events
         .emit(
@@ -374,6 +398,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     ));
     Ok(Running {
         addr,
+        membership,
         leadership,
         state,
         task,
@@ -414,6 +439,7 @@ async fn background(state: std::sync::Weak<AppState>, leadership: leader::Leader
                 if every_second {
                     s.place_pending().await;
                     s.enforce_level_policy().await;
+                    s.raise_schema().await;
                 }
                 s.drain_pass().await;
             })

@@ -177,6 +177,17 @@ pub enum StateError {
 }
 
 impl AppState {
+    /// The API of every registered server (what agents are told to speak to).
+    pub fn server_apis(&self) -> Vec<String> {
+        self.view
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .servers
+            .values()
+            .map(|s| s.api.clone())
+            .collect()
+    }
+
     /// Whether this server decides now (leads; alone, it does).
     pub fn is_leader(&self) -> bool {
         self.leadership.get().is_none_or(|l| l.is_leader())

@@ -93,6 +93,8 @@ pub struct View {
     pub nodes: BTreeMap<String, NodeRecord>,
     /// Nodes whose liveness key exists.
     pub alive: BTreeSet<String>,
+    /// The servers of the cluster, as registered ([`crate::membership`]).
+    pub servers: BTreeMap<String, avail_model::api::ServerInfo>,
     /// The leader's liveness verdicts, as last written ([`keys::VERDICTS`]).
     pub verdicts: HashMap<String, avail_model::NodeState>,
     /// Resources placed on each node (primaries and ft secondaries), kept up to date as
@@ -248,6 +250,11 @@ impl AppState {
         for kv in self.store.range(keys::ALIVE).await?.0 {
             v.alive.insert(kv.key[keys::ALIVE.len()..].to_string());
         }
+        for kv in self.store.range(keys::SERVERS).await?.0 {
+            if let Ok(s) = serde_json::from_slice::<avail_model::api::ServerInfo>(&kv.value) {
+                v.servers.insert(s.id.clone(), s);
+            }
+        }
         for kv in self.store.range(keys::VERDICTS).await?.0 {
             if let Ok(st) = serde_json::from_slice(&kv.value) {
                 v.set_verdict(&kv.key[keys::VERDICTS.len()..], Some(st));
@@ -304,6 +311,19 @@ impl AppState {
                     Event::Put(kv) => kv.mod_rev,
                     Event::Delete { .. } => 0,
                 };
+            } else if let Some(id) = key.strip_prefix(keys::SERVERS) {
+                match ev {
+                    Event::Put(kv) => {
+                        if let Ok(s) =
+                            serde_json::from_slice::<avail_model::api::ServerInfo>(&kv.value)
+                        {
+                            v.servers.insert(id.to_string(), s);
+                        }
+                    }
+                    Event::Delete { .. } => {
+                        v.servers.remove(id);
+                    }
+                }
             } else if let Some(name) = key.strip_prefix(keys::VERDICTS) {
                 desired = true;
                 let st = match ev {

@@ -477,6 +477,33 @@ impl Cluster {
         }
     }
 
+    /// Start one more server (joining the first's cluster), as for a blue/green switch;
+    /// its index.
+    pub async fn add_server(&mut self) -> usize {
+        let i = self.servers;
+        assert!(i < 9, "at most 9 servers");
+        self.servers += 1;
+        self.more_servers.push(None);
+        self.start_server_at(i).await;
+        i
+    }
+
+    /// SIGTERM server `i` (a clean stop: it resigns and leaves) and wait until it
+    /// exits.
+    pub async fn stop_server_at(&mut self, i: usize) {
+        let p = match i {
+            0 => self.server.take(),
+            i => self.more_servers[i - 1].take(),
+        };
+        let Some(mut p) = p else { return };
+        p.signal(libc::SIGTERM);
+        let end = Instant::now() + Duration::from_secs(10);
+        while p.running() {
+            assert!(Instant::now() < end, "server {i} did not stop on SIGTERM");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Server `i`'s process, while it runs.
     pub fn server_proc(&mut self, i: usize) -> Option<&mut Proc> {
         match i {

@@ -1001,13 +1001,18 @@ async fn server(a: ServerArgs) -> CliResult {
         avail_server::admin_token_path(&a.data_dir).display(),
         avail_server::ca_path(&a.data_dir).display()
     );
-    let leadership = running.leadership.clone();
-    tokio::select! {
-        r = running.wait() => r.map_err(|e| CliError::fail(e.to_string())),
-        _ = shutdown_signal() => {
+    let mut running = running;
+    let ended = tokio::select! {
+        r = running.wait() => Some(r),
+        _ = shutdown_signal() => None,
+    };
+    match ended {
+        Some(r) => r.map_err(|e| CliError::fail(e.to_string())),
+        None => {
             eprintln!("avail server: shutting down");
-            // Another server leads at once, not after the lease runs out.
-            leadership.resign().await;
+            // Another server leads at once, not after the lease runs out, and agents
+            // stop being sent here.
+            running.stop().await;
             Ok(())
         }
     }

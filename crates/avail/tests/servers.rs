@@ -79,7 +79,15 @@ fn load(
 /// A loop of API writes (join tokens created) through a client of every server, every
 /// 50 ms until `stop`: the ids of those acknowledged.
 fn writes(c: &Cluster, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<String>> {
-    let client = c.client().with_timeout(Duration::from_secs(5));
+    writes_with(c.client(), stop)
+}
+
+/// [`writes`] through `client`.
+fn writes_with(
+    client: avail_client::Client,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    let client = client.with_timeout(Duration::from_secs(5));
     tokio::spawn(async move {
         let mut acked = Vec::new();
         let mut n = 0;
@@ -120,6 +128,20 @@ async fn end_load(
         acked.len()
     );
     assert_all_present(c, &acked).await;
+}
+
+/// The last lines of every agent's log, for a failure's message.
+fn agent_logs(c: &Cluster) -> String {
+    let mut out = String::new();
+    for i in 0..3 {
+        let name = Cluster::agent_name(i);
+        let log =
+            std::fs::read_to_string(c.dir.path().join(format!("{name}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(40)..];
+        out.push_str(&format!("--- {name}\n{}\n", tail.join("\n")));
+    }
+    out
 }
 
 async fn assert_all_present(c: &Cluster, acked: &[String]) {
@@ -243,17 +265,7 @@ async fn an_etcd_member_and_each_server_in_turn_can_go() {
 
     // Each server in turn: SIGTERM (it resigns), back on its data dir.
     for i in 0..3 {
-        c.server_proc(i).unwrap().signal(libc::SIGTERM);
-        let p = match i {
-            0 => c.server.take(),
-            i => c.more_servers[i - 1].take(),
-        };
-        let mut p = p.unwrap();
-        let end = Instant::now() + Duration::from_secs(10);
-        while p.running() {
-            assert!(Instant::now() < end, "server {i} did not stop on SIGTERM");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        c.stop_server_at(i).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         c.start_server_at(i).await;
         leader(&c, &[0, 1, 2]).await;
@@ -347,4 +359,155 @@ async fn a_lost_etcd_quorum_stops_decisions_not_workloads() {
         })
         .collect();
     assert!(downs.is_empty(), "{downs:?}");
+}
+
+/// Blue/green: a green pair of servers joins the blue pair's cluster on the same etcd;
+/// the agents, started knowing only blue, learn of green from their heartbeat answers;
+/// blue stops; green leads and serves, the workload untouched (the same copy serving
+/// all along) and no acknowledged API write lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn green_servers_take_over_from_blue() {
+    let etcd = EtcdCluster::start(3);
+    let mut c = Cluster::start_servers(
+        BIN.as_ref(),
+        2,
+        3,
+        vec![],
+        vec!["--store".into(), etcd.store_flag()],
+    )
+    .await;
+    run_counter(&c, "steady", "rack == r2");
+    node_of(&c, "steady").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let requests = load(c.ingress(1), "steady", stop.clone());
+    // The API client knows all four servers (the green ones refuse connections until
+    // they start).
+    let everyone: Vec<String> = (0..4).map(|i| c.server_url_at(i)).collect();
+    let api = avail_client::Client::with_tls(
+        &everyone.join(","),
+        Some(c.admin_token.clone()),
+        None,
+        Some(c.tls()),
+    );
+    let acked = writes_with(api.clone(), stop.clone());
+
+    // Green joins.
+    let (g1, g2) = (c.add_server().await, c.add_server().await);
+    wait_until(
+        "four servers registered",
+        Duration::from_secs(10),
+        || async {
+            let cp: avail_model::api::ControlPlane = c
+                .client_at(g1)
+                .get("/v1/cluster/control")
+                .await
+                .map_err(|e| e.to_string())?;
+            if cp.servers.len() == 4 {
+                Ok(())
+            } else {
+                Err(format!("{:?}", cp.servers))
+            }
+        },
+    )
+    .await;
+    // A few heartbeats: every agent has been told of green.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Blue stops.
+    c.stop_server_at(0).await;
+    c.stop_server_at(1).await;
+    let lead = wait_until("green leads", Duration::from_secs(20), || async {
+        match c.leader_index(g1).await {
+            Some(l) if l == g1 || l == g2 => Ok(l),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    eprintln!("server {lead} (green) leads");
+    // The nodes stay ready, heard by green alone.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let nodes: Vec<avail_model::Node> = c.client_at(g2).get("/v1/nodes").await.unwrap();
+    assert!(
+        nodes
+            .iter()
+            .all(|n| n.state == avail_model::NodeState::Ready),
+        "{nodes:?}"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let failures = requests.await.unwrap();
+    assert!(
+        failures.is_empty(),
+        "workload requests failed: {failures:?}"
+    );
+    let acked = acked.await.unwrap();
+    assert!(
+        acked.len() > 20,
+        "only {} API writes acknowledged",
+        acked.len()
+    );
+    let listed: Vec<JoinTokenInfo> = c.client_at(g2).get("/v1/tokens").await.unwrap();
+    assert!(acked.iter().all(|id| listed.iter().any(|t| &t.id == id)));
+    let w: Workload = c.client_at(g2).get("/v1/workloads/steady").await.unwrap();
+    assert_eq!(
+        w.status.incarnation, 1,
+        "steady was restarted: {:?}",
+        w.status
+    );
+}
+
+/// A newer build raised the cluster's records to a schema this build does not read: a
+/// server of this build refuses to join, naming both schemas, and the running one is
+/// not disturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_older_than_the_records_refuses_to_start() {
+    let etcd = EtcdCluster::single();
+    let c = Cluster::start_servers(
+        BIN.as_ref(),
+        1,
+        1,
+        vec![],
+        vec!["--store".into(), etcd.store_flag()],
+    )
+    .await;
+    let store = avail_store::EtcdStore::connect(
+        &etcd.endpoints(),
+        avail_store::EtcdOptions {
+            key_prefix: "/avail/".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let newer = avail_server::schema::SCHEMA + 1;
+    avail_store::Store::put(
+        &store,
+        "/config/schema",
+        newer.to_string().into_bytes(),
+        None,
+    )
+    .await
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args([
+            "server",
+            "--data-dir",
+            c.server_dir_at(1).to_str().unwrap(),
+            "--listen",
+            &format!("{}.2:7400", c.net),
+            "--store",
+            &etcd.store_flag(),
+            "--join-from",
+            c.server_dir().to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("schema {newer}"))
+            && err.contains(&format!("up to schema {}", avail_server::schema::SCHEMA)),
+        "{err}"
+    );
+    let nodes: Vec<avail_model::Node> = c.client().get("/v1/nodes").await.unwrap();
+    assert_eq!(nodes.len(), 1);
 }

@@ -60,6 +60,7 @@ pub(super) async fn heartbeat(
         state: st,
         heartbeat_interval_ms: state.config.heartbeat_interval.as_millis() as u64,
         lease_ttl_ms: state.config.down_after.as_millis() as u64,
+        servers: state.server_apis(),
     }))
 }
 

@@ -69,5 +69,14 @@ pub(super) async fn control_plane(
             "this server takes no part in a leadership",
         ));
     };
-    Ok(Json(l.control_plane().await?))
+    let mut cp = l.control_plane().await?;
+    cp.servers = state
+        .view
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .servers
+        .values()
+        .cloned()
+        .collect();
+    Ok(Json(cp))
 }

@@ -86,6 +86,8 @@ pub struct Leadership {
     store: Arc<dyn Store>,
     /// The lease of the key while this server holds it.
     holding: Arc<std::sync::Mutex<Option<LeaseId>>>,
+    /// Whether the leader's last keep-alive was answered (see [`Leadership::in_touch`]).
+    in_touch: Arc<std::sync::atomic::AtomicBool>,
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -101,6 +103,7 @@ impl Leadership {
     pub fn start(store: Arc<dyn Store>, id: String, addr: String, ttl_s: u64) -> Leadership {
         let (tx, rx) = watch::channel(Role::Follower { leader: None });
         let holding = Arc::new(std::sync::Mutex::new(None));
+        let in_touch = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let task = tokio::spawn(campaign(
             store.clone(),
             id.clone(),
@@ -108,6 +111,7 @@ impl Leadership {
             ttl_s,
             tx,
             holding.clone(),
+            in_touch.clone(),
         ));
         Leadership {
             id,
@@ -115,7 +119,16 @@ impl Leadership {
             task: Arc::new(AbortOnDrop(task)),
             store,
             holding,
+            in_touch,
         }
+    }
+
+    /// Whether this server, leading, is in touch with the store: its last keep-alive
+    /// of the lead was answered. A leader out of touch stops vouching for heartbeats at
+    /// once (every node then loses the control plane at the same moment, whether it
+    /// speaks to the leader or through a follower), before it steps down.
+    pub fn in_touch(&self) -> bool {
+        self.in_touch.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Stop campaigning and give the lead up now (a clean shutdown: another server
@@ -185,10 +198,11 @@ async fn campaign(
     ttl_s: u64,
     tx: watch::Sender<Role>,
     holding: Arc<std::sync::Mutex<Option<LeaseId>>>,
+    in_touch: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let mut backoff = Duration::from_millis(100);
     while !tx.is_closed() {
-        match run_once(store.as_ref(), &id, &addr, ttl_s, &tx, &holding).await {
+        match run_once(store.as_ref(), &id, &addr, ttl_s, &tx, &holding, &in_touch).await {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => {
                 tracing::warn!("leadership: {e}; campaigning again in {backoff:?}");
@@ -217,6 +231,7 @@ async fn run_once(
     ttl_s: u64,
     tx: &watch::Sender<Role>,
     holding: &std::sync::Mutex<Option<LeaseId>>,
+    in_touch: &std::sync::atomic::AtomicBool,
 ) -> Result<(), StoreError> {
     // When the lease was last renewed (the request's send time): its life is counted
     // from here, never from an answer's arrival.
@@ -243,8 +258,9 @@ async fn run_once(
         if won.succeeded {
             tracing::info!(term = won.revision, "this server leads");
             *holding.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
+            in_touch.store(true, std::sync::atomic::Ordering::Release);
             tx.send_replace(Role::Leader { term: won.revision });
-            let held = hold(store, lease, ttl_s, won.revision, renewed).await;
+            let held = hold(store, lease, ttl_s, won.revision, renewed, in_touch).await;
             holding.lock().unwrap_or_else(|p| p.into_inner()).take();
             held?;
             tracing::warn!("this server stepped down");
@@ -296,6 +312,7 @@ async fn hold(
     ttl_s: u64,
     term: u64,
     renewed: Instant,
+    in_touch: &std::sync::atomic::AtomicBool,
 ) -> Result<(), StoreError> {
     let ttl = Duration::from_secs(ttl_s);
     let period = ttl / 3;
@@ -320,10 +337,19 @@ async fn hold(
                 }
                 let sent = Instant::now();
                 match tokio::time::timeout(period.min(left), store.keep_alive(lease)).await {
-                    Ok(Ok(())) => deadline = sent + ttl * 2 / 3,
+                    Ok(Ok(())) => {
+                        deadline = sent + ttl * 2 / 3;
+                        in_touch.store(true, std::sync::atomic::Ordering::Release);
+                    }
                     Ok(Err(StoreError::LeaseNotFound(_))) => return Ok(()),
-                    Ok(Err(e)) => tracing::warn!("leader lease keep-alive: {e}"),
-                    Err(_) => tracing::warn!("leader lease keep-alive: no answer in time"),
+                    Ok(Err(e)) => {
+                        in_touch.store(false, std::sync::atomic::Ordering::Release);
+                        tracing::warn!("leader lease keep-alive: {e}");
+                    }
+                    Err(_) => {
+                        in_touch.store(false, std::sync::atomic::Ordering::Release);
+                        tracing::warn!("leader lease keep-alive: no answer in time");
+                    }
                 }
             }
         }

@@ -95,8 +95,14 @@ impl AppState {
         }
     }
 
-    /// The leader's part of a heartbeat (its own, or relayed by a follower).
+    /// The leader's part of a heartbeat (its own, or relayed by a follower). A leader
+    /// out of touch with the store vouches for nobody ([`crate::leader::Leadership::in_touch`]).
     pub async fn heard_here(&self, node: &str) -> Result<NodeState, StateError> {
+        if self.leadership.get().is_some_and(|l| !l.in_touch()) {
+            return Err(StateError::TryAnotherServer(
+                "the leader has lost the store; its lead is ending".into(),
+            ));
+        }
         let lease = {
             let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
             let l = live.entry(node.to_string()).or_insert(Live {

@@ -119,7 +119,8 @@ async fn end_load(
     let failures = requests.await.unwrap();
     assert!(
         failures.is_empty(),
-        "workload requests failed: {failures:?}"
+        "workload requests failed: {failures:?}\n{}",
+        agent_logs(c)
     );
     let acked = acked.await.unwrap();
     assert!(
@@ -333,7 +334,8 @@ async fn a_lost_etcd_quorum_stops_decisions_not_workloads() {
     let pair_failures = pair_requests.await.unwrap();
     assert!(
         pair_failures.is_empty(),
-        "ft requests failed: {pair_failures:?}"
+        "ft requests failed: {pair_failures:?}\n{}",
+        agent_logs(&c)
     );
     end_load(&c, &stop, requests, acked).await;
     for name in ["steady", "pair"] {
@@ -437,7 +439,8 @@ async fn green_servers_take_over_from_blue() {
     let failures = requests.await.unwrap();
     assert!(
         failures.is_empty(),
-        "workload requests failed: {failures:?}"
+        "workload requests failed: {failures:?}\n{}",
+        agent_logs(&c)
     );
     let acked = acked.await.unwrap();
     assert!(

@@ -1,0 +1,192 @@
+//! Heartbeats one server absorbs: `nodes` nodes join a real `avail server` (redb) with
+//! their own keys and certificates (no agents: this process speaks for all of them,
+//! each over its own mutual-TLS connection), then
+//! 1. every node sends empty heartbeats back to back, 16 at a time, for 10 s: the
+//!    heartbeats per second the server answers, and its CPU meanwhile;
+//! 2. every node heartbeats once a second (spread evenly) for 20 s: the server's CPU
+//!    per 1,000 nodes at 1 Hz (cores, from `/proc/<pid>/stat`), against the same
+//!    server idle for 10 s before (the baseline of the same run).
+//!
+//! `cargo build --release -p avail -p avail-bench && target/release/heartbeats [nodes]`
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use avail_bench::machine;
+use avail_client::Client;
+use avail_model::Resources;
+use avail_model::agent::{Heartbeat, HeartbeatReply, JoinRequest, JoinResponse, KeyProof};
+use avail_testkit::Cluster;
+
+/// CPU seconds (user + system) process `pid` has used.
+fn cpu_s(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no memory effects.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Join node `i` with a fresh key: a client that speaks for it.
+async fn join(c: &Cluster, dir: &std::path::Path, i: usize, token: &str) -> Client {
+    let name = format!("hb-{i}");
+    let key = avail_tls::NodeKey::load_or_create(&dir.join(&name)).unwrap();
+    let public_key = key.public_b64();
+    let time_s = avail_server::now_s();
+    let proof = KeyProof {
+        time_s,
+        signature: key.prove(&avail_tls::node_key::proof_message(
+            &name,
+            &public_key,
+            time_s,
+        )),
+    };
+    let addr = format!("127.250.{}.{}", i / 250, 1 + i % 250);
+    let req = JoinRequest {
+        name: name.clone(),
+        address: addr.clone(),
+        ingress_url: format!("http://{addr}:7480"),
+        tags: [("zone".to_string(), "a".to_string())].into(),
+        capacity: Resources {
+            cpu_millis: 4000,
+            memory_mib: 4096,
+        },
+        max_workloads: 110,
+        agent_version: "bench".into(),
+        boot_id: format!("boot-{i}"),
+        replication_addr: format!("{addr}:7481"),
+        public_key,
+        proof: Some(proof),
+    };
+    let joiner = Client::with_tls(
+        &c.server_url(),
+        Some(token.to_string()),
+        None,
+        Some(c.tls()),
+    );
+    let joined: JoinResponse = joiner.post("/v1/agent/join", &req).await.unwrap();
+    let cert = avail_tls::NodeCert::new();
+    cert.set(&joined.certificate, &key.private_pem()).unwrap();
+    let pem = std::fs::read_to_string(c.ca_file()).unwrap();
+    let tls = avail_tls::client_config(&pem, Some(cert)).unwrap();
+    Client::with_tls(&c.server_url(), None, None, Some(tls))
+        .for_node(&name)
+        .with_timeout(Duration::from_secs(10))
+}
+
+async fn beat(client: &Client) {
+    let hb = Heartbeat {
+        instances: vec![],
+        logs: vec![],
+        fences: vec![],
+    };
+    let _: HeartbeatReply = client.post("/v1/agent/heartbeat", &hb).await.unwrap();
+}
+
+fn main() {
+    let nodes: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1000);
+    let bin = avail_bench::avail_bin();
+    let rt = avail_bench::runtime();
+    println!("machine: {}", machine());
+    rt.block_on(async move {
+        let mut c = Cluster::start_full(
+            &bin,
+            0,
+            vec![],
+            // Windows long enough that nodes this process cannot keep up with are not
+            // declared down meanwhile.
+            vec![
+                "--heartbeat-ms".into(),
+                "1000".into(),
+                "--suspect-after-ms".into(),
+                "5000".into(),
+                "--down-after-ms".into(),
+                "10000".into(),
+            ],
+        )
+        .await;
+        let pid = c.server_proc(0).unwrap().pid();
+        let keys = tempfile::tempdir().unwrap();
+        let mut token = String::new();
+        let mut clients = Vec::new();
+        let t = Instant::now();
+        for i in 0..nodes {
+            // A join token takes 1,000 joins at most.
+            if i % 1000 == 0 {
+                token = c.create_join_token(1000, 3600).await;
+            }
+            clients.push(join(&c, keys.path(), i, &token).await);
+        }
+        println!("{nodes} nodes joined in {:.1} s", t.elapsed().as_secs_f64());
+        for cl in &clients {
+            beat(cl).await;
+        }
+        let clients = Arc::new(clients);
+
+        // Idle baseline.
+        let (c0, t0) = (cpu_s(pid), Instant::now());
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let idle = (cpu_s(pid) - c0) / t0.elapsed().as_secs_f64();
+
+        // Back to back, 16 at a time.
+        let count = Arc::new(AtomicU64::new(0));
+        let (c0, t0) = (cpu_s(pid), Instant::now());
+        let end = t0 + Duration::from_secs(10);
+        let mut tasks = Vec::new();
+        for k in 0..16 {
+            let (clients, count) = (clients.clone(), count.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut i = k;
+                while Instant::now() < end {
+                    beat(&clients[i % clients.len()]).await;
+                    count.fetch_add(1, Ordering::Relaxed);
+                    i += 16;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let rate = count.load(Ordering::Relaxed) as f64 / secs;
+        let busy = (cpu_s(pid) - c0) / secs;
+        println!("back to back: {rate:.0} heartbeats/s, server {busy:.2} cores");
+
+        // 1 Hz each, spread over the second.
+        let (c0, t0) = (cpu_s(pid), Instant::now());
+        let mut tasks = Vec::new();
+        let per = nodes.div_ceil(64);
+        for chunk in 0..64 {
+            let clients = clients.clone();
+            tasks.push(tokio::spawn(async move {
+                let mine: Vec<usize> =
+                    (chunk * per..((chunk + 1) * per).min(clients.len())).collect();
+                if mine.is_empty() {
+                    return;
+                }
+                let gap = Duration::from_secs(1) / mine.len() as u32;
+                let mut tick = tokio::time::interval(gap);
+                for _ in 0..20 {
+                    for i in &mine {
+                        tick.tick().await;
+                        beat(&clients[*i]).await;
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let at_1hz = (cpu_s(pid) - c0) / secs;
+        println!(
+            "1 Hz x {nodes} nodes for {secs:.1} s: server {at_1hz:.3} cores ({:.3} above idle {idle:.3}); {:.3} cores per 1,000 nodes",
+            at_1hz - idle,
+            (at_1hz - idle) * 1000.0 / nodes as f64
+        );
+    });
+}

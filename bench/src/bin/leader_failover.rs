@@ -1,9 +1,10 @@
 //! Leader failover of the control plane on etcd: two `avail server` processes on a
 //! 3-member etcd (one cluster: the second server's data dir is a copy of the first's
 //! keys, with its own server id). Each trial SIGKILLs the leading server and measures
-//! the time until the other holds the leader key (it decides from its next 50 ms tick),
-//! then starts the killed one again (it follows). No agents: this measures the
-//! election, not what the new leader then does.
+//! the time until the other holds the leader key, and until its first decision pass
+//! (the `server.leader` event it writes for its term, from its store watch), then
+//! starts the killed one again (it follows). No agents: this measures the election and
+//! the start of the new term, not what the new leader then does.
 //!
 //! With `term` as the third argument the leader is stopped cleanly (SIGTERM: it resigns
 //! its lease) instead of SIGKILLed.
@@ -38,8 +39,27 @@ fn server(bin: &Path, dir: &Path, addr: &str, store: &str, ttl: u64, log: &Path)
 /// The server id holding the leader key and the key's revision, when one does.
 async fn holder(store: &EtcdStore) -> Option<(String, u64)> {
     let kv = store.get(KEY).await.ok()??;
-    let v: serde_json::Value = serde_json::from_slice(&kv.value).ok()?;
-    Some((v["server"].as_str()?.to_string(), kv.mod_rev))
+    let r: avail_server::leader::LeaderRecord = serde_json::from_slice(&kv.value).ok()?;
+    Some((r.server, kv.mod_rev))
+}
+
+/// Wait on `events` for the `server.leader` event of a term after `rev`: its term.
+async fn first_decision(events: &mut avail_store::Watch, rev: u64) -> u64 {
+    while let Some(ev) = events.events.recv().await {
+        if let avail_store::Event::Put(kv) = ev
+            && let Ok(e) = serde_json::from_slice::<avail_model::ClusterEvent>(&kv.value)
+            && e.kind == avail_model::EventKind::ServerLeader
+            && let Some(term) = e
+                .message
+                .rsplit(' ')
+                .next()
+                .and_then(|t| t.parse::<u64>().ok())
+            && term > rev
+        {
+            return term;
+        }
+    }
+    panic!("the event watch closed");
 }
 
 async fn wait_for(what: &str, within: Duration, mut f: impl AsyncFnMut() -> bool) {
@@ -89,8 +109,11 @@ async fn main() {
     let id = |i: usize| std::fs::read_to_string(dirs[i].join("server.id")).expect("server.id");
     let ids = [id(0), id(1)];
     let mut took: Vec<Duration> = Vec::new();
+    let mut decided: Vec<Duration> = Vec::new();
     for n in 1..=trials {
         let (leader, rev) = holder(&store).await.expect("a leader");
+        let from = store.revision().await.expect("etcd answers");
+        let mut events = store.watch("/events/", from + 1).await.expect("a watch");
         let i = ids.iter().position(|x| *x == leader).expect("one of ours");
         let other = 1 - i;
         // Let the follower settle into its watch.
@@ -113,11 +136,17 @@ async fn main() {
         )
         .await;
         let t = t0.elapsed();
+        tokio::time::timeout(Duration::from_secs(30), first_decision(&mut events, rev))
+            .await
+            .expect("the new leader's first decision");
+        let d = t0.elapsed();
         println!(
-            "trial {n}: server {i} killed, server {other} leads after {} ms",
-            t.as_millis()
+            "trial {n}: server {i} killed, server {other} leads after {} ms, decides after {} ms",
+            t.as_millis(),
+            d.as_millis()
         );
         took.push(t);
+        decided.push(d);
         // The stopped one has exited (its port is free) before it starts again.
         wait_for(
             "the stopped server to exit",
@@ -130,6 +159,14 @@ async fn main() {
     }
     println!("machine: {}", machine());
     took.sort();
+    decided.sort();
+    println!(
+        "first decision of the new leader: p50 {} ms, p99 {} ms, min {} ms, max {} ms",
+        percentile(&decided, 0.5).as_millis(),
+        percentile(&decided, 0.99).as_millis(),
+        decided[0].as_millis(),
+        decided[decided.len() - 1].as_millis()
+    );
     println!(
         "leader failover ({}), 3-member etcd, lease {ttl} s, {trials} trials: p50 {} ms, p99 {} ms, min {} ms, max {} ms",
         if clean { "SIGTERM" } else { "SIGKILL" },

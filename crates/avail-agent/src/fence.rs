@@ -16,21 +16,22 @@ pub struct PeerRound {
     pub answered: usize,
     /// Whether one of them heard the control plane within the isolation window.
     pub heard_by_peer: bool,
-    /// Whether every one that answered lost the control plane before this node could
-    /// have been declared down (its last contact is earlier than this node's plus the
-    /// down window): none of them can have been given this node's workloads.
+    /// Whether every one that answered was last heard by a leader too early to have
+    /// been given this node's workloads (no later than this node's last hearing plus
+    /// the margin, [`crate::supervisor::Supervisor::company_margin`]).
     pub lost_with_me: bool,
 }
 
-/// A round from the peers' answers: each one's contact age, ms (`None`: no answer),
-/// with this node's own contact age `mine` and the server's down window `down`.
+/// A round from the peers' answers: how long since a leader heard each, ms (`None`: no
+/// answer), with the same of this node (`mine`) and the margin a peer may have been
+/// heard after this node and still not be the target of its restart.
 pub fn peer_round(
     ages_ms: &[Option<u64>],
     window: Duration,
     mine: Duration,
-    down: Duration,
+    margin: Duration,
 ) -> PeerRound {
-    let since = mine.saturating_sub(down).as_millis();
+    let since = mine.saturating_sub(margin).as_millis();
     PeerRound {
         lost_with_me: ages_ms.iter().flatten().all(|age| u128::from(*age) > since),
         asked: ages_ms.len(),
@@ -80,16 +81,14 @@ pub struct Verdict {
 }
 
 /// Decide a round. `reached_server`: when a peer hears the server, whether this node
-/// then reached it itself (`None` when it did not try). When it did, the control plane
-/// was away and is coming back: no fence, but no longer away either (this node serves
-/// again when its own heartbeat is answered; found by the control-plane simulation).
-pub fn decide(round: PeerRound, reached_server: Option<bool>, unanswered: u32) -> Verdict {
+/// then reached it itself (`None` when it did not try). Returns `None` when it did: the
+/// control plane was away and is coming back (its own heartbeat follows). A verdict of
+/// "away" it had stands, but is not renewed: it runs out ([`away_valid_for`]) unless
+/// the heartbeat comes first, and a leader back from an outage that all nodes saw
+/// gives them its grace for longer than that.
+pub fn decide(round: PeerRound, reached_server: Option<bool>, unanswered: u32) -> Option<Verdict> {
     if round.heard_by_peer && reached_server == Some(true) {
-        return Verdict {
-            away: false,
-            fence: false,
-            unanswered: 0,
-        };
+        return None;
     }
     let unanswered = if round.answered == 0 {
         unanswered + 1
@@ -97,14 +96,14 @@ pub fn decide(round: PeerRound, reached_server: Option<bool>, unanswered: u32) -
         0
     };
     let fence = unanswered >= 2 || round.heard_by_peer;
-    Verdict {
+    Some(Verdict {
         away: round.answered > 0
             && round.answered == round.asked
             && !round.heard_by_peer
             && round.lost_with_me,
         fence,
         unanswered: if fence { 0 } else { unanswered },
-    }
+    })
 }
 
 #[cfg(test)]
@@ -112,10 +111,11 @@ mod tests {
     use super::*;
 
     const W: Duration = Duration::from_millis(666);
-    const DOWN: Duration = Duration::from_millis(1000);
+    /// Down 1 s, suspect 500 ms, less 50 ms.
+    const MARGIN: Duration = Duration::from_millis(450);
 
     fn round(ages: &[Option<u64>], mine: u64) -> PeerRound {
-        peer_round(ages, W, Duration::from_millis(mine), DOWN)
+        peer_round(ages, W, Duration::from_millis(mine), MARGIN)
     }
 
     #[test]
@@ -127,26 +127,23 @@ mod tests {
                 asked: 3,
                 answered: 2,
                 heard_by_peer: true,
-                lost_with_me: true,
+                // Heard 600 ms after this node: may be its restart's target.
+                lost_with_me: false,
             }
         );
         assert_eq!(
             decide(r, Some(true), 0),
-            Verdict {
-                away: false,
-                fence: false,
-                unanswered: 0
-            },
-            "it reached the server after all: not away, not fenced"
+            None,
+            "it reached the server after all: nothing to do"
         );
-        let v = decide(r, Some(false), 0);
+        let v = decide(r, Some(false), 0).unwrap();
         assert!(v.fence && !v.away);
     }
 
     #[test]
     fn the_control_plane_away_for_all_fences_nobody() {
         let r = round(&[Some(5000), Some(9000)], 5200);
-        let v = decide(r, None, 1);
+        let v = decide(r, None, 1).unwrap();
         assert_eq!(
             v,
             Verdict {
@@ -163,7 +160,7 @@ mod tests {
     #[test]
     fn a_peer_that_does_not_answer_may_be_with_the_control_plane() {
         let r = round(&[Some(5000), None], 5000);
-        let v = decide(r, None, 0);
+        let v = decide(r, None, 0).unwrap();
         assert_eq!(
             v,
             Verdict {
@@ -182,16 +179,16 @@ mod tests {
         // This node silent 4.3 s, the peers 700 ms: they heard the server 3.6 s after it.
         let r = round(&[Some(700), Some(800)], 4300);
         assert!(!r.heard_by_peer && !r.lost_with_me);
-        let v = decide(r, None, 0);
+        let v = decide(r, None, 0).unwrap();
         assert!(!v.away && !v.fence);
     }
 
     #[test]
     fn no_peer_answering_two_rounds_running_is_isolation() {
         let r = round(&[None, None], 700);
-        let v = decide(r, None, 0);
+        let v = decide(r, None, 0).unwrap();
         assert!(!v.fence && !v.away && v.unanswered == 1);
-        let v = decide(r, None, v.unanswered);
+        let v = decide(r, None, v.unanswered).unwrap();
         assert!(v.fence && v.unanswered == 0);
     }
 }

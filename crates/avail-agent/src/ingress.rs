@@ -353,7 +353,7 @@ async fn handle(ing: &Ingress, req: Request, forwarded: bool) -> Response {
 /// isolated node from a control plane that is away).
 async fn contact(State(ing): State<Arc<Ingress>>) -> axum::Json<ContactReply> {
     axum::Json(ContactReply {
-        contact_age_ms: ing.sup.contact_age().as_millis() as u64,
+        contact_age_ms: ing.sup.judged_age().as_millis() as u64,
     })
 }
 

@@ -237,7 +237,7 @@ pub(crate) async fn fence_watch(sup: Arc<Supervisor>) {
         while let Some(age) = asks.join_next().await {
             ages.push(age.ok().flatten());
         }
-        let round = fence::peer_round(&ages, window, sup.contact_age(), sup.down_after());
+        let round = fence::peer_round(&ages, window, sup.judged_age(), sup.company_margin());
         let reached = if round.heard_by_peer {
             // A peer hears the server. If this node reaches it too, the control plane
             // was away and is coming back (the peer's heartbeat got through first):
@@ -252,7 +252,19 @@ pub(crate) async fn fence_watch(sup: Arc<Supervisor>) {
         } else {
             None
         };
-        let verdict = fence::decide(round, reached, unanswered);
+        let Some(verdict) = fence::decide(round, reached, unanswered) else {
+            continue;
+        };
+        if verdict.away != sup.is_away() || verdict.fence {
+            tracing::info!(
+                away = verdict.away,
+                fence = verdict.fence,
+                mine_ms = sup.judged_age().as_millis() as u64,
+                peers_ms = ?ages,
+                lost_with_me = round.lost_with_me,
+                "the peers were asked whether the control plane is away"
+            );
+        }
         sup.set_control_plane_away(verdict.away);
         unanswered = verdict.unanswered;
         if verdict.fence {
@@ -321,7 +333,8 @@ async fn heartbeat_loop(
                 if sup.is_fenced() || sup.isolated_at(sent) {
                     sup.fence().await;
                 }
-                sup.contact(sent);
+                sup.set_suspect_after(Duration::from_millis(reply.suspect_ms));
+                sup.contact(sent, reply.judged);
             }
             Err(ClientError::Api {
                 status: 401 | 404, ..

@@ -134,6 +134,11 @@ pub struct Supervisor {
     synced: AtomicBool,
     /// Fencing (level ha): when the server last answered a heartbeat.
     last_contact: Mutex<Instant>,
+    /// Send time of the last heartbeat a leader heard (what peers are told: a contact
+    /// answered while no leader judged proves nothing about restarts).
+    last_judged: Mutex<Instant>,
+    /// The server's suspect window: a node silent this long takes no new work.
+    suspect_after: Mutex<Duration>,
     /// Isolated this long, the agent stops its ha workloads (set from the lease TTL
     /// less a margin).
     fence_after: Mutex<Duration>,
@@ -178,6 +183,8 @@ impl Supervisor {
             logs: Arc::new(Mutex::new(VecDeque::new())),
             synced: AtomicBool::new(false),
             last_contact: Mutex::new(Instant::now()),
+            last_judged: Mutex::new(Instant::now()),
+            suspect_after: Mutex::new(DEFAULT_DOWN_AFTER / 2),
             fence_after: Mutex::new(DEFAULT_FENCE_AFTER),
             down_after: Mutex::new(DEFAULT_DOWN_AFTER),
             fenced: AtomicBool::new(false),
@@ -585,9 +592,14 @@ impl Supervisor {
     /// The server answered a heartbeat sent at `sent`. After a fence, the desired state is fetched
     /// afresh (never the one from before the isolation: the server may have moved the
     /// workloads meanwhile), and the ha workloads still assigned here start again.
-    pub fn contact(self: &Arc<Self>, sent: Instant) {
+    /// `judged`: whether a leader heard it (see [`Supervisor::judged_age`]).
+    pub fn contact(self: &Arc<Self>, sent: Instant, judged: bool) {
         {
             let mut last = self.last_contact.lock().unwrap_or_else(|p| p.into_inner());
+            *last = (*last).max(sent);
+        }
+        if judged {
+            let mut last = self.last_judged.lock().unwrap_or_else(|p| p.into_inner());
             *last = (*last).max(sent);
         }
         *self
@@ -630,6 +642,33 @@ impl Supervisor {
         *self.down_after.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Set the server's suspect window (0: unknown, kept).
+    pub fn set_suspect_after(&self, suspect: Duration) {
+        if !suspect.is_zero() {
+            *self.suspect_after.lock().unwrap_or_else(|p| p.into_inner()) = suspect;
+        }
+    }
+
+    /// How much later than this node a peer may have been last heard by a leader and
+    /// still not have been given this node's workloads: a restart needs this node
+    /// `down` (silent for the down window) and its target ready (heard within the
+    /// suspect window), so the target was heard at least the down window less the
+    /// suspect window after this node; less 50 ms for the heartbeats' travel.
+    pub fn company_margin(&self) -> Duration {
+        self.down_after()
+            .saturating_sub(*self.suspect_after.lock().unwrap_or_else(|p| p.into_inner()))
+            .saturating_sub(Duration::from_millis(50))
+    }
+
+    /// How long since a leader last heard this node (its last judged heartbeat's send
+    /// time): what peers are told when they ask.
+    pub fn judged_age(&self) -> Duration {
+        self.last_judged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+    }
+
     /// The isolation window in force.
     pub fn fence_after(&self) -> Duration {
         *self.fence_after.lock().unwrap_or_else(|p| p.into_inner())
@@ -656,6 +695,11 @@ impl Supervisor {
     pub fn isolated_at(&self, at: Instant) -> bool {
         let last = *self.last_contact.lock().unwrap_or_else(|p| p.into_inner());
         at.saturating_duration_since(last) > self.fence_after() && !self.away_at(at)
+    }
+
+    /// Whether the peers' verdict that the control plane is away holds now.
+    pub fn is_away(&self) -> bool {
+        self.away_at(Instant::now())
     }
 
     /// Whether the peers' verdict that the control plane is away holds at `at`.

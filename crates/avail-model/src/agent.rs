@@ -319,7 +319,8 @@ pub struct PeerNode {
 /// A node's answer to the contact probe (`GET /_avail/contact` on its peer port).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ContactReply {
-    /// How long since the node last heard the control plane, ms.
+    /// How long since a leader last heard the node, ms (since the send time of its last
+    /// heartbeat a leader heard).
     pub contact_age_ms: u64,
 }
 
@@ -337,6 +338,17 @@ pub struct HeartbeatReply {
     /// keep the list it has.
     #[serde(default)]
     pub servers: Vec<String>,
+    /// Whether a leader heard this heartbeat (false: no leader judges anyone now, and
+    /// the server answered for the agent's fencing only).
+    #[serde(default = "yes")]
+    pub judged: bool,
+    /// The suspect window, ms: a node silent this long takes no new work (0: unknown).
+    #[serde(default)]
+    pub suspect_ms: u64,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// State of one instance on a node.

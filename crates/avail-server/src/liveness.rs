@@ -73,12 +73,12 @@ impl AppState {
         g.last_any = Instant::now();
     }
 
-    /// The liveness part of a heartbeat: renew the node's lease (or create it), make it
+    /// The liveness part of a heartbeat (with whether a leader heard it): renew the node's lease (or create it), make it
     /// schedulable when ready. Kept short: the agent times its contact with the server
     /// by the answer (fencing), so the reports are applied apart ([`AppState::reports`]).
-    pub async fn heard(&self, node: &str) -> Result<NodeState, StateError> {
+    pub async fn heard(&self, node: &str) -> Result<(NodeState, bool), StateError> {
         if self.is_leader() {
-            return self.heard_here(node).await;
+            return Ok((self.heard_here(node).await?, true));
         }
         let Some(relay) = self.relay.get() else {
             return Err(StateError::TryAnotherServer(
@@ -86,10 +86,10 @@ impl AppState {
             ));
         };
         match relay.heard(node).await {
-            Relayed::Heard(st) => Ok(st),
+            Relayed::Heard(st) => Ok((st, true)),
             Relayed::NoLeader => {
                 let v = self.view.read().unwrap_or_else(|p| p.into_inner());
-                Ok(self.node_state(node, &v))
+                Ok((self.node_state(node, &v), false))
             }
             Relayed::Refused(why) => Err(StateError::TryAnotherServer(why)),
         }

@@ -20,12 +20,15 @@
 //! [`avail_server::events::Events::commit`] does); API clients and their writes are
 //! not modelled.
 //!
-//! What it found: an isolated node took "every peer that answered lost the server
-//! too" as the control plane away for all, so across a network split the nodes
-//! without the leader kept serving what the leader restarted on the other side; and a
-//! node waking from a pause took peers that lost the server (to a later outage) for
-//! company although they heard it after the node could have been declared down. Both
-//! are now refused by [`fence::decide`].
+//! What it found (each a way to two serving copies, each fixed): an isolated node took
+//! "every peer that answered lost the server too" as the control plane away for all,
+//! so across a network split the nodes without the leader kept serving what the leader
+//! restarted on the other side; a node waking from a pause took peers that lost the
+//! server to a later outage for company, although they heard it after the node could
+//! have been declared down; an "away" verdict outlived a pause; and a leader deaf for
+//! less than the down window, but longer than the agents' isolation window, declared
+//! down nodes that had found the control plane away meanwhile. See [`fence::decide`],
+//! [`fence::away_valid_for`] and `ServerConfig::blackout_after`.
 //!
 //! `AVAIL_SEED=<n>` runs one seed; `AVAIL_SIM_SEEDS=<n>` sets how many (default 2000).
 
@@ -75,6 +78,8 @@ struct Node {
     paused_until: u64,
     /// Send time of the last answered heartbeat.
     contact: u64,
+    /// Send time of the last heartbeat a leader heard.
+    judged: u64,
     next_beat: u64,
     next_fence_round: u64,
     server: usize,
@@ -172,6 +177,7 @@ impl Sim {
                 up: true,
                 paused_until: 0,
                 contact: 0,
+                judged: 0,
                 next_beat: (i as u64 * 37) % HEARTBEAT,
                 next_fence_round: 0,
                 server: i % SERVERS,
@@ -464,8 +470,9 @@ impl Sim {
         NodeState::Ready
     }
 
-    /// A heartbeat of node `n` to server `s`: whether it was answered with success.
-    fn heartbeat(&mut self, n: usize, s: usize) -> Result<(), &'static str> {
+    /// A heartbeat of node `n` to server `s`: whether it was answered with success, and
+    /// then whether a leader heard it.
+    fn heartbeat(&mut self, n: usize, s: usize) -> Result<bool, &'static str> {
         if !self.servers[s].up {
             return Err("refused");
         }
@@ -474,7 +481,7 @@ impl Sim {
         }
         if self.leads(s) {
             self.record(s, n);
-            return Ok(());
+            return Ok(true);
         }
         // A follower relays it to the leader it knows.
         let delivery = match self.servers[s].known_leader {
@@ -502,7 +509,8 @@ impl Sim {
             _ => None,
         };
         match heard_relay::answers(1, &delivery, held).remove(0) {
-            Relayed::Heard(_) | Relayed::NoLeader => Ok(()),
+            Relayed::Heard(_) => Ok(true),
+            Relayed::NoLeader => Ok(false),
             Relayed::Refused(_) => Err("refused by the follower"),
         }
     }
@@ -522,8 +530,8 @@ impl Sim {
             for k in 0..SERVERS {
                 let s = (self.nodes[n].server + k) % SERVERS;
                 match self.heartbeat(n, s) {
-                    Ok(()) => {
-                        answered_by = Some(s);
+                    Ok(judged) => {
+                        answered_by = Some((s, judged));
                         break;
                     }
                     Err("timeout") => {
@@ -534,9 +542,9 @@ impl Sim {
                     Err(_) => continue,
                 }
             }
-            if let Some(s) = answered_by {
+            if let Some((s, judged)) = answered_by {
                 self.nodes[n].server = s;
-                self.contact(n, s, sent);
+                self.contact(n, s, sent, judged);
             }
         }
         // The fence watch: every quarter of the window while isolated.
@@ -549,7 +557,7 @@ impl Sim {
     }
 
     /// Node `n`'s heartbeat sent at `sent` was answered by server `s`.
-    fn contact(&mut self, n: usize, s: usize, sent: u64) {
+    fn contact(&mut self, n: usize, s: usize, sent: u64, judged: bool) {
         // A heartbeat that left after the isolation window fences when it comes back,
         // unless the peers showed the control plane away.
         let late = sent.saturating_sub(self.nodes[n].contact) > self.fence_window
@@ -559,6 +567,9 @@ impl Sim {
         }
         let node = &mut self.nodes[n];
         node.contact = sent;
+        if judged {
+            node.judged = sent;
+        }
         node.away_until = 0;
         node.unanswered = 0;
         // Its desired state, from a server whose view is fresh.
@@ -586,16 +597,20 @@ impl Sim {
             .filter(|p| *p != n)
             .map(|p| {
                 (self.node_responsive(p) && !self.cut(End::Node(n), End::Node(p)))
-                    .then(|| self.now.saturating_sub(self.nodes[p].contact))
+                    .then(|| self.now.saturating_sub(self.nodes[p].judged))
             })
             .collect();
-        let mine = Duration::from_millis(self.now.saturating_sub(self.nodes[n].contact));
-        let round = fence::peer_round(&ages, window, mine, self.cfg.down_after);
+        let mine = Duration::from_millis(self.now.saturating_sub(self.nodes[n].judged));
+        let margin = (self.cfg.down_after - self.cfg.suspect_after)
+            .saturating_sub(Duration::from_millis(50));
+        let round = fence::peer_round(&ages, window, mine, margin);
         let reached = round.heard_by_peer.then(|| {
             (0..SERVERS)
                 .any(|s| self.server_responsive(s) && !self.cut(End::Node(n), End::Server(s)))
         });
-        let v = fence::decide(round, reached, self.nodes[n].unanswered);
+        let Some(v) = fence::decide(round, reached, self.nodes[n].unanswered) else {
+            return;
+        };
         let valid = fence::away_valid_for(window).as_millis() as u64;
         self.nodes[n].away_until = if v.away { self.now + valid } else { 0 };
         self.nodes[n].unanswered = v.unanswered;
@@ -711,6 +726,7 @@ impl Sim {
                 node.up = true;
                 node.fenced = false;
                 node.contact = self.now;
+                node.judged = self.now;
             }
         }
         for s in 0..SERVERS {

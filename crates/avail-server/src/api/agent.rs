@@ -23,7 +23,7 @@ pub(super) async fn heartbeat(
     // Heard first: a heartbeat this server cannot vouch for (a follower without the
     // leader) is refused before anything of it is recorded, so the agent sends its
     // fences again, once, to the server that takes it.
-    let st = state.heard(&node).await?;
+    let (st, judged) = state.heard(&node).await?;
     for f in hb.fences.iter().take(100) {
         state.metrics.fences.inc();
         state
@@ -61,6 +61,8 @@ pub(super) async fn heartbeat(
         heartbeat_interval_ms: state.config.heartbeat_interval.as_millis() as u64,
         lease_ttl_ms: state.config.down_after.as_millis() as u64,
         servers: state.server_apis(),
+        judged,
+        suspect_ms: state.config.suspect_after.as_millis() as u64,
     }))
 }
 

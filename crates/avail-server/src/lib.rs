@@ -394,7 +394,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         listener,
         Some(tls),
         app,
-        avail_tls::serve::Limits::default(),
+        api_limits(),
     ));
     Ok(Running {
         addr,
@@ -403,6 +403,46 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         state,
         task,
     })
+}
+
+/// Most connections the API takes: every agent holds two (its heartbeats and its
+/// desired-state long poll) and a server may have 10,000 nodes.
+pub const API_MAX_CONNECTIONS: usize = 32_768;
+
+/// The API listener's bounds: the defaults, but room for the agents of a large
+/// cluster; the process's file limit is raised to match ([`raise_file_limit`]).
+fn api_limits() -> avail_tls::serve::Limits {
+    let files = raise_file_limit();
+    avail_tls::serve::Limits {
+        // Keep a quarter of the files for the store, the artifacts and the logs.
+        max_connections: API_MAX_CONNECTIONS.min((files as usize) * 3 / 4).max(256),
+        ..avail_tls::serve::Limits::default()
+    }
+}
+
+/// Raise this process's open-file limit to its hard limit (the soft one is often
+/// 1,024); the limit in force.
+pub fn raise_file_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct given, nothing else.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    lim.rlim_cur
 }
 
 /// The decision passes, on the leader only (see [`leader`]): liveness verdicts every

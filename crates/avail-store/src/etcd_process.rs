@@ -258,29 +258,7 @@ impl EtcdCluster {
     /// until every member answers healthy; the error carries their logs.
     pub fn persistent(root: &Path, ips: &[Ipv4Addr]) -> Result<EtcdCluster, String> {
         std::fs::create_dir_all(root).map_err(|e| format!("{}: {e}", root.display()))?;
-        let members: Vec<EtcdMember> = ips
-            .iter()
-            .enumerate()
-            .map(|(i, ip)| EtcdMember {
-                name: format!("m{i}"),
-                ip: *ip,
-                data_dir: root.join(format!("m{i}.etcd")),
-                log: root.join(format!("m{i}.log")),
-                child: None,
-            })
-            .collect();
-        let initial_cluster = members
-            .iter()
-            .map(|m| format!("{}={}", m.name, m.peer_url()))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut cluster = EtcdCluster {
-            members,
-            root: root.to_path_buf(),
-            initial_cluster,
-            token: "avail-up".into(),
-            keep_data: true,
-        };
+        let mut cluster = Self::assemble(root.to_path_buf(), ips, "avail-up".into(), true);
         for i in 0..cluster.members.len() {
             let (ic, token) = (cluster.initial_cluster.clone(), cluster.token.clone());
             cluster.members[i].spawn(&ic, &token);
@@ -398,6 +376,33 @@ impl EtcdCluster {
         }
     }
 
+    /// Members `m<i>` on `ips`, with their data and logs under `root`, not started.
+    fn assemble(root: PathBuf, ips: &[Ipv4Addr], token: String, keep_data: bool) -> EtcdCluster {
+        let members: Vec<EtcdMember> = ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| EtcdMember {
+                name: format!("m{i}"),
+                ip: *ip,
+                data_dir: root.join(format!("m{i}.etcd")),
+                log: root.join(format!("m{i}.log")),
+                child: None,
+            })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url()))
+            .collect::<Vec<_>>()
+            .join(",");
+        EtcdCluster {
+            members,
+            root,
+            initial_cluster,
+            token,
+            keep_data,
+        }
+    }
+
     /// Addresses, dirs and names for `size` members, not started.
     fn prepare(size: usize) -> EtcdCluster {
         static N: AtomicU64 = AtomicU64::new(0);
@@ -416,27 +421,10 @@ impl EtcdCluster {
         let token = format!("avail-etcd-{}-{n}-{nanos}", std::process::id());
         let root = tmp.join(&token);
         std::fs::create_dir_all(&root).unwrap_or_else(|e| panic!("create {}: {e}", root.display()));
-        let members: Vec<EtcdMember> = (0..size)
-            .map(|i| EtcdMember {
-                name: format!("m{i}"),
-                ip: Ipv4Addr::new(127, base.0, base.1, 1 + i as u8),
-                data_dir: root.join(format!("m{i}.etcd")),
-                log: root.join(format!("m{i}.log")),
-                child: None,
-            })
+        let ips: Vec<Ipv4Addr> = (0..size)
+            .map(|i| Ipv4Addr::new(127, base.0, base.1, 1 + i as u8))
             .collect();
-        let initial_cluster = members
-            .iter()
-            .map(|m| format!("{}={}", m.name, m.peer_url()))
-            .collect::<Vec<_>>()
-            .join(",");
-        EtcdCluster {
-            members,
-            root,
-            initial_cluster,
-            token,
-            keep_data: false,
-        }
+        Self::assemble(root, &ips, token, false)
     }
 }
 

@@ -154,6 +154,21 @@ async fn assert_all_present(c: &Cluster, acked: &[String]) {
     assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
 }
 
+/// Workload `name` still runs its first copy (never restarted).
+async fn assert_untouched(c: &Cluster, name: &str) -> Workload {
+    let w: Workload = c
+        .client()
+        .get(&format!("/v1/workloads/{name}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        w.status.incarnation, 1,
+        "{name} was restarted: {:?}",
+        w.status
+    );
+    w
+}
+
 /// `run_wasm` of the counter at `ha` with `constraint`.
 fn run_counter(c: &Cluster, name: &str, constraint: &str) {
     ok(&c.run_wasm(
@@ -236,13 +251,8 @@ async fn the_leader_dies_under_load_and_nothing_is_lost() {
     // A few seconds of the new leader, then the tally.
     tokio::time::sleep(Duration::from_secs(2)).await;
     end_load(&c, &stop, requests, acked).await;
-    let w: Workload = c.client().get("/v1/workloads/steady").await.unwrap();
+    let w = assert_untouched(&c, "steady").await;
     assert_eq!(w.status.node.as_deref(), Some("node-2"));
-    assert_eq!(
-        w.status.incarnation, 1,
-        "steady was restarted: {:?}",
-        w.status
-    );
 }
 
 /// An etcd member lost, then every server restarted in turn (a rolling restart): the
@@ -273,12 +283,7 @@ async fn an_etcd_member_and_each_server_in_turn_can_go() {
     }
     c.wait_nodes_ready(3).await;
     end_load(&c, &stop, requests, acked).await;
-    let w: Workload = c.client().get("/v1/workloads/steady").await.unwrap();
-    assert_eq!(
-        w.status.incarnation, 1,
-        "steady was restarted: {:?}",
-        w.status
-    );
+    assert_untouched(&c, "steady").await;
 }
 
 /// etcd's quorum lost for 10 s (two of three members down): every server says it is
@@ -339,16 +344,7 @@ async fn a_lost_etcd_quorum_stops_decisions_not_workloads() {
     );
     end_load(&c, &stop, requests, acked).await;
     for name in ["steady", "pair"] {
-        let w: Workload = c
-            .client()
-            .get(&format!("/v1/workloads/{name}"))
-            .await
-            .unwrap();
-        assert_eq!(
-            w.status.incarnation, 1,
-            "{name} was restarted: {:?}",
-            w.status
-        );
+        assert_untouched(&c, name).await;
     }
     let events: Vec<avail_model::ClusterEvent> = c.client().get("/v1/events").await.unwrap();
     let downs: Vec<_> = events

@@ -2,6 +2,8 @@
 //! generator and latency statistics. Figures go to `docs/benchmarks.md`, always as a
 //! ratio against a baseline measured in the same run.
 
+pub mod fake_nodes;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};

@@ -14,10 +14,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use avail_bench::fake_nodes::{beat, join};
 use avail_bench::machine;
-use avail_client::Client;
-use avail_model::Resources;
-use avail_model::agent::{Heartbeat, HeartbeatReply, JoinRequest, JoinResponse, KeyProof};
 use avail_testkit::Cluster;
 
 /// CPU seconds (user + system) process `pid` has used.
@@ -27,64 +25,6 @@ fn cpu_s(pid: i32) -> f64 {
     let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
     // SAFETY: sysconf has no memory effects.
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
-
-/// Join node `i` with a fresh key: a client that speaks for it.
-async fn join(c: &Cluster, dir: &std::path::Path, i: usize, token: &str) -> Client {
-    let name = format!("hb-{i}");
-    let key = avail_tls::NodeKey::load_or_create(&dir.join(&name)).unwrap();
-    let public_key = key.public_b64();
-    let time_s = avail_server::now_s();
-    let proof = KeyProof {
-        time_s,
-        signature: key.prove(&avail_tls::node_key::proof_message(
-            &name,
-            &public_key,
-            time_s,
-        )),
-    };
-    let addr = format!("127.250.{}.{}", i / 250, 1 + i % 250);
-    let req = JoinRequest {
-        name: name.clone(),
-        address: addr.clone(),
-        ingress_url: format!("http://{addr}:7480"),
-        tags: [("zone".to_string(), "a".to_string())].into(),
-        capacity: Resources {
-            cpu_millis: 4000,
-            memory_mib: 4096,
-        },
-        max_workloads: 110,
-        agent_version: "bench".into(),
-        boot_id: format!("boot-{i}"),
-        replication_addr: format!("{addr}:7481"),
-        public_key,
-        proof: Some(proof),
-    };
-    let joiner = Client::with_tls(
-        &c.server_url(),
-        Some(token.to_string()),
-        None,
-        Some(c.tls()),
-    );
-    let joined: JoinResponse = joiner.post("/v1/agent/join", &req).await.unwrap();
-    let cert = avail_tls::NodeCert::new();
-    cert.set(&joined.certificate, &key.private_pem()).unwrap();
-    let pem = std::fs::read_to_string(c.ca_file()).unwrap();
-    let tls = avail_tls::client_config(&pem, Some(cert)).unwrap();
-    // From the node's own address, as an agent (the API bounds connections per address).
-    let local: std::net::IpAddr = addr.parse().unwrap();
-    Client::with_tls(&c.server_url(), None, Some(local), Some(tls))
-        .for_node(&name)
-        .with_timeout(Duration::from_secs(10))
-}
-
-async fn beat(client: &Client) {
-    let hb = Heartbeat {
-        instances: vec![],
-        logs: vec![],
-        fences: vec![],
-    };
-    let _: HeartbeatReply = client.post("/v1/agent/heartbeat", &hb).await.unwrap();
 }
 
 fn main() {
@@ -122,7 +62,8 @@ fn main() {
             if i % 1000 == 0 {
                 token = c.create_join_token(1000, 3600).await;
             }
-            clients.push(join(&c, keys.path(), i, &token).await);
+            let tags = [("zone".to_string(), "a".to_string())].into();
+            clients.push(join(&c, keys.path(), i, &format!("hb-{i}"), tags, &token).await);
         }
         println!("{nodes} nodes joined in {:.1} s", t.elapsed().as_secs_f64());
         for cl in &clients {

@@ -1,0 +1,109 @@
+//! Nodes without agents: each joins a real server with its own key and certificate
+//! (a join token, a proof of the key) and is then spoken for by the benchmark, over its
+//! own mutual-TLS connection from its own loopback address (the API bounds connections
+//! per address). For control-plane benchmarks at 1,000s of nodes on one machine.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use avail_client::Client;
+use avail_model::Resources;
+use avail_model::agent::{Heartbeat, HeartbeatReply, JoinRequest, JoinResponse, KeyProof};
+use avail_testkit::Cluster;
+
+/// The loopback address of fake node `i` (127.250.0.1 and on: 250 per /24).
+pub fn address(i: usize) -> String {
+    format!("127.250.{}.{}", i / 250, 1 + i % 250)
+}
+
+/// Join node `name` (fake node `i`) with `tags` and a fresh key kept under `dir`,
+/// using join token `token`: a client that speaks for it.
+pub async fn join(
+    c: &Cluster,
+    dir: &std::path::Path,
+    i: usize,
+    name: &str,
+    tags: BTreeMap<String, String>,
+    token: &str,
+) -> Client {
+    let key = avail_tls::NodeKey::load_or_create(&dir.join(name)).unwrap();
+    let public_key = key.public_b64();
+    let time_s = avail_server::now_s();
+    let proof = KeyProof {
+        time_s,
+        signature: key.prove(&avail_tls::node_key::proof_message(
+            name,
+            &public_key,
+            time_s,
+        )),
+    };
+    let addr = address(i);
+    let req = JoinRequest {
+        name: name.to_string(),
+        address: addr.clone(),
+        ingress_url: format!("http://{addr}:7480"),
+        tags,
+        capacity: Resources {
+            cpu_millis: 4000,
+            memory_mib: 4096,
+        },
+        max_workloads: 110,
+        agent_version: "bench".into(),
+        boot_id: format!("boot-{i}"),
+        replication_addr: format!("{addr}:7481"),
+        public_key,
+        proof: Some(proof),
+    };
+    let local: std::net::IpAddr = addr.parse().unwrap();
+    // From the node's own address, as an agent (the API bounds connections per address).
+    let joiner = Client::with_tls(
+        &c.server_url(),
+        Some(token.to_string()),
+        Some(local),
+        Some(c.tls()),
+    );
+    let joined: JoinResponse = joiner.post("/v1/agent/join", &req).await.unwrap();
+    let cert = avail_tls::NodeCert::new();
+    cert.set(&joined.certificate, &key.private_pem()).unwrap();
+    let pem = std::fs::read_to_string(c.ca_file()).unwrap();
+    let tls = avail_tls::client_config(&pem, Some(cert)).unwrap();
+    Client::with_tls(&c.server_url(), None, Some(local), Some(tls))
+        .for_node(name)
+        .with_timeout(Duration::from_secs(10))
+}
+
+/// An empty heartbeat of the node `client` speaks for.
+pub async fn beat(client: &Client) {
+    let hb = Heartbeat {
+        instances: vec![],
+        logs: vec![],
+        fences: vec![],
+    };
+    let _: HeartbeatReply = client.post("/v1/agent/heartbeat", &hb).await.unwrap();
+}
+
+/// Keep every node of `clients` heartbeating once a second, spread evenly, until the
+/// task is aborted. A heartbeat that fails is let go (the next one follows in a
+/// second; the server's windows are set long for these benchmarks).
+pub fn keep_alive(clients: std::sync::Arc<Vec<Client>>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let gap = Duration::from_secs(1) / clients.len().max(1) as u32;
+        let mut tick = tokio::time::interval(gap);
+        loop {
+            for c in clients.iter() {
+                tick.tick().await;
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let hb = Heartbeat {
+                        instances: vec![],
+                        logs: vec![],
+                        fences: vec![],
+                    };
+                    let _ = c
+                        .post::<_, HeartbeatReply>("/v1/agent/heartbeat", &hb)
+                        .await;
+                });
+            }
+        }
+    })
+}

@@ -107,3 +107,23 @@ pub fn keep_alive(clients: std::sync::Arc<Vec<Client>>) -> tokio::task::JoinHand
         }
     })
 }
+
+/// Join `n` nodes named `<prefix><i>` with the tags `tags_of(i)`, their keys kept under
+/// `dir` (a join token takes 1,000 joins: a new one each 1,000): a client for each.
+pub async fn join_many(
+    c: &Cluster,
+    dir: &std::path::Path,
+    n: usize,
+    prefix: &str,
+    tags_of: impl Fn(usize) -> BTreeMap<String, String>,
+) -> Vec<Client> {
+    let mut token = String::new();
+    let mut clients = Vec::with_capacity(n);
+    for i in 0..n {
+        if i % 1000 == 0 {
+            token = c.create_join_token(1000, 3600).await;
+        }
+        clients.push(join(c, dir, i, &format!("{prefix}{i}"), tags_of(i), &token).await);
+    }
+    clients
+}

@@ -146,3 +146,40 @@ pub fn machine() -> String {
         .unwrap_or(0);
     format!("{cores} cores, {cpu}")
 }
+
+/// Create `n` workloads `spec(i)` (JSON) through `api`, `clients` at once, each checked
+/// by `check`: creates per second.
+pub async fn creates(
+    api: &avail_client::Client,
+    n: usize,
+    clients: usize,
+    spec: impl Fn(usize) -> String + Send + Sync + 'static,
+    check: impl Fn(&avail_model::Workload) + Send + Sync + 'static,
+) -> f64 {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = Arc::new(AtomicUsize::new(0));
+    let (spec, check) = (Arc::new(spec), Arc::new(check));
+    let t = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (api, next, spec, check) = (api.clone(), next.clone(), spec.clone(), check.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return;
+                }
+                let w: avail_model::Workload = api
+                    .post_raw("/v1/workloads", spec(i).into_bytes().into())
+                    .await
+                    .unwrap();
+                check(&w);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    n as f64 / t.elapsed().as_secs_f64()
+}

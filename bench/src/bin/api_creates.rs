@@ -7,9 +7,7 @@
 //!
 //! `cargo build --release -p avail -p avail-bench && target/release/api_creates [per_run]`
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use avail_bench::machine;
 use avail_model::api::ArtifactRef;
@@ -25,37 +23,19 @@ async fn creates(
     n: usize,
     clients: usize,
 ) -> f64 {
-    let next = Arc::new(AtomicUsize::new(0));
-    let t = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let (api, next, digest, prefix) = (
-            api.clone(),
-            next.clone(),
-            digest.to_string(),
-            prefix.to_string(),
-        );
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    return;
-                }
-                let spec = format!(
-                    r#"{{"name":"{prefix}{i}","driver":"wasm","artifact":"{digest}","level":"none","placement":{{"constraints":["zone == nowhere"]}}}}"#
-                );
-                let w: Workload = api
-                    .post_raw("/v1/workloads", spec.into_bytes().into())
-                    .await
-                    .unwrap();
-                assert_eq!(w.status.phase, Phase::Pending);
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    n as f64 / t.elapsed().as_secs_f64()
+    let (digest, prefix) = (digest.to_string(), prefix.to_string());
+    avail_bench::creates(
+        api,
+        n,
+        clients,
+        move |i| {
+            format!(
+                r#"{{"name":"{prefix}{i}","driver":"wasm","artifact":"{digest}","level":"none","placement":{{"constraints":["zone == nowhere"]}}}}"#
+            )
+        },
+        |w: &Workload| assert_eq!(w.status.phase, Phase::Pending),
+    )
+    .await
 }
 
 async fn run(

@@ -9,10 +9,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use avail_bench::fake_nodes::{join, keep_alive};
+use avail_bench::fake_nodes::{join_many, keep_alive};
 use avail_bench::machine;
 use avail_model::api::{ArtifactRef, TagChange};
 use avail_model::{Node, NodeState, Phase, Workload};
@@ -21,6 +20,8 @@ use avail_testkit::{Cluster, guest};
 
 const ZONES: [&str; 4] = ["tokyo", "osaka", "nagoya", "sapporo"];
 
+/// Creates per second of `n` workloads `<prefix><i>` that only the tokyo pci nodes
+/// take, `clients` at once; each must be placed.
 async fn creates(
     api: &avail_client::Client,
     digest: &str,
@@ -28,37 +29,19 @@ async fn creates(
     n: usize,
     clients: usize,
 ) -> f64 {
-    let next = Arc::new(AtomicUsize::new(0));
-    let t = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let (api, next, digest, prefix) = (
-            api.clone(),
-            next.clone(),
-            digest.to_string(),
-            prefix.to_string(),
-        );
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    return;
-                }
-                let spec = format!(
-                    r#"{{"name":"{prefix}{i}","driver":"wasm","artifact":"{digest}","level":"none","resources":{{"cpu_millis":10,"memory_mib":8}},"placement":{{"constraints":["zone == tokyo","compliance == pci"]}}}}"#
-                );
-                let w: Workload = api
-                    .post_raw("/v1/workloads", spec.into_bytes().into())
-                    .await
-                    .unwrap();
-                assert_eq!(w.status.phase, Phase::Placed, "{:?}", w.status);
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    n as f64 / t.elapsed().as_secs_f64()
+    let (digest, prefix) = (digest.to_string(), prefix.to_string());
+    avail_bench::creates(
+        api,
+        n,
+        clients,
+        move |i| {
+            format!(
+                r#"{{"name":"{prefix}{i}","driver":"wasm","artifact":"{digest}","level":"none","resources":{{"cpu_millis":10,"memory_mib":8}},"placement":{{"constraints":["zone == tokyo","compliance == pci"]}}}}"#
+            )
+        },
+        |w: &Workload| assert_eq!(w.status.phase, Phase::Placed, "{:?}", w.status),
+    )
+    .await
 }
 
 fn main() {
@@ -87,20 +70,16 @@ fn main() {
     rt.block_on(async move {
         let c = Cluster::start_full(&bin, 0, vec![], server_args).await;
         let keys = tempfile::tempdir().unwrap();
-        let mut token = String::new();
-        let mut clients = Vec::new();
         let t = Instant::now();
-        for i in 0..nodes {
-            if i % 1000 == 0 {
-                token = c.create_join_token(1000, 3600).await;
-            }
+        let clients = join_many(&c, keys.path(), nodes, "n", |i| {
             let tags: BTreeMap<String, String> = [
                 ("zone".to_string(), ZONES[i % 4].to_string()),
                 ("rack".to_string(), format!("r{}", i / 40)),
             ]
             .into();
-            clients.push(join(&c, keys.path(), i, &format!("n{i}"), tags, &token).await);
-        }
+            tags
+        })
+        .await;
         let beating = keep_alive(Arc::new(clients));
         let admin = c.client().with_timeout(Duration::from_secs(120));
         for i in (0..nodes).step_by(5) {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use avail_bench::fake_nodes::{beat, join};
+use avail_bench::fake_nodes::{beat, join_many};
 use avail_bench::machine;
 use avail_testkit::Cluster;
 
@@ -54,17 +54,11 @@ fn main() {
         .await;
         let pid = c.server_proc(0).unwrap().pid();
         let keys = tempfile::tempdir().unwrap();
-        let mut token = String::new();
-        let mut clients = Vec::new();
         let t = Instant::now();
-        for i in 0..nodes {
-            // A join token takes 1,000 joins at most.
-            if i % 1000 == 0 {
-                token = c.create_join_token(1000, 3600).await;
-            }
-            let tags = [("zone".to_string(), "a".to_string())].into();
-            clients.push(join(&c, keys.path(), i, &format!("hb-{i}"), tags, &token).await);
-        }
+        let clients = join_many(&c, keys.path(), nodes, "hb-", |_| {
+            [("zone".to_string(), "a".to_string())].into()
+        })
+        .await;
         println!("{nodes} nodes joined in {:.1} s", t.elapsed().as_secs_f64());
         for cl in &clients {
             beat(cl).await;

@@ -147,34 +147,39 @@ pub fn machine() -> String {
     format!("{cores} cores, {cpu}")
 }
 
-/// Create `n` workloads `spec(i)` (JSON) through `api`, `clients` at once, each checked
-/// by `check`: creates per second.
+/// Create `n` wasm workloads of module `digest` at level `none`, named `<prefix><i>`,
+/// with the spec fields `fields` (JSON, e.g. `"placement": {...}`), through `api`,
+/// `clients` at once; each must come back in phase `expect`. Creates per second.
 pub async fn creates(
     api: &avail_client::Client,
+    digest: &str,
+    prefix: &str,
+    fields: &str,
+    expect: avail_model::Phase,
     n: usize,
     clients: usize,
-    spec: impl Fn(usize) -> String + Send + Sync + 'static,
-    check: impl Fn(&avail_model::Workload) + Send + Sync + 'static,
 ) -> f64 {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
     let next = Arc::new(AtomicUsize::new(0));
-    let (spec, check) = (Arc::new(spec), Arc::new(check));
-    let t = std::time::Instant::now();
+    let t = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..clients {
-        let (api, next, spec, check) = (api.clone(), next.clone(), spec.clone(), check.clone());
+        let (api, next) = (api.clone(), next.clone());
+        let (digest, prefix, fields) = (digest.to_string(), prefix.to_string(), fields.to_string());
         tasks.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= n {
                     return;
                 }
+                let spec = format!(
+                    r#"{{"name":"{prefix}{i}","driver":"wasm","artifact":"{digest}","level":"none",{fields}}}"#
+                );
                 let w: avail_model::Workload = api
-                    .post_raw("/v1/workloads", spec(i).into_bytes().into())
+                    .post_raw("/v1/workloads", spec.into_bytes().into())
                     .await
                     .unwrap();
-                check(&w);
+                assert_eq!(w.status.phase, expect, "{:?}", w.status);
             }
         }));
     }

@@ -10,33 +10,13 @@
 use std::time::Duration;
 
 use avail_bench::machine;
+use avail_model::Phase;
 use avail_model::api::ArtifactRef;
-use avail_model::{Phase, Workload};
 use avail_store::etcd_process::EtcdCluster;
 use avail_testkit::{Cluster, guest};
 
-/// Create `n` workloads named `<prefix><i>`, `clients` at once: creates per second.
-async fn creates(
-    api: &avail_client::Client,
-    digest: &str,
-    prefix: &str,
-    n: usize,
-    clients: usize,
-) -> f64 {
-    let (digest, prefix) = (digest.to_string(), prefix.to_string());
-    avail_bench::creates(
-        api,
-        n,
-        clients,
-        move |i| {
-            format!(
-                r#"{{"name":"{prefix}{i}","driver":"wasm","artifact":"{digest}","level":"none","placement":{{"constraints":["zone == nowhere"]}}}}"#
-            )
-        },
-        |w: &Workload| assert_eq!(w.status.phase, Phase::Pending),
-    )
-    .await
-}
+/// The spec fields of every workload created.
+const FIELDS: &str = r#""placement":{"constraints":["zone == nowhere"]}"#;
 
 async fn run(
     bin: &std::path::Path,
@@ -49,10 +29,19 @@ async fn run(
     let bytes = std::fs::read(guest("counter")).unwrap();
     let art: ArtifactRef = api.put_bytes("/v1/artifacts", bytes.into()).await.unwrap();
     // Warm up: the module is checked once per digest.
-    creates(&api, &art.digest, "warm", 20, 1).await;
+    avail_bench::creates(&api, &art.digest, "warm", FIELDS, Phase::Pending, 20, 1).await;
     let mut out = Vec::new();
     for clients in [1, 4] {
-        let rate = creates(&api, &art.digest, &format!("c{clients}-"), per_run, clients).await;
+        let rate = avail_bench::creates(
+            &api,
+            &art.digest,
+            &format!("c{clients}-"),
+            FIELDS,
+            Phase::Pending,
+            per_run,
+            clients,
+        )
+        .await;
         println!("{store}: {clients} client(s): {rate:.0} creates/s");
         out.push((clients, rate));
     }

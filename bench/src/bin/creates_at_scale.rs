@@ -14,35 +14,14 @@ use std::time::{Duration, Instant};
 use avail_bench::fake_nodes::{join_many, keep_alive};
 use avail_bench::machine;
 use avail_model::api::{ArtifactRef, TagChange};
-use avail_model::{Node, NodeState, Phase, Workload};
+use avail_model::{Node, NodeState, Phase};
 use avail_store::etcd_process::EtcdCluster;
 use avail_testkit::{Cluster, guest};
 
 const ZONES: [&str; 4] = ["tokyo", "osaka", "nagoya", "sapporo"];
 
-/// Creates per second of `n` workloads `<prefix><i>` that only the tokyo pci nodes
-/// take, `clients` at once; each must be placed.
-async fn creates(
-    api: &avail_client::Client,
-    digest: &str,
-    prefix: &str,
-    n: usize,
-    clients: usize,
-) -> f64 {
-    let (digest, prefix) = (digest.to_string(), prefix.to_string());
-    avail_bench::creates(
-        api,
-        n,
-        clients,
-        move |i| {
-            format!(
-                r#"{{"name":"{prefix}{i}","driver":"wasm","artifact":"{digest}","level":"none","resources":{{"cpu_millis":10,"memory_mib":8}},"placement":{{"constraints":["zone == tokyo","compliance == pci"]}}}}"#
-            )
-        },
-        |w: &Workload| assert_eq!(w.status.phase, Phase::Placed, "{:?}", w.status),
-    )
-    .await
-}
+/// The spec fields of every workload created.
+const FIELDS: &str = r#""resources":{"cpu_millis":10,"memory_mib":8},"placement":{"constraints":["zone == tokyo","compliance == pci"]}"#;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -108,13 +87,15 @@ fn main() {
             .put_bytes("/v1/artifacts", bytes.into())
             .await
             .unwrap();
-        creates(&admin, &art.digest, "warm", 20, 1).await;
+        avail_bench::creates(&admin, &art.digest, "warm", FIELDS, Phase::Placed, 20, 1).await;
         let store = if on_etcd { "etcd (3 members)" } else { "redb" };
         for clients in [1, 4] {
-            let rate = creates(
+            let rate = avail_bench::creates(
                 &admin,
                 &art.digest,
                 &format!("c{clients}-"),
+                FIELDS,
+                Phase::Placed,
                 per_run,
                 clients,
             )

@@ -95,15 +95,7 @@ async fn main() {
     })
     .await;
     std::fs::create_dir_all(&dirs[1]).expect("dir b");
-    for f in [
-        "secret.key",
-        "ca.key",
-        "ca.crt",
-        "cluster.id",
-        "admin.token",
-    ] {
-        std::fs::copy(dirs[0].join(f), dirs[1].join(f)).expect("copy a key");
-    }
+    avail_server::store_open::adopt_cluster(&dirs[0], &dirs[1]).expect("copy a's cluster files");
     procs[1] = Some(server(&bin, &dirs[1], &addrs[1], &flag, ttl, &log(1, 0)));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let id = |i: usize| std::fs::read_to_string(dirs[i].join("server.id")).expect("server.id");

@@ -33,10 +33,8 @@ pub const MAX_LOG_LINE_BYTES: usize = 4096;
 pub const RETRY_FAILED_AFTER: Duration = Duration::from_secs(5);
 /// Long-poll wait for desired state, ms.
 pub const DESIRED_WAIT_MS: u64 = 10_000;
-/// Isolation window before the server's down window is known (that of the default
-/// 1 s window).
-pub const DEFAULT_FENCE_AFTER: Duration = Duration::from_millis(666);
-/// The server's down window before it is known (the server's default).
+/// The server's down window before it is known (the server's default; the isolation
+/// window follows from it, [`isolation_window`]).
 pub const DEFAULT_DOWN_AFTER: Duration = Duration::from_millis(1000);
 
 pub use avail_model::node::isolation_window;
@@ -139,11 +137,8 @@ pub struct Supervisor {
     last_judged: Mutex<Instant>,
     /// The server's suspect window: a node silent this long takes no new work.
     suspect_after: Mutex<Duration>,
-    /// Isolated this long, the agent stops its ha workloads (set from the lease TTL
-    /// less a margin).
-    fence_after: Mutex<Duration>,
     /// The server's down window (its lease TTL): how long after its last contact this
-    /// node may be declared down.
+    /// node may be declared down. The isolation window follows from it.
     down_after: Mutex<Duration>,
     /// Whether the ha workloads are stopped for isolation.
     fenced: AtomicBool,
@@ -185,7 +180,6 @@ impl Supervisor {
             last_contact: Mutex::new(Instant::now()),
             last_judged: Mutex::new(Instant::now()),
             suspect_after: Mutex::new(DEFAULT_DOWN_AFTER / 2),
-            fence_after: Mutex::new(DEFAULT_FENCE_AFTER),
             down_after: Mutex::new(DEFAULT_DOWN_AFTER),
             fenced: AtomicBool::new(false),
             peers,
@@ -632,7 +626,6 @@ impl Supervisor {
     /// elsewhere.
     pub fn set_lease_ttl(&self, ttl: Duration) {
         if !ttl.is_zero() {
-            *self.fence_after.lock().unwrap_or_else(|p| p.into_inner()) = isolation_window(ttl);
             *self.down_after.lock().unwrap_or_else(|p| p.into_inner()) = ttl;
         }
     }
@@ -669,9 +662,10 @@ impl Supervisor {
             .elapsed()
     }
 
-    /// The isolation window in force.
+    /// The isolation window in force: isolated this long, the agent stops its ha
+    /// workloads (the down window less a margin, [`isolation_window`]).
     pub fn fence_after(&self) -> Duration {
-        *self.fence_after.lock().unwrap_or_else(|p| p.into_inner())
+        isolation_window(self.down_after())
     }
 
     /// How long since the server last answered.
@@ -685,7 +679,7 @@ impl Supervisor {
     /// Whether the server has not answered for the isolation window: this node's ha
     /// workloads must not serve (the server may be about to restart them elsewhere).
     pub fn isolated(&self) -> bool {
-        self.contact_age() > *self.fence_after.lock().unwrap_or_else(|p| p.into_inner())
+        self.contact_age() > self.fence_after()
     }
 
     /// Whether, when a heartbeat left at `at`, the server had been silent for the

@@ -119,6 +119,15 @@ fn trim_due(first: u64, last: u64) -> Option<u64> {
     (due >= first && due > KEEP_EVENTS).then_some(due)
 }
 
+/// The number of the last event stored (0: none).
+async fn last_stored(store: &dyn Store) -> avail_store::Result<u64> {
+    let (kvs, _) = store.range(keys::EVENTS).await?;
+    Ok(kvs
+        .last()
+        .and_then(|kv| kv.key.strip_prefix(keys::EVENTS)?.parse::<u64>().ok())
+        .unwrap_or(0))
+}
+
 /// Records events and fans them out.
 pub struct Events {
     store: Arc<dyn Store>,
@@ -137,11 +146,7 @@ pub struct Events {
 impl Events {
     /// Load the last sequence number from the store.
     pub async fn open(store: Arc<dyn Store>) -> avail_store::Result<Events> {
-        let (kvs, _) = store.range(keys::EVENTS).await?;
-        let last = kvs
-            .last()
-            .and_then(|kv| kv.key.strip_prefix(keys::EVENTS)?.parse::<u64>().ok())
-            .unwrap_or(0);
+        let last = last_stored(store.as_ref()).await?;
         let (tx, _) = broadcast::channel(STREAM_BUFFER);
         Ok(Events {
             store,
@@ -198,8 +203,6 @@ impl Events {
         );
         let n = events.len() as u64;
         let mut next = self.next_seq.lock().await;
-        let mut txn = txn;
-        let base_success = txn.success.len();
         let mut tries = 0;
         let (first, result) = loop {
             // After the last number any server is seen to have used: several servers
@@ -212,14 +215,13 @@ impl Events {
                 .zip(first..)
                 .map(|(e, seq)| e.at(seq, time_ms))
                 .collect();
-            txn.success.truncate(base_success);
-            txn.success.extend(staged.iter().map(|ev| Op::Put {
+            let mut attempt = txn.clone();
+            attempt.success.extend(staged.iter().map(|ev| Op::Put {
                 key: keys::event(ev.seq),
                 value: serde_json::to_vec(ev).expect("event serialises"),
                 lease: None,
             }));
             // The first number must be free: another server may have used it.
-            let mut attempt = txn.clone();
             attempt
                 .compares
                 .push(Compare::ModRev(keys::event(first), 0));
@@ -255,7 +257,7 @@ impl Events {
                         // Taken by another server: after the last one stored, once this
                         // server's watch has passed it along (followers see events in
                         // order), or a second at most.
-                        let last = self.last_stored().await.unwrap_or(first);
+                        let last = last_stored(self.store.as_ref()).await.unwrap_or(first);
                         for _ in 0..100 {
                             if self.seen.load(Ordering::Acquire) >= last {
                                 break;
@@ -399,15 +401,6 @@ impl Events {
     /// Taken after a write under way here with events has committed (or not).
     pub async fn last_seq(&self) -> u64 {
         (*self.next_seq.lock().await - 1).max(self.seen.load(Ordering::Acquire))
-    }
-
-    /// The number of the last event stored.
-    async fn last_stored(&self) -> avail_store::Result<u64> {
-        let (kvs, _) = self.store.range(keys::EVENTS).await?;
-        Ok(kvs
-            .last()
-            .and_then(|kv| kv.key.strip_prefix(keys::EVENTS)?.parse::<u64>().ok())
-            .unwrap_or(0))
     }
 
     /// An event as the store's watch delivers it (from any server): sent to the live

@@ -152,9 +152,12 @@ impl Leadership {
         &self.id
     }
 
-    /// The control plane as this server sees it: whether it leads, and the leader as
-    /// the store says now (a linearizable read).
-    pub async fn control_plane(&self) -> Result<avail_model::api::ControlPlane, StoreError> {
+    /// The control plane as this server sees it: whether it leads, the leader as the
+    /// store says now (a linearizable read), and the `servers` registered.
+    pub async fn control_plane(
+        &self,
+        servers: Vec<avail_model::api::ServerInfo>,
+    ) -> Result<avail_model::api::ControlPlane, StoreError> {
         let kv = self.store.get(LEADER_KEY).await?;
         let leader = kv.and_then(|kv| {
             let r: LeaderRecord = serde_json::from_slice(&kv.value).ok()?;
@@ -168,7 +171,7 @@ impl Leadership {
             server: self.id.clone(),
             leads: self.is_leader(),
             leader,
-            servers: vec![],
+            servers,
         })
     }
 

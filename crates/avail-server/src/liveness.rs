@@ -44,8 +44,9 @@ impl AppState {
             };
             return (st, false);
         }
-        // No heartbeat from any node for the down window: this server is the one cut
-        // off (or stalled), not every node at once. Nothing is declared down then, and
+        // No heartbeat from any node for the blackout window
+        // ([`crate::ServerConfig::blackout_after`]): this server is the one cut off (or
+        // stalled), not every node at once. Nothing is declared down then, and
         // when heartbeats come back the nodes get a grace to be heard again.
         let (from, blackout) = {
             let g = self.grace.lock().unwrap_or_else(|p| p.into_inner());
@@ -73,8 +74,9 @@ impl AppState {
         g.last_any = Instant::now();
     }
 
-    /// The liveness part of a heartbeat (with whether a leader heard it): renew the node's lease (or create it), make it
-    /// schedulable when ready. Kept short: the agent times its contact with the server
+    /// The liveness part of a heartbeat, with whether a leader heard it: on the leader
+    /// [`AppState::heard_here`], on a follower relayed to the leader
+    /// ([`crate::heard_relay`]). Kept short: the agent times its contact with the server
     /// by the answer (fencing), so the reports are applied apart ([`AppState::reports`]).
     pub async fn heard(&self, node: &str) -> Result<(NodeState, bool), StateError> {
         if self.is_leader() {
@@ -147,20 +149,19 @@ impl AppState {
         }
         // Heard and alive: ready, so schedulable from now on (the liveness tick takes
         // it away again when the heartbeats stop).
-        let ready = {
+        let (state, schedulable) = {
             let v = self.view.read().unwrap_or_else(|p| p.into_inner());
             let schedulable = v.sched.node(node).is_some_and(|n| n.schedulable);
-            (!schedulable && self.node_state(node, &v) == NodeState::Ready).then_some(())
+            (self.node_state(node, &v), schedulable)
         };
-        if ready.is_some() {
+        if state == NodeState::Ready && !schedulable {
             self.view
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .sched
                 .set_schedulable(node, true);
         }
-        let v = self.view.read().unwrap_or_else(|p| p.into_inner());
-        Ok(self.node_state(node, &v))
+        Ok(state)
     }
 
     /// How often a node's store lease is renewed: a third of its life.
@@ -448,8 +449,8 @@ impl AppState {
 
 /// A node's liveness on the leader, from when it was last heard (how long ago, and
 /// whether since the grace began), whether its store lease lives, whether the grace
-/// lasts, and whether no node at all was heard for the down window (a blackout: this
-/// server was cut off). Returns the state and whether the node is one not heard since
+/// lasts, and whether no node at all was heard for the blackout window (this server
+/// was cut off or stalled, [`crate::ServerConfig::blackout_after`]). Returns the state and whether the node is one not heard since
 /// the grace began, whose previous verdict stands. Pure.
 pub fn judge(
     heard: Option<(std::time::Duration, bool)>,

@@ -66,6 +66,49 @@ pub fn raise_txn(to: u32, at: u64) -> Txn {
     }
 }
 
+impl crate::state::AppState {
+    /// Raise the cluster's record schema to the oldest schema among the servers
+    /// registered now, when that is above it ([`crate::schema::raise_to`]).
+    pub async fn raise_schema(&self) {
+        let registered: Vec<u32> = self
+            .view
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .servers
+            .values()
+            .map(|s| s.schema)
+            .collect();
+        // Nothing to raise while a server reads only the first schema (the floor):
+        // no store read then.
+        if registered.iter().min().is_none_or(|oldest| *oldest <= 1) {
+            return;
+        }
+        let (now, at) = match crate::schema::cluster_schema(self.store.as_ref()).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!("reading the cluster's schema: {e}");
+                return;
+            }
+        };
+        let Some(to) = crate::schema::raise_to(now, registered) else {
+            return;
+        };
+        let raised = crate::events::NewEvent::new(
+            avail_model::EventKind::ClusterSchema,
+            None,
+            None,
+            format!("records are at schema {to} from now on (every server reads it; it was {now})"),
+        );
+        if let Err(e) = self
+            .events
+            .commit(crate::schema::raise_txn(to, at), vec![raised])
+            .await
+        {
+            tracing::warn!("raising the cluster's schema: {e}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -471,9 +471,14 @@ impl Cluster {
             .expect("admin token")
             .trim()
             .to_string();
+        *self.server_slot(i) = Some(p);
+    }
+
+    /// Where server `i`'s process is kept.
+    fn server_slot(&mut self, i: usize) -> &mut Option<Proc> {
         match i {
-            0 => self.server = Some(p),
-            i => self.more_servers[i - 1] = Some(p),
+            0 => &mut self.server,
+            i => &mut self.more_servers[i - 1],
         }
     }
 
@@ -491,11 +496,9 @@ impl Cluster {
     /// SIGTERM server `i` (a clean stop: it resigns and leaves) and wait until it
     /// exits.
     pub async fn stop_server_at(&mut self, i: usize) {
-        let p = match i {
-            0 => self.server.take(),
-            i => self.more_servers[i - 1].take(),
+        let Some(mut p) = self.server_slot(i).take() else {
+            return;
         };
-        let Some(mut p) = p else { return };
         p.signal(libc::SIGTERM);
         let end = Instant::now() + Duration::from_secs(10);
         while p.running() {
@@ -506,19 +509,12 @@ impl Cluster {
 
     /// Server `i`'s process, while it runs.
     pub fn server_proc(&mut self, i: usize) -> Option<&mut Proc> {
-        match i {
-            0 => self.server.as_mut(),
-            i => self.more_servers[i - 1].as_mut(),
-        }
+        self.server_slot(i).as_mut()
     }
 
     /// SIGKILL server `i`.
     pub fn kill_server_at(&mut self, i: usize) {
-        let p = match i {
-            0 => self.server.take(),
-            i => self.more_servers[i - 1].take(),
-        };
-        if let Some(mut p) = p {
+        if let Some(mut p) = self.server_slot(i).take() {
             p.kill();
         }
     }
@@ -734,9 +730,7 @@ impl Cluster {
 
     /// SIGKILL the server.
     pub fn kill_server(&mut self) {
-        if let Some(mut p) = self.server.take() {
-            p.kill();
-        }
+        self.kill_server_at(0);
     }
 
     /// Run the CLI against this cluster.

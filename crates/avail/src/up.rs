@@ -10,7 +10,7 @@
 //! `<data-dir>/etcd`) and that many servers on .1, .2, ..., the later ones joining the
 //! first's cluster; the agents and the CLI context list every server.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -147,10 +147,9 @@ fn abs(p: &Path) -> PathBuf {
 /// Run `avail up`.
 pub async fn run(a: UpArgs) -> Result<(), CliError> {
     let dir = abs(&a.data_dir);
-    let ip = |last: u8| -> Result<IpAddr, CliError> {
+    let ip = |last: u8| -> Result<Ipv4Addr, CliError> {
         format!("{}.{last}", a.net)
             .parse::<Ipv4Addr>()
-            .map(IpAddr::V4)
             .map_err(|_| {
                 CliError::invalid(format!(
                     "--net {:?}: expected three octets like 127.0.0",
@@ -183,10 +182,7 @@ pub async fn run(a: UpArgs) -> Result<(), CliError> {
     // Several servers share an etcd of as many members, kept in the data dir.
     let etcd = if a.servers > 1 {
         let ips = (0..a.servers)
-            .map(|i| match ip(245 + i)? {
-                IpAddr::V4(v4) => Ok(v4),
-                IpAddr::V6(_) => unreachable!("made from IPv4 octets"),
-            })
+            .map(|i| ip(245 + i))
             .collect::<Result<Vec<Ipv4Addr>, CliError>>()?;
         let root = dir.join("etcd");
         let cluster = avail_store::etcd_process::EtcdCluster::persistent(&root, &ips)

@@ -69,8 +69,7 @@ pub(super) async fn control_plane(
             "this server takes no part in a leadership",
         ));
     };
-    let mut cp = l.control_plane().await?;
-    cp.servers = state
+    let servers = state
         .view
         .read()
         .unwrap_or_else(|p| p.into_inner())
@@ -78,5 +77,5 @@ pub(super) async fn control_plane(
         .values()
         .cloned()
         .collect();
-    Ok(Json(cp))
+    Ok(Json(l.control_plane(servers).await?))
 }

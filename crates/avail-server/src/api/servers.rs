@@ -6,8 +6,8 @@
 use super::*;
 use avail_model::api::{HeardBatch, HeardReply};
 
-/// The server a call comes from, proven by its certificate.
-pub(crate) struct ServerPeer(#[allow(dead_code)] pub String);
+/// Proof that a call comes from a server of this cluster (its certificate).
+pub(crate) struct ServerPeer;
 
 impl FromRequestParts<AppStateRef> for ServerPeer {
     type Rejection = ApiErr;
@@ -30,7 +30,7 @@ impl FromRequestParts<AppStateRef> for ServerPeer {
                     && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
             });
         match id {
-            Some(id) if peer.names_server(id) => Ok(ServerPeer(id.to_string())),
+            Some(id) if peer.names_server(id) => Ok(ServerPeer),
             _ => Err(unauthorized(
                 "this certificate is not a server's of this cluster",
             )),

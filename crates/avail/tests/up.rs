@@ -23,6 +23,23 @@ fn cli(home: &Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// [`cli`] that must succeed: its output.
+fn cli_ok(home: &Path, args: &[&str]) -> std::process::Output {
+    let out = cli(home, args);
+    assert!(
+        out.status.success(),
+        "avail {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Run the counter example through the CLI (the context `avail up` wrote: no flags).
+fn run_counter(home: &Path) {
+    let counter = repo_root(env!("CARGO_MANIFEST_DIR")).join("examples/counter.toml");
+    cli_ok(home, &["workload", "run", "-f", counter.to_str().unwrap()]);
+}
+
 async fn start_up(home: &Path, data: &Path, net: &str) -> (Proc, serde_json::Value) {
     start_up_with(home, data, net, &[]).await
 }
@@ -81,16 +98,7 @@ async fn up_runs_a_cluster_stops_cleanly_and_resumes() {
     assert_eq!(tokens[0]["used"], 2, "{tokens}");
 
     // The CLI finds the cluster through the context `avail up` wrote: no flags.
-    let counter = repo_root(env!("CARGO_MANIFEST_DIR")).join("examples/counter.toml");
-    let out = cli(
-        home.path(),
-        &["workload", "run", "-f", counter.to_str().unwrap()],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_counter(home.path());
     let ingress = agents[1]["ingress_url"].as_str().unwrap().to_string();
     let r = Client::new(&ingress, None, None)
         .raw(Method::POST, "/w/counter/incr", None, &[])
@@ -183,24 +191,10 @@ async fn up_with_three_servers_outlives_one_and_resumes() {
     let (mut up, cluster) = start_up_with(home.path(), &data, &net, &["--servers", "3"]).await;
     let urls: Vec<String> = (1..=3).map(|i| format!("https://{net}.{i}:7400")).collect();
     assert_eq!(cluster["server_url"], urls.join(","));
-    let out = cli(home.path(), &["cluster", "control", "-o", "json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = cli_ok(home.path(), &["cluster", "control", "-o", "json"]);
     let cp: avail_model::api::ControlPlane = serde_json::from_slice(&out.stdout).unwrap();
     let leader = cp.leader.expect("a leader");
-    let counter = repo_root(env!("CARGO_MANIFEST_DIR")).join("examples/counter.toml");
-    let out = cli(
-        home.path(),
-        &["workload", "run", "-f", counter.to_str().unwrap()],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_counter(home.path());
     let ingress = cluster["agents"][1]["ingress_url"]
         .as_str()
         .unwrap()
@@ -254,12 +248,7 @@ async fn up_with_three_servers_outlives_one_and_resumes() {
     })
     .await;
     incr().await;
-    let out = cli(home.path(), &["node", "list"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cli_ok(home.path(), &["node", "list"]);
 
     // Ctrl-C: up says a server exited already; everything stops, etcd included.
     up.signal(libc::SIGINT);
@@ -279,12 +268,7 @@ async fn up_with_three_servers_outlives_one_and_resumes() {
 
     // Resume on the same data dir: the same cluster (the workload is there).
     let (mut up2, _) = start_up_with(home.path(), &data, &net, &["--servers", "3"]).await;
-    let out = cli(home.path(), &["workload", "show", "counter", "-o", "json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cli_ok(home.path(), &["workload", "show", "counter", "-o", "json"]);
     wait_until("counter running again", Duration::from_secs(30), || async {
         let r = Client::new(&ingress, None, None)
             .raw(Method::POST, "/w/counter/incr", None, &[])

@@ -17,14 +17,15 @@ pub fn address(i: usize) -> String {
 }
 
 /// Join node `name` (fake node `i`) with `tags` and a fresh key kept under `dir`,
-/// using join token `token`: a client that speaks for it.
+/// through `joiner` (a client holding a join token): a client that speaks for it, from
+/// its own address.
 pub async fn join(
     c: &Cluster,
     dir: &std::path::Path,
     i: usize,
     name: &str,
     tags: BTreeMap<String, String>,
-    token: &str,
+    joiner: &Client,
 ) -> Client {
     let key = avail_tls::NodeKey::load_or_create(&dir.join(name)).unwrap();
     let public_key = key.public_b64();
@@ -55,13 +56,6 @@ pub async fn join(
         proof: Some(proof),
     };
     let local: std::net::IpAddr = addr.parse().unwrap();
-    // From the node's own address, as an agent (the API bounds connections per address).
-    let joiner = Client::with_tls(
-        &c.server_url(),
-        Some(token.to_string()),
-        Some(local),
-        Some(c.tls()),
-    );
     let joined: JoinResponse = joiner.post("/v1/agent/join", &req).await.unwrap();
     let cert = avail_tls::NodeCert::new();
     cert.set(&joined.certificate, &key.private_pem()).unwrap();
@@ -86,13 +80,21 @@ pub async fn beat(client: &Client) {
 /// task is aborted. A heartbeat that fails is let go (the next one follows in a
 /// second; the server's windows are set long for these benchmarks).
 pub fn keep_alive(clients: std::sync::Arc<Vec<Client>>) -> tokio::task::JoinHandle<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
     tokio::spawn(async move {
         let gap = Duration::from_secs(1) / clients.len().max(1) as u32;
         let mut tick = tokio::time::interval(gap);
+        // As an agent: one heartbeat in flight per node, the next one skipped while it
+        // is (so a slow server is not sent a new connection per node per second).
+        let busy: std::sync::Arc<Vec<AtomicBool>> =
+            std::sync::Arc::new(clients.iter().map(|_| AtomicBool::new(false)).collect());
         loop {
-            for c in clients.iter() {
+            for (i, c) in clients.iter().enumerate() {
                 tick.tick().await;
-                let c = c.clone();
+                if busy[i].swap(true, Ordering::AcqRel) {
+                    continue;
+                }
+                let (c, busy) = (c.clone(), busy.clone());
                 tokio::spawn(async move {
                     let hb = Heartbeat {
                         instances: vec![],
@@ -102,6 +104,7 @@ pub fn keep_alive(clients: std::sync::Arc<Vec<Client>>) -> tokio::task::JoinHand
                     let _ = c
                         .post::<_, HeartbeatReply>("/v1/agent/heartbeat", &hb)
                         .await;
+                    busy[i].store(false, Ordering::Release);
                 });
             }
         }
@@ -117,13 +120,22 @@ pub async fn join_many(
     prefix: &str,
     tags_of: impl Fn(usize) -> BTreeMap<String, String>,
 ) -> Vec<Client> {
-    let mut token = String::new();
+    let mut joiner = None;
     let mut clients = Vec::with_capacity(n);
     for i in 0..n {
         if i % 1000 == 0 {
-            token = c.create_join_token(1000, 3600).await;
+            // One connection for the joins (one after another), kept alive: a
+            // connection per join would hold thousands open until they idle out.
+            let token = c.create_join_token(1000, 3600).await;
+            joiner = Some(Client::with_tls(
+                &c.server_url(),
+                Some(token),
+                None,
+                Some(c.tls()),
+            ));
         }
-        clients.push(join(c, dir, i, &format!("{prefix}{i}"), tags_of(i), &token).await);
+        let joiner = joiner.as_ref().expect("made at 0");
+        clients.push(join(c, dir, i, &format!("{prefix}{i}"), tags_of(i), joiner).await);
     }
     clients
 }

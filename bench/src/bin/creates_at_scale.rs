@@ -31,6 +31,9 @@ fn main() {
     let bin = avail_bench::avail_bin();
     let rt = avail_bench::runtime();
     println!("machine: {}", machine());
+    // Two connections per node at the server (more than its default hard limit here).
+    let files = avail_bench::raise_file_limits(4 * nodes as u64 + 4096);
+    println!("open files: {files}");
     let etcd = on_etcd.then(|| EtcdCluster::start(3));
     let mut server_args: Vec<String> = [
         "--heartbeat-ms",
@@ -89,7 +92,7 @@ fn main() {
             .unwrap();
         avail_bench::creates(&admin, &art.digest, "warm", FIELDS, Phase::Placed, 20, 1).await;
         let store = if on_etcd { "etcd (3 members)" } else { "redb" };
-        for clients in [1, 4] {
+        for clients in [1, 4, 16] {
             let rate = avail_bench::creates(
                 &admin,
                 &art.digest,

@@ -45,7 +45,7 @@ async fn holder(store: &EtcdStore) -> Option<(String, u64)> {
 
 /// Wait on `events` for the `server.leader` event of a term after `rev`: its term.
 async fn first_decision(events: &mut avail_store::Watch, rev: u64) -> u64 {
-    while let Some(ev) = events.events.recv().await {
+    while let Some(ev) = events.next().await {
         if let avail_store::Event::Put(kv) = ev
             && let Ok(e) = serde_json::from_slice::<avail_model::ClusterEvent>(&kv.value)
             && e.kind == avail_model::EventKind::ServerLeader

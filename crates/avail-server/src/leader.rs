@@ -327,7 +327,7 @@ async fn hold(
             return Ok(());
         }
         tokio::select! {
-            ev = w.events.recv() => match ev {
+            ev = w.next() => match ev {
                 // Deleted, or put by another lease: no longer this server's.
                 Some(Event::Delete { .. }) | None => return Ok(()),
                 Some(Event::Put(kv)) if kv.lease != Some(lease) => return Ok(()),
@@ -373,7 +373,7 @@ async fn wait_until_gone(
     let mut tick = tokio::time::interval(Duration::from_secs(ttl_s) / 3);
     loop {
         tokio::select! {
-            ev = w.events.recv() => match ev {
+            ev = w.next() => match ev {
                 Some(Event::Delete { key, .. }) if key == LEADER_KEY => return Ok(()),
                 Some(_) => {}
                 None => return Err(StoreError::Backend("the leader watch closed".into())),

@@ -10,6 +10,8 @@
 pub mod admission;
 pub mod api;
 pub mod auth;
+pub mod create_plan;
+pub mod creates;
 pub mod desired;
 pub mod drain;
 pub mod events;

@@ -155,6 +155,8 @@ pub struct AppState {
     pub module_checks: crate::module_checks::ModuleChecks,
     /// Serialises placement decisions so two never use the same capacity.
     pub placement: tokio::sync::Mutex<()>,
+    /// Creates waiting to be committed in a batch ([`crate::creates`]).
+    pub(crate) creates: crate::creates::Creates,
 }
 
 /// Errors of state operations, mapped to HTTP by the API.
@@ -203,6 +205,7 @@ impl AppState {
         let events = Events::open(store.clone()).await?;
         let (view_rev, _) = watch::channel(0);
         let (desired_rev, _) = watch::channel(0);
+        let (creates, start_creates) = crate::creates::start();
         let state = Arc::new(AppState {
             store,
             auth,
@@ -232,7 +235,9 @@ impl AppState {
             below_said: Mutex::new(HashMap::new()),
             placements: std::sync::atomic::AtomicU64::new(0),
             module_checks: Default::default(),
+            creates,
         });
+        start_creates(Arc::downgrade(&state));
         let rev = state.load().await?;
         let watch = state.store.watch("/", rev).await?;
         tokio::spawn(follow(Arc::downgrade(&state), watch));

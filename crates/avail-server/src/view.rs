@@ -275,81 +275,93 @@ impl AppState {
         Ok(rev)
     }
 
-    pub(crate) fn apply(&self, ev: &Event) {
-        let rev = ev.revision();
-        let key = ev.key();
+    /// Apply one revision's changes (a write's, whole): the view then reflects that
+    /// revision, and says so ([`AppState::wait_view`]) only once all of them are in.
+    pub(crate) fn apply(&self, revision: &[Event]) {
+        let Some(rev) = revision.iter().map(Event::revision).max() else {
+            return;
+        };
         let mut desired = false;
         {
             let mut v = self.view.write().unwrap_or_else(|p| p.into_inner());
             v.rev = v.rev.max(rev);
-            if let Some(name) = key.strip_prefix(keys::WORKLOADS) {
-                desired = true;
-                match ev {
-                    Event::Put(kv) => match serde_json::from_slice::<Workload>(&kv.value) {
-                        Ok(w) => v.put_workload(name, w, kv.mod_rev),
-                        Err(e) => tracing::error!("unreadable {key}: {e}"),
-                    },
-                    Event::Delete { .. } => v.delete_workload(name),
-                }
-            } else if let Some(name) = key.strip_prefix(keys::NODES) {
-                desired = true;
-                match ev {
-                    Event::Put(kv) => {
-                        if let Ok(n) = serde_json::from_slice::<NodeRecord>(&kv.value) {
-                            v.put_node(n);
-                        }
-                    }
-                    Event::Delete { .. } => v.delete_node(name),
-                }
-            } else if key == keys::LEVEL_POLICY {
-                v.policy = match ev {
-                    Event::Put(kv) => decode_policy(&kv.value),
-                    Event::Delete { .. } => Default::default(),
-                };
-            } else if key == keys::PLACEMENT {
-                v.placement_rev = match ev {
-                    Event::Put(kv) => kv.mod_rev,
-                    Event::Delete { .. } => 0,
-                };
-            } else if let Some(id) = key.strip_prefix(keys::SERVERS) {
-                match ev {
-                    Event::Put(kv) => {
-                        if let Ok(s) =
-                            serde_json::from_slice::<avail_model::api::ServerInfo>(&kv.value)
-                        {
-                            v.servers.insert(id.to_string(), s);
-                        }
-                    }
-                    Event::Delete { .. } => {
-                        v.servers.remove(id);
-                    }
-                }
-            } else if let Some(name) = key.strip_prefix(keys::VERDICTS) {
-                desired = true;
-                let st = match ev {
-                    Event::Put(kv) => serde_json::from_slice(&kv.value).ok(),
-                    Event::Delete { .. } => None,
-                };
-                v.set_verdict(name, st);
-            } else if let Some(seq) = key.strip_prefix(keys::EVENTS) {
-                if let Event::Put(kv) = ev
-                    && seq.len() == 20
-                    && let Ok(e) = serde_json::from_slice(&kv.value)
-                {
-                    self.events.publish(e);
-                }
-            } else if let Some(name) = key.strip_prefix(keys::ALIVE) {
-                desired = true;
-                match ev {
-                    Event::Put(_) => v.alive.insert(name.to_string()),
-                    Event::Delete { .. } => v.alive.remove(name),
-                };
+            for ev in revision {
+                desired |= self.apply_one(&mut v, ev);
             }
         }
         if desired {
             self.desired_rev.send_replace(rev);
         }
         self.view_rev.send_replace(rev);
+    }
+
+    /// Apply one change to `v`; whether it changes what nodes are asked to run.
+    fn apply_one(&self, v: &mut View, ev: &Event) -> bool {
+        let key = ev.key();
+        let mut desired = false;
+        if let Some(name) = key.strip_prefix(keys::WORKLOADS) {
+            desired = true;
+            match ev {
+                Event::Put(kv) => match serde_json::from_slice::<Workload>(&kv.value) {
+                    Ok(w) => v.put_workload(name, w, kv.mod_rev),
+                    Err(e) => tracing::error!("unreadable {key}: {e}"),
+                },
+                Event::Delete { .. } => v.delete_workload(name),
+            }
+        } else if let Some(name) = key.strip_prefix(keys::NODES) {
+            desired = true;
+            match ev {
+                Event::Put(kv) => {
+                    if let Ok(n) = serde_json::from_slice::<NodeRecord>(&kv.value) {
+                        v.put_node(n);
+                    }
+                }
+                Event::Delete { .. } => v.delete_node(name),
+            }
+        } else if key == keys::LEVEL_POLICY {
+            v.policy = match ev {
+                Event::Put(kv) => decode_policy(&kv.value),
+                Event::Delete { .. } => Default::default(),
+            };
+        } else if key == keys::PLACEMENT {
+            v.placement_rev = match ev {
+                Event::Put(kv) => kv.mod_rev,
+                Event::Delete { .. } => 0,
+            };
+        } else if let Some(id) = key.strip_prefix(keys::SERVERS) {
+            match ev {
+                Event::Put(kv) => {
+                    if let Ok(s) = serde_json::from_slice::<avail_model::api::ServerInfo>(&kv.value)
+                    {
+                        v.servers.insert(id.to_string(), s);
+                    }
+                }
+                Event::Delete { .. } => {
+                    v.servers.remove(id);
+                }
+            }
+        } else if let Some(name) = key.strip_prefix(keys::VERDICTS) {
+            desired = true;
+            let st = match ev {
+                Event::Put(kv) => serde_json::from_slice(&kv.value).ok(),
+                Event::Delete { .. } => None,
+            };
+            v.set_verdict(name, st);
+        } else if let Some(seq) = key.strip_prefix(keys::EVENTS) {
+            if let Event::Put(kv) = ev
+                && seq.len() == 20
+                && let Ok(e) = serde_json::from_slice(&kv.value)
+            {
+                self.events.publish(e);
+            }
+        } else if let Some(name) = key.strip_prefix(keys::ALIVE) {
+            desired = true;
+            match ev {
+                Event::Put(_) => v.alive.insert(name.to_string()),
+                Event::Delete { .. } => v.alive.remove(name),
+            };
+        }
+        desired
     }
 
     /// Wait until the view reflects revision `rev` (bounded: 5 s).
@@ -374,7 +386,7 @@ impl AppState {
 
 pub(crate) async fn follow(state: std::sync::Weak<AppState>, mut watch: avail_store::Watch) {
     loop {
-        let Some(ev) = watch.events.recv().await else {
+        let Some(revision) = watch.next_revision().await else {
             // The watch was dropped (we fell behind): reload and watch again.
             let Some(s) = state.upgrade() else { return };
             tracing::warn!("store watch closed; reloading the view");
@@ -392,6 +404,6 @@ pub(crate) async fn follow(state: std::sync::Weak<AppState>, mut watch: avail_st
             continue;
         };
         let Some(s) = state.upgrade() else { return };
-        s.apply(&ev);
+        s.apply(&revision);
     }
 }

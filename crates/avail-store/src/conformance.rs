@@ -143,7 +143,7 @@ async fn watch(store: &dyn Store, prefix: &str, from_rev: Revision) -> Watch {
 
 /// The next event of a watch, or a panic naming `what` after [`WAIT`].
 async fn next_event(w: &mut Watch, what: &str) -> Event {
-    match tokio::time::timeout(WAIT, w.events.recv()).await {
+    match tokio::time::timeout(WAIT, w.next()).await {
         Ok(Some(e)) => e,
         Ok(None) => panic!("{what}: watch closed while waiting for an event"),
         Err(_) => panic!("{what}: no event within {WAIT:?}"),
@@ -154,7 +154,7 @@ async fn next_event(w: &mut Watch, what: &str) -> Event {
 async fn next_events(w: &mut Watch, n: usize, what: &str) -> Vec<Event> {
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
-        match tokio::time::timeout(WAIT, w.events.recv()).await {
+        match tokio::time::timeout(WAIT, w.next()).await {
             Ok(Some(e)) => out.push(e),
             Ok(None) => panic!("{what}: watch closed after {out:?}, expected {n} events"),
             Err(_) => panic!("{what}: only {out:?} within {WAIT:?}, expected {n} events"),

@@ -192,17 +192,48 @@ impl Event {
     }
 }
 
-/// A stream of changes for one prefix, in revision order. Dropping it cancels the watch.
-/// The channel is bounded; a watcher that falls more than its capacity behind is
+/// A stream of changes for one prefix, in revision order, each revision's changes
+/// delivered together ([`Watch::next_revision`]): a reader that applies a revision
+/// whole never shows half of a transaction. Dropping it cancels the watch. The channel
+/// is bounded (in revisions); a watcher that falls more than its capacity behind is
 /// cancelled (the channel closes) and must re-read and watch again.
 #[derive(Debug)]
 pub struct Watch {
-    /// Receives events in revision order.
-    pub events: mpsc::Receiver<Event>,
+    revisions: mpsc::Receiver<Vec<Event>>,
+    /// The rest of a revision [`Watch::next`] began.
+    pending: std::collections::VecDeque<Event>,
+}
+
+impl Watch {
+    /// A watch fed by `revisions`: each item the changes of one revision under the
+    /// prefix (never empty), in revision order.
+    pub(crate) fn new(revisions: mpsc::Receiver<Vec<Event>>) -> Watch {
+        Watch {
+            revisions,
+            pending: Default::default(),
+        }
+    }
+
+    /// The next change; `None` when the watch closed. Cancel-safe.
+    pub async fn next(&mut self) -> Option<Event> {
+        if self.pending.is_empty() {
+            self.pending = self.revisions.recv().await?.into();
+        }
+        self.pending.pop_front()
+    }
+
+    /// The changes of the next revision, whole (or the rest of the one [`Watch::next`]
+    /// began); `None` when the watch closed. Cancel-safe.
+    pub async fn next_revision(&mut self) -> Option<Vec<Event>> {
+        if !self.pending.is_empty() {
+            return Some(self.pending.drain(..).collect());
+        }
+        self.revisions.recv().await
+    }
 }
 
 /// Errors of store operations.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// The store file or backend could not be opened; names the path or endpoint.
     #[error("cannot open store {path}: {reason}")]

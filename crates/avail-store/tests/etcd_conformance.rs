@@ -76,7 +76,7 @@ async fn until_answers(store: &dyn Store) {
 async fn next_events(w: &mut Watch, n: usize, what: &str) -> Vec<Event> {
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
-        match tokio::time::timeout(WAIT, w.events.recv()).await {
+        match tokio::time::timeout(WAIT, w.next()).await {
             Ok(Some(e)) => out.push(e),
             Ok(None) => panic!("{what}: watch closed after {out:?}, expected {n} events"),
             Err(_) => panic!("{what}: only {out:?} within {WAIT:?}, expected {n} events"),
@@ -313,7 +313,7 @@ async fn watch_closes_when_its_resume_point_was_compacted() {
     let newest = writer.revision().await.expect("revision");
     writer.compact(newest).await.expect("compact");
     proxy.heal();
-    match tokio::time::timeout(WAIT, w.events.recv()).await {
+    match tokio::time::timeout(WAIT, w.next()).await {
         Ok(None) => {}
         other => panic!("expected the watch to close, got {other:?}"),
     }
@@ -456,7 +456,7 @@ async fn slow_watcher_is_cancelled_after_its_channel_fills() {
     let mut w = store.watch("", from).await.expect("watch");
     let mut got = Vec::new();
     loop {
-        match tokio::time::timeout(WAIT, w.events.recv()).await {
+        match tokio::time::timeout(WAIT, w.next()).await {
             Ok(Some(e)) => got.push(e.revision()),
             Ok(None) => break,
             Err(_) => panic!("slow watcher neither cancelled nor fed: {got:?}"),

@@ -270,7 +270,7 @@ async fn check_state(store: &RedbStore, model: &Model) -> Result<(), TestCaseErr
     let mut w = store.watch("", 0).await.expect("watch");
     let mut got = Vec::new();
     while got.len() < model.history.len() {
-        match tokio::time::timeout(std::time::Duration::from_secs(5), w.events.recv()).await {
+        match tokio::time::timeout(std::time::Duration::from_secs(5), w.next()).await {
             Ok(Some(e)) => got.push(e),
             other => prop_assert!(false, "history ended early: {:?} after {:?}", other, got),
         }

@@ -12,8 +12,7 @@ use avail_model::api::{ArtifactRef, ControlPlane, Deleted, LevelChange, PlanPrev
 use avail_model::spec::LevelPolicy;
 use avail_model::spec::is_digest;
 use avail_model::{
-    ApiErrorBody, ClusterEvent, DriverKind, Level, Node, Phase, Workload, WorkloadSpec,
-    WorkloadStatus,
+    ApiErrorBody, ClusterEvent, DriverKind, Level, Node, Workload, WorkloadSpec, WorkloadStatus,
 };
 use avail_sched::Decision;
 use axum::body::{Body, Bytes};
@@ -30,7 +29,6 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use utoipa::OpenApi;
 
-use crate::admission::Placement;
 use crate::auth::{Claims, Role, TokenError};
 use crate::events::NewEvent;
 use crate::followers::Next as FollowerNext;

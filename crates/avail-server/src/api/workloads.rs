@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::admission;
+use crate::creates::Created;
 use crate::module_checks::CheckError;
 
 /// Query of `POST /v1/workloads`.
@@ -49,118 +50,33 @@ pub(super) async fn create_workload(
             .map_err(|m| ApiErr::invalid("artifact", m))?;
     }
     let name = spec.name.clone();
-    let _guard = state.placement.lock().await;
-    if state.workload(&name).is_some() {
-        return Err(ApiErr::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            format!("workload {name:?} already exists"),
-        ));
-    }
     let mut w = Workload {
         uid: crate::new_uid(),
         spec,
         status: WorkloadStatus {
             updated_ms: now_ms(),
+            plain,
             ..WorkloadStatus::default()
         },
         created_ms: now_ms(),
     };
     if q.dry_run {
-        drop(_guard);
-        let preview = match state.preview(&w) {
-            Decision::Place {
-                node, secondary, ..
-            } => PlanPreview {
-                workload: name,
-                placeable: true,
-                node: Some(node),
-                secondary,
-                explanation: None,
-            },
-            Decision::Unplaceable { explanation } => PlanPreview {
-                workload: name,
-                placeable: false,
-                node: None,
-                secondary: None,
-                explanation: Some(explanation),
-            },
-        };
-        return Ok(Json(preview).into_response());
-    }
-    // Plan, and write the placement by compare-and-swap on the placement revision the
-    // plan was made at; a plan made stale by another placement is made again.
-    w.status.plain = plain;
-    let pending = w.clone();
-    let mut attempts = 0;
-    let decision = loop {
-        attempts += 1;
-        w = pending.clone();
-        let (decision, at) = state.decide(&w);
-        let written = match &decision {
-            Decision::Place { node, .. } => {
-                // Admitted at the node's minimum level; the plan kept it off the nodes
-                // where it cannot run at theirs (tags changed since: plan again).
-                let Ok(admitted) = state.admit_on(&w, node, Placement::Start) else {
-                    if attempts < 5 {
-                        continue;
-                    }
-                    return Err(ApiErr::new(
-                        StatusCode::CONFLICT,
-                        "conflict",
-                        "the nodes' tags kept changing under the plan; try again",
-                    ));
-                };
-                crate::state::apply_admitted(&mut w, &admitted);
-                w.status.phase = Phase::Placed;
-                w.status.node = Some(node.clone());
-                w.status.incarnation = 1;
-                w.status.generation = 1;
-                let placed = NewEvent::new(
-                    EventKind::WorkloadPlaced,
-                    Some(&name),
-                    Some(node),
-                    crate::state::with_admission(
-                        format!("placed on {node} (incarnation 1)"),
-                        &admitted,
-                    ),
-                );
-                let events = vec![created_event(&w), placed];
-                state.write_placement_with_events(&w, 0, at, events).await
-            }
-            Decision::Unplaceable { explanation } => {
-                w.status.message = Some(format!("unplaceable: {explanation}"));
-                let unplaceable = NewEvent::new(
-                    EventKind::WorkloadUnplaceable,
-                    Some(&name),
-                    None,
-                    explanation,
-                );
-                let events = vec![created_event(&w), unplaceable];
-                state.write_workload_with_events(&w, 0, events).await
-            }
-        };
-        match written {
-            Ok(_) => break decision,
-            Err(StateError::StalePlan) if attempts < 5 => continue,
-            Err(StateError::Conflict(_)) => {
-                return Err(ApiErr::new(
-                    StatusCode::CONFLICT,
-                    "conflict",
-                    format!("workload {name:?} already exists"),
-                ));
-            }
-            Err(e) => return Err(e.into()),
+        if state.workload(&name).is_some() {
+            return Err(exists(&name));
         }
-    };
-    drop(_guard);
-    if let Decision::Place {
-        node, displaced, ..
-    } = &decision
-    {
-        state.release_displaced(displaced, node).await;
+        return Ok(Json(preview(&state, &w)).into_response());
     }
-    if w.status.node.is_some() {
+    // Planned and written with the creates that arrive meanwhile, in one transaction.
+    let (written, displaced) = match state.create(w).await? {
+        Created::Written {
+            workload,
+            displaced,
+        } => (*workload, displaced),
+        Created::Exists => return Err(exists(&name)),
+    };
+    w = written;
+    if let Some(node) = &w.status.node {
+        state.release_displaced(&displaced, node).await;
         match w.spec.level {
             avail_model::Level::Ft => state.place_secondaries().await,
             avail_model::Level::Ha => state.place_reservations().await,
@@ -173,18 +89,36 @@ pub(super) async fn create_workload(
     Ok((StatusCode::CREATED, Json(w)).into_response())
 }
 
-/// The `workload.created` event, committed with the workload's first write.
-pub(super) fn created_event(w: &Workload) -> NewEvent {
-    NewEvent::new(
-        EventKind::WorkloadCreated,
-        Some(&w.spec.name),
-        None,
-        format!(
-            "{} workload at level {}",
-            w.spec.driver.as_str(),
-            w.spec.level.as_str()
-        ),
+/// The answer to a create whose name is taken.
+fn exists(name: &str) -> ApiErr {
+    ApiErr::new(
+        StatusCode::CONFLICT,
+        "conflict",
+        format!("workload {name:?} already exists"),
     )
+}
+
+/// Where `w` would go now (a create's dry run); nothing is written.
+fn preview(state: &AppState, w: &Workload) -> PlanPreview {
+    let workload = w.spec.name.clone();
+    match state.preview(w) {
+        Decision::Place {
+            node, secondary, ..
+        } => PlanPreview {
+            workload,
+            placeable: true,
+            node: Some(node),
+            secondary,
+            explanation: None,
+        },
+        Decision::Unplaceable { explanation } => PlanPreview {
+            workload,
+            placeable: false,
+            node: None,
+            secondary: None,
+            explanation: Some(explanation),
+        },
+    }
 }
 
 #[utoipa::path(get, path = "/v1/workloads", responses((status = 200, body = [Workload])), security(("bearer" = [])))]

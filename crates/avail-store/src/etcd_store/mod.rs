@@ -115,7 +115,7 @@ pub struct EtcdOptions {
     pub connect_timeout: Duration,
     /// How long a watch whose stream broke tries to resume before it closes its channel.
     pub watch_retry: Duration,
-    /// Capacity of each [`Watch::events`] channel; a watcher that falls this far behind
+    /// Capacity, in revisions, of each [`Watch`]'s channel; a watcher that falls this far behind
     /// is cancelled (its channel closes). Must be >= 1.
     pub watch_channel: usize,
     /// Largest message accepted from etcd (a page of a range, a batch of watch events).

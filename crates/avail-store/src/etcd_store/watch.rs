@@ -84,7 +84,7 @@ pub(super) async fn open(shared: Arc<Shared>, prefix: &str, from_rev: Revision) 
     }
     let (tx, rx) = mpsc::channel(shared.options.watch_channel);
     tokio::spawn(forward(shared, key, from_rev, stream, tx));
-    Ok(Watch { events: rx })
+    Ok(Watch::new(rx))
 }
 
 /// The answer to a watch create request.
@@ -165,7 +165,7 @@ async fn forward(
     key: Vec<u8>,
     from_rev: Revision,
     mut stream: WatchStream,
-    out: mpsc::Sender<Event>,
+    out: mpsc::Sender<Vec<Event>>,
 ) {
     let prefix = String::from_utf8_lossy(&key).into_owned();
     // Every event up to `last` is in the channel, or was before `from_rev`.
@@ -191,6 +191,8 @@ async fn forward(
                 }
                 break format!("cancelled by etcd: {}", resp.cancel_reason());
             }
+            // A response holds whole revisions: each is sent as one item.
+            let mut groups: Vec<Vec<Event>> = Vec::new();
             for ev in resp.events() {
                 let event = match convert(&shared.ns, ev) {
                     Ok(e) => e,
@@ -202,7 +204,13 @@ async fn forward(
                 if event.revision() <= last {
                     continue;
                 }
-                match out.try_send(event) {
+                match groups.last_mut() {
+                    Some(g) if g[0].revision() == event.revision() => g.push(event),
+                    _ => groups.push(vec![event]),
+                }
+            }
+            for group in groups {
+                match out.try_send(group) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         tracing::warn!(%prefix, "watcher fell too far behind and is cancelled");
@@ -236,7 +244,7 @@ async fn resume(
     key: &[u8],
     prefix: &str,
     last: Revision,
-    out: &mpsc::Sender<Event>,
+    out: &mpsc::Sender<Vec<Event>>,
     mut failure: String,
 ) -> Option<WatchStream> {
     let deadline = Instant::now() + shared.options.watch_retry;

@@ -19,12 +19,14 @@
 //! # Writes and revisions
 //! redb is synchronous: every operation that touches the file runs on tokio's blocking
 //! pool ([`tokio::task::spawn_blocking`]), never on the async workers (only
-//! [`RedbStore::open`] is a plain blocking call, meant for start-up). Writes take one writer
-//! lock (a `std::sync::Mutex` held only on blocking threads) for the whole of their redb
-//! write transaction, commit and publication to watchers, so revisions are strictly
-//! increasing and watchers receive them in order. Each acknowledged write is committed
-//! with redb's default durability (fsync) before the call returns. A transaction whose
-//! chosen branch changes nothing is aborted and does not bump the revision. A panic while
+//! [`RedbStore::open`] is a plain blocking call, meant for start-up). Writes are committed
+//! under one writer lock (a `std::sync::Mutex` held only on blocking threads) for the
+//! whole of their redb write transaction, commit and publication to watchers, so
+//! revisions are strictly increasing and watchers receive them in order. The writes
+//! that queue while another commits are committed together, each still its own
+//! revision ([`group_commit`]). Each acknowledged write is committed with redb's
+//! default durability (fsync) before the call returns. A write whose chosen branch
+//! changes nothing does not bump the revision. A panic while
 //! the writer lock is held poisons it: later writes fail with [`StoreError::Backend`]
 //! (fail-stop) instead of risking a gap in the revision sequence.
 //!
@@ -46,7 +48,7 @@
 //!
 //! Each watch has two bounded queues of [`RedbOptions::watch_channel`] entries (default
 //! 1024): the live queue the writer fills (one entry per revision that touches the
-//! prefix) and the [`Watch::events`] channel. A writer never waits for a watcher: when a
+//! prefix) and the [`Watch`]'s channel (one entry per revision). A writer never waits for a watcher: when a
 //! watcher's live queue is full (it fell about `2 × watch_channel` changes behind), it is
 //! dropped; it still receives the events already queued, in order, and then its channel
 //! closes. The caller re-reads and watches again.
@@ -66,6 +68,8 @@
 //! # Limits
 //! Keys are non-empty UTF-8; values may be up to redb's limit (about 3 GiB); tests cover
 //! 4 MiB. Within one transaction branch a key may appear only once.
+
+mod group_commit;
 
 use std::collections::HashMap;
 
@@ -135,7 +139,7 @@ pub struct RedbOptions {
     /// At least this many of the latest watch events are kept for replay (whole
     /// revisions are trimmed, so up to one transaction's events more). Must be >= 1.
     pub history_events: usize,
-    /// Capacity of each watch's live queue and of its [`Watch::events`] channel. Must be
+    /// Capacity of each watch's live queue and of its [`Watch`]'s channel. Must be
     /// >= 1.
     pub watch_channel: usize,
 }
@@ -185,6 +189,10 @@ struct Inner {
     options: RedbOptions,
     /// The writer lock: held for a whole write transaction, its commit and publication.
     writer: Mutex<Writer>,
+    /// Writes waiting for the next group commit ([`group_commit`]).
+    queue: Mutex<Vec<group_commit::Job>>,
+    /// redb transactions committed (each one or more writes).
+    commits: std::sync::atomic::AtomicU64,
     /// Lease deadlines. Lock order: `writer` before `clock`.
     clock: Arc<LeaseClock>,
 }
@@ -388,11 +396,15 @@ struct Batch<'t> {
     leases: Table<'t, u64, u64>,
     lease_keys: MultimapTable<'t, u64, &'static str>,
     history: Table<'t, HistoryKey, &'static [u8]>,
-    /// The revision before this batch.
+    /// The revision before the write being applied (each write of a group commit is
+    /// sealed as the next one).
     current: Revision,
+    /// The events of the write being applied.
     events: Vec<Event>,
     /// Something other than events changed (a lease was granted or removed).
     dirty: bool,
+    /// Some write of the batch was sealed with events.
+    sealed: bool,
 }
 
 impl<'t> Batch<'t> {
@@ -413,6 +425,7 @@ impl<'t> Batch<'t> {
             current,
             events: Vec::new(),
             dirty: false,
+            sealed: false,
         })
     }
 
@@ -513,11 +526,12 @@ impl<'t> Batch<'t> {
         Ok(())
     }
 
-    /// Stamps the revision, appends the events to history and trims it. Returns the
-    /// events, whether anything changed, and the history floor.
-    fn finish(mut self, history_events: usize) -> Result<(Vec<Event>, bool, Option<Revision>)> {
+    /// Ends the write being applied: when it changed keys, stamps the next revision
+    /// and appends its events to history. Returns its events and its revision (the
+    /// current one when it changed no key).
+    fn seal(&mut self) -> Result<(Vec<Event>, Revision)> {
         if self.events.is_empty() {
-            return Ok((self.events, self.dirty, None));
+            return Ok((Vec::new(), self.current));
         }
         let rev = self.next_rev();
         self.meta.insert(META_REVISION, rev).ctx("write revision")?;
@@ -529,8 +543,20 @@ impl<'t> Batch<'t> {
                 .insert((rev, index), encode_event(event).as_slice())
                 .ctx("write history")?;
         }
+        self.current = rev;
+        self.sealed = true;
+        Ok((std::mem::take(&mut self.events), rev))
+    }
+
+    /// Ends the batch: trims history when revisions were added. Returns whether
+    /// anything changed, and the new history floor.
+    fn finish(mut self, history_events: usize) -> Result<(bool, Option<Revision>)> {
+        debug_assert!(self.events.is_empty(), "a write not sealed");
+        if !self.sealed {
+            return Ok((self.dirty, None));
+        }
         let floor = self.trim_history(history_events as u64)?;
-        Ok((self.events, true, floor))
+        Ok((true, floor))
     }
 
     /// Drops the oldest revisions while at least `keep` events remain; returns the new
@@ -642,6 +668,8 @@ impl RedbStore {
                 watchers: Vec::new(),
                 history_floor: floor,
             }),
+            queue: Mutex::new(Vec::new()),
+            commits: Default::default(),
             clock: clock.clone(),
         });
         let reaper = runtime.spawn(reap(Arc::downgrade(&inner), clock));
@@ -686,6 +714,14 @@ impl RedbStore {
     /// The options the store was opened with.
     pub fn options(&self) -> &RedbOptions {
         &self.inner.options
+    }
+
+    /// How many redb transactions were committed since open: one per group of writes
+    /// (see [`group_commit`]), each an fsync.
+    pub fn commits(&self) -> u64 {
+        self.inner
+            .commits
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn blocking<R: Send + 'static>(
@@ -799,35 +835,6 @@ impl Inner {
         })
     }
 
-    /// Runs `f` in one write transaction under the writer lock, commits if it changed
-    /// anything (aborts otherwise, or on error) and publishes its events.
-    fn write<R>(&self, f: impl FnOnce(&mut Batch<'_>) -> Result<R>) -> Result<(R, Revision)> {
-        let mut writer = self.lock_writer()?;
-        let txn = self.db.begin_write().ctx("begin write")?;
-        let (r, events, dirty, floor, current) = {
-            let mut batch = Batch::open(&txn)?;
-            let r = f(&mut batch)?;
-            let current = batch.current;
-            let (events, dirty, floor) = batch.finish(self.options.history_events)?;
-            (r, events, dirty, floor, current)
-        };
-        if !dirty {
-            txn.abort().ctx("abort")?;
-            return Ok((r, current));
-        }
-        txn.commit().ctx("commit")?;
-        if let Some(f) = floor {
-            writer.history_floor = f;
-        }
-        let revision = if events.is_empty() {
-            current
-        } else {
-            current + 1
-        };
-        publish(&mut writer, events);
-        Ok((r, revision))
-    }
-
     fn txn(&self, txn: Txn) -> Result<TxnResult> {
         txn.check()?;
         let Txn {
@@ -835,7 +842,8 @@ impl Inner {
             success,
             failure,
         } = txn;
-        let (succeeded, revision) = self.write(|batch| {
+        let clock = self.clock.clone();
+        let (succeeded, revision) = self.write(move |batch| {
             let mut succeeded = true;
             for c in &compares {
                 if !batch.holds(c)? {
@@ -847,7 +855,7 @@ impl Inner {
             let now = Instant::now();
             for op in &ops {
                 if let Op::Put { lease: Some(l), .. } = op
-                    && !self.clock.is_alive(*l, now)
+                    && !clock.is_alive(*l, now)
                 {
                     return Err(StoreError::LeaseNotFound(*l));
                 }
@@ -873,15 +881,16 @@ impl Inner {
             return Err(StoreError::Invalid("lease TTL must be >= 1 s".into()));
         }
         let life = ttl_deadline(Instant::now(), ttl_s)?;
-        let (id, _) = self.write(|batch| batch.grant_lease(ttl_s))?;
+        let (id, _) = self.write(move |batch| batch.grant_lease(ttl_s))?;
         // Outside the writer lock, but nobody knows the id before it is returned.
         self.clock.lock().insert(id, life);
         Ok(id)
     }
 
     fn revoke_lease(&self, lease: LeaseId) -> Result<()> {
-        self.write(|batch| {
-            if !self.clock.lock().contains_key(&lease) {
+        let clock = self.clock.clone();
+        self.write(move |batch| {
+            if !clock.lock().contains_key(&lease) {
                 return Err(StoreError::LeaseNotFound(lease));
             }
             batch.remove_lease(lease)
@@ -893,10 +902,12 @@ impl Inner {
     /// Deletes, in one revision, the keys of the leases among `ids` that are still
     /// expired.
     fn expire(&self, ids: &[LeaseId]) -> Result<()> {
-        let (expired, _) = self.write(|batch| {
+        let clock = self.clock.clone();
+        let ids = ids.to_vec();
+        let (expired, _) = self.write(move |batch| {
             let now = Instant::now();
             let expired: Vec<LeaseId> = {
-                let clock = self.clock.lock();
+                let clock = clock.lock();
                 ids.iter()
                     .copied()
                     .filter(|id| clock.get(id).is_some_and(|l| l.deadline <= now))
@@ -1031,11 +1042,14 @@ async fn forward(
     prefix: String,
     from_rev: Revision,
     mut live: LiveQueue,
-    out: mpsc::Sender<Event>,
+    out: mpsc::Sender<Vec<Event>>,
 ) {
     if from_rev < snapshot_rev {
         let snapshot = Arc::new(snapshot);
         let mut cursor = Some((from_rev + 1, 0));
+        // A revision's events, sent once the next revision's begin (a page of history
+        // may end inside a revision) or the replay ends.
+        let mut group: Vec<Event> = Vec::new();
         while let Some(start) = cursor {
             let (snap, p) = (snapshot.clone(), prefix.clone());
             let read = tokio::task::spawn_blocking(move || read_history(&snap, &p, start)).await;
@@ -1051,11 +1065,19 @@ async fn forward(
                 }
             };
             for event in events {
-                if out.send(event).await.is_err() {
+                if group
+                    .first()
+                    .is_some_and(|g| g.revision() != event.revision())
+                    && out.send(std::mem::take(&mut group)).await.is_err()
+                {
                     return;
                 }
+                group.push(event);
             }
             cursor = next;
+        }
+        if !group.is_empty() && out.send(group).await.is_err() {
+            return;
         }
     } else {
         drop(snapshot);
@@ -1067,13 +1089,14 @@ async fn forward(
             batch = live.recv() => batch,
         };
         let Some(batch) = batch else { return };
-        for event in batch.iter() {
-            if event.revision() > after
-                && event.key().starts_with(&prefix)
-                && out.send(event.clone()).await.is_err()
-            {
-                return;
-            }
+        // One revision: sent whole.
+        let events: Vec<Event> = batch
+            .iter()
+            .filter(|e| e.revision() > after && e.key().starts_with(&prefix))
+            .cloned()
+            .collect();
+        if !events.is_empty() && out.send(events).await.is_err() {
+            return;
         }
     }
 }
@@ -1109,7 +1132,7 @@ impl Store for RedbStore {
         check_key(key)?;
         let key = key.to_string();
         self.blocking(move |s| {
-            let (existed, _) = s.write(|batch| batch.delete(&key))?;
+            let (existed, _) = s.write(move |batch| batch.delete(&key))?;
             Ok(existed)
         })
         .await
@@ -1138,7 +1161,7 @@ impl Store for RedbStore {
             live,
             tx,
         ));
-        Ok(Watch { events: rx })
+        Ok(Watch::new(rx))
     }
 
     async fn grant_lease(&self, ttl_s: u64) -> Result<LeaseId> {

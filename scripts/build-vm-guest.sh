@@ -14,8 +14,15 @@ out="${1:-$here/target/vm-guest}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 
-kernel_pkg="$(apt-cache depends linux-image-amd64 2>/dev/null |
-    awk '/Depends: linux-image-[0-9]/ {print $2; exit}')"
+kernel_of() {
+    apt-cache depends linux-image-amd64 2>/dev/null |
+        awk '/Depends: linux-image-[0-9]/ {print $2; exit}'
+}
+kernel_pkg="$(kernel_of)"
+if [ -z "$kernel_pkg" ] && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq
+    kernel_pkg="$(kernel_of)"
+fi
 if [ -z "$kernel_pkg" ]; then
     echo "build-vm-guest: no linux-image package known to apt (run apt-get update)" >&2
     exit 1

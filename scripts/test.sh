@@ -27,6 +27,26 @@ if [ ${#missing[@]} -gt 0 ]; then
         exit 1
     fi
 fi
+# qemu-system-x86_64: the qemu driver's tests (crates/avail/tests/vms.rs). Debian 12's
+# qemu 7.2; this machine kind ships qemu-utils 10 from backports, which conflicts with
+# it: qemu-utils is taken at the same 7.2 version (see shared/design/VMS.md).
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        export DEBIAN_FRONTEND=noninteractive
+        [ ${#missing[@]} -gt 0 ] || apt-get update -qq
+        ver="$(apt-cache madison qemu-system-x86 | awk -F'|' '$2 ~ /7\.2/ {gsub(/ /, "", $2); print $2; exit}')"
+        if [ -z "$ver" ]; then
+            echo "test.sh: no qemu 7.2 (qemu-system-x86) known to apt" >&2
+            exit 1
+        fi
+        echo "test.sh: installing qemu-system-x86 $ver" >&2
+        apt-get install -y -qq --no-install-recommends --allow-downgrades \
+            "qemu-system-x86=$ver" "qemu-utils=$ver" >/dev/null
+    else
+        echo "test.sh: missing qemu-system-x86_64 (as root: apt-get install qemu-system-x86)" >&2
+        exit 1
+    fi
+fi
 if [ "$(id -u)" != 0 ]; then
     echo "test.sh: the tests need root (iptables partitions, workloads run as their own users)" >&2
     exit 1
@@ -37,4 +57,6 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 cargo test --quiet --manifest-path guests/Cargo.toml
 cargo build --workspace --locked
+# The VM test guest, from Debian packages (a second run finds it up to date).
+./scripts/build-vm-guest.sh target/vm-guest
 cargo nextest run --workspace --locked --no-fail-fast "$@"

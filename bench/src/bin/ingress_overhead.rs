@@ -41,7 +41,7 @@ fn main() {
         // In-process baseline.
         let driver = WasmDriver::new().unwrap();
         let spec = WorkloadSpec::parse(r#"{"name":"counter","driver":"wasm","artifact":"sha256:0000000000000000000000000000000000000000000000000000000000000000"}"#).unwrap();
-        let inst = driver.start(StartSpec { spec: &spec, module: Some(module), logs: Arc::new(|_| {}) }).await.unwrap();
+        let inst = driver.start(StartSpec { spec: &spec, module: Some(module), files: Default::default(), logs: Arc::new(|_| {}) }).await.unwrap();
         let req = HttpRequest { method: "GET".into(), path: "/value".into(), headers: vec![], body: Default::default() };
         let mut inproc = Vec::with_capacity(n);
         for _ in 0..n {

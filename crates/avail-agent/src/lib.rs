@@ -163,6 +163,12 @@ pub async fn run(
             addr: repl_addr,
             reason: e.to_string(),
         })?;
+    let mut cfg = cfg;
+    // VMs run here when qemu does: said as a tag the server places VMs by.
+    if let Some(accel) = avail_driver::qemu::QemuDriver::host_accel() {
+        cfg.tags
+            .insert(avail_model::node::VM_TAG.into(), accel.as_str().into());
+    }
     let id = Arc::new(Identity::load(&cfg)?);
     let client = id.server_client();
     let joined = join(&cfg, &id).await?;

@@ -124,6 +124,8 @@ pub struct Supervisor {
     client: RwLock<Client>,
     wasm: WasmDriver,
     process: ProcessDriver,
+    /// VMs, when qemu is installed on this node.
+    qemu: Option<avail_driver::qemu::QemuDriver>,
     slots: Mutex<HashMap<String, Slot>>,
     routes: RwLock<HashMap<String, Route>>,
     logs: Arc<Mutex<VecDeque<LogLine>>>,
@@ -169,7 +171,11 @@ impl Supervisor {
             image_budget: Arc::new(crate::ft::ImageBudget::new(
                 cfg.ft_secondary_memory_mib << 20,
             )),
-            process: ProcessDriver::new(cfg.process_shim.clone(), contain),
+            process: ProcessDriver::new(cfg.process_shim.clone(), contain.clone()),
+            qemu: avail_driver::qemu::QemuDriver::probe(ProcessDriver::new(
+                cfg.process_shim.clone(),
+                contain,
+            )),
             cfg,
             client: RwLock::new(client),
             wasm: WasmDriver::new()?,
@@ -474,6 +480,7 @@ impl Supervisor {
                         .start(StartSpec {
                             spec,
                             module: Some(bytes),
+                            files: Default::default(),
                             logs,
                         })
                         .await
@@ -505,6 +512,7 @@ impl Supervisor {
                     .start(StartSpec {
                         spec,
                         module: Some(module),
+                        files: Default::default(),
                         logs,
                     })
                     .await
@@ -524,12 +532,34 @@ impl Supervisor {
                     .start(StartSpec {
                         spec: &spec,
                         module: None,
+                        files: Default::default(),
                         logs,
                     })
                     .await
                     .map_err(|e| e.to_string())
             }
-            DriverKind::Qemu => Err("the qemu driver is not available on this agent".into()),
+            DriverKind::Qemu => {
+                let Some(qemu) = &self.qemu else {
+                    return Err(format!(
+                        "this node has no {} (install qemu-system-x86)",
+                        avail_driver::qemu::QEMU_BINARY
+                    ));
+                };
+                // The kernel and initrd, fetched and checked into the node's cache.
+                let mut files = std::collections::BTreeMap::new();
+                let vm = spec.vm.clone().unwrap_or_default();
+                for digest in std::iter::once(&spec.artifact).chain(vm.initrd.as_ref()) {
+                    files.insert(digest.clone(), self.fetch_file(digest).await?);
+                }
+                qemu.start(StartSpec {
+                    spec,
+                    module: None,
+                    files,
+                    logs,
+                })
+                .await
+                .map_err(|e| e.to_string())
+            }
         }?;
         Ok((inst, None))
     }
@@ -547,6 +577,28 @@ impl Supervisor {
             && r.role() == ReplicaRole::Secondary
             && cert.names_node(&primary.node))
         .then(|| r.clone())
+    }
+
+    /// An artifact by digest, as a file in the node's cache (fetched and checked like
+    /// a module).
+    async fn fetch_file(&self, digest: &str) -> Result<std::path::PathBuf, String> {
+        self.fetch_module(digest).await?;
+        let path = self
+            .cfg
+            .data_dir
+            .join("artifacts")
+            .join(digest.replace(':', "-"));
+        if !path.is_file() {
+            return Err(format!(
+                "artifact {digest} could not be kept in the node's cache"
+            ));
+        }
+        Ok(path)
+    }
+
+    /// The accelerator this node's VMs get, when it can run VMs.
+    pub fn vm_accel(&self) -> Option<&'static str> {
+        self.qemu.as_ref().map(|q| q.accel().as_str())
     }
 
     /// A module by digest: from the node's cache, else from the server; the digest is

@@ -1,9 +1,10 @@
 //! avail-driver: the drivers that run workloads on a node.
 //!
-//! Owns the [`Driver`] and [`Instance`] contracts and two drivers: [`wasm`] (wasmtime,
-//! guest ABI v1 of `docs/guest-abi.md`) and [`process`] (a host process listening on
+//! Owns the [`Driver`] and [`Instance`] contracts and three drivers: [`wasm`] (wasmtime,
+//! guest ABI v1 of `docs/guest-abi.md`), [`process`] (a host process listening on
 //! `$PORT`, proxied over HTTP, contained by [`contain`]: its own uid, a private
-//! working directory, cgroup v2 limits or rlimits). Each driver declares what it can do
+//! working directory, cgroup v2 limits or rlimits) and [`qemu`] (a virtual machine,
+//! run as a contained qemu process). Each driver declares what it can do
 //! ([`Capabilities`]) so the control plane can refuse levels a driver cannot give.
 //! It does not own placement, routing or the agent's supervision loop: an agent asks a
 //! driver for an instance, sends it requests, and reads its status.
@@ -11,6 +12,7 @@
 pub mod contain;
 pub mod http;
 pub mod process;
+pub mod qemu;
 pub mod shim;
 pub mod wasm;
 
@@ -51,6 +53,9 @@ pub struct StartSpec<'a> {
     pub spec: &'a WorkloadSpec,
     /// wasm: the module bytes (already fetched and digest-checked by the agent).
     pub module: Option<Arc<[u8]>>,
+    /// qemu: the artifacts it names (kernel, initrd), by digest: where the agent keeps
+    /// them, fetched and digest-checked.
+    pub files: std::collections::BTreeMap<String, std::path::PathBuf>,
     /// Sink for log lines.
     pub logs: LogSink,
 }

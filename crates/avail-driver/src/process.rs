@@ -112,6 +112,17 @@ impl Driver for ProcessDriver {
     }
 
     async fn start(&self, start: StartSpec<'_>) -> Result<Arc<dyn Instance>, StartError> {
+        Ok(self.start_process(start).await?)
+    }
+}
+
+impl ProcessDriver {
+    /// Start an instance (see [`Driver::start`]), as the concrete instance: what a
+    /// driver built on this one (qemu) needs of it.
+    pub async fn start_process(
+        &self,
+        start: StartSpec<'_>,
+    ) -> Result<Arc<ProcessInstance>, StartError> {
         let port = free_port().map_err(|e| StartError::Start(format!("no free port: {e}")))?;
         let contain = self.contain.clone();
         let spec = start.spec.clone();
@@ -132,6 +143,7 @@ impl Driver for ProcessDriver {
             pgid: Mutex::new(None),
             port: AtomicU16::new(port),
             done,
+            last_error: Mutex::new(None),
         });
         let (spec, shim, start_logs, shared_for_task) = (
             start.spec.clone(),
@@ -142,6 +154,7 @@ impl Driver for ProcessDriver {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new()).build(connector);
+        let workdir = confinement.workdir().map(|p| p.to_path_buf());
         tokio::spawn(async move {
             let confinement = Arc::new(confinement);
             supervise(spec, shim, start_logs, shared_for_task, confinement.clone()).await;
@@ -158,6 +171,7 @@ impl Driver for ProcessDriver {
             timeout: Duration::from_millis(u64::from(start.spec.timeout_ms)),
             shared,
             client,
+            workdir,
         }))
     }
 }
@@ -177,6 +191,9 @@ struct Shared {
     port: AtomicU16,
     /// Becomes true when the instance's processes, cgroup and directory are gone.
     done: tokio::sync::watch::Receiver<bool>,
+    /// The last line the current run wrote to stderr (said with its exit: a program's
+    /// reason for failing is usually there).
+    last_error: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -378,7 +395,16 @@ async fn supervise(
                     pipe_lines(o, logs.clone());
                 }
                 if let Some(e) = child.stderr.take() {
-                    pipe_lines(e, logs.clone());
+                    *shared.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    let (logs, seen) = (logs.clone(), shared.clone());
+                    pipe_lines(
+                        e,
+                        Arc::new(move |line: String| {
+                            *seen.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                                Some(line.trim_end().to_string());
+                            logs(line)
+                        }),
+                    );
                 }
                 let ready = tokio::spawn(wait_ready(port, shared.clone()));
                 let r = tokio::select! {
@@ -392,13 +418,29 @@ async fn supervise(
                         let _ = child.wait().await;
                         return;
                     }
-                    Some(Ok(st)) => format!("process exited: {st}"),
+                    Some(Ok(st)) => {
+                        // Its last words on stderr, once the pipe has passed them on.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        let said = shared
+                            .last_error
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .take();
+                        match said {
+                            Some(l) if !l.is_empty() => format!("process exited: {st}: {l}"),
+                            _ => format!("process exited: {st}"),
+                        }
+                    }
                     Some(Err(e)) => format!("wait failed: {e}"),
                 }
             }
             Err(e) => format!("cannot start {:?}: {e}", spec.artifact),
         };
         kill_run(&shared, &confinement).await;
+        if shared.stopped.load(Ordering::Acquire) {
+            // Stopping, and it exited (asked to, or not): no restart.
+            return;
+        }
         logs(format!(
             "avail: {exit_msg}; restarting in {} ms",
             backoff.as_millis()
@@ -428,6 +470,33 @@ pub struct ProcessInstance {
     timeout: Duration,
     shared: Arc<Shared>,
     client: Client<HttpConnector, Full<Bytes>>,
+    workdir: Option<PathBuf>,
+}
+
+impl ProcessInstance {
+    /// The loopback port of the current run.
+    pub fn port(&self) -> u16 {
+        self.shared.port.load(Ordering::Acquire)
+    }
+
+    /// Its private working directory (none without containment).
+    pub fn workdir(&self) -> Option<&std::path::Path> {
+        self.workdir.as_deref()
+    }
+
+    /// Stop it with a grace: no restart from now on; `ask` asks the program to end
+    /// (a VM's ACPI power button), then it has `grace` to exit before it is killed.
+    pub async fn stop_gracefully(
+        &self,
+        grace: Duration,
+        ask: impl std::future::Future<Output = ()>,
+    ) {
+        self.shared.stopped.store(true, Ordering::Release);
+        ask.await;
+        let mut done = self.shared.done.clone();
+        let _ = tokio::time::timeout(grace, done.wait_for(|d| *d)).await;
+        self.stop().await;
+    }
 }
 
 #[async_trait]

@@ -58,6 +58,7 @@ async fn wasm_runs_guests_and_contains_faults() {
         .start(StartSpec {
             spec: &s,
             module: Some(module("faulty")),
+            files: Default::default(),
             logs: sink,
         })
         .await
@@ -108,6 +109,7 @@ async fn wasm_refuses_bad_modules() {
             .start(StartSpec {
                 spec: &s,
                 module: Some(bytes.into()),
+                files: Default::default(),
                 logs: logs().0,
             })
             .await;
@@ -121,6 +123,7 @@ async fn wasm_refuses_bad_modules() {
         .start(StartSpec {
             spec: &tiny,
             module: Some(module("counter")),
+            files: Default::default(),
             logs: logs().0,
         })
         .await;
@@ -137,6 +140,7 @@ async fn process_is_proxied_and_gets_its_port() {
         .start(StartSpec {
             spec: &s,
             module: None,
+            files: Default::default(),
             logs: sink,
         })
         .await
@@ -178,6 +182,7 @@ async fn process_that_exits_is_restarted_with_backoff() {
         .start(StartSpec {
             spec: &s,
             module: None,
+            files: Default::default(),
             logs: sink,
         })
         .await
@@ -202,6 +207,7 @@ async fn missing_program_is_reported() {
         .start(StartSpec {
             spec: &s,
             module: None,
+            files: Default::default(),
             logs: logs().0,
         })
         .await

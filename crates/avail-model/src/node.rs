@@ -12,6 +12,11 @@ use crate::{Resources, TimeMs};
 /// the agent a thread and some memory whatever `cpu_millis` it asks for.
 pub const DEFAULT_MAX_WORKLOADS: u32 = 110;
 
+/// The node tag an agent sets when it can run VMs (qemu is installed): the
+/// accelerator they get, `kvm` or `tcg`. The server places `qemu` workloads only on
+/// nodes that have it.
+pub const VM_TAG: &str = "vm";
+
 /// Serde default of a node's workload limit (records written before it existed).
 pub fn default_max_workloads() -> u32 {
     DEFAULT_MAX_WORKLOADS

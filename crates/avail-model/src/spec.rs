@@ -15,7 +15,8 @@ pub enum DriverKind {
     Wasm,
     /// A host process listening on `$PORT`.
     Process,
-    /// A qemu VM (not available in this version).
+    /// A qemu virtual machine booted from a kernel (and initrd), serving HTTP on a
+    /// guest port.
     Qemu,
 }
 
@@ -238,6 +239,51 @@ impl Default for HaSpec {
     }
 }
 
+/// What a `qemu` workload boots and exposes. Its kernel is the spec's `artifact`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    /// The initial RAM disk's content digest `sha256:<hex>` (uploaded like the kernel;
+    /// the CLI uploads a file named here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    /// The kernel command line.
+    #[serde(default = "default_cmdline")]
+    pub cmdline: String,
+    /// Virtual CPUs, 1..=16.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    /// The guest TCP port HTTP requests are routed to.
+    #[serde(default = "default_guest_port")]
+    pub port: u16,
+}
+fn default_cmdline() -> String {
+    "console=ttyS0 quiet panic=-1".into()
+}
+fn default_vcpus() -> u32 {
+    1
+}
+fn default_guest_port() -> u16 {
+    80
+}
+impl Default for VmSpec {
+    fn default() -> Self {
+        VmSpec {
+            initrd: None,
+            cmdline: default_cmdline(),
+            vcpus: default_vcpus(),
+            port: default_guest_port(),
+        }
+    }
+}
+
+/// The least memory of a `qemu` workload, MiB (a Linux kernel and its initrd).
+pub const MIN_VM_MEMORY_MIB: u32 = 64;
+/// The most virtual CPUs of a `qemu` workload.
+pub const MAX_VM_VCPUS: u32 = 16;
+/// The longest kernel command line, bytes.
+pub const MAX_CMDLINE_BYTES: usize = 2048;
+
 /// What an FT primary does when its secondary is lost.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -281,7 +327,7 @@ pub struct WorkloadSpec {
     /// The driver.
     pub driver: DriverKind,
     /// wasm: the module's content digest `sha256:<hex>` (the CLI uploads the file and
-    /// fills this in); process: the program to run.
+    /// fills this in); process: the program to run; qemu: the kernel's digest.
     pub artifact: String,
     /// process: arguments; `$PORT` in an argument is replaced by the port.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -307,6 +353,9 @@ pub struct WorkloadSpec {
     /// Handler deadline in milliseconds (wasm): a longer call is interrupted, 504.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u32,
+    /// qemu: what the VM boots and exposes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmSpec>,
 }
 fn default_timeout_ms() -> u32 {
     5000
@@ -382,6 +431,66 @@ impl WorkloadSpec {
         }
     }
 
+    /// The checks of a `qemu` workload: digests of its kernel and initrd, its vCPUs,
+    /// command line and memory; no `ft` (see `docs/vms.md`).
+    fn validate_vm(&self) -> Result<(), ValidationError> {
+        if !is_digest(&self.artifact) {
+            return Err(ValidationError::new(
+                "artifact",
+                format!(
+                    "{:?} is not an uploaded kernel digest (sha256:<64 hex>); the CLI uploads the file for you",
+                    self.artifact
+                ),
+            ));
+        }
+        if !self.args.is_empty() || !self.env.is_empty() {
+            return Err(ValidationError::new(
+                "args",
+                "args and env are for the process driver",
+            ));
+        }
+        if self.level == Level::Ft {
+            return Err(ValidationError::new(
+                "level",
+                "the qemu driver supports levels ha and none: ft needs checkpoints of the whole VM, which qemu's COLO does not hold up here (docs/vms.md)",
+            ));
+        }
+        if self.resources.memory_mib < MIN_VM_MEMORY_MIB {
+            return Err(ValidationError::new(
+                "resources.memory_mib",
+                format!(
+                    "a VM needs at least {MIN_VM_MEMORY_MIB} MiB, got {}",
+                    self.resources.memory_mib
+                ),
+            ));
+        }
+        let vm = self.vm.clone().unwrap_or_default();
+        if let Some(i) = &vm.initrd
+            && !is_digest(i)
+        {
+            return Err(ValidationError::new(
+                "vm.initrd",
+                format!("{i:?} is not an uploaded initrd digest (sha256:<64 hex>)"),
+            ));
+        }
+        if vm.vcpus == 0 || vm.vcpus > MAX_VM_VCPUS {
+            return Err(ValidationError::new(
+                "vm.vcpus",
+                format!("must be 1..={MAX_VM_VCPUS}, got {}", vm.vcpus),
+            ));
+        }
+        if vm.cmdline.len() > MAX_CMDLINE_BYTES || vm.cmdline.chars().any(|c| c.is_control()) {
+            return Err(ValidationError::new(
+                "vm.cmdline",
+                format!("at most {MAX_CMDLINE_BYTES} bytes, one line"),
+            ));
+        }
+        if vm.port == 0 {
+            return Err(ValidationError::new("vm.port", "must be 1..=65535"));
+        }
+        Ok(())
+    }
+
     /// Check everything that can be checked without I/O. The artifact's content is
     /// checked by the driver.
     pub fn validate(&self) -> Result<(), ValidationError> {
@@ -436,12 +545,10 @@ impl WorkloadSpec {
                     ));
                 }
             }
-            DriverKind::Qemu => {
-                return Err(ValidationError::new(
-                    "driver",
-                    "the qemu driver is not available in this version (use wasm or process)",
-                ));
-            }
+            DriverKind::Qemu => self.validate_vm()?,
+        }
+        if self.driver != DriverKind::Qemu && self.vm.is_some() {
+            return Err(ValidationError::new("vm", "vm is for the qemu driver"));
         }
         if self.resources.memory_mib == 0 || self.resources.memory_mib > MAX_MEMORY_MIB {
             return Err(ValidationError::new(
@@ -540,12 +647,66 @@ mod tests {
     use super::*;
 
     const DIGEST: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+    type Mutate = Box<dyn Fn(&mut WorkloadSpec)>;
 
     fn good() -> WorkloadSpec {
         WorkloadSpec::parse(&format!(
             "name = \"ledger\"\ndriver = \"wasm\"\nartifact = \"{DIGEST}\"\n"
         ))
         .unwrap()
+    }
+
+    /// A VM: kernel and initrd by digest, its memory at least a kernel's; each bad
+    /// field named, and `ft` refused with the reason.
+    #[test]
+    fn vm_specs_are_checked_field_by_field() {
+        let vm = |extra: &str| {
+            WorkloadSpec::parse(&format!(
+                "name = \"vm\"\ndriver = \"qemu\"\nartifact = \"{DIGEST}\"\n{extra}\n\
+                 [resources]\nmemory_mib = 128\n[vm]\ninitrd = \"{DIGEST}\"\nvcpus = 2\n"
+            ))
+            .unwrap()
+        };
+        let ok = vm("");
+        ok.validate().unwrap();
+        assert_eq!(ok.vm.as_ref().unwrap().port, 80, "the default guest port");
+        let cases: Vec<(&str, Mutate)> = vec![
+            ("artifact", Box::new(|s| s.artifact = "vmlinuz".into())),
+            (
+                "vm.initrd",
+                Box::new(|s| s.vm.as_mut().unwrap().initrd = Some("initrd.img".into())),
+            ),
+            ("vm.vcpus", Box::new(|s| s.vm.as_mut().unwrap().vcpus = 0)),
+            (
+                "vm.vcpus",
+                Box::new(|s| s.vm.as_mut().unwrap().vcpus = MAX_VM_VCPUS + 1),
+            ),
+            ("vm.port", Box::new(|s| s.vm.as_mut().unwrap().port = 0)),
+            (
+                "vm.cmdline",
+                Box::new(|s| s.vm.as_mut().unwrap().cmdline = "a\nb".into()),
+            ),
+            (
+                "resources.memory_mib",
+                Box::new(|s| s.resources.memory_mib = MIN_VM_MEMORY_MIB - 1),
+            ),
+            ("args", Box::new(|s| s.args = vec!["-x".into()])),
+        ];
+        for (field, f) in cases {
+            let mut s = ok.clone();
+            f(&mut s);
+            assert_eq!(s.validate().unwrap_err().field, field);
+        }
+        let e = vm("level = \"ft\"").validate().unwrap_err();
+        assert_eq!(e.field, "level");
+        assert!(e.to_string().contains("COLO"), "{e}");
+        assert!(
+            WorkloadSpec::parse(
+                "name = \"vm\"\ndriver = \"qemu\"\nartifact = \"x\"\n[vm]\ndisk = \"y\"\n"
+            )
+            .is_err(),
+            "unknown vm fields are refused"
+        );
     }
 
     #[test]
@@ -560,7 +721,6 @@ mod tests {
 
     #[test]
     fn bad_specs_name_their_field() {
-        type Mutate = Box<dyn Fn(&mut WorkloadSpec)>;
         let cases: Vec<(&str, Mutate)> = vec![
             ("name", Box::new(|s| s.name = "Bad_Name".into())),
             ("name", Box::new(|s| s.name = "-x".into())),
@@ -584,7 +744,7 @@ mod tests {
                 "placement.constraints[0]",
                 Box::new(|s| s.placement.constraints = vec!["zone ~ x".into()]),
             ),
-            ("driver", Box::new(|s| s.driver = DriverKind::Qemu)),
+            ("vm", Box::new(|s| s.vm = Some(VmSpec::default()))),
             ("timeout_ms", Box::new(|s| s.timeout_ms = 0)),
         ];
         for (field, f) in cases {

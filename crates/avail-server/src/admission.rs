@@ -140,6 +140,19 @@ fn refused_tags(w: &Workload, policy: &LevelPolicy, kind: Placement) -> Vec<(Str
         .collect()
 }
 
+/// Constraints a driver puts on its workloads' nodes: a `qemu` workload goes where
+/// the agent said it runs VMs (its `vm` tag).
+pub fn driver_needs(driver: avail_model::DriverKind) -> Vec<Constraint> {
+    match driver {
+        avail_model::DriverKind::Qemu => {
+            Constraint::parse(&format!("{} exists", avail_model::node::VM_TAG))
+                .into_iter()
+                .collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
 /// Constraints keeping `w` off the nodes where it cannot be admitted: `key != value`
 /// for each minimum it cannot run at.
 pub fn kept_off(w: &Workload, policy: &LevelPolicy, kind: Placement) -> Vec<Constraint> {

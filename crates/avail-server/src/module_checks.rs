@@ -72,6 +72,14 @@ pub enum CheckError {
 }
 
 impl crate::state::AppState {
+    /// Whether the artifact `digest` was uploaded.
+    pub async fn artifact_uploaded(&self, digest: &str) -> bool {
+        let path = self
+            .artifacts_dir()
+            .join(crate::api::artifacts::artifact_file(digest));
+        tokio::fs::metadata(&path).await.is_ok_and(|m| m.is_file())
+    }
+
     /// The check of the uploaded module `digest`: remembered, or made now (on a
     /// blocking thread) and remembered.
     pub async fn module_check(&self, digest: &str) -> Result<Checked, CheckError> {

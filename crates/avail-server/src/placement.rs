@@ -366,6 +366,7 @@ pub fn request_for(
 ) -> Request {
     let mut constraints = w.spec.constraints();
     constraints.extend(admission::kept_off(w, policy, kind));
+    constraints.extend(admission::driver_needs(w.spec.driver));
     Request {
         workload: w.spec.name.clone(),
         resources: w.spec.resources,

@@ -600,6 +600,28 @@ impl Cluster {
         self.run_workload(name, "process", "sh", &args)
     }
 
+    /// `avail workload run -f` of the VM test guest ([`vm_guest`]) named `name`, with
+    /// `memory_mib` of RAM, then `extra`.
+    pub fn run_vm(&self, name: &str, memory_mib: u32, extra: &[&str]) -> Output {
+        let g = vm_guest();
+        let spec = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &spec,
+            format!(
+                "name = \"{name}\"\ndriver = \"qemu\"\nartifact = \"{}\"\n\
+                 [resources]\ncpu_millis = 500\nmemory_mib = {memory_mib}\n\
+                 [vm]\ninitrd = \"{}\"\n",
+                g.kernel.display(),
+                g.initrd.display()
+            ),
+        )
+        .expect("write the VM spec");
+        let file = spec.display().to_string();
+        let mut args = vec!["workload", "run", "-f", file.as_str()];
+        args.extend_from_slice(extra);
+        self.cli(&args)
+    }
+
     /// `avail workload run --name <name> --driver <driver> --artifact <artifact>`, then
     /// `extra`.
     fn run_workload(&self, name: &str, driver: &str, artifact: &str, extra: &[&str]) -> Output {
@@ -743,6 +765,39 @@ impl Cluster {
             .env("HOME", self.dir.path())
             .output()
             .expect("run avail")
+    }
+}
+
+/// The VM test guest's files.
+#[derive(Clone, Debug)]
+pub struct VmGuest {
+    /// The kernel.
+    pub kernel: PathBuf,
+    /// The initramfs serving the counter interface.
+    pub initrd: PathBuf,
+}
+
+/// The VM test guest, built by `scripts/build-vm-guest.sh` into `target/vm-guest` on
+/// first use (once for all test processes: under a file lock; later calls find it up
+/// to date).
+pub fn vm_guest() -> VmGuest {
+    let root = repo_root(env!("CARGO_MANIFEST_DIR"));
+    let out = root.join("target").join("vm-guest");
+    std::fs::create_dir_all(&out).expect("target/vm-guest");
+    let lock = std::fs::File::create(out.join(".lock")).expect("lock file");
+    lock.lock().expect("lock the VM guest build");
+    let built = Command::new(root.join("scripts").join("build-vm-guest.sh"))
+        .arg(&out)
+        .output()
+        .expect("run scripts/build-vm-guest.sh");
+    assert!(
+        built.status.success(),
+        "scripts/build-vm-guest.sh: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    VmGuest {
+        kernel: out.join("vmlinuz"),
+        initrd: out.join("initrd.img"),
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use avail_client::{Client, ClientError};
@@ -1152,20 +1152,36 @@ async fn build_spec(c: &Client, a: &RunArgs) -> Result<(WorkloadSpec, bool), Cli
                 ))
             })?;
     }
-    if spec.driver == DriverKind::Wasm && !is_digest(&spec.artifact) {
-        let path = base.join(&spec.artifact);
-        let bytes = std::fs::read(&path)
-            .map_err(|e| CliError::invalid(format!("artifact: {}: {e}", path.display())))?;
-        #[derive(serde::Deserialize)]
-        struct Uploaded {
-            digest: String,
-        }
-        let up: Uploaded = c.put_bytes("/v1/artifacts", bytes.into()).await?;
-        spec.artifact = up.digest;
+    // Files named by path are uploaded and named by digest: a wasm module, a VM's
+    // kernel and initrd.
+    if matches!(spec.driver, DriverKind::Wasm | DriverKind::Qemu) {
+        spec.artifact = upload(c, &base, "artifact", &spec.artifact).await?;
+    }
+    if let Some(vm) = spec.vm.as_mut()
+        && let Some(initrd) = &vm.initrd
+    {
+        vm.initrd = Some(upload(c, &base, "vm.initrd", initrd).await?);
     }
     spec.validate()
         .map_err(|e| CliError::invalid(e.to_string()))?;
     Ok((spec, named))
+}
+
+/// The digest of `named` (field `field`): itself when it is one, else the digest of
+/// the file at that path (relative to `base`), uploaded.
+async fn upload(c: &Client, base: &Path, field: &str, named: &str) -> Result<String, CliError> {
+    if is_digest(named) {
+        return Ok(named.to_string());
+    }
+    let path = base.join(named);
+    let bytes = std::fs::read(&path)
+        .map_err(|e| CliError::invalid(format!("{field}: {}: {e}", path.display())))?;
+    #[derive(serde::Deserialize)]
+    struct Uploaded {
+        digest: String,
+    }
+    let up: Uploaded = c.put_bytes("/v1/artifacts", bytes.into()).await?;
+    Ok(up.digest)
 }
 
 async fn workload_run(c: &Client, a: RunArgs, fmt: Format) -> CliResult {

@@ -158,6 +158,33 @@ impl Containment {
         }
     }
 
+    /// A file every instance may read and none may change or list: `src` linked (or
+    /// copied) as `<scope>/shared/<name>`, mode 0444, in a directory that is reachable
+    /// and not listable (0711). For a VM's kernel and initrd, named by their digest.
+    /// Without containment, `src` itself.
+    pub fn shared_file(&self, name: &str, src: &Path) -> Result<PathBuf, ContainError> {
+        let Some(scope) = &self.scope_dir else {
+            return Ok(src.to_path_buf());
+        };
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            return Err(dir_err(Path::new(name), "not a plain file name"));
+        }
+        let dir = scope.join("shared");
+        std::fs::create_dir_all(&dir).map_err(|e| dir_err(&dir, e))?;
+        mode(&dir, 0o711)?;
+        let dst = dir.join(name);
+        if !dst.exists() {
+            let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+            let _ = std::fs::remove_file(&tmp);
+            if std::fs::hard_link(src, &tmp).is_err() {
+                std::fs::copy(src, &tmp).map_err(|e| dir_err(&tmp, e))?;
+            }
+            mode(&tmp, 0o444)?;
+            std::fs::rename(&tmp, &dst).map_err(|e| dir_err(&dst, e))?;
+        }
+        Ok(dst)
+    }
+
     /// Probe the machine and set up this agent run's directories and cgroup scope.
     pub fn probe(cfg: ContainConfig) -> Result<Containment, ContainError> {
         // SAFETY: getuid has no preconditions.

@@ -123,37 +123,6 @@ pub fn avail_bin() -> std::path::PathBuf {
     bin
 }
 
-/// Raise this process's open-file limits, soft and hard, to at least `files` (as root;
-/// otherwise to the hard limit), for the processes it starts too: a benchmark of
-/// thousands of nodes holds two connections per node at the server and one at this
-/// end. Returns the soft limit in force.
-pub fn raise_file_limits(files: u64) -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write the struct given, nothing else.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return 1024;
-        }
-        let want = libc::rlimit {
-            rlim_cur: files.max(lim.rlim_cur),
-            rlim_max: files.max(lim.rlim_max),
-        };
-        let hard_only = libc::rlimit {
-            rlim_cur: lim.rlim_max,
-            rlim_max: lim.rlim_max,
-        };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-            lim = want;
-        } else if libc::setrlimit(libc::RLIMIT_NOFILE, &hard_only) == 0 {
-            lim = hard_only;
-        }
-    }
-    lim.rlim_cur
-}
-
 /// The multi-threaded tokio runtime every bench runs on.
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()

@@ -32,7 +32,7 @@ fn main() {
     let rt = avail_bench::runtime();
     println!("machine: {}", machine());
     // Two connections per node at the server (more than its default hard limit here).
-    let files = avail_bench::raise_file_limits(4 * nodes as u64 + 4096);
+    let files = avail_server::raise_file_limit_to(4 * nodes as u64 + 4096);
     println!("open files: {files}");
     let etcd = on_etcd.then(|| EtcdCluster::start(3));
     let mut server_args: Vec<String> = [

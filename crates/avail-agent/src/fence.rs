@@ -43,14 +43,18 @@ pub fn peer_round(
     }
 }
 
-/// How long an "away" verdict holds: until the next round has had time to decide
-/// again (the rounds' period and the peers' time to answer, with a margin). A verdict
-/// must not outlive that: a node paused longer wakes with none, so its first late
-/// heartbeat fences it (its workloads may have moved while it slept; found by the
+/// How long an "away" verdict holds: until two more rounds have had time to decide
+/// again (each the rounds' period and the peers' time to answer), with a margin. Two,
+/// so that one slow round (a peer busy past its time to answer, which decides nothing
+/// new) does not let the verdict lapse while the control plane is still away: a
+/// heartbeat sent in such a gap and answered once the servers are back fenced the
+/// node's workloads for nothing (seen on a loaded machine, in the quorum-loss test).
+/// A verdict must not outlive that: a node paused longer wakes with none, so its first
+/// late heartbeat fences it (its workloads may have moved while it slept; found by the
 /// control-plane simulation). Well under the grace a new or deafened leader gives the
-/// nodes, so no node is declared down while its verdict holds.
+/// nodes (at least 5 s), so no node is declared down while its verdict holds.
 pub fn away_valid_for(window: Duration) -> Duration {
-    round_period(window) + ask_timeout(window) + Duration::from_millis(300)
+    (round_period(window) + ask_timeout(window)) * 2 + Duration::from_millis(300)
 }
 
 /// How often an isolated node asks its peers: a quarter of the isolation window,

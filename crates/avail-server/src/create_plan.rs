@@ -219,6 +219,10 @@ mod tests {
         }
     }
 
+    fn kinds(events: &[NewEvent]) -> Vec<EventKind> {
+        events.iter().map(|e| e.kind).collect()
+    }
+
     fn node_of(c: &Create) -> Option<&str> {
         match c {
             Create::Write { workload, .. } => workload.status.node.as_deref(),
@@ -264,9 +268,8 @@ mod tests {
                 .unwrap()
                 .contains("workload limit")
         );
-        let kinds: Vec<EventKind> = events.iter().map(|e| e.kind).collect();
         assert_eq!(
-            kinds,
+            kinds(events),
             [EventKind::WorkloadCreated, EventKind::WorkloadUnplaceable]
         );
     }
@@ -300,9 +303,8 @@ mod tests {
         };
         assert_eq!(workload.status.phase, Phase::Placed);
         assert_eq!(workload.status.incarnation, 1);
-        let kinds: Vec<EventKind> = events.iter().map(|e| e.kind).collect();
         assert_eq!(
-            kinds,
+            kinds(events),
             [EventKind::WorkloadCreated, EventKind::WorkloadPlaced]
         );
     }

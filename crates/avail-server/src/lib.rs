@@ -425,6 +425,13 @@ fn api_limits() -> avail_tls::serve::Limits {
 /// Raise this process's open-file limit to its hard limit (the soft one is often
 /// 1,024); the limit in force.
 pub fn raise_file_limit() -> u64 {
+    raise_file_limit_to(0)
+}
+
+/// Raise this process's open-file limits, soft and hard, to at least `files` where it
+/// may (root with `CAP_SYS_RESOURCE`), else the soft one to the hard one; the soft
+/// limit in force. Processes started afterwards inherit it.
+pub fn raise_file_limit_to(files: u64) -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -434,13 +441,18 @@ pub fn raise_file_limit() -> u64 {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
             return 1024;
         }
-        if lim.rlim_cur < lim.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                lim = raised;
+        let want = libc::rlimit {
+            rlim_cur: files.max(lim.rlim_max),
+            rlim_max: files.max(lim.rlim_max),
+        };
+        let hard = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        for l in [want, hard] {
+            if l.rlim_cur >= lim.rlim_cur && libc::setrlimit(libc::RLIMIT_NOFILE, &l) == 0 {
+                lim = l;
+                break;
             }
         }
     }

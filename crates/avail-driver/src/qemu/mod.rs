@@ -239,7 +239,9 @@ async fn answers_http(port: u16) -> bool {
         s.read_exact(&mut head).await.ok()?;
         Some(&head == b"HTTP/")
     };
-    tokio::time::timeout(Duration::from_secs(2), probe)
+    // Short: before the guest listens, qemu's user network holds a connection while
+    // it retries the guest, and a long wait here would hold the boot up with it.
+    tokio::time::timeout(Duration::from_millis(500), probe)
         .await
         .ok()
         .flatten()

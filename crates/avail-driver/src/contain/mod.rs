@@ -174,7 +174,9 @@ impl Containment {
         mode(&dir, 0o711)?;
         let dst = dir.join(name);
         if !dst.exists() {
-            let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+            // A name of its own: two instances may share the same file at once.
+            let n = self.next.fetch_add(1, Ordering::Relaxed);
+            let tmp = dir.join(format!(".{name}.{}.{n}", std::process::id()));
             let _ = std::fs::remove_file(&tmp);
             if std::fs::hard_link(src, &tmp).is_err() {
                 std::fs::copy(src, &tmp).map_err(|e| dir_err(&tmp, e))?;

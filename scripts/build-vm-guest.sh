@@ -16,7 +16,7 @@ out="$(cd "$out" && pwd)"
 
 kernel_of() {
     apt-cache depends linux-image-amd64 2>/dev/null |
-        awk '/Depends: linux-image-[0-9]/ {print $2; exit}'
+        awk '!k && /Depends: linux-image-[0-9]/ {k = $2} END {print k}'
 }
 kernel_pkg="$(kernel_of)"
 if [ -z "$kernel_pkg" ] && [ "$(id -u)" = 0 ]; then
@@ -56,12 +56,12 @@ order=""
 add_module() {
     local m="$1" f deps d
     case " $order " in *" $m "*) return ;; esac
-    f="$(find "$moddir" -name "$m.ko" | head -1)"
+    f="$(find "$moddir" -name "$m.ko" | awk 'NR == 1')"
     if [ -z "$f" ]; then
         echo "build-vm-guest: module $m not in $kernel_pkg" >&2
         exit 1
     fi
-    deps="$(grep -a -o 'depends=[a-z0-9_,-]*' "$f" | head -1 | cut -d= -f2 | tr ',' ' ')"
+    deps="$(grep -a -o 'depends=[a-z0-9_,-]*' "$f" | awk -F= 'NR == 1 {print $2}' | tr ',' ' ' || true)"
     for d in $deps; do add_module "$d"; done
     order="$order $m"
     cp "$f" "$root/lib/modules/$m.ko"

@@ -34,7 +34,8 @@ if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         export DEBIAN_FRONTEND=noninteractive
         [ ${#missing[@]} -gt 0 ] || apt-get update -qq
-        ver="$(apt-cache madison qemu-system-x86 | awk -F'|' '$2 ~ /7\.2/ {gsub(/ /, "", $2); print $2; exit}')"
+        ver="$(apt-cache madison qemu-system-x86 |
+            awk -F'|' '!v && $2 ~ /7\.2/ {gsub(/ /, "", $2); v = $2} END {print v}')"
         if [ -z "$ver" ]; then
             echo "test.sh: no qemu 7.2 (qemu-system-x86) known to apt" >&2
             exit 1

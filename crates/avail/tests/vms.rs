@@ -104,6 +104,30 @@ async fn a_vm_serves_the_counter_and_restarts_elsewhere_when_its_host_dies() {
     assert_eq!(out.status.code(), Some(2));
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("level") && said.contains("qemu"), "{said}");
+
+    // Removed: the power button over QMP, and the guest powers off well within the
+    // grace before a kill (10 s).
+    let qemu_of_vm = || {
+        std::process::Command::new("pgrep")
+            .args(["-f", "qemu-system-x86_64 -name vm "])
+            .output()
+            .map(|o| !o.stdout.is_empty())
+            .unwrap_or(false)
+    };
+    assert!(qemu_of_vm(), "the VM's qemu runs");
+    let removed = Instant::now();
+    ok(&c.cli(&["workload", "rm", "vm"]));
+    while qemu_of_vm() {
+        assert!(
+            removed.elapsed() < Duration::from_secs(8),
+            "qemu still runs: the guest did not power off on the button"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "the VM powered off {:.2} s after its removal",
+        removed.elapsed().as_secs_f64()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -216,8 +216,8 @@ impl Driver for QemuDriver {
             .await?;
         let qmp = inner
             .workdir()
-            .map(|w| w.join(QMP_SOCKET))
-            .unwrap_or_else(|| PathBuf::from(QMP_SOCKET));
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
         let booted = Arc::new(AtomicBool::new(false));
         tokio::spawn(watch_boot(
             Arc::downgrade(&inner),
@@ -284,6 +284,7 @@ async fn watch_boot(
 /// One VM.
 pub struct QemuInstance {
     inner: Arc<ProcessInstance>,
+    /// The directory of its QMP socket ([`QMP_SOCKET`]): its private working directory.
     qmp: PathBuf,
     booted: Arc<AtomicBool>,
 }
@@ -312,7 +313,7 @@ impl Instance for QemuInstance {
         let qmp = self.qmp.clone();
         self.inner
             .stop_gracefully(SHUTDOWN_GRACE, async move {
-                match qmp::Qmp::connect(&qmp).await {
+                match qmp::Qmp::connect(&qmp, QMP_SOCKET).await {
                     Ok(mut q) => {
                         if let Err(e) = q.powerdown().await {
                             tracing::warn!("VM power button: {e}");

@@ -3,6 +3,7 @@
 //! replies are skipped. Every line read is bounded ([`MAX_LINE_BYTES`]) and every
 //! exchange has a deadline.
 
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::Duration;
 
@@ -83,11 +84,15 @@ pub struct Qmp {
 }
 
 impl Qmp {
-    /// Connect to the socket at `path`, read the greeting and leave negotiation mode.
-    pub async fn connect(path: &Path) -> Result<Qmp, QmpError> {
-        let stream = tokio::time::timeout(DEADLINE, UnixStream::connect(path))
+    /// Connect to the socket `name` in directory `dir` (see [`pin_socket`]), read the
+    /// greeting and leave negotiation mode.
+    pub async fn connect(dir: &Path, name: &str) -> Result<Qmp, QmpError> {
+        let pinned = pin_socket(dir, name)?;
+        let via = std::path::PathBuf::from(format!("/proc/self/fd/{}", pinned.as_raw_fd()));
+        let stream = tokio::time::timeout(DEADLINE, UnixStream::connect(&via))
             .await
             .map_err(|_| QmpError::Timeout(DEADLINE))??;
+        drop(pinned);
         let (r, w) = stream.into_split();
         let mut qmp = Qmp {
             reader: BufReader::new(r),
@@ -185,6 +190,57 @@ impl Qmp {
     }
 }
 
+/// The socket `name` in `dir`, pinned without following links: opened `O_PATH |
+/// O_NOFOLLOW` relative to `dir`, and refused unless it is a socket owned by `dir`'s
+/// owner. The VM's qemu runs as that owner and may put anything in its directory; the
+/// agent connecting (as root, which passes every permission) must not be sent by a
+/// link to another VM's socket or its own. Connecting through `/proc/self/fd/<fd>`
+/// reaches the very inode checked.
+pub fn pin_socket(dir: &Path, name: &str) -> Result<std::os::fd::OwnedFd, QmpError> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let cstr = |p: &[u8]| {
+        std::ffi::CString::new(p).map_err(|_| QmpError::Protocol("a NUL in the path".into()))
+    };
+    let d = cstr(dir.as_os_str().as_bytes())?;
+    let n = cstr(name.as_bytes())?;
+    // SAFETY: open/openat/fstat on NUL-terminated paths and owned descriptors; each
+    // descriptor returned is owned exactly once.
+    unsafe {
+        let dfd = libc::open(
+            d.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        );
+        if dfd < 0 {
+            return Err(QmpError::Io(std::io::Error::last_os_error()));
+        }
+        let dfd = OwnedFd::from_raw_fd(dfd);
+        let fd = libc::openat(
+            dfd.as_raw_fd(),
+            n.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        );
+        if fd < 0 {
+            return Err(QmpError::Io(std::io::Error::last_os_error()));
+        }
+        let fd = OwnedFd::from_raw_fd(fd);
+        let mut ds: libc::stat = std::mem::zeroed();
+        let mut fs: libc::stat = std::mem::zeroed();
+        if libc::fstat(dfd.as_raw_fd(), &mut ds) != 0 || libc::fstat(fd.as_raw_fd(), &mut fs) != 0 {
+            return Err(QmpError::Io(std::io::Error::last_os_error()));
+        }
+        if fs.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+            return Err(QmpError::Protocol(format!("{name} is not a socket")));
+        }
+        if fs.st_uid != ds.st_uid {
+            return Err(QmpError::Protocol(format!(
+                "{name} is not owned by the owner of its directory"
+            )));
+        }
+        Ok(fd)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,7 +273,7 @@ mod tests {
         let path = dir.path().join("qmp.sock");
         let listener = UnixListener::bind(&path).unwrap();
         tokio::spawn(peer(listener));
-        let mut q = Qmp::connect(&path).await.unwrap();
+        let mut q = Qmp::connect(dir.path(), "qmp.sock").await.unwrap();
         assert_eq!(
             q.status().await.unwrap(),
             StatusInfo {
@@ -245,8 +301,29 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(1)).await;
         });
         assert!(matches!(
-            Qmp::connect(&path).await,
+            Qmp::connect(dir.path(), "qmp.sock").await,
             Err(QmpError::Protocol(_))
         ));
+    }
+
+    /// A link in the VM's directory to another socket is not followed, and a file
+    /// that is not a socket is refused: the connection goes nowhere.
+    #[tokio::test]
+    async fn links_and_other_files_are_refused() {
+        let elsewhere = tempfile::tempdir().unwrap();
+        let other = elsewhere.path().join("other.sock");
+        let _listener = UnixListener::bind(&other).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(&other, dir.path().join("qmp.sock")).unwrap();
+        assert!(matches!(
+            Qmp::connect(dir.path(), "qmp.sock").await,
+            Err(QmpError::Protocol(m)) if m.contains("not a socket")
+        ));
+        std::fs::write(dir.path().join("plain"), b"x").unwrap();
+        assert!(pin_socket(dir.path(), "plain").is_err());
+        assert!(pin_socket(dir.path(), "missing").is_err());
+        // Relative names that climb out are not followed either (a link at each step
+        // is refused; `..` is a directory, not a socket).
+        assert!(pin_socket(dir.path(), "..").is_err());
     }
 }

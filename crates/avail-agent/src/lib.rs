@@ -335,8 +335,11 @@ async fn heartbeat_loop(
                 // Back from an isolation (a pause, a partition) that the peers did not
                 // show to be the control plane's: stop the ha workloads first; the fresh
                 // desired state says which still belong here. After a control-plane
-                // outage they simply go on.
-                if sup.is_fenced() || sup.isolated_at(sent) {
+                // outage they simply go on: the peers showed it away when the heartbeat
+                // left, or show it now (a round after it left covers the time since; a
+                // leader back from an outage gives the nodes a grace longer than the
+                // verdict lasts).
+                if sup.is_fenced() || (sup.isolated_at(sent) && !sup.is_away()) {
                     sup.fence().await;
                 }
                 sup.set_suspect_after(Duration::from_millis(reply.suspect_ms));

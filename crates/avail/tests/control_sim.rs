@@ -559,9 +559,10 @@ impl Sim {
     /// Node `n`'s heartbeat sent at `sent` was answered by server `s`.
     fn contact(&mut self, n: usize, s: usize, sent: u64, judged: bool) {
         // A heartbeat that left after the isolation window fences when it comes back,
-        // unless the peers showed the control plane away.
+        // unless the peers showed the control plane away (when it left, or now).
         let late = sent.saturating_sub(self.nodes[n].contact) > self.fence_window
-            && self.nodes[n].away_until <= sent;
+            && self.nodes[n].away_until <= sent
+            && self.nodes[n].away_until <= self.now;
         if late && !self.nodes[n].fenced {
             self.fence(n, "a late heartbeat");
         }

@@ -579,15 +579,19 @@ impl Supervisor {
         .then(|| r.clone())
     }
 
+    /// Where the node's cache keeps the artifact `digest`.
+    fn cached_artifact(&self, digest: &str) -> std::path::PathBuf {
+        self.cfg
+            .data_dir
+            .join("artifacts")
+            .join(digest.replace(':', "-"))
+    }
+
     /// An artifact by digest, as a file in the node's cache (fetched and checked like
     /// a module).
     async fn fetch_file(&self, digest: &str) -> Result<std::path::PathBuf, String> {
         self.fetch_module(digest).await?;
-        let path = self
-            .cfg
-            .data_dir
-            .join("artifacts")
-            .join(digest.replace(':', "-"));
+        let path = self.cached_artifact(digest);
         if !path.is_file() {
             return Err(format!(
                 "artifact {digest} could not be kept in the node's cache"
@@ -596,16 +600,14 @@ impl Supervisor {
         Ok(path)
     }
 
-    /// The accelerator this node's VMs get, when it can run VMs.
-    pub fn vm_accel(&self) -> Option<&'static str> {
-        self.qemu.as_ref().map(|q| q.accel().as_str())
-    }
-
     /// A module by digest: from the node's cache, else from the server; the digest is
     /// checked either way.
     async fn fetch_module(&self, digest: &str) -> Result<Arc<[u8]>, String> {
-        let dir = self.cfg.data_dir.join("artifacts");
-        let path = dir.join(digest.replace(':', "-"));
+        let path = self.cached_artifact(digest);
+        let dir = path
+            .parent()
+            .expect("in the artifacts directory")
+            .to_path_buf();
         let verify = |b: &[u8]| format!("sha256:{:x}", Sha256::digest(b)) == digest;
         if let Ok(b) = tokio::fs::read(&path).await {
             if verify(&b) {

@@ -8,12 +8,12 @@
 use std::collections::{BTreeMap, HashSet};
 
 use avail_model::spec::LevelPolicy;
-use avail_model::{EventKind, Phase, Workload};
+use avail_model::{EventKind, Workload};
 use avail_sched::{ClusterView, Decision};
 
 use crate::admission::{self, Placement};
 use crate::events::NewEvent;
-use crate::level_policy::{apply_admitted, with_admission};
+use crate::pending_plan::placed_on;
 
 /// What becomes of one new workload.
 #[derive(Clone, Debug, PartialEq)]
@@ -86,7 +86,7 @@ fn one(
     policy: &LevelPolicy,
     tags_of: &dyn Fn(&str) -> BTreeMap<String, String>,
 ) -> Create {
-    let mut w = w.clone();
+    let w = w.clone();
     let name = w.spec.name.clone();
     let unplaceable = |mut w: Workload, why: String| {
         w.status.message = Some(format!("unplaceable: {why}"));
@@ -111,21 +111,11 @@ fn one(
     };
     // The plan kept it off the nodes whose minimum it cannot run at, from the same
     // snapshot: a refusal here would be a rule the plan missed, and leaves it pending.
-    let admitted = match admission::admit(&w, policy, &tags_of(&node), Placement::Start) {
-        Ok(a) => a,
+    let (w, what) = match placed_on(&w, &node, policy, &tags_of(&node)) {
+        Ok(placed) => placed,
         Err(why) => return unplaceable(w, why),
     };
-    apply_admitted(&mut w, &admitted);
-    w.status.phase = Phase::Placed;
-    w.status.node = Some(node.clone());
-    w.status.incarnation = 1;
-    w.status.generation = 1;
-    let placed = NewEvent::new(
-        EventKind::WorkloadPlaced,
-        Some(&name),
-        Some(&node),
-        with_admission(format!("placed on {node} (incarnation 1)"), &admitted),
-    );
+    let placed = NewEvent::new(EventKind::WorkloadPlaced, Some(&name), Some(&node), what);
     let events = vec![created_event(&w), placed];
     Create::Write {
         workload: Box::new(w),
@@ -151,9 +141,9 @@ pub fn created_event(w: &Workload) -> NewEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use avail_model::Level;
     use avail_model::Resources;
     use avail_model::spec::{LevelMinimum, WorkloadSpec};
+    use avail_model::{Level, Phase};
     use avail_sched::NodeView;
 
     fn workload(name: &str, driver: &str, level: &str) -> Workload {

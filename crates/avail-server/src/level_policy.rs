@@ -5,7 +5,7 @@
 use avail_model::EventKind;
 use avail_model::{Level, Workload};
 
-use crate::admission::{self, Below, Placement};
+use crate::admission::{self, Below};
 use crate::events::NewEvent;
 use crate::state::AppState;
 
@@ -45,23 +45,6 @@ impl AppState {
             .unwrap_or_else(|p| p.into_inner())
             .policy
             .clone()
-    }
-
-    /// Admit `w` onto `node` under the level policy ([`admission::admit`]); a node
-    /// not in the view has no tags.
-    pub fn admit_on(
-        &self,
-        w: &Workload,
-        node: &str,
-        kind: Placement,
-    ) -> Result<admission::Admitted, String> {
-        let v = self.view.read().unwrap_or_else(|p| p.into_inner());
-        let tags = v
-            .nodes
-            .get(node)
-            .map(|n| n.tags.clone())
-            .unwrap_or_default();
-        admission::admit(w, &v.policy, &tags, kind)
     }
 
     /// The minimum level the policy sets for workloads on `node`, with the tag.

@@ -80,6 +80,33 @@ impl crate::state::AppState {
         tokio::fs::metadata(&path).await.is_ok_and(|m| m.is_file())
     }
 
+    /// For a `qemu` workload (its spec validated): its kernel and initrd must be
+    /// uploaded, for its nodes to fetch. Else the field and why.
+    pub async fn vm_files_uploaded(
+        &self,
+        spec: &avail_model::WorkloadSpec,
+    ) -> Result<(), (&'static str, String)> {
+        if spec.driver != avail_model::DriverKind::Qemu {
+            return Ok(());
+        }
+        let vm = spec.vm.clone().unwrap_or_default();
+        let named = [
+            ("artifact", Some(&spec.artifact)),
+            ("vm.initrd", vm.initrd.as_ref()),
+        ];
+        for (field, digest) in named {
+            if let Some(d) = digest
+                && !self.artifact_uploaded(d).await
+            {
+                return Err((
+                    field,
+                    format!("{d} has not been uploaded (PUT /v1/artifacts)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The check of the uploaded module `digest`: remembered, or made now (on a
     /// blocking thread) and remembered.
     pub async fn module_check(&self, digest: &str) -> Result<Checked, CheckError> {

@@ -60,13 +60,30 @@ pub fn place_pending(
     };
     // Admitted at the node's minimum level (the plan kept it off nodes where it cannot
     // be; their tags may have changed since: the next pass).
-    let admitted = match admission::admit(w, policy, &tags_of(&node), Placement::Start) {
-        Ok(a) => a,
-        Err(why) => return Pending::Unplaceable(why),
-    };
+    match placed_on(w, &node, policy, &tags_of(&node)) {
+        Ok((w, what)) => Pending::Placed {
+            workload: Box::new(w),
+            node,
+            what,
+        },
+        Err(why) => Pending::Unplaceable(why),
+    }
+}
+
+/// `w` placed on `node` (whose tags are `tags`) as its next run, admitted at the node's
+/// minimum level: the record to write and what to say of it (`placed on <node>
+/// (incarnation n)`, with the level raise), or why the policy refuses it there. The
+/// one placement of a new run, for a create as for a pending workload.
+pub fn placed_on(
+    w: &Workload,
+    node: &str,
+    policy: &LevelPolicy,
+    tags: &BTreeMap<String, String>,
+) -> Result<(Workload, String), String> {
+    let admitted = admission::admit(w, policy, tags, Placement::Start)?;
     let mut w = w.clone();
     w.status.phase = Phase::Placed;
-    w.status.node = Some(node.clone());
+    w.status.node = Some(node.to_string());
     w.status.incarnation += 1;
     w.status.message = None;
     w.status.updated_ms = crate::now_ms();
@@ -76,9 +93,5 @@ pub fn place_pending(
         format!("placed on {node} (incarnation {})", w.status.incarnation),
         &admitted,
     );
-    Pending::Placed {
-        workload: Box::new(w),
-        node,
-        what,
-    }
+    Ok((w, what))
 }

@@ -13,12 +13,6 @@ use crate::state::*;
 use crate::{keys, now_ms};
 
 impl AppState {
-    /// Decide where a workload goes, given the current view (caller holds `placement`),
-    /// and the placement revision the plan was made at (for [`AppState::write_placement`]).
-    pub fn decide(&self, w: &Workload) -> (Decision, u64) {
-        self.decide_avoiding(w, None, None, Placement::Start)
-    }
-
     /// Where `w` would go now, both replicas for an `ft` workload (its secondary on
     /// another value of its spread tag): the `--dry-run` answer. Changes nothing.
     pub fn preview(&self, w: &Workload) -> Decision {

@@ -79,11 +79,6 @@ impl QemuDriver {
     pub fn host_accel() -> Option<Accel> {
         find_on_path(QEMU_BINARY).map(|_| Accel::probe())
     }
-
-    /// The accelerator VMs get here.
-    pub fn accel(&self) -> Accel {
-        self.accel
-    }
 }
 
 /// `name` in a directory of `PATH`.

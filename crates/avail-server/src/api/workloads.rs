@@ -49,24 +49,10 @@ pub(super) async fn create_workload(
         plain = admission::runs_plain(spec.level, &checked.rewrite)
             .map_err(|m| ApiErr::invalid("artifact", m))?;
     }
-    if spec.driver == DriverKind::Qemu {
-        // A VM's kernel and initrd must be there for its nodes to fetch.
-        let vm = spec.vm.clone().unwrap_or_default();
-        let named = [
-            ("artifact", Some(&spec.artifact)),
-            ("vm.initrd", vm.initrd.as_ref()),
-        ];
-        for (field, digest) in named {
-            if let Some(d) = digest
-                && !state.artifact_uploaded(d).await
-            {
-                return Err(ApiErr::invalid(
-                    field,
-                    format!("{d} has not been uploaded (PUT /v1/artifacts)"),
-                ));
-            }
-        }
-    }
+    state
+        .vm_files_uploaded(&spec)
+        .await
+        .map_err(|(field, m)| ApiErr::invalid(field, m))?;
     let name = spec.name.clone();
     let mut w = Workload {
         uid: crate::new_uid(),

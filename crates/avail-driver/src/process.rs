@@ -143,7 +143,6 @@ impl ProcessDriver {
             pgid: Mutex::new(None),
             port: AtomicU16::new(port),
             done,
-            last_error: Mutex::new(None),
         });
         let (spec, shim, start_logs, shared_for_task) = (
             start.spec.clone(),
@@ -191,9 +190,6 @@ struct Shared {
     port: AtomicU16,
     /// Becomes true when the instance's processes, cgroup and directory are gone.
     done: tokio::sync::watch::Receiver<bool>,
-    /// The last line the current run wrote to stderr (said with its exit: a program's
-    /// reason for failing is usually there).
-    last_error: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -315,12 +311,18 @@ pub fn set_parent_death_signal(cmd: &mut Command, signal: i32) {
     }
 }
 
+/// How long an exit waits for the rest of the program's stderr to be read.
+pub const STDERR_DRAIN: Duration = Duration::from_millis(200);
+
 /// Longest output line kept, bytes; the rest of a longer line is dropped.
 pub const MAX_LINE_BYTES: usize = 4096;
 
 /// Forward output to the log line by line, never holding more than
 /// [`MAX_LINE_BYTES`] of one line in memory.
-fn pipe_lines<R: tokio::io::AsyncRead + Unpin + Send + 'static>(r: R, logs: LogSink) {
+fn pipe_lines<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
+    r: R,
+    logs: LogSink,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut reader = BufReader::new(r);
         let mut line = Vec::with_capacity(256);
@@ -342,7 +344,7 @@ fn pipe_lines<R: tokio::io::AsyncRead + Unpin + Send + 'static>(r: R, logs: LogS
         if !line.is_empty() {
             logs(String::from_utf8_lossy(&line).into_owned());
         }
-    });
+    })
 }
 
 async fn wait_ready(port: u16, shared: Arc<Shared>) {
@@ -394,18 +396,20 @@ async fn supervise(
                 if let Some(o) = child.stdout.take() {
                     pipe_lines(o, logs.clone());
                 }
-                if let Some(e) = child.stderr.take() {
-                    *shared.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                    let (logs, seen) = (logs.clone(), shared.clone());
+                // The last line this run writes to stderr, said with its exit (a
+                // program's reason for failing is usually there).
+                let last_error = Arc::new(Mutex::new(None::<String>));
+                let stderr_read = child.stderr.take().map(|e| {
+                    let (logs, seen) = (logs.clone(), last_error.clone());
                     pipe_lines(
                         e,
                         Arc::new(move |line: String| {
-                            *seen.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                            *seen.lock().unwrap_or_else(|p| p.into_inner()) =
                                 Some(line.trim_end().to_string());
                             logs(line)
                         }),
-                    );
-                }
+                    )
+                });
                 let ready = tokio::spawn(wait_ready(port, shared.clone()));
                 let r = tokio::select! {
                     r = child.wait() => Some(r),
@@ -419,13 +423,12 @@ async fn supervise(
                         return;
                     }
                     Some(Ok(st)) => {
-                        // Its last words on stderr, once the pipe has passed them on.
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        let said = shared
-                            .last_error
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .take();
+                        // Its last words on stderr, once the pipe has passed them on
+                        // (bounded: something it started may hold the pipe open).
+                        if let Some(read) = stderr_read {
+                            let _ = tokio::time::timeout(STDERR_DRAIN, read).await;
+                        }
+                        let said = last_error.lock().unwrap_or_else(|p| p.into_inner()).take();
                         match said {
                             Some(l) if !l.is_empty() => format!("process exited: {st}: {l}"),
                             _ => format!("process exited: {st}"),

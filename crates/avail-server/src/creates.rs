@@ -88,17 +88,21 @@ impl AppState {
     /// scheduler puts it, or pending with why, committed with its events.
     pub async fn create(&self, w: Workload) -> Result<Created, StateError> {
         let (reply, answer) = oneshot::channel();
+        let stopped = || {
+            StateError::Store(avail_store::StoreError::Backend(
+                "the server's create queue stopped".into(),
+            ))
+        };
         self.creates
             .tx
             .try_send(Queued { workload: w, reply })
-            .map_err(|_| {
-                StateError::TryAnotherServer(format!(
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => StateError::TryAnotherServer(format!(
                     "{MAX_QUEUED} creates are waiting on this server"
-                ))
+                )),
+                mpsc::error::TrySendError::Closed(_) => stopped(),
             })?;
-        answer.await.map_err(|_| {
-            StateError::Conflict("the server stopped before the create was answered".into())
-        })?
+        answer.await.map_err(|_| stopped())?
     }
 }
 
